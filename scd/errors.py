@@ -1,0 +1,37 @@
+"""Typed errors: one class per kind of user mistake.
+
+The library raises these; the CLI turns them into a one-line message and exit code 2.
+Every message says what went wrong and what to do next.
+"""
+
+
+class SCDError(Exception):
+    """Base class of every error a user can cause and fix."""
+
+
+class VideoError(SCDError):
+    """A video or image input that cannot be read, or an output that cannot be written."""
+
+
+class CheckpointError(SCDError):
+    """A model folder, checkpoint or options file that is missing, corrupt or does not match."""
+
+
+class ConfigError(SCDError):
+    """An impossible model configuration or option value."""
+
+
+class HubError(SCDError):
+    """A Hugging Face Hub reference that cannot be resolved or downloaded."""
+
+
+class ActionError(SCDError):
+    """Actions that the model does not know, or too few or too many of them."""
+
+
+class DeviceError(SCDError):
+    """A device or dtype that is not available here."""
+
+
+class DataError(SCDError):
+    """Training or evaluation data that cannot be used."""
