@@ -1,0 +1,543 @@
+"""SCD encoder, SCD decoder and the FAR-style causal baseline, in plain PyTorch.
+
+Reads top-down: configuration, embedders, the KV cache, the block shared by all three models,
+the three models, size presets. Parameter names follow the reference implementations (the
+official SCD code and FAR), so their state dicts load without renaming.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scd.errors import ConfigError
+
+ARCHS = ("scd", "baseline")
+DECODER_COMBINES = ("token_concat", "add", "concat", "token_concat_with_proj")
+CONDITIONS = (None, "action", "label")
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture and data contract of one model folder; round-trips through `config.json`.
+
+    `layers` is the total depth: the baseline runs all of them at every denoising step; SCD splits
+    them into `layers - decoder_layers` encoder blocks and `decoder_layers` decoder blocks.
+    """
+
+    arch: str = "scd"
+    num_heads: int = 16
+    head_dim: int = 64
+    channels: int = 32
+    patch_size: int = 1
+    rope_axes: tuple[int, int, int] = (16, 24, 24)
+    layers: int = 12
+    decoder_layers: int = 4
+    decoder_combine: str = "token_concat"
+    condition: str | None = "action"
+    num_classes: int = 4
+    encoder_noise: float = 0.0
+    encoder_norm_unconditional: bool = False
+    latent_size: tuple[int, int] = (8, 8)
+    frame_size: tuple[int, int] = (128, 128)
+    fps: float = 8.0
+    action_names: tuple[str, ...] = ()
+    codec: dict = field(default_factory=lambda: {"type": "pixel"})
+    default_steps: int = 50
+    default_guidance: float = 1.0
+    context_frames: int = 16
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self):
+        for name in ("rope_axes", "latent_size", "frame_size", "action_names"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        self.validate()
+
+    @property
+    def width(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def encoder_layers(self) -> int:
+        return self.layers - self.decoder_layers
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return (self.latent_size[0] // self.patch_size) * (self.latent_size[1] // self.patch_size)
+
+    @property
+    def null_class(self) -> int:
+        return self.num_classes
+
+    def validate(self) -> None:
+        problems = []
+        if self.arch not in ARCHS:
+            problems.append(f"arch must be one of {ARCHS}, not {self.arch!r}")
+        if self.decoder_combine not in DECODER_COMBINES:
+            problems.append(f"decoder_combine must be one of {DECODER_COMBINES}, not {self.decoder_combine!r}")
+        if self.condition not in CONDITIONS:
+            problems.append(f"condition must be 'action', 'label' or null, not {self.condition!r}")
+        if min(self.num_heads, self.head_dim, self.channels, self.patch_size, self.layers) < 1:
+            problems.append("heads, head_dim, channels, patch_size and layers must be positive")
+        if len(self.rope_axes) != 3 or sum(self.rope_axes) != self.head_dim or any(a % 2 for a in self.rope_axes):
+            problems.append(f"rope_axes {self.rope_axes} must be three even numbers summing to head_dim {self.head_dim}")
+        if self.arch == "scd" and not 1 <= self.decoder_layers < self.layers:
+            problems.append(f"an SCD model needs 1 <= decoder_layers < layers, got {self.decoder_layers} of {self.layers}")
+        if self.arch == "baseline" and self.decoder_layers != 0:
+            problems.append("a baseline model has decoder_layers = 0")
+        if any(s % self.patch_size for s in self.latent_size):
+            problems.append(f"latent size {self.latent_size} is not divisible by patch size {self.patch_size}")
+        if self.condition and self.num_classes < 1:
+            problems.append("a conditioned model needs num_classes >= 1")
+        if problems:
+            raise ConfigError("invalid model config: " + "; ".join(problems))
+
+    def matched(self) -> "ModelConfig":
+        """The counterpart of the same width and total depth: SCD <-> baseline."""
+        if self.arch == "scd":
+            return dataclasses.replace(self, arch="baseline", decoder_layers=0)
+        return dataclasses.replace(self, arch="scd", decoder_layers=max(1, self.layers // 3))
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown config fields {unknown}: this config was written by a newer scd, upgrade it")
+        if data.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
+            raise ConfigError(f"config format {data['format_version']} is newer than this scd ({FORMAT_VERSION}): upgrade scd")
+        try:
+            return cls(**data)
+        except TypeError as err:
+            raise ConfigError(f"invalid model config: {err}") from None
+
+    @classmethod
+    def load(cls, path: Path) -> "ModelConfig":
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ConfigError(f"cannot read {path}: {err}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a JSON object")
+        return cls.from_dict(data)
+
+
+# ----------------------------------------------------------------------------- embedders
+
+def timestep_sinusoid(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
+    """(N,) timesteps -> (N, dim) float32, cosines first (diffusers' flip_sin_to_cos, shift 1)."""
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - 1)
+    angles = t.float()[:, None] * torch.exp(exponent)[None]
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+
+
+class TimestepEmbedding(nn.Module):
+    def __init__(self, width: int, channels: int = 256):
+        super().__init__()
+        self.linear_1 = nn.Linear(channels, width)
+        self.linear_2 = nn.Linear(width, width)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        x = timestep_sinusoid(t).to(self.linear_1.weight.dtype)
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class LabelEmbedding(nn.Module):
+    """Class or action table with one extra row, the null index used for guidance."""
+
+    def __init__(self, num_classes: int, width: int):
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_classes + 1, width)
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        return self.embedding_table(labels)
+
+
+def rope_tables(frames: torch.Tensor, rows: int, cols: int, axes: tuple[int, int, int],
+                theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary cos/sin for tokens at (frame, row, col), frame-major: (len(frames)*rows*cols, sum(axes))."""
+    device = frames.device
+    grid = torch.stack(torch.meshgrid(frames.double(), torch.arange(rows, dtype=torch.float64, device=device),
+                                      torch.arange(cols, dtype=torch.float64, device=device), indexing="ij"), -1)
+    positions = grid.reshape(-1, 3)
+    angles = []
+    for axis, dim in enumerate(axes):
+        freqs = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim)
+        angles.append(torch.outer(positions[:, axis], freqs).repeat_interleave(2, dim=1))
+    angles = torch.cat(angles, dim=1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs of x (B, H, S, hd) by the tables (S, hd)."""
+    pairs = x.unflatten(-1, (-1, 2))
+    rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- KV cache
+
+class KVCache:
+    """Preallocated keys and values of every layer for a rolling window of clean frames.
+
+    Frames are written in order into slots 0..capacity-1 and then wrap around, overwriting the
+    oldest: attention over cached frames is order-free (no mask between past frames, RoPE applied
+    before caching), so a full ring needs no reordering. One spare frame slot past the ring holds
+    the baseline's noisy frame, so its attention reads one contiguous span without a concat.
+    """
+
+    def __init__(self, layers: int, batch: int, heads: int, head_dim: int, tokens_per_frame: int,
+                 capacity: int, device, dtype):
+        shape = (layers, batch, heads, (capacity + 1) * tokens_per_frame, head_dim)
+        self.keys = torch.empty(shape, device=device, dtype=dtype)
+        self.values = torch.empty(shape, device=device, dtype=dtype)
+        self.tokens_per_frame = tokens_per_frame
+        self.capacity = capacity
+        self.frames = 0  # frames written so far, including overwritten ones
+
+    @property
+    def cached_frames(self) -> int:
+        return min(self.frames, self.capacity)
+
+    def bytes(self) -> int:
+        return 2 * self.keys.numel() * self.keys.element_size()
+
+
+# ----------------------------------------------------------------------------- the block
+
+class AdaNormZero(nn.Module):
+    """LayerNorm modulated by (shift, scale) and a residual gate from the conditioning embedding."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.linear = nn.Linear(width, 3 * width)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # x (B, F, T, D), emb (B, F, D): modulation is computed per frame, broadcast over its tokens
+        shift, scale, gate = self.linear(F.silu(emb)).unsqueeze(2).chunk(3, dim=-1)
+        x = F.layer_norm(x, x.shape[-1:], eps=1e-6) * (1 + scale) + shift
+        return x, gate
+
+
+class Attention(nn.Module):
+    def __init__(self, width: int, heads: int, head_dim: int):
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        self.to_q = nn.Linear(width, heads * head_dim)
+        self.to_k = nn.Linear(width, heads * head_dim)
+        self.to_v = nn.Linear(width, heads * head_dim)
+        self.norm_q = nn.RMSNorm(head_dim, eps=1e-6)
+        self.norm_k = nn.RMSNorm(head_dim, eps=1e-6)
+        self.to_out = nn.ModuleList([nn.Linear(heads * head_dim, width)])
+
+    def forward(self, x, rope, mask=None, cache: KVCache | None = None, layer: int = 0,
+                write_at: int | None = None, attend: int | None = None) -> torch.Tensor:
+        """x (B, S, D). Without a cache: attend within x. With one: write this chunk's keys at token
+        offset `write_at` and attend to the cache's first `attend` tokens."""
+        heads = lambda t: t.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)  # (B, H, S, hd)
+        cos, sin = rope
+        q = apply_rope(self.norm_q(heads(self.to_q(x))), cos, sin)
+        k = apply_rope(self.norm_k(heads(self.to_k(x))), cos, sin)
+        v = heads(self.to_v(x))
+        if cache is not None:
+            cache.keys[layer, :, :, write_at:write_at + k.shape[2]] = k
+            cache.values[layer, :, :, write_at:write_at + k.shape[2]] = v
+            k, v = cache.keys[layer, :, :, :attend], cache.values[layer, :, :, :attend]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.to_out[0](out.transpose(1, 2).flatten(2))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, width: int, mult: int = 4):
+        super().__init__()
+        self.net = nn.ModuleList([nn.Module(), nn.Identity(), nn.Linear(mult * width, width)])
+        self.net[0].proj = nn.Linear(width, mult * width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net[2](F.gelu(self.net[0].proj(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    """adaLN-Zero transformer block: modulated norm -> attention (qk RMSNorm, RoPE) -> gated
+    residual, then the same around a tanh-GELU MLP. Serves the encoder, decoder and baseline."""
+
+    def __init__(self, width: int, heads: int, head_dim: int):
+        super().__init__()
+        self.norm1 = AdaNormZero(width)
+        self.attn = Attention(width, heads, head_dim)
+        self.norm2 = AdaNormZero(width)
+        self.mlp = FeedForward(width)
+
+    def forward(self, x, emb, rope, mask=None, cache=None, layer=0, write_at=None, attend=None):
+        # x (B, F, T, D), emb (B, F, D)
+        h, gate = self.norm1(x, emb)
+        h = self.attn(h.flatten(1, 2), rope, mask, cache, layer, write_at, attend).view_as(x)
+        x = x + gate * h
+        h, gate = self.norm2(x, emb)
+        return x + gate * self.mlp(h)
+
+
+class OutputNorm(nn.Module):
+    """Final LayerNorm modulated by (scale, shift), in that order, as in the references."""
+
+    def __init__(self, width: int, unconditional: bool = False, noise: float = 0.0):
+        super().__init__()
+        self.linear = None if unconditional else nn.Linear(width, 2 * width)
+        self.noise = noise  # training-time feature noise (SCD encoder)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        x = F.layer_norm(x, x.shape[-1:], eps=1e-6)
+        if self.training and self.noise > 0:
+            x = x + self.noise * torch.randn_like(x)
+        if self.linear is None:
+            return x
+        scale, shift = self.linear(F.silu(emb)).unsqueeze(2).chunk(2, dim=-1)
+        return x * (1 + scale) + shift
+
+
+# ----------------------------------------------------------------------------- the models
+
+def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
+    """(B, F, C, H, W) -> (B, F, T, C*p*p), tokens in row-major order."""
+    b, f, c, h, w = x.shape
+    x = x.reshape(b, f, c, h // p, p, w // p, p).permute(0, 1, 3, 5, 2, 4, 6)
+    return x.reshape(b, f, (h // p) * (w // p), c * p * p)
+
+
+def unpatchify(tokens: torch.Tensor, p: int, h: int, w: int) -> torch.Tensor:
+    """(B, F, T, C*p*p) -> (B, F, C, H, W)."""
+    b, f, _, cpp = tokens.shape
+    c = cpp // (p * p)
+    x = tokens.reshape(b, f, h // p, w // p, c, p, p).permute(0, 1, 4, 2, 5, 3, 6)
+    return x.reshape(b, f, c, h, w)
+
+
+def block_causal_mask(frames: int, past_frames: int, tokens_per_frame: int, device) -> torch.Tensor:
+    """Boolean (frames*T, (past+frames)*T): a token sees every token of its own and earlier frames."""
+    q = torch.arange(frames, device=device).repeat_interleave(tokens_per_frame) + past_frames
+    k = torch.arange(past_frames + frames, device=device).repeat_interleave(tokens_per_frame)
+    return k[None, :] <= q[:, None]
+
+
+class Transformer(nn.Module):
+    """Shared trunk: token and conditioning embedders, a stack of blocks, the output norm."""
+
+    def __init__(self, config: ModelConfig, layers: int, head: bool, norm_noise: float = 0.0,
+                 norm_unconditional: bool = False):
+        super().__init__()
+        self.config = config
+        c, d = config, config.width
+        self.x_embedder = nn.Linear(c.channels * c.patch_size ** 2, d)
+        self.timestep_embedder = TimestepEmbedding(d)
+        if c.condition == "action":
+            self.action_embedder = LabelEmbedding(c.num_classes, d)
+        elif c.condition == "label":
+            self.label_embedder = LabelEmbedding(c.num_classes, d)
+        self.transformer_blocks = nn.ModuleList(Block(d, c.num_heads, c.head_dim) for _ in range(layers))
+        self.norm_out = OutputNorm(d, norm_unconditional, norm_noise)
+        self.proj_out = nn.Linear(d, c.patch_size ** 2 * c.channels) if head else None
+
+    def conditioning(self, timesteps: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """timesteps (B, F) in the model's units (sigma * 1000, -1 for clean); labels (B, F) -> (B, F, D)."""
+        emb = self.timestep_embedder(timesteps.flatten()).view(*timesteps.shape, -1)
+        if self.config.condition == "action":
+            emb = emb + self.action_embedder(labels)
+        elif self.config.condition == "label":
+            emb = emb + self.label_embedder(labels)
+        return emb
+
+    def rope(self, first_frame: int, frames: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.config
+        positions = torch.arange(first_frame, first_frame + frames, device=device)
+        return rope_tables(positions, c.latent_size[0] // c.patch_size, c.latent_size[1] // c.patch_size, c.rope_axes)
+
+    def run_blocks(self, x, emb, rope, mask=None, cache=None, write_at=None, attend=None):
+        for i, block in enumerate(self.transformer_blocks):
+            x = block(x, emb, rope, mask, cache, i, write_at, attend)
+        return x
+
+    def new_cache(self, batch: int, capacity: int, device=None, dtype=None) -> KVCache:
+        weight = self.x_embedder.weight
+        c = self.config
+        return KVCache(len(self.transformer_blocks), batch, c.num_heads, c.head_dim, c.tokens_per_frame,
+                       capacity, device or weight.device, dtype or weight.dtype)
+
+    def encode_frames(self, latents: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor | None,
+                      cache: KVCache | None = None) -> torch.Tensor:
+        """Run frames causally. latents (B, F, C, H, W); timesteps, labels (B, F). Returns the
+        normed hidden states (B, F, T, D). With a cache the frames are appended to it (F = 1 may
+        wrap the ring; F > 1 must fit in the free slots) and attend to everything cached before."""
+        b, f = latents.shape[:2]
+        t = self.config.tokens_per_frame
+        x = self.x_embedder(patchify(latents, self.config.patch_size))  # (B, F, T, D)
+        emb = self.conditioning(timesteps, labels)
+        past = 0 if cache is None else cache.frames
+        rope = self.rope(past, f, latents.device)
+        if cache is None:
+            mask = block_causal_mask(f, 0, t, latents.device) if f > 1 else None
+            x = self.run_blocks(x, emb, rope, mask)
+        elif f == 1:
+            slot = cache.frames % cache.capacity
+            x = self.run_blocks(x, emb, rope, None, cache, slot * t, min(cache.frames + 1, cache.capacity) * t)
+            cache.frames += 1
+        else:
+            if cache.frames + f > cache.capacity:
+                raise ConfigError(f"{f} frames do not fit a KV cache of {cache.capacity} holding {cache.frames}")
+            mask = block_causal_mask(f, past, t, latents.device)
+            x = self.run_blocks(x, emb, rope, mask, cache, past * t, (past + f) * t)
+            cache.frames += f
+        return self.norm_out(x, emb)
+
+
+class Encoder(Transformer):
+    """SCD encoder: clean frames at timestep -1, block-causal, once per frame. Frame j is conditioned
+    on action j + 1, the action that leads to the frame the decoder renders from its features."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config, config.encoder_layers, head=False, norm_noise=config.encoder_noise,
+                         norm_unconditional=config.encoder_norm_unconditional)
+
+    def forward(self, latents, labels=None, cache=None) -> torch.Tensor:
+        """latents (B, F, C, H, W), labels (B, F) -> features (B, F, T, D)."""
+        timesteps = torch.full(latents.shape[:2], -1.0, device=latents.device)
+        return self.encode_frames(latents, timesteps, labels, cache)
+
+
+class Decoder(Transformer):
+    """SCD decoder: one noisy frame plus the encoder's features of the previous frame; attention
+    stays inside that frame, so a step costs the same at any context length."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config, config.decoder_layers, head=True)
+        d = config.width
+        self.decoder_input_proj = nn.Linear(2 * d, d) if config.decoder_combine == "concat" else None
+        self.decoder_alignment = (nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d))
+                                  if config.decoder_combine == "token_concat_with_proj" else None)
+        self.token_concat = config.decoder_combine.startswith("token_concat")
+
+    def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, features: torch.Tensor,
+                labels: torch.Tensor | None = None, rope=None) -> torch.Tensor:
+        """noisy (B, C, H, W); timesteps (B,) = sigma * 1000; features (B, T, D); labels (B,).
+        Returns the velocity (B, C, H, W). `rope` may be passed in to reuse precomputed tables."""
+        c = self.config
+        h, w = noisy.shape[-2:]
+        x = self.x_embedder(patchify(noisy[:, None], c.patch_size))  # (B, 1, T, D)
+        features = features[:, None]
+        if c.decoder_combine == "add":
+            x = x + features
+        elif c.decoder_combine == "concat":
+            x = self.decoder_input_proj(torch.cat([x, features], dim=-1))
+        else:
+            if self.decoder_alignment is not None:
+                features = self.decoder_alignment(features)
+            x = torch.cat([features, x], dim=2)  # (B, 1, 2T, D)
+        rope = rope if rope is not None else self.rope_tables(noisy.device)
+        emb = self.conditioning(timesteps[:, None], None if labels is None else labels[:, None])
+        x = self.norm_out(self.run_blocks(x, emb, rope), emb)
+        x = x[:, :, -c.tokens_per_frame:]
+        return unpatchify(self.proj_out(x), c.patch_size, h, w)[:, 0]
+
+    def rope_tables(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = self.rope(0, 1, device)
+        if self.token_concat:
+            cos, sin = cos.repeat(2, 1), sin.repeat(2, 1)
+        return cos, sin
+
+
+class SCDModel(nn.Module):
+    """Encoder + decoder; state dict keys `encoder.*` and `decoder.*` as the official trainer's."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+
+
+class Baseline(Transformer):
+    """FAR-style causal diffusion transformer: every denoising step runs all layers on the noisy
+    frame against the cached clean context. Frame j is conditioned on action j."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config, config.layers, head=True)
+
+    def append(self, latents: torch.Tensor, labels: torch.Tensor | None, cache: KVCache) -> None:
+        """Add clean frames (B, F, C, H, W) to the context cache."""
+        timesteps = torch.full(latents.shape[:2], -1.0, device=latents.device)
+        self.encode_frames(latents, timesteps, labels, cache)
+
+    def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor | None,
+                cache: KVCache, rope=None) -> torch.Tensor:
+        """noisy (B, C, H, W) -> velocity (B, C, H, W), attending to the cache; the cache is unchanged."""
+        c, t = self.config, self.config.tokens_per_frame
+        h, w = noisy.shape[-2:]
+        x = self.x_embedder(patchify(noisy[:, None], c.patch_size))
+        emb = self.conditioning(timesteps[:, None], None if labels is None else labels[:, None])
+        rope = rope if rope is not None else self.rope(cache.frames, 1, noisy.device)
+        cached = cache.cached_frames * t
+        x = self.norm_out(self.run_blocks(x, emb, rope, None, cache, cached, cached + t), emb)
+        return unpatchify(self.proj_out(x), c.patch_size, h, w)[:, 0]
+
+
+def init_weights(model: Transformer) -> None:
+    """The references' initialisation: xavier linears, N(0, 0.02) embeddings, zeroed adaLN and
+    output layers (each block starts as the identity), `concat` input projection as [I | I]."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            nn.init.zeros_(module.bias)
+    for module in model.modules():
+        if isinstance(module, LabelEmbedding):
+            nn.init.normal_(module.embedding_table.weight, std=0.02)
+    nn.init.normal_(model.timestep_embedder.linear_1.weight, std=0.02)
+    nn.init.normal_(model.timestep_embedder.linear_2.weight, std=0.02)
+    zeroed = [b.norm1.linear for b in model.transformer_blocks] + [b.norm2.linear for b in model.transformer_blocks]
+    zeroed += [m for m in (model.norm_out.linear, model.proj_out) if m is not None]
+    if getattr(model, "decoder_alignment", None) is not None:
+        zeroed.append(model.decoder_alignment[1])
+    for module in zeroed:
+        nn.init.zeros_(module.weight)
+        nn.init.zeros_(module.bias)
+    if getattr(model, "decoder_input_proj", None) is not None:
+        d = model.config.width
+        with torch.no_grad():
+            model.decoder_input_proj.weight.copy_(torch.cat([torch.eye(d), torch.eye(d)], dim=1))
+            model.decoder_input_proj.bias.zero_()
+
+
+def build_model(config: ModelConfig, init: bool = True) -> nn.Module:
+    """A new model of `config`, initialised as the references do (or left as allocated)."""
+    model = SCDModel(config) if config.arch == "scd" else Baseline(config)
+    if init:
+        for part in ([model.encoder, model.decoder] if config.arch == "scd" else [model]):
+            init_weights(part)
+    return model
+
+
+# ----------------------------------------------------------------------------- presets
+
+def preset(name: str, **overrides) -> ModelConfig:
+    """Reference sizes: B 12x64, M 16x64, L 16x64 x 24 layers, XL 18x64 x 28 layers; DC-AE latents
+    (32 channels, patch 1). SCD splits the depth 2:1 between encoder and decoder, as the paper's 8+4."""
+    sizes = {"B": (12, 12), "M": (16, 12), "L": (16, 24), "XL": (18, 28)}
+    if name.upper() not in sizes:
+        raise ConfigError(f"unknown preset {name!r}: choose one of {', '.join(sizes)}")
+    heads, layers = sizes[name.upper()]
+    base = dict(num_heads=heads, head_dim=64, channels=32, patch_size=1, rope_axes=(16, 24, 24),
+                layers=layers, decoder_layers=layers // 3)
+    base.update(overrides)
+    if base.get("arch") == "baseline":
+        base["decoder_layers"] = 0
+    return ModelConfig(**base)

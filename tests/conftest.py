@@ -1,0 +1,33 @@
+import pytest
+import torch
+
+from scd.model import ModelConfig, build_model
+
+torch.set_num_threads(1)  # CI has 2 cores; tiny models gain nothing from more threads
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    """A few-thousand-parameter model: 2 heads of 8, 4x4 latents of 3 channels, patch 2 (4 tokens/frame)."""
+    base = dict(arch="scd", num_heads=2, head_dim=8, channels=3, patch_size=2, rope_axes=(2, 2, 4), layers=3,
+                decoder_layers=1, condition="action", num_classes=4, latent_size=(4, 4), frame_size=(4, 4),
+                fps=4.0, action_names=("up", "down", "left", "right"), default_steps=3, context_frames=3)
+    base.update(overrides)
+    if base["arch"] == "baseline":
+        base["decoder_layers"] = 0
+    return ModelConfig(**base)
+
+
+def random_model(config: ModelConfig, seed: int = 0):
+    """A model whose every parameter is random (the references zero-initialise the adaLN layers,
+    which would make many code paths invisible to a test)."""
+    torch.manual_seed(seed)
+    model = build_model(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    return model.eval()
+
+
+@pytest.fixture
+def tiny():
+    return tiny_config

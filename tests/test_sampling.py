@@ -1,0 +1,160 @@
+"""The streaming loop against straightforward recomputation, guidance, seeds and windows."""
+
+import pytest
+import torch
+
+from conftest import random_model, tiny_config
+from scd.errors import ActionError, ConfigError
+from scd.model import patchify, unpatchify
+from scd.sampling import generate, sigma_schedule, stream
+
+B, F, U, K = 2, 3, 4, 3
+
+
+def inputs(config, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    context = torch.randn(B, F, config.channels, *config.latent_size, generator=g)
+    actions = torch.randint(0, config.num_classes, (B, F + U), generator=g)
+    noise = torch.randn(B, U, config.channels, *config.latent_size, generator=g)
+    return context, actions, noise
+
+
+def euler(velocity, x, steps):
+    sig = sigma_schedule(steps)
+    for k in range(steps):
+        x = x + (sig[k + 1] - sig[k]) * velocity(x, (sig[k] * 1000).expand(x.shape[0]))
+    return x
+
+
+def scd_without_cache(model, context, actions, noise):
+    """Re-encode the whole history for every frame: what the KV cache must reproduce."""
+    frames = context
+    for u in range(U):
+        n = frames.shape[1]
+        features = model.encoder(frames, actions[:, 1:n + 1])[:, -1]
+        x = euler(lambda x, t: model.decoder(x, t, features, actions[:, n]), noise[:, u], K)
+        frames = torch.cat([frames, x[:, None]], dim=1)
+    return frames[:, F:]
+
+
+def baseline_without_cache(model, context, actions, noise):
+    frames = context
+    p = model.config.patch_size
+    for u in range(U):
+        n = frames.shape[1]
+
+        def velocity(x, t):
+            seq = torch.cat([frames, x[:, None]], dim=1)
+            timesteps = torch.cat([torch.full((B, n), -1.0), t[:, None]], dim=1)
+            hidden = model.encode_frames(seq, timesteps, actions[:, :n + 1])
+            return unpatchify(model.proj_out(hidden[:, -1:]), p, *x.shape[-2:])[:, 0]
+
+        x = euler(velocity, noise[:, u], K)
+        frames = torch.cat([frames, x[:, None]], dim=1)
+    return frames[:, F:]
+
+
+@pytest.mark.parametrize("combine", ["token_concat", "add", "concat", "token_concat_with_proj"])
+def test_scd_kv_cache_equals_recompute(combine):
+    model = random_model(tiny_config(decoder_combine=combine))
+    context, actions, noise = inputs(model.config)
+    with torch.inference_mode():
+        expected = scd_without_cache(model, context, actions, noise)
+    got = generate(model, context, U, K, conditions=actions, noise=noise)
+    assert (got - expected).abs().max() < 1e-5
+
+
+def test_baseline_kv_cache_equals_recompute():
+    model = random_model(tiny_config(arch="baseline", layers=3))
+    context, actions, noise = inputs(model.config)
+    with torch.inference_mode():
+        expected = baseline_without_cache(model, context, actions, noise)
+    got = generate(model, context, U, K, conditions=actions, noise=noise)
+    assert (got - expected).abs().max() < 1e-5
+
+
+def test_chunked_prefill_equals_single_pass(monkeypatch):
+    model = random_model(tiny_config())
+    context, actions, noise = inputs(model.config)
+    whole = generate(model, context, U, K, conditions=actions, noise=noise)
+    monkeypatch.setattr("scd.sampling.PREFILL_CHUNK", 1)
+    chunked = generate(model, context, U, K, conditions=actions, noise=noise)
+    assert (whole - chunked).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("arch", ["scd", "baseline"])
+def test_batched_guidance_equals_two_passes(arch):
+    model = random_model(tiny_config(arch=arch))
+    context, actions, noise = inputs(model.config)
+    g = 2.5
+    got = generate(model, context, 1, K, guidance=g, conditions=actions[:, :F + 1], noise=noise[:, :1])
+    null = torch.full_like(actions[:, :F + 1], model.config.null_class)
+
+    def velocity_for(labels):
+        # one frame, one set of labels: the velocity function of an unguided pass
+        if arch == "scd":
+            with torch.inference_mode():
+                features = model.encoder(context, labels[:, 1:F + 1])[:, -1]
+            return lambda x, t: model.decoder(x, t, features, labels[:, F])
+        cache = model.new_cache(B, F + 1)
+        with torch.inference_mode():
+            model.append(context, labels[:, :F], cache)
+        return lambda x, t: model(x, t, labels[:, F], cache)
+
+    cond, uncond = velocity_for(actions[:, :F + 1]), velocity_for(null)
+    with torch.inference_mode():
+        expected = euler(lambda x, t: uncond(x, t) + g * (cond(x, t) - uncond(x, t)), noise[:, 0], K)
+    assert (got[:, 0] - expected).abs().max() < 1e-5
+    unguided = generate(model, context, 1, K, conditions=actions[:, :F + 1], noise=noise[:, :1])
+    assert (got - unguided).abs().max() > 1e-3  # guidance changes the result
+
+
+def test_seed_determinism_and_streaming_timings():
+    model = random_model(tiny_config())
+    context, actions, _ = inputs(model.config)
+    a = list(stream(model, context, U, K, conditions=actions, seed=7))
+    b = generate(model, context, U, K, conditions=actions, seed=7)
+    c = generate(model, context, U, K, conditions=actions, seed=8)
+    assert [f.index for f in a] == list(range(U))
+    assert torch.equal(torch.stack([f.latents for f in a], 1), b)
+    assert (b - c).abs().max() > 1e-3
+    assert all(f.encoder_ms >= 0 and f.decoder_ms > 0 and f.latency_ms >= f.decoder_ms for f in a)
+
+
+def test_actions_change_the_output():
+    model = random_model(tiny_config())
+    context, actions, noise = inputs(model.config)
+    other = actions.clone()
+    other[:, F:] = (other[:, F:] + 1) % model.config.num_classes
+    a = generate(model, context, U, K, conditions=actions, noise=noise)
+    b = generate(model, context, U, K, conditions=other, noise=noise)
+    assert (a - b).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("arch", ["scd", "baseline"])
+def test_rolling_window(arch):
+    model = random_model(tiny_config(arch=arch))
+    context, actions, noise = inputs(model.config)
+    full = generate(model, context, U, K, conditions=actions, noise=noise)
+    wide = generate(model, context, U, K, conditions=actions, noise=noise, window=F + U)
+    assert (full - wide).abs().max() < 1e-5  # a window holding everything changes nothing
+    long = list(stream(model, context, 40, 2, conditions=None, window=2))
+    assert len(long) == 40 and all(torch.isfinite(f.latents).all() for f in long)
+    narrow = generate(model, context, U, K, conditions=actions, noise=noise, window=2)
+    assert (full - narrow).abs().max() > 1e-4  # a narrow window forgets
+
+
+def test_bad_inputs_are_typed_errors():
+    model = random_model(tiny_config())
+    context, actions, noise = inputs(model.config)
+    with pytest.raises(ActionError):
+        generate(model, context, U, K, conditions=actions[:, :2])
+    with pytest.raises(ActionError):
+        generate(model, context, U, K, conditions=actions + 10)
+    with pytest.raises(ConfigError):
+        generate(model, context[:, :, :2], U, K)
+    with pytest.raises(ConfigError):
+        generate(model, context, U, 0)
+    unconditioned = random_model(tiny_config(condition=None, num_classes=0))
+    with pytest.raises(ConfigError):
+        generate(unconditioned, context, U, K, guidance=2.0)
