@@ -1,0 +1,58 @@
+"""Analytic FLOPs per generated frame (multiply-add = 2 FLOPs), for `scd info` and `scd bench`.
+
+Per block of width D on S query tokens attending to S_kv keys: 24 S D^2 (q, k, v, out and the 4x
+MLP) + 4 S S_kv D (scores and weighted values) + 12 D^2 per conditioning vector (adaLN).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from scd.model import ModelConfig
+
+
+@dataclass(frozen=True)
+class FrameFlops:
+    """FLOPs to produce one frame at batch 1. For SCD `context` is the encoder pass and `denoise`
+    the K decoder steps; for the baseline, the clean-context pass and the K full-depth steps."""
+
+    context: float
+    denoise: float
+
+    @property
+    def total(self) -> float:
+        return self.context + self.denoise
+
+
+def block_flops(width: int, queries: int, keys: int, conditionings: int = 1) -> float:
+    return 24.0 * queries * width ** 2 + 4.0 * queries * keys * width + 12.0 * conditionings * width ** 2
+
+
+def _embed_flops(c: ModelConfig, tokens: int, head: bool) -> float:
+    patch = c.channels * c.patch_size ** 2
+    timestep_mlp = 2.0 * (256 * c.width + c.width ** 2)
+    out = 2.0 * tokens * c.width * patch + 4.0 * c.width ** 2 if head else 4.0 * c.width ** 2
+    return 2.0 * tokens * c.width * patch + timestep_mlp + out
+
+
+def frame_flops(config: ModelConfig, context_frames: int, steps: int, guidance: float = 1.0) -> FrameFlops:
+    """FLOPs of one generated frame with `context_frames` frames already in the KV cache."""
+    c, t, d = config, config.tokens_per_frame, config.width
+    keys = (context_frames + 1) * t  # the new frame attends to the context and to itself
+    if c.arch == "scd":
+        context = c.encoder_layers * block_flops(d, t, keys) + _embed_flops(c, t, head=False)
+        tokens = 2 * t if c.decoder_combine.startswith("token_concat") else t
+        step = c.decoder_layers * block_flops(d, tokens, tokens) + _embed_flops(c, t, head=True)
+        if c.decoder_combine == "concat":
+            step += 2.0 * t * 2 * d * d
+        elif c.decoder_combine == "token_concat_with_proj":
+            step += 2.0 * t * d * d
+    else:
+        context = c.layers * block_flops(d, t, keys - t) + _embed_flops(c, t, head=False)
+        step = c.layers * block_flops(d, t, keys) + _embed_flops(c, t, head=True)
+    scale = 2.0 if guidance != 1.0 else 1.0
+    return FrameFlops(scale * context, scale * steps * step)
+
+
+def parameter_count(module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,35 @@
+"""The `scd` command: parses arguments and hands each command to one library call."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+import scd
+from scd_cli import common, info
+
+app = typer.Typer(name="scd", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="Streaming video generation with Separable Causal Diffusion.")
+
+
+def _version(value: bool):
+    if value:
+        common.console.print(f"scd {scd.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: Optional[bool] = typer.Option(None, "--version", callback=_version, is_eager=True, help="Print the version."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks instead of one-line errors."),
+):
+    common.state["debug"] = debug
+
+
+for module in (info,):
+    module.register(app)
+
+
+def main() -> None:
+    app()
