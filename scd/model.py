@@ -54,6 +54,7 @@ class ModelConfig:
     default_steps: int = 50
     default_guidance: float = 1.0
     context_frames: int = 16
+    demo: str | None = None  # "world": the model's demo prompt is a clip of scd.world
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self):

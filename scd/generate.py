@@ -1,0 +1,282 @@
+"""The generate job: a prompt video in, a streamed MP4 (and report) out.
+
+`run` decodes and fits the prompt, encodes it with the model's codec, streams frames from
+`scd.sampling.stream`, decodes each to pixels and writes it the moment it exists. It yields
+progress events; whatever happens, every finished frame is on disk in a playable file and the
+report says whether the run completed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from scd import video
+from scd.checkpoints import LoadedModel
+from scd.codecs import load_codec
+from scd.devices import dtype_name, resolve_device, resolve_dtype
+from scd.errors import ActionError, ConfigError, VideoError
+from scd.sampling import kv_cache_bytes, stream
+
+MAX_FRAMES = 100_000
+
+
+def parse_actions(spec: str | Path | None, names: tuple[str, ...], num_classes: int) -> list[int] | None:
+    """Actions from a comma list ("up,up,left,2") or a file (one per line or comma separated; `#`
+    comments). Names are the model's action names (case-insensitive); indices 0..num_classes, where
+    num_classes itself is the null action ("none" also names it)."""
+    if spec is None:
+        return None
+    text = str(spec)
+    path = Path(text)
+    if ("," not in text and path.suffix) or path.is_file():
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as err:
+            raise ActionError(f"cannot read action file {path}: {err}") from None
+    lookup = {name.lower(): i for i, name in enumerate(names)}
+    lookup.update({"none": num_classes, "null": num_classes, "noop": num_classes})
+    actions = []
+    for line in text.splitlines():
+        for item in line.split("#", 1)[0].split(","):
+            item = item.strip().lower()
+            if not item:
+                continue
+            if item.lstrip("-").isdigit():
+                index = int(item)
+                if not 0 <= index <= num_classes:
+                    raise ActionError(f"action index {index} is out of range 0..{num_classes} ({num_classes} = none)")
+                actions.append(index)
+            elif item in lookup:
+                actions.append(lookup[item])
+            else:
+                known = ", ".join(list(names) + ["none"]) or f"indices 0..{num_classes}"
+                raise ActionError(f"unknown action {item!r}: this model knows {known}")
+    if not actions:
+        raise ActionError(f"no actions found in {spec!r}")
+    return actions
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100.0
+    lo, hi = math.floor(rank), math.ceil(rank)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (rank - lo)
+
+
+@dataclass
+class Job:
+    """Everything `scd generate` needs; paths and numbers only, validated by `run`."""
+
+    model: LoadedModel
+    out: Path
+    prompt: Path | None = None
+    frames: int = 16
+    steps: int | None = None
+    guidance: float | None = None
+    actions: list[int] | None = None
+    prompt_actions: list[int] | None = None
+    seed: int = 0
+    batch: int = 1
+    window: int | None = None
+    context: int | None = None
+    fit: str = "crop"
+    fps: float | None = None
+    include_prompt: bool = False
+    upscale: int = 1
+    upscale_mode: str = "nearest"
+    frames_dir: Path | None = None
+    report: Path | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+
+
+@dataclass
+class Started:
+    outputs: list[Path]
+    device: str
+    dtype: str
+    model: str
+    revision: str | None
+    frames: int
+    steps: int
+    context_frames: int
+    prompt_source: str
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class FrameWritten:
+    index: int
+    frames: int
+    latency_ms: float
+    encoder_ms: float
+    decoder_ms: float
+    elapsed_s: float
+
+
+@dataclass
+class Finished:
+    summary: dict
+
+
+def output_paths(out: Path, batch: int) -> list[Path]:
+    if batch == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(batch)]
+
+
+def _prompt(job: Job, config) -> tuple[np.ndarray, list[int] | None, str]:
+    """Prompt frames (F, H, W, 3) uint8, their actions if known, and a description."""
+    want = job.context or config.context_frames
+    if job.prompt is None:
+        if config.demo != "world" and not job.model.source.startswith("embedded:"):
+            raise VideoError("this model has no demo prompt: pass --prompt-frames VIDEO")
+        from scd import world
+
+        frames, actions = world.render_clip(world.HELDOUT_SEED_START + job.seed, want)
+        return frames, actions.tolist(), f"synthetic world clip (seed {world.HELDOUT_SEED_START + job.seed})"
+    clip = video.read_video(job.prompt, last=want)
+    actions = job.prompt_actions
+    sidecar = Path(job.prompt).with_suffix(".actions.txt") if Path(job.prompt).is_file() else None
+    if actions is None and sidecar is not None and sidecar.is_file() and config.condition == "action":
+        # a sidecar lists one action per frame of the clip; the kept frames are the clip's last ones
+        actions = parse_actions(sidecar, config.action_names, config.num_classes)[-len(clip.frames):]
+    return clip.frames, actions, str(job.prompt)
+
+
+def run(job: Job):
+    """Generate and write; yields Started, then FrameWritten per frame, then Finished."""
+    config = job.model.config
+    if job.frames < 1 or job.frames > MAX_FRAMES:
+        raise ConfigError(f"--frames must be between 1 and {MAX_FRAMES}, got {job.frames}")
+    if job.batch < 1 or job.batch > 64:
+        raise ConfigError(f"--batch must be between 1 and 64, got {job.batch}")
+    if job.upscale < 1 or job.upscale > 32:
+        raise ConfigError(f"--upscale must be between 1 and 32, got {job.upscale}")
+    if job.fps is not None and not 0 < job.fps <= 240:
+        raise ConfigError(f"--fps must be in (0, 240], got {job.fps}")
+    steps = job.steps or config.default_steps
+    guidance = config.default_guidance if job.guidance is None else job.guidance
+    if steps < 1 or steps > 1000:
+        raise ConfigError(f"--steps must be between 1 and 1000, got {steps}")
+    device = resolve_device(job.device)
+    dtype = resolve_dtype(job.dtype, device)
+
+    prompt, prompt_actions, prompt_source = _prompt(job, config)
+    if job.actions is not None and len(job.actions) < job.frames:
+        raise ActionError(f"{len(job.actions)} actions given for {job.frames} frames: give one per generated frame")
+    conditions = None
+    if config.condition == "action":
+        null = config.null_class
+        before = list(prompt_actions) if prompt_actions is not None else [null] * len(prompt)
+        if len(before) != len(prompt):
+            before = (before + [null] * len(prompt))[:len(prompt)]
+        after = list(job.actions[:job.frames]) if job.actions is not None else [null] * job.frames
+        conditions = torch.tensor(before + after)
+    elif job.actions is not None:
+        raise ActionError("this model takes no actions: drop --actions")
+
+    model = job.model.model.to(device=device, dtype=dtype)
+    codec = load_codec(config.codec, job.model.folder).to(device, dtype)
+    pixels = video.frames_to_tensor(video.fit_frames(prompt, config.frame_size, job.fit))
+    with torch.inference_mode():
+        context = codec.encode(pixels.to(device=device, dtype=dtype))[None].expand(job.batch, -1, -1, -1, -1)
+    fps = job.fps or config.fps
+    warnings = []
+    cached = min(job.window or (len(prompt) + job.frames), len(prompt) + job.frames)
+    need = kv_cache_bytes(model, job.batch, cached, guidance, dtype)
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+        if need > 0.8 * free:
+            warnings.append(f"the KV cache needs {need / 2**30:.1f} GiB of {free / 2**30:.1f} GiB free: "
+                            "pass --context-window W to keep memory flat")
+    elif job.window is None and need > 8 * 2**30:
+        warnings.append(f"the KV cache will grow to {need / 2**30:.1f} GiB: pass --context-window W to keep memory flat")
+
+    outputs = output_paths(Path(job.out), job.batch)
+    writers = [video.VideoWriter(p, fps, upscale=job.upscale, upscale_mode=job.upscale_mode) for p in outputs]
+    records: list[dict] = []
+    started_at = time.perf_counter()
+    complete = False
+    first_ms = None
+    try:
+        yield Started(outputs, str(device), dtype_name(dtype), job.model.source, job.model.revision, job.frames,
+                      steps, len(prompt), prompt_source, warnings)
+        if job.include_prompt:
+            shown = video.fit_frames(prompt, config.frame_size, job.fit)
+            for writer in writers:
+                for frame in shown:
+                    writer.write(frame)
+        for frame in stream(model, context, job.frames, steps, guidance, conditions, seed=job.seed, window=job.window):
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                images = video.tensor_to_frames(codec.decode(frame.latents.to(dtype)))  # (B, H, W, 3)
+            codec_ms = (time.perf_counter() - t0) * 1000.0
+            for writer, image in zip(writers, images):
+                writer.write(image)
+            if job.frames_dir is not None:
+                for b, image in enumerate(images):
+                    folder = Path(job.frames_dir) / (f"sample_{b}" if job.batch > 1 else "")
+                    video.write_png_frames(folder, image[None], start_index=frame.index)
+            latency = frame.latency_ms + codec_ms
+            elapsed = time.perf_counter() - started_at
+            if first_ms is None:
+                first_ms = elapsed * 1000.0
+            records.append({"index": frame.index, "latency_ms": latency, "encoder_ms": frame.encoder_ms,
+                            "decoder_ms": frame.decoder_ms, "codec_ms": codec_ms})
+            yield FrameWritten(frame.index, job.frames, latency, frame.encoder_ms, frame.decoder_ms, elapsed)
+        complete = True
+    finally:
+        for writer in writers:
+            writer.close()
+        summary = summarise(records, time.perf_counter() - started_at, first_ms, complete, job, str(device),
+                            dtype_name(dtype), steps, guidance, outputs)
+        if job.report is not None:
+            write_report(Path(job.report), summary)
+    yield Finished(summary)
+
+
+def summarise(records, wall_s, first_ms, complete, job, device, dtype, steps, guidance, outputs) -> dict:
+    latencies = [r["latency_ms"] for r in records]
+    steady = latencies[1:] or latencies
+    return {
+        "complete": complete,
+        "frames": records,
+        "frames_generated": len(records),
+        "time_to_first_frame_ms": first_ms,
+        "latency_ms_p50": percentile(steady, 50),
+        "latency_ms_p95": percentile(steady, 95),
+        "latency_ms_max": max(latencies) if latencies else float("nan"),
+        "frames_per_second": len(records) * job.batch / wall_s if records and wall_s > 0 else 0.0,
+        "wall_s": wall_s,
+        "device": device,
+        "dtype": dtype,
+        "model": job.model.source,
+        "revision": job.model.revision,
+        "steps": steps,
+        "guidance": guidance,
+        "batch": job.batch,
+        "seed": job.seed,
+        "context_window": job.window,
+        "outputs": [str(p) for p in outputs],
+    }
+
+
+def write_report(path: Path, summary: dict) -> None:
+    clean = json.loads(json.dumps(summary, default=str).replace("NaN", "null"))
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(json.dumps(clean, indent=2) + "\n")
+        os.replace(tmp, path)
+    except OSError as err:
+        raise VideoError(f"cannot write report {path}: {err.strerror or err}") from None

@@ -1,0 +1,119 @@
+"""`scd generate`: continue a clip, streaming frames to an MP4 with a live latency view."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from scd import generate as job_lib
+from scd.checkpoints import load_model
+from scd_cli.common import console, err_console, handles_errors, is_interactive, say, state
+
+
+def _live_line(event: job_lib.FrameWritten, first_ms: float) -> Text:
+    done = event.index + 1
+    fps = done / event.elapsed_s if event.elapsed_s > 0 else 0.0
+    eta = (event.frames - done) / fps if fps > 0 else 0.0
+    bar_width = 24
+    filled = int(bar_width * done / event.frames)
+    return Text.from_markup(
+        f"[cyan]{'━' * filled}[/][dim]{'━' * (bar_width - filled)}[/] frame {done}/{event.frames}  "
+        f"[bold]{event.latency_ms:7.1f} ms[/] (encoder {event.encoder_ms:6.1f} + decoder {event.decoder_ms:7.1f})  "
+        f"{fps:5.2f} frames/s  first frame {first_ms:7.1f} ms  ETA {eta:5.1f} s")
+
+
+def _summary_table(summary: dict, steps: int) -> Table:
+    table = Table(title="scd generate", show_header=False)
+    rows = [("model", summary["model"] + (f" @ {summary['revision']}" if summary.get("revision") else "")),
+            ("device / dtype", f"{summary['device']} / {summary['dtype']}"), ("steps", str(steps)),
+            ("frames", f"{summary['frames_generated']} x {summary['batch']}"),
+            ("time to first frame", f"{summary['time_to_first_frame_ms'] or 0:.1f} ms"),
+            ("latency p50 / p95 / max", f"{summary['latency_ms_p50']:.1f} / {summary['latency_ms_p95']:.1f} / "
+                                        f"{summary['latency_ms_max']:.1f} ms"),
+            ("throughput", f"{summary['frames_per_second']:.2f} frames/s"),
+            ("output", ", ".join(summary["outputs"]))]
+    for k, v in rows:
+        table.add_row(f"[dim]{k}[/]", v)
+    return table
+
+
+@handles_errors
+def generate(
+    out: Path = typer.Option(Path("out.mp4"), "--out", "-o", help="Output MP4 (with --batch N: OUT_0.mp4 ... OUT_{N-1}.mp4)."),
+    prompt_frames: Optional[Path] = typer.Option(None, "--prompt-frames", "-p", help="Prompt video (MP4, WebM, MKV, MOV, GIF) or a folder of images. Default: the model's demo prompt."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model folder, Hub repo id[@revision], or a reference checkpoint with --options. Default: the embedded SCD model."),
+    options: Optional[Path] = typer.Option(None, "--options", help="Options file of an official SCD / FAR checkpoint."),
+    frames: int = typer.Option(16, "--frames", "-n", help="Frames to generate."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Denoising steps per frame (default: the model's)."),
+    guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance scale by the null action (1 = off)."),
+    actions: Optional[str] = typer.Option(None, "--actions", help="One action per generated frame: a comma list (names or indices) or a file."),
+    prompt_actions: Optional[str] = typer.Option(None, "--prompt-actions", help="Actions of the prompt frames (default: PROMPT.actions.txt beside the prompt, else none)."),
+    context: Optional[int] = typer.Option(None, "--context", help="Keep the last N prompt frames (default: the model's context length)."),
+    context_window: Optional[int] = typer.Option(None, "--context-window", help="Keep only the last W frames in the KV cache: flat memory for endless generation."),
+    fit: str = typer.Option("crop", "--fit", help="Fit prompt frames to the model's size: crop (resize + center crop), pad or stretch."),
+    fps: Optional[float] = typer.Option(None, "--fps", help="Output frame rate (default: the model's)."),
+    include_prompt: bool = typer.Option(False, "--include-prompt", help="Put the prompt frames first in the video."),
+    upscale: int = typer.Option(1, "--upscale", help="Enlarge frames N times for viewing."),
+    upscale_mode: str = typer.Option("nearest", "--upscale-mode", help="nearest or bicubic."),
+    frames_dir: Optional[Path] = typer.Option(None, "--frames-dir", help="Also write each frame as a PNG here."),
+    seed: int = typer.Option(0, "--seed", help="Noise seed: the same seed gives the same video."),
+    batch: int = typer.Option(1, "--batch", help="Continuations generated at once, written as separate files."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (bfloat16 on CUDA, float32 elsewhere), float32, bfloat16, float16."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Write per-frame latencies and a summary as JSON."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors."),
+):
+    """Continue a video frame by frame, writing each frame to OUT the moment it exists."""
+    state["quiet"] = quiet
+    loaded = load_model(model, options)
+    config = loaded.config
+    job = job_lib.Job(
+        model=loaded, out=out, prompt=prompt_frames, frames=frames, steps=steps, guidance=guidance,
+        actions=job_lib.parse_actions(actions, config.action_names, config.num_classes),
+        prompt_actions=job_lib.parse_actions(prompt_actions, config.action_names, config.num_classes),
+        seed=seed, batch=batch, window=context_window, context=context, fit=fit, fps=fps,
+        include_prompt=include_prompt, upscale=upscale, upscale_mode=upscale_mode, frames_dir=frames_dir,
+        report=report, device=device, dtype=dtype)
+    live = None
+    first_ms = 0.0
+    events = job_lib.run(job)
+    try:
+        for event in events:
+            if isinstance(event, job_lib.Started):
+                for warning in event.warnings:
+                    err_console.print(f"[yellow]warning:[/] {warning}")
+                say(f"[bold]{event.model}[/]" + (f" @ {event.revision}" if event.revision else "")
+                    + f" on {event.device} ({event.dtype}), {event.steps} steps; prompt: {event.prompt_source}, "
+                      f"{event.context_frames} frames -> {', '.join(map(str, event.outputs))}")
+                if is_interactive() and not quiet:
+                    live = Live(Text("starting..."), console=console, refresh_per_second=8, transient=False)
+                    live.start()
+            elif isinstance(event, job_lib.FrameWritten):
+                if event.index == 0:
+                    first_ms = event.elapsed_s * 1000.0
+                if live is not None:
+                    live.update(_live_line(event, first_ms))
+                else:
+                    say(f"frame {event.index + 1}/{event.frames} {event.latency_ms:.1f} ms "
+                        f"(encoder {event.encoder_ms:.1f}, decoder {event.decoder_ms:.1f})")
+            elif isinstance(event, job_lib.Finished):
+                if live is not None:
+                    live.stop()
+                    live = None
+                if not quiet:
+                    console.print(_summary_table(event.summary, event.summary["steps"]))
+    except KeyboardInterrupt:
+        events.close()  # closes the writers and writes the report marked incomplete
+        raise
+    finally:
+        if live is not None:
+            live.stop()
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(generate)
