@@ -21,6 +21,10 @@ from pathlib import Path
 
 from scd.errors import HubError
 
+# huggingface_hub otherwise calls its import-time endpoint for telemetry on the first request of a
+# process; scd asks the Hub for the files the user named and nothing else.
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
 DEFAULT_ENDPOINT = "https://huggingface.co"
 MODEL_FILES = ("config.json", "model.safetensors", "README.md", "codec/*")
 
