@@ -165,7 +165,7 @@ def run(job: Job):
         raise ConfigError(f"--upscale must be between 1 and 32, got {job.upscale}")
     if job.fps is not None and not 0 < job.fps <= 240:
         raise ConfigError(f"--fps must be in (0, 240], got {job.fps}")
-    steps = job.steps or config.default_steps
+    steps = config.default_steps if job.steps is None else job.steps
     guidance = config.default_guidance if job.guidance is None else job.guidance
     if steps < 1 or steps > 1000:
         raise ConfigError(f"--steps must be between 1 and 1000, got {steps}")

@@ -1,0 +1,119 @@
+"""`scd generate` end to end: real video files in, decoded MP4s and reports out, one-line errors."""
+
+import json
+
+import av
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from conftest import random_model, tiny_config
+from scd.checkpoints import save_model_folder
+from scd.video import read_video, write_video
+from scd_cli.app import app
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    config = tiny_config(latent_size=(8, 8), frame_size=(8, 8), fps=5.0)
+    return save_model_folder(random_model(config), tmp_path / "model")
+
+
+@pytest.fixture
+def prompt(tmp_path):
+    """A 16x16 clip of 6 frames: a bright square moving right over a dark background."""
+    frames = np.full((6, 16, 16, 3), 30, dtype=np.uint8)
+    for i in range(6):
+        frames[i, 4:10, 2 * i:2 * i + 6] = (220, 180, 40)
+    path = tmp_path / "prompt.mp4"
+    write_video(path, frames, fps=5)
+    return path
+
+
+def run(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    return result
+
+
+def test_generate_writes_a_streamed_mp4_and_report(model_dir, prompt, tmp_path):
+    out, report = tmp_path / "out.mp4", tmp_path / "report.json"
+    r = run("generate", "--model", model_dir, "--prompt-frames", prompt, "--frames", 4, "--out", out,
+            "--report", report, "--actions", "up,down,left,2", "--seed", 3)
+    assert r.exit_code == 0, r.output
+    clip = read_video(out)
+    assert clip.frames.shape == (4, 8, 8, 3)
+    assert abs(clip.fps - 5.0) < 1e-6
+    data = json.loads(report.read_text())
+    assert data["complete"] is True
+    assert [f["index"] for f in data["frames"]] == [0, 1, 2, 3]
+    for key in ("latency_ms", "encoder_ms", "decoder_ms"):
+        assert all(f[key] >= 0 for f in data["frames"])
+    for key in ("time_to_first_frame_ms", "latency_ms_p50", "latency_ms_p95", "frames_per_second"):
+        assert data[key] > 0
+    assert data["device"] == "cpu" and data["dtype"] == "float32" and data["steps"] == 3
+    assert data["model"] == str(model_dir)
+
+
+def test_same_seed_same_video_other_seed_differs(model_dir, prompt, tmp_path):
+    videos = []
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        out = tmp_path / f"{name}.mp4"
+        assert run("generate", "--model", model_dir, "--prompt-frames", prompt, "--frames", 3, "--out", out,
+                   "--seed", seed, "--upscale", 4).exit_code == 0
+        videos.append(read_video(out).frames.astype(int))
+    assert videos[0].shape == (3, 32, 32, 3)
+    assert np.array_equal(videos[0], videos[1])
+    assert np.abs(videos[0] - videos[2]).max() > 10
+
+
+def test_include_prompt_batch_and_pngs(model_dir, prompt, tmp_path):
+    out = tmp_path / "many.mp4"
+    r = run("generate", "--model", model_dir, "--prompt-frames", prompt, "--frames", 2, "--out", out,
+            "--batch", 2, "--include-prompt", "--context", 3, "--frames-dir", tmp_path / "png")
+    assert r.exit_code == 0, r.output
+    for i in range(2):
+        assert read_video(tmp_path / f"many_{i}.mp4").frames.shape[0] == 3 + 2
+    assert len(list((tmp_path / "png").rglob("*.png"))) == 4
+
+
+def test_image_folder_prompt_and_fit_modes(model_dir, tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(3):
+        frame = av.VideoFrame.from_ndarray(np.full((12, 20, 3), 60 * i, dtype=np.uint8), format="rgb24")
+        frame.to_image().save(folder / f"{i:03d}.png")
+    for fit in ("crop", "pad", "stretch"):
+        out = tmp_path / f"{fit}.mp4"
+        r = run("generate", "--model", model_dir, "--prompt-frames", folder, "--frames", 1, "--out", out, "--fit", fit)
+        assert r.exit_code == 0, r.output
+        assert read_video(out).frames.shape[0] == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--prompt-frames", "missing.mp4"], "missing.mp4"),
+    (["--actions", "jump"], "unknown action"),
+    (["--actions", "up"], "1 actions given for 2 frames"),
+    (["--frames", "0"], "--frames"),
+    (["--fit", "squash"], "squash"),
+    (["--steps", "0"], "--steps"),
+    (["--device", "cuda:7"], "CUDA"),
+    (["--out", "/nonexistent-dir/x.mp4"], "nonexistent-dir"),
+])
+def test_bad_input_is_one_line_exit_2(model_dir, prompt, tmp_path, args, message):
+    base = ["generate", "--model", model_dir, "--prompt-frames", prompt, "--frames", 2, "--out", tmp_path / "o.mp4"]
+    # later options override earlier ones
+    r = run(*base, *args)
+    assert r.exit_code == 2, r.output
+    assert message in r.output
+    assert "Traceback" not in r.output
+
+
+def test_corrupt_video_and_unknown_model(model_dir, tmp_path):
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 4)
+    r = run("generate", "--model", model_dir, "--prompt-frames", bad, "--out", tmp_path / "o.mp4")
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    r = run("generate", "--model", tmp_path / "nope", "--out", tmp_path / "o.mp4")
+    assert r.exit_code == 2 and "no model at" in r.output
