@@ -1,0 +1,96 @@
+"""A procedural, seeded world for training and scoring small video models on a CPU.
+
+32x32 RGB. A static two-tone background, two bouncing balls (elastic off the walls), an agent
+moved by four actions (plus the null action, a no-op), and a fixed vertical pillar in front of
+everything that hides what passes behind it, so predicting what re-emerges needs memory. Positions
+and velocities are integers: each frame follows exactly from the previous state and the action, so
+a continuation can be scored against ground truth. `actions[j]` is the action taken on the way into
+frame j (`actions[0]` has no effect), the convention of the reference models.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from scd.errors import ConfigError
+
+FRAME_SIZE = 32
+ACTIONS = ("up", "down", "left", "right")
+NULL_ACTION = len(ACTIONS)
+HELDOUT_SEED_START = 1_000_000_000  # evaluation seeds; training draws seeds below this
+BALL, AGENT, STEP = 4, 4, 2
+MOVES = {0: (-STEP, 0), 1: (STEP, 0), 2: (0, -STEP), 3: (0, STEP), NULL_ACTION: (0, 0)}
+PILLAR_COLOR = np.array([90, 90, 100], np.uint8)
+AGENT_COLOR = np.array([250, 250, 250], np.uint8)
+
+
+def random_actions(seed, n: int) -> np.ndarray:
+    """A player's actions: each held for 2-8 frames, about one in six a pause (null)."""
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    out = np.empty(n, np.int64)
+    i = 0
+    while i < n:
+        action = NULL_ACTION if rng.random() < 0.17 else int(rng.integers(0, len(ACTIONS)))
+        hold = int(rng.integers(2, 9))
+        out[i:i + hold] = action
+        i += hold
+    return out
+
+
+def render_clip(seed: int, num_frames: int, actions: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Frames (N, 32, 32, 3) uint8 and actions (N,) int64 of the clip `seed`, driven by `actions`
+    (random from the seed if None). The same seed and actions always give the same frames."""
+    if num_frames < 1:
+        raise ConfigError(f"num_frames must be >= 1, got {num_frames}")
+    rng = np.random.default_rng(seed)
+    if actions is None:
+        actions = random_actions(np.random.default_rng([seed, 1]), num_frames)
+    actions = np.asarray(actions, np.int64)
+    if actions.shape != (num_frames,) or actions.min() < 0 or actions.max() > NULL_ACTION:
+        raise ConfigError(f"actions must be {num_frames} indices in 0..{NULL_ACTION}")
+    s = FRAME_SIZE
+    top, bottom = rng.integers(20, 110, 3), rng.integers(20, 110, 3)
+    split = int(rng.integers(10, 22))
+    background = np.empty((s, s, 3), np.uint8)
+    background[:split], background[split:] = top, bottom
+    pillar = int(rng.integers(8, s - 12))
+    colors = np.array([[230, 60, 50], [60, 200, 80]], np.uint8)[rng.permutation(2)]
+    pos = rng.integers(0, s - BALL, (2, 2))
+    vel = rng.choice([-2, -1, 1, 2], (2, 2))
+    agent = rng.integers(0, s - AGENT, 2)
+    frames = np.empty((num_frames, s, s, 3), np.uint8)
+    for j in range(num_frames):
+        if j > 0:
+            pos = pos + vel
+            for axis in range(2):  # elastic bounce: reflect the overshoot, flip the velocity
+                low, high = pos[:, axis] < 0, pos[:, axis] > s - BALL
+                pos[low, axis] = -pos[low, axis]
+                pos[high, axis] = 2 * (s - BALL) - pos[high, axis]
+                vel[low | high, axis] *= -1
+            agent = np.clip(agent + MOVES[int(actions[j])], 0, s - AGENT)
+        frame = background.copy()
+        for (y, x), color in zip(pos, colors):
+            frame[y:y + BALL, x:x + BALL] = color
+        frame[agent[0]:agent[0] + AGENT, agent[1]:agent[1] + AGENT] = AGENT_COLOR
+        frame[:, pillar:pillar + 3] = PILLAR_COLOR
+        frames[j] = frame
+    return frames, actions.copy()
+
+
+def stream_batches(seed: int, batch_size: int, num_frames: int, start_step: int = 0):
+    """Training batches forever: (video (B, N, 3, 32, 32) float in [-1, 1], actions (B, N) int64).
+    Batch k depends only on (seed, k), so a run resumed at step k sees what it would have seen."""
+    step = start_step
+    while True:
+        rng = np.random.default_rng([seed, step])
+        seeds = rng.integers(0, HELDOUT_SEED_START, batch_size)
+        clips = [render_clip(int(s), num_frames) for s in seeds]
+        video = torch.from_numpy(np.stack([c[0] for c in clips])).permute(0, 1, 4, 2, 3).float() / 127.5 - 1
+        yield video, torch.from_numpy(np.stack([c[1] for c in clips]))
+        step += 1
+
+
+def heldout_clips(num_clips: int, num_frames: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Evaluation clips from seeds training never draws."""
+    return [render_clip(HELDOUT_SEED_START + i, num_frames) for i in range(num_clips)]
