@@ -1,0 +1,19 @@
+"""Make the sample prompt: 8 frames of a held-out synthetic-world clip, its actions, and the actions
+of the 24 frames that follow (for `scd generate --actions`).
+
+    python examples/make_prompt.py        # writes examples/world_prompt.mp4 and the action files
+"""
+
+from pathlib import Path
+
+from scd import world
+from scd.video import write_video
+
+HERE = Path(__file__).parent
+PROMPT, NEXT = 8, 24
+
+frames, actions = world.render_clip(world.HELDOUT_SEED_START + 7, PROMPT + NEXT)
+write_video(HERE / "world_prompt.mp4", frames[:PROMPT], fps=8)
+(HERE / "world_prompt.actions.txt").write_text("\n".join(world.ACTIONS[a] if a < 4 else "none" for a in actions[:PROMPT]) + "\n")
+(HERE / "world_next.actions.txt").write_text("\n".join(world.ACTIONS[a] if a < 4 else "none" for a in actions[PROMPT:]) + "\n")
+write_video(HERE / "world_truth.mp4", frames, fps=8)  # the ground truth continuation, for comparison
