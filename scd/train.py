@@ -1,0 +1,190 @@
+"""Training and fine-tuning of SCD and the causal baseline on accelerate.
+
+Both models learn the velocity `noise - x0` of every frame given clean earlier frames, exactly the
+situation they meet when generating:
+- SCD: the encoder runs once, block-causally, over the clean clip (frame j with action j + 1);
+  the decoder denoises frame j from the encoder's features of frame j - 1 (with action j), several
+  noise draws per encoder pass (the reference's `decoder_multi_batch`), sigma logit-normal.
+- Baseline: one pass over [clean frames; noisy frames], where noisy frame j attends to clean
+  frames < j and to itself (frame j with action j), so every frame is a target in one pass.
+Actions are dropped to the null index for 10% of clips, so guidance has an unconditional model.
+Checkpoints hold model, EMA, optimizer, step and RNG states, written atomically; `resume`
+continues bit-identically because batch k depends only on (seed, k).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from scd.checkpoints import LoadedModel, save_model_folder
+from scd.errors import CheckpointError, ConfigError, DataError
+from scd.model import Baseline, ModelConfig, SCDModel, block_causal_mask, build_model, patchify, rope_tables, unpatchify
+from scd.sampling import add_noise
+
+
+@dataclass
+class TrainSettings:
+    steps: int = 1000
+    batch_size: int = 8
+    clip_frames: int = 10
+    lr: float = 3e-4
+    warmup: int = 100
+    ema_decay: float = 0.998
+    grad_clip: float = 1.0
+    decoder_draws: int = 2
+    action_dropout: float = 0.1
+    seed: int = 0
+    checkpoint_every: int = 200
+
+
+@dataclass
+class Progress:
+    step: int
+    steps: int
+    loss: float
+    steps_per_s: float
+    eta_s: float
+
+
+def logit_normal(n: int, generator=None) -> torch.Tensor:
+    return torch.sigmoid(torch.randn(n, generator=generator))
+
+
+def drop_actions(actions: torch.Tensor | None, config: ModelConfig, p: float) -> torch.Tensor | None:
+    if actions is None:
+        return None
+    keep = torch.rand(actions.shape[0], 1) >= p
+    return torch.where(keep, actions, torch.full_like(actions, config.null_class))
+
+
+def scd_loss(model: SCDModel, video: torch.Tensor, actions: torch.Tensor | None, draws: int) -> torch.Tensor:
+    """video (B, N, C, H, W) clean latents; actions (B, N)."""
+    b, n = video.shape[:2]
+    enc_actions = None if actions is None else torch.cat([actions[:, 1:], actions[:, -1:]], dim=1)
+    features = model.encoder(video, enc_actions)[:, :-1]  # (B, N-1, T, D): features of frame j-1
+    x0 = video[:, 1:].flatten(0, 1).repeat(draws, 1, 1, 1)
+    features = features.flatten(0, 1).repeat(draws, 1, 1)
+    labels = None if actions is None else actions[:, 1:].flatten().repeat(draws)
+    sigma = logit_normal(x0.shape[0]).to(x0.device)
+    noise = torch.randn_like(x0)
+    velocity = model.decoder(add_noise(x0, noise, sigma), sigma * 1000.0, features, labels)
+    return F.mse_loss(velocity.float(), (noise - x0).float())
+
+
+def baseline_loss(model: Baseline, video: torch.Tensor, actions: torch.Tensor | None) -> torch.Tensor:
+    """Every frame j >= 1 denoised against clean frames < j, in one pass."""
+    c = model.config
+    b, n, _, h, w = video.shape
+    t = c.tokens_per_frame
+    x0 = video[:, 1:]
+    sigma = logit_normal(b * (n - 1)).to(video.device).view(b, n - 1)
+    noise = torch.randn_like(x0)
+    noisy = add_noise(x0, noise, sigma)
+    tokens = model.x_embedder(patchify(torch.cat([video, noisy], 1), c.patch_size))  # (B, 2N-1, T, D)
+    timesteps = torch.cat([torch.full((b, n), -1.0, device=video.device), sigma * 1000.0], 1)
+    labels = None if actions is None else torch.cat([actions, actions[:, 1:]], 1)
+    emb = model.conditioning(timesteps, labels)
+    frames = torch.cat([torch.arange(n), torch.arange(1, n)]).to(video.device)
+    rope = rope_tables(frames, h // c.patch_size, w // c.patch_size, c.rope_axes)
+    clean = torch.arange(2 * n - 1, device=video.device) < n
+    q, k = frames.repeat_interleave(t), frames.repeat_interleave(t)
+    qc, kc = clean.repeat_interleave(t), clean.repeat_interleave(t)
+    same = torch.arange(2 * n - 1, device=video.device).repeat_interleave(t)
+    # clean queries: clean keys of frames <= theirs; noisy queries: clean keys of earlier frames, and themselves
+    mask = (kc[None] & (k[None] <= q[:, None]) & qc[:, None]) | (kc[None] & (k[None] < q[:, None]) & ~qc[:, None])
+    mask |= (same[None] == same[:, None]) & ~qc[:, None]
+    hidden = model.norm_out(model.run_blocks(tokens, emb, rope, mask), emb)[:, n:]
+    velocity = unpatchify(model.proj_out(hidden), c.patch_size, h, w)
+    return F.mse_loss(velocity.float(), (noise - x0).float())
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except OSError as err:
+        raise CheckpointError(f"cannot write checkpoint {path}: {err.strerror or err}") from None
+
+
+def train(config: ModelConfig, out: Path, settings: TrainSettings, batches, init: LoadedModel | None = None,
+          resume: bool = False, card=None):
+    """Train, yielding Progress after every step; writes `out/checkpoint.pt` periodically and the
+    EMA model folder at the end. `batches(start_step)` yields (video (B, N, C, H, W), actions)."""
+    from accelerate import Accelerator
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    accelerator = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no", cpu=not torch.cuda.is_available())
+    torch.manual_seed(settings.seed)
+    model = init.model.train() if init is not None else build_model(config).train()
+    config = model.config
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, settings.warmup)))
+    start = 0
+    ckpt = out / "checkpoint.pt"
+    if resume:
+        if not ckpt.is_file():
+            raise CheckpointError(f"nothing to resume: {ckpt} does not exist")
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        torch.set_rng_state(state["rng"])
+        start = int(state["step"])
+    model, optimizer = accelerator.prepare(model, optimizer)
+    raw = accelerator.unwrap_model(model)
+    data = batches(start)
+    began = time.perf_counter()
+    losses = []
+    for step in range(start, settings.steps):
+        video, actions = next(data)
+        video = video.to(accelerator.device)
+        actions = drop_actions(actions, config, settings.action_dropout)
+        actions = None if actions is None or config.condition is None else actions.to(accelerator.device)
+        with accelerator.autocast():
+            if config.arch == "scd":
+                loss = scd_loss(raw, video, actions, settings.decoder_draws)
+            else:
+                loss = baseline_loss(raw, video, actions)
+        if not torch.isfinite(loss):
+            raise DataError(f"the loss became {loss.item()} at step {step}: lower --lr or check the data")
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(model.parameters(), settings.grad_clip)
+        optimizer.step()
+        schedule.step()
+        with torch.no_grad():
+            for e, p in zip(ema.parameters(), raw.parameters()):
+                e.lerp_(p.detach().to(e.dtype), 1 - settings.ema_decay)
+        losses.append(loss.item())
+        done = step + 1
+        rate = (done - start) / (time.perf_counter() - began)
+        if done % settings.checkpoint_every == 0 or done == settings.steps:
+            if accelerator.is_main_process:
+                _save_checkpoint(ckpt, {"model": raw.state_dict(), "ema": ema.state_dict(),
+                                        "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                                        "rng": torch.get_rng_state(), "step": done})
+        yield Progress(done, settings.steps, loss.item(), rate, (settings.steps - done) / rate if rate else 0.0)
+    if accelerator.is_main_process:
+        ema.config = config
+        save_model_folder(ema, out, card(losses, time.perf_counter() - began) if card else None)
+
+
+def world_batches(settings: TrainSettings, config: ModelConfig):
+    from scd import world
+
+    if tuple(config.frame_size) != (world.FRAME_SIZE, world.FRAME_SIZE) or config.codec.get("type") != "pixel":
+        raise ConfigError(f"the synthetic world is {world.FRAME_SIZE}x{world.FRAME_SIZE} pixels: "
+                          "train a pixel-space model of that frame size on it")
+    return lambda start: world.stream_batches(settings.seed, settings.batch_size, settings.clip_frames, start)
+

@@ -1,0 +1,94 @@
+"""`scd train`: train or fine-tune SCD or the baseline (runs unchanged under `accelerate launch`)."""
+
+from __future__ import annotations
+
+import platform
+import shlex
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+import typer
+
+from scd import train as training
+from scd.checkpoints import load_model
+from scd.errors import ConfigError
+from scd.model import ModelConfig
+from scd_cli.common import console, handles_errors, is_interactive, say
+
+
+def _card(command: str, config: ModelConfig, settings: training.TrainSettings, data: str):
+    depth = (f"{config.encoder_layers} encoder + {config.decoder_layers} decoder layers" if config.arch == "scd"
+             else f"{config.layers} layers")
+    hardware = f"CUDA {torch.cuda.get_device_name()}" if torch.cuda.is_available() else f"CPU ({platform.machine()})"
+
+    def card(losses: list[float], wall_s: float) -> str:
+        tail = losses[-50:]
+        return (f"# {config.arch} model trained by scd\n\n"
+                f"- data: {data}\n"
+                f"- steps: {settings.steps}, batch {settings.batch_size} clips of {settings.clip_frames} frames, "
+                f"lr {settings.lr}, EMA {settings.ema_decay}\n"
+                f"- wall time: {wall_s / 60:.1f} min on {hardware}, torch {torch.__version__}\n"
+                f"- final loss (mean of the last {len(tail)} steps): {sum(tail) / max(1, len(tail)):.4f}\n"
+                f"- architecture: width {config.width} ({config.num_heads} x {config.head_dim}), {depth}, "
+                f"patch {config.patch_size}, {config.tokens_per_frame} tokens per frame\n\n"
+                f"Made with:\n\n```\n{command}\n```\n")
+    return card
+
+
+@handles_errors
+def train(
+    out: Path = typer.Option(..., "--out", "-o", help="Model folder to write (checkpoints go there too)."),
+    arch: str = typer.Option("scd", "--arch", help="scd or baseline."),
+    data: str = typer.Option("world", "--data", help="'world' (the synthetic world stream)."),
+    init: Optional[str] = typer.Option(None, "--init", help="Start from this model folder (e.g. a converted baseline)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint.pt exactly."),
+    steps: int = typer.Option(1000, "--steps"),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    clip_frames: int = typer.Option(8, "--clip-frames"),
+    lr: float = typer.Option(3e-4, "--lr"),
+    warmup: int = typer.Option(100, "--warmup"),
+    ema_decay: float = typer.Option(0.998, "--ema-decay"),
+    checkpoint_every: int = typer.Option(200, "--checkpoint-every"),
+    seed: int = typer.Option(0, "--seed"),
+    heads: int = typer.Option(4, "--heads"),
+    head_dim: int = typer.Option(16, "--head-dim"),
+    layers: int = typer.Option(6, "--layers", help="Total depth (SCD: encoder + decoder)."),
+    decoder_layers: int = typer.Option(2, "--decoder-layers"),
+    patch_size: int = typer.Option(4, "--patch-size"),
+    default_steps: int = typer.Option(8, "--default-steps", help="Decoder steps the model folder defaults to."),
+):
+    """Train SCD or its causal baseline; writes an EMA model folder with a model card."""
+    if min(steps, batch_size, checkpoint_every) < 1 or clip_frames < 2:
+        raise ConfigError("--steps, --batch-size, --checkpoint-every must be >= 1 and --clip-frames >= 2")
+    if arch not in ("scd", "baseline"):
+        raise ConfigError(f"--arch must be scd or baseline, not {arch!r}")
+    if data != "world":
+        raise ConfigError(f"--data {data!r}: this version trains on the synthetic world ('world') only")
+    from scd import world
+
+    settings = training.TrainSettings(steps=steps, batch_size=batch_size, clip_frames=clip_frames, lr=lr, warmup=warmup,
+                                      ema_decay=ema_decay, seed=seed, checkpoint_every=checkpoint_every)
+    loaded = load_model(init) if init else None
+    if loaded is not None:
+        config = loaded.config
+    else:
+        side = (head_dim - 2 * (head_dim // 8)) // 2 // 2 * 2  # RoPE: about 1/4 for time, the rest for rows, cols
+        rope = (head_dim - 2 * side, side, side)
+        config = ModelConfig(arch=arch, num_heads=heads, head_dim=head_dim, channels=3, patch_size=patch_size,
+                             rope_axes=rope, layers=layers, decoder_layers=decoder_layers if arch == "scd" else 0,
+                             condition="action", num_classes=len(world.ACTIONS), encoder_noise=0.05 if arch == "scd" else 0.0,
+                             latent_size=(world.FRAME_SIZE,) * 2, frame_size=(world.FRAME_SIZE,) * 2, fps=8.0,
+                             action_names=world.ACTIONS, default_steps=default_steps, context_frames=8, demo="world")
+    command = "scd " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    events = training.train(config, out, settings, training.world_batches(settings, config), loaded, resume,
+                            _card(command, config, settings, "synthetic world (scd.world), seeds < 1e9"))
+    for p in events:
+        if p.step % 10 == 0 or p.step == p.steps:
+            say(f"step {p.step}/{p.steps} loss {p.loss:.4f} {p.steps_per_s:.2f} steps/s ETA {p.eta_s / 60:.1f} min")
+    console.print(f"wrote {out}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(train)
