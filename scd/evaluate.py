@@ -1,0 +1,70 @@
+"""Scoring against ground truth on held-out clips of the synthetic world.
+
+Each model continues the first `context` frames of a clip, driven by the clip's own actions, and
+every generated frame is compared with the true one (PSNR, SSIM on [0, 1] RGB). The copy-last-frame
+predictor (repeat the last context frame) is scored in the same run as the floor to beat.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from scd import world
+from scd.checkpoints import LoadedModel
+from scd.codecs import load_codec
+from scd.errors import ConfigError
+from scd.metrics import PSNR_CAP, psnr, ssim, uint8_to_unit
+from scd.sampling import generate
+from scd.video import frames_to_tensor, tensor_to_frames
+
+
+def _scores(pred: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 (C, U, H, W, 3) each -> per-frame PSNR and SSIM averaged over clips, (U,) each."""
+    c, u = truth.shape[:2]
+    p, t = uint8_to_unit(pred.reshape(-1, *pred.shape[2:])), uint8_to_unit(truth.reshape(-1, *truth.shape[2:]))
+    return (psnr(p, t).clamp(max=PSNR_CAP).view(c, u).mean(0).numpy(), ssim(p, t).view(c, u).mean(0).numpy())
+
+
+def _summary(pred, truth, **extra) -> dict:
+    p, s = _scores(pred, truth)
+    return {"psnr": float(p.mean()), "ssim": float(s.mean()), "psnr_per_frame": p.round(3).tolist(),
+            "ssim_per_frame": s.round(4).tolist(), **extra}
+
+
+def rollout(loaded: LoadedModel, clips, context: int, frames: int, steps: int, guidance: float, seed: int) -> np.ndarray:
+    """Continue each clip; returns uint8 (C, U, H, W, 3)."""
+    config = loaded.config
+    if tuple(config.frame_size) != (world.FRAME_SIZE,) * 2:
+        raise ConfigError(f"{loaded.source} makes {config.frame_size} frames; the world is {world.FRAME_SIZE}x{world.FRAME_SIZE}")
+    codec = load_codec(config.codec, loaded.folder)
+    video = torch.stack([frames_to_tensor(f[:context]) for f, _ in clips])  # (C, F, 3, H, W)
+    actions = torch.stack([torch.from_numpy(a[:context + frames]) for _, a in clips])
+    with torch.inference_mode():
+        latents = torch.stack([codec.encode(v) for v in video])
+        out = generate(loaded.model, latents, frames, steps, guidance=guidance,
+                       conditions=actions if config.condition == "action" else None, seed=seed)
+        pixels = codec.decode(out.flatten(0, 1))
+    return tensor_to_frames(pixels).reshape(len(clips), frames, *pixels.shape[-2:], 3)
+
+
+def evaluate(models: dict[str, LoadedModel], clips: int = 16, context: int = 8, frames: int = 8,
+             steps: int | None = None, guidance: float | None = None, seed: int = 0) -> dict:
+    """Scores of each named model and of copy-last-frame on `clips` held-out clips."""
+    if clips < 1 or context < 1 or frames < 1:
+        raise ConfigError("clips, context and frames must all be >= 1")
+    data = world.heldout_clips(clips, context + frames)
+    truth = np.stack([f[context:] for f, _ in data])
+    result = {"clips": clips, "frames": frames, "context": context, "seed": seed}
+    for name, loaded in models.items():
+        k = steps or loaded.config.default_steps
+        g = loaded.config.default_guidance if guidance is None else guidance
+        start = time.perf_counter()
+        pred = rollout(loaded, data, context, frames, k, g, seed)
+        per_frame_ms = (time.perf_counter() - start) * 1000.0 / frames
+        result[name] = _summary(pred, truth, model=loaded.source, steps=k, guidance=g, ms_per_frame_batch=per_frame_ms)
+    last = np.stack([np.repeat(f[context - 1:context], frames, 0) for f, _ in data])
+    result["copy_last_frame"] = _summary(last, truth)
+    return result

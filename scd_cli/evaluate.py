@@ -1,0 +1,49 @@
+"""`scd eval`: PSNR / SSIM against ground truth, SCD vs its baseline vs copy-last-frame."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from scd.checkpoints import load_model
+from scd.errors import ConfigError
+from scd.evaluate import evaluate
+from scd_cli.common import console, handles_errors
+
+
+@handles_errors
+def eval_command(
+    model: Optional[str] = typer.Option(None, "--model", help="SCD model (default: the embedded one)."),
+    baseline: Optional[str] = typer.Option(None, "--baseline", help="Baseline model (default: the embedded one)."),
+    clips: int = typer.Option(16, "--clips", help="Held-out clips."),
+    context: int = typer.Option(8, "--context", help="Context frames given to the models."),
+    frames: int = typer.Option(8, "--frames", help="Frames generated and scored."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Denoising steps (default: each model's)."),
+    guidance: Optional[float] = typer.Option(None, "--guidance"),
+    seed: int = typer.Option(0, "--seed"),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the scores as JSON."),
+):
+    """Score models on held-out clips of the synthetic world."""
+    models = {"scd": load_model(model, arch="scd"), "baseline": load_model(baseline if baseline else None, arch="baseline")}
+    result = evaluate(models, clips, context, frames, steps, guidance, seed)
+    table = Table(title=f"{clips} held-out clips, {context} context frames, {frames} generated")
+    for col in ("predictor", "PSNR dB", "SSIM", "steps", "PSNR per frame"):
+        table.add_column(col)
+    for name in ("scd", "baseline", "copy_last_frame"):
+        r = result[name]
+        table.add_row(name, f"{r['psnr']:.2f}", f"{r['ssim']:.4f}", str(r.get("steps", "-")),
+                      " ".join(f"{v:.1f}" for v in r["psnr_per_frame"]))
+    console.print(table)
+    if json_path is not None:
+        try:
+            json_path.write_text(json.dumps(result, indent=2) + "\n")
+        except OSError as err:
+            raise ConfigError(f"cannot write {json_path}: {err.strerror or err}") from None
+
+
+def register(app: typer.Typer) -> None:
+    app.command("eval")(eval_command)
