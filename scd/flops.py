@@ -31,14 +31,18 @@ def block_flops(width: int, queries: int, keys: int, conditionings: int = 1) -> 
 def _embed_flops(c: ModelConfig, tokens: int, head: bool) -> float:
     patch = c.channels * c.patch_size ** 2
     timestep_mlp = 2.0 * (256 * c.width + c.width ** 2)
-    out = 2.0 * tokens * c.width * patch + 4.0 * c.width ** 2 if head else 4.0 * c.width ** 2
+    norm_out = 0.0 if (not head and c.encoder_norm_unconditional) else 4.0 * c.width ** 2
+    out = 2.0 * tokens * c.width * patch + norm_out if head else norm_out
     return 2.0 * tokens * c.width * patch + timestep_mlp + out
 
 
 def frame_flops(config: ModelConfig, context_frames: int, steps: int, guidance: float = 1.0) -> FrameFlops:
     """FLOPs of one generated frame with `context_frames` frames already in the KV cache."""
     c, t, d = config, config.tokens_per_frame, config.width
-    keys = (context_frames + 1) * t  # the new frame attends to the context and to itself
+    # Streaming, `context_frames` are cached when the previous frame's clean pass starts: that pass
+    # appends the previous frame and attends to N + 1 frames; the baseline's noisy frame then sits
+    # after them and attends to N + 2 (SCD's decoder attends only inside its 2T tokens).
+    keys = (context_frames + 1) * t
     if c.arch == "scd":
         context = c.encoder_layers * block_flops(d, t, keys) + _embed_flops(c, t, head=False)
         tokens = 2 * t if c.decoder_combine.startswith("token_concat") else t
@@ -48,8 +52,8 @@ def frame_flops(config: ModelConfig, context_frames: int, steps: int, guidance: 
         elif c.decoder_combine == "token_concat_with_proj":
             step += 2.0 * t * d * d
     else:
-        context = c.layers * block_flops(d, t, keys - t) + _embed_flops(c, t, head=False)
-        step = c.layers * block_flops(d, t, keys) + _embed_flops(c, t, head=True)
+        context = c.layers * block_flops(d, t, keys) + _embed_flops(c, t, head=False)
+        step = c.layers * block_flops(d, t, keys + t) + _embed_flops(c, t, head=True)
     scale = 2.0 if guidance != 1.0 else 1.0
     return FrameFlops(scale * context, scale * steps * step)
 
