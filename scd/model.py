@@ -351,8 +351,10 @@ class Transformer(nn.Module):
         self.proj_out = nn.Linear(d, c.patch_size ** 2 * c.channels) if head else None
 
     def conditioning(self, timesteps: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        """timesteps (B, F) in the model's units (sigma * 1000, -1 for clean); labels (B, F) -> (B, F, D)."""
+        """timesteps (B, F) in the model's units (sigma * 1000, -1 for clean); labels (B, F) or None -> (B, F, D)."""
         emb = self.timestep_embedder(timesteps.flatten()).view(*timesteps.shape, -1)
+        if self.config.condition and labels is None:  # no actions / labels given: the null index
+            labels = torch.full(timesteps.shape, self.config.null_class, dtype=torch.long, device=timesteps.device)
         if self.config.condition == "action":
             emb = emb + self.action_embedder(labels)
         elif self.config.condition == "label":

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import platform
 import shlex
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -37,8 +36,21 @@ def _card(command: str, config: ModelConfig, settings: training.TrainSettings, d
     return card
 
 
+def _command_line(ctx: typer.Context) -> str:
+    """The options given on the command line, for the model card's reproduction recipe."""
+    parts = ["scd", "train"]
+    for name, value in ctx.params.items():
+        source = ctx.get_parameter_source(name)
+        if source is None or source.name != "COMMANDLINE":
+            continue
+        flag = "--" + name.replace("_", "-")
+        parts += [flag] if value is True else [flag, shlex.quote(str(value))]
+    return " ".join(parts)
+
+
 @handles_errors
 def train(
+    ctx: typer.Context,
     out: Path = typer.Option(..., "--out", "-o", help="Model folder to write (checkpoints go there too)."),
     arch: str = typer.Option("scd", "--arch", help="scd or baseline."),
     data: str = typer.Option("world", "--data", help="'world' (the synthetic world stream)."),
@@ -81,7 +93,7 @@ def train(
                              condition="action", num_classes=len(world.ACTIONS), encoder_noise=0.05 if arch == "scd" else 0.0,
                              latent_size=(world.FRAME_SIZE,) * 2, frame_size=(world.FRAME_SIZE,) * 2, fps=8.0,
                              action_names=world.ACTIONS, default_steps=default_steps, context_frames=8, demo="world")
-    command = "scd " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = _command_line(ctx)
     events = training.train(config, out, settings, training.world_batches(settings, config), loaded, resume,
                             _card(command, config, settings, "synthetic world (scd.world), seeds < 1e9"))
     for p in events:

@@ -1,0 +1,82 @@
+"""Training lowers the loss, resumes bit-identically, writes a loadable model folder."""
+
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from conftest import tiny_config
+from scd import train as training
+from scd import world
+from scd.checkpoints import load_model_folder
+from scd.model import build_model
+from scd.sampling import add_noise
+from scd_cli.app import app
+
+WORLD = dict(latent_size=(32, 32), frame_size=(32, 32), patch_size=8, demo="world")
+
+
+def fixed_batches(n=4, frames=4):
+    """One batch of world clips, repeated: a loss that can and must go down."""
+    batch = next(world.stream_batches(0, n, frames))
+    return lambda start: iter([batch] * 1000)
+
+
+def test_loss_goes_down_for_both_archs(tmp_path):
+    for arch in ("scd", "baseline"):
+        config = tiny_config(arch=arch, **WORLD)
+        settings = training.TrainSettings(steps=40, lr=3e-3, warmup=1, checkpoint_every=100, action_dropout=0.0)
+        losses = [p.loss for p in training.train(config, tmp_path / arch, settings, fixed_batches())]
+        assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:5]) / 5, (arch, losses[:5], losses[-5:])
+        assert load_model_folder(tmp_path / arch).config.arch == arch
+
+
+def test_resume_is_bit_identical(tmp_path):
+    config = tiny_config(**WORLD)
+    make = lambda steps: training.TrainSettings(steps=steps, batch_size=2, clip_frames=3, checkpoint_every=3, warmup=2)
+    batches = training.world_batches(make(6), config)
+    straight = [p.loss for p in training.train(config, tmp_path / "a", make(6), batches)]
+    first = [p.loss for p in training.train(config, tmp_path / "b", make(3), batches)]
+    rest = [p.loss for p in training.train(config, tmp_path / "b", make(6), batches, resume=True)]
+    assert first + rest == straight
+    a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_baseline_training_pass_matches_streaming_inference():
+    """The masked one-pass training of the baseline computes what generation computes."""
+    torch.manual_seed(0)
+    config = tiny_config(arch="baseline", **WORLD)
+    model = build_model(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    video = torch.randn(1, 4, 3, 32, 32)
+    actions = torch.randint(0, 4, (1, 4))
+    torch.manual_seed(1)
+    loss = training.baseline_loss(model, video, actions)
+    torch.manual_seed(1)
+    sigma = torch.sigmoid(torch.randn(3)).view(1, 3)
+    noise = torch.randn_like(video[:, 1:])
+    noisy = add_noise(video[:, 1:], noise, sigma)
+    total = 0.0
+    with torch.no_grad():
+        for j in range(1, 4):
+            cache = model.new_cache(1, 8)
+            model.append(video[:, :j], actions[:, :j], cache)
+            v = model(noisy[:, j - 1], sigma[:, j - 1] * 1000, actions[:, j], cache)
+            total += ((v - (noise[:, j - 1] - video[:, j])) ** 2).mean()
+    assert abs(loss.item() - total.item() / 3) < 1e-4 * abs(loss.item())
+
+
+def test_cli_train_and_bad_options(tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "m"
+    r = runner.invoke(app, ["train", "--out", str(out), "--steps", "2", "--batch-size", "1", "--clip-frames", "3",
+                            "--heads", "2", "--head-dim", "16", "--layers", "2", "--decoder-layers", "1", "--patch-size", "8"])
+    assert r.exit_code == 0, r.output
+    assert "scd train --out" in (out / "README.md").read_text()
+    assert load_model_folder(out).config.decoder_layers == 1
+    r = runner.invoke(app, ["train", "--out", str(out), "--steps", "0"])
+    assert r.exit_code == 2 and "--steps" in r.output
+    r = runner.invoke(app, ["train", "--out", str(tmp_path / "x"), "--resume"])
+    assert r.exit_code == 2 and "nothing to resume" in r.output
