@@ -53,6 +53,8 @@ def _decode(path: Path, keep: int | None, max_frames: int | None) -> tuple[list[
             if not streams:
                 raise VideoError(f"{path} has no video stream")
             stream = streams[0]
+            if stream.codec_context is None:
+                raise VideoError(f"{path}: its video stream has no decoder here (unsupported codec)")
             _check_size(stream.codec_context.width, stream.codec_context.height, path)
             rate = stream.average_rate or stream.guessed_rate or stream.base_rate
             fps = float(rate) if rate else 0.0
@@ -65,7 +67,7 @@ def _decode(path: Path, keep: int | None, max_frames: int | None) -> tuple[list[
                     break
     except VideoError:
         raise
-    except (av.FFmpegError, OSError, ValueError, IndexError, RuntimeError) as err:
+    except (av.FFmpegError, OSError, ValueError, IndexError, RuntimeError, AttributeError, TypeError, EOFError) as err:
         if frames:  # a truncated file: keep what decoded
             return list(frames), fps or 30.0
         raise VideoError(f"cannot decode {path}: {str(err).strip() or type(err).__name__}; is it a video file?") from None

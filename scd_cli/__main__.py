@@ -1,0 +1,3 @@
+from scd_cli.app import main
+
+main()
