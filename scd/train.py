@@ -188,3 +188,53 @@ def world_batches(settings: TrainSettings, config: ModelConfig):
                           "train a pixel-space model of that frame size on it")
     return lambda start: world.stream_batches(settings.seed, settings.batch_size, settings.clip_frames, start)
 
+
+VIDEO_SUFFIXES = {".mp4", ".webm", ".mkv", ".mov", ".gif", ".avi"}
+
+
+def folder_batches(folder, settings: TrainSettings, config: ModelConfig):
+    """Batches from a folder of videos (decoded once through PyAV, fitted to the model's frame
+    size), with optional `<name>.actions.txt` beside each clip; windows of `clip_frames` frames
+    drawn deterministically from (seed, step). Pixel-space models only."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from scd import video
+    from scd.generate import parse_actions
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"training data folder {folder} does not exist")
+    if config.codec.get("type") != "pixel":
+        raise DataError("training on video folders needs a pixel-space model in this version")
+    clips = []
+    for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES):
+        frames = video.read_video(path).frames
+        if len(frames) < settings.clip_frames:
+            continue
+        pixels = video.frames_to_tensor(video.fit_frames(frames, config.frame_size))
+        sidecar = path.with_suffix(".actions.txt")
+        actions = None
+        if sidecar.is_file() and config.condition == "action":
+            listed = parse_actions(sidecar, config.action_names, config.num_classes)
+            actions = torch.tensor((listed + [config.null_class] * len(frames))[:len(frames)])
+        clips.append((pixels, actions))
+    if not clips:
+        raise DataError(f"no video in {folder} has at least {settings.clip_frames} frames")
+
+    def batches(start: int):
+        step = start
+        while True:
+            rng = np.random.default_rng([settings.seed, step])
+            video_batch, action_batch = [], []
+            for _ in range(settings.batch_size):
+                pixels, actions = clips[int(rng.integers(len(clips)))]
+                first = int(rng.integers(len(pixels) - settings.clip_frames + 1))
+                video_batch.append(pixels[first:first + settings.clip_frames])
+                action_batch.append(actions[first:first + settings.clip_frames] if actions is not None
+                                    else torch.full((settings.clip_frames,), config.null_class))
+            yield torch.stack(video_batch), torch.stack(action_batch)
+            step += 1
+
+    return batches

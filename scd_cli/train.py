@@ -53,7 +53,7 @@ def train(
     ctx: typer.Context,
     out: Path = typer.Option(..., "--out", "-o", help="Model folder to write (checkpoints go there too)."),
     arch: str = typer.Option("scd", "--arch", help="scd or baseline."),
-    data: str = typer.Option("world", "--data", help="'world' (the synthetic world stream)."),
+    data: str = typer.Option("world", "--data", help="'world' (the synthetic world stream) or a folder of videos (with optional NAME.actions.txt)."),
     init: Optional[str] = typer.Option(None, "--init", help="Start from this model folder (e.g. a converted baseline)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint.pt exactly."),
     steps: int = typer.Option(1000, "--steps"),
@@ -70,14 +70,13 @@ def train(
     decoder_layers: int = typer.Option(2, "--decoder-layers"),
     patch_size: int = typer.Option(4, "--patch-size"),
     default_steps: int = typer.Option(8, "--default-steps", help="Decoder steps the model folder defaults to."),
+    frame_size: int = typer.Option(32, "--frame-size", help="Square frame size of a new model (the world is 32)."),
 ):
     """Train SCD or its causal baseline; writes an EMA model folder with a model card."""
     if min(steps, batch_size, checkpoint_every) < 1 or clip_frames < 2:
         raise ConfigError("--steps, --batch-size, --checkpoint-every must be >= 1 and --clip-frames >= 2")
     if arch not in ("scd", "baseline"):
         raise ConfigError(f"--arch must be scd or baseline, not {arch!r}")
-    if data != "world":
-        raise ConfigError(f"--data {data!r}: this version trains on the synthetic world ('world') only")
     from scd import world
 
     settings = training.TrainSettings(steps=steps, batch_size=batch_size, clip_frames=clip_frames, lr=lr, warmup=warmup,
@@ -91,11 +90,15 @@ def train(
         config = ModelConfig(arch=arch, num_heads=heads, head_dim=head_dim, channels=3, patch_size=patch_size,
                              rope_axes=rope, layers=layers, decoder_layers=decoder_layers if arch == "scd" else 0,
                              condition="action", num_classes=len(world.ACTIONS), encoder_noise=0.05 if arch == "scd" else 0.0,
-                             latent_size=(world.FRAME_SIZE,) * 2, frame_size=(world.FRAME_SIZE,) * 2, fps=8.0,
-                             action_names=world.ACTIONS, default_steps=default_steps, context_frames=8, demo="world")
+                             latent_size=(frame_size,) * 2, frame_size=(frame_size,) * 2, fps=8.0,
+                             action_names=world.ACTIONS, default_steps=default_steps, context_frames=8,
+                             demo="world" if data == "world" else None)
     command = _command_line(ctx)
-    events = training.train(config, out, settings, training.world_batches(settings, config), loaded, resume,
-                            _card(command, config, settings, "synthetic world (scd.world), seeds < 1e9"))
+    if data == "world":
+        batches, described = training.world_batches(settings, config), "synthetic world (scd.world), seeds < 1e9"
+    else:
+        batches, described = training.folder_batches(Path(data), settings, config), f"videos in {data}"
+    events = training.train(config, out, settings, batches, loaded, resume, _card(command, config, settings, described))
     for p in events:
         if p.step % 10 == 0 or p.step == p.steps:
             say(f"step {p.step}/{p.steps} loss {p.loss:.4f} {p.steps_per_s:.2f} steps/s ETA {p.eta_s / 60:.1f} min")

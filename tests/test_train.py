@@ -80,3 +80,28 @@ def test_cli_train_and_bad_options(tmp_path):
     assert r.exit_code == 2 and "--steps" in r.output
     r = runner.invoke(app, ["train", "--out", str(tmp_path / "x"), "--resume"])
     assert r.exit_code == 2 and "nothing to resume" in r.output
+
+
+def test_train_on_a_folder_of_real_videos(tmp_path):
+    import numpy as np
+
+    from scd.video import write_video
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(2):
+        frames = np.zeros((6, 20, 24, 3), np.uint8)
+        for j in range(6):
+            frames[j, 5:12, 2 * j:2 * j + 6] = (200, 50 * i, 90)
+        write_video(data / f"clip{i}.mp4", frames, fps=8)
+    (data / "clip0.actions.txt").write_text("right\n" * 6)
+    out = tmp_path / "m"
+    r = CliRunner().invoke(app, ["train", "--data", str(data), "--out", str(out), "--steps", "2", "--batch-size", "2",
+                                 "--clip-frames", "4", "--heads", "2", "--head-dim", "16", "--layers", "2",
+                                 "--decoder-layers", "1", "--patch-size", "8", "--frame-size", "16"])
+    assert r.exit_code == 0, r.output
+    assert load_model_folder(out).config.frame_size == (16, 16)
+    r = CliRunner().invoke(app, ["train", "--data", str(data), "--out", str(out), "--clip-frames", "50", "--steps", "1"])
+    assert r.exit_code == 2 and "at least 50 frames" in r.output
+    r = CliRunner().invoke(app, ["train", "--data", str(tmp_path / "nope"), "--out", str(out)])
+    assert r.exit_code == 2 and "does not exist" in r.output
