@@ -1,147 +1,551 @@
 """SCD against its matched causal baseline, measured side by side in one process.
 
-Both models get the same width, total depth, tokens per frame, context, steps, device and dtype.
-Repetitions alternate SCD and baseline after warm-up, so machine noise hits both alike; every figure
-is a median over repetitions, and the speed-up is a ratio measured in the same run.
+Both models stream the same kind of random context through `scd.sampling.stream` (the loop that
+`scd generate` runs), rep by rep in alternating order (SCD then baseline, then baseline then SCD),
+after warm-up. On a shared or throttling machine both are slowed alike, and the speed-up is taken
+per rep from neighbouring runs, then the median. Each rep also times a large square matmul in the
+same dtype: the device's matmul peak measured in this run, against which achieved FLOP/s are read.
+
+`run` yields progress events and finally the report (a JSON-ready dict); it never prints.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import json
+import math
+import os
+import platform
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
 
 import torch
+from torch import nn
 
-from scd.checkpoints import LoadedModel
-from scd.devices import dtype_name
+import scd
+from scd.devices import dtype_name, resolve_device, resolve_dtype
 from scd.errors import ConfigError
 from scd.flops import frame_flops, parameter_count
-from scd.generate import percentile
-from scd.model import ModelConfig, build_model
+from scd.model import ModelConfig, SCDModel, build_model, preset
 from scd.sampling import kv_cache_bytes, stream
+
+# The default bench: the paper's structure (8 encoder + 4 decoder blocks against a 12-block
+# baseline, 64 tokens per frame) at a width and step count that a 2-core CPU runs in a few minutes.
+DEFAULT_CONTEXT = 64
+DEFAULT_STEPS = 20
+# `--preset`: the reference sizes, meant for GPUs.
+PRESET_CONTEXT = 144
+PRESET_STEPS = 50
+PRESETS = ("B", "M", "L", "XL")
+MATMUL_SIZE = {"cpu": 2048, "mps": 4096, "cuda": 8192}
+REPORT_VERSION = 1
 
 
 def default_config() -> ModelConfig:
-    """The paper's structure (8 encoder + 4 decoder layers vs a 12-layer baseline) at a size a
-    2-core CPU benches in minutes: width 256 (4 x 64), 8x8 latents of 16 channels (64 tokens)."""
-    return ModelConfig(arch="scd", num_heads=4, head_dim=64, channels=16, patch_size=1, rope_axes=(16, 24, 24),
-                       layers=12, decoder_layers=4, condition="action", num_classes=4, latent_size=(8, 8))
+    """4 heads x 64 (width 256), 12 blocks split 8 + 4, 8x8 latents of 32 channels (64 tokens/frame)."""
+    return ModelConfig(num_heads=4, head_dim=64, channels=32, patch_size=1, rope_axes=(16, 24, 24), layers=12,
+                       decoder_layers=4, latent_size=(8, 8), default_steps=DEFAULT_STEPS,
+                       context_frames=DEFAULT_CONTEXT)
 
 
-@dataclass
-class Settings:
-    context: int = 32
-    steps: int = 16
-    batch: int = 1
+def preset_config(name: str) -> ModelConfig:
+    """A reference size (B, M, L, XL): 64 tokens per frame, 144 context frames, 50 steps."""
+    return preset(name, latent_size=(8, 8), default_steps=PRESET_STEPS, context_frames=PRESET_CONTEXT)
+
+
+def random_model(config: ModelConfig, seed: int = 0) -> nn.Module:
+    """A model of `config` with the references' initialisation, except that the layers it zeroes
+    (adaLN modulation, output norm, head) are drawn from N(0, 0.02): zeroed, every block would
+    start as the identity. Timing does not depend on the values; this keeps the activations those
+    of a real forward pass. The global RNG is left untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build_model(config)
+        parts = [model.encoder, model.decoder] if isinstance(model, SCDModel) else [model]
+        for part in parts:
+            zeroed = [m for b in part.transformer_blocks for m in (b.norm1.linear, b.norm2.linear)]
+            zeroed += [m for m in (part.norm_out.linear, part.proj_out) if m is not None]
+            for module in zeroed:
+                nn.init.normal_(module.weight, std=0.02)
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------- what to run
+
+@dataclass(frozen=True)
+class BenchSpec:
+    """What `scd bench` measures. None means the default for the models being benched.
+
+    model: an SCD or baseline model reference (folder, Hub id); baseline: a baseline reference.
+    A side that is not given is the matched config of the other with random weights; with neither,
+    both are random: `config` (library use), else `preset`, else `default_config()`.
+    contexts, steps, batches: one result row per combination. frames: generated per run, the first
+    is the time to first frame and the rest the steady-state latency (so at least 2)."""
+
+    model: str | None = None
+    baseline: str | None = None
+    preset: str | None = None
+    config: ModelConfig | None = None
+    contexts: tuple[int, ...] | None = None
+    steps: tuple[int, ...] | None = None
+    batches: tuple[int, ...] | None = None
     frames: int = 4
     reps: int = 3
     warmup: int = 1
-    guidance: float = 1.0
+    device: str = "auto"
+    dtype: str = "auto"
+    seed: int = 0
+    threads: int | None = None  # CPU threads for torch during the bench (None: torch's default)
+    matmul_size: int | None = None  # side of the square matmul timing the device's peak (None: by device)
+
+    def validate(self) -> None:
+        problems = []
+        for name in ("contexts", "steps", "batches"):
+            values = getattr(self, name)
+            if values is not None and (not values or min(values) < 1):
+                problems.append(f"{name} must be positive integers, got {list(values)}")
+        if self.frames < 2:
+            problems.append(f"frames must be >= 2 (the first is the time to first frame), got {self.frames}")
+        if self.reps < 1:
+            problems.append(f"reps must be >= 1, got {self.reps}")
+        if self.threads is not None and self.threads < 1:
+            problems.append(f"threads must be >= 1, got {self.threads}")
+        if self.warmup < 0:
+            problems.append(f"warmup must be >= 0, got {self.warmup}")
+        if self.preset is not None and self.preset.upper() not in PRESETS:
+            problems.append(f"unknown preset {self.preset!r}: choose {', '.join(PRESETS)}")
+        if self.preset is not None and (self.model is not None or self.baseline is not None or self.config is not None):
+            problems.append("--preset picks random-weight models: drop --model/--baseline, or drop --preset")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+
+# ----------------------------------------------------------------------------- progress events
+
+@dataclass
+class Started:
+    device: str
+    device_name: str
+    dtype: str
+    scd: str
+    baseline: str
+    rows: list[dict]
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass
-class Row:
-    settings: dict
-    scd: dict = field(default_factory=dict)
-    baseline: dict = field(default_factory=dict)
-    speedup: float = 0.0
-    predicted_speedup: float = 0.0
-    realised_fraction: float = 0.0
+class Measured:
+    """One model's run in one rep of one row."""
+
+    row: int
+    rows: int
+    rep: int  # counting warm-up reps from 0
+    reps: int  # warm-up + measured
+    warmup: bool
+    model: str  # "scd" or "baseline"
+    setting: dict
+    latency_ms: float  # median steady-state latency of this run
+    time_to_first_frame_ms: float
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype, size: int = 1024, reps: int = 5) -> float:
-    """FLOP/s of a large square matmul on this device and dtype, measured now."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    a @ b
-    sync()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        a @ b
-        sync()
-        times.append(time.perf_counter() - start)
-    return 2.0 * size ** 3 / min(times)
+@dataclass
+class RowFinished:
+    row: int
+    rows: int
+    result: dict
 
 
-def _run_once(model, context: torch.Tensor, s: Settings) -> tuple[list[float], float]:
-    """Per-frame latencies (ms) of one streamed run, and its wall time (s)."""
+@dataclass
+class Finished:
+    report: dict
+
+
+# ----------------------------------------------------------------------------- measuring
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "mps":
+        return f"Apple {platform.machine()} (MPS)"
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name}, {torch.get_num_threads()} threads"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, size: int | None = None, repeats: int = 3) -> float:
+    """FLOP/s of the best of `repeats` square matmuls of `size` (by device) in `dtype`, after one untimed."""
+    n = size or MATMUL_SIZE.get(device.type, 2048)
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=generator).to(device=device, dtype=dtype)
+    b = torch.randn(n, n, generator=generator).to(device=device, dtype=dtype)
+    best = math.inf
+    with torch.inference_mode():
+        torch.mm(a, b)
+        for _ in range(repeats):
+            _sync(device)
+            start = time.perf_counter()
+            torch.mm(a, b)
+            _sync(device)
+            best = min(best, time.perf_counter() - start)
+    return 2.0 * n ** 3 / best
+
+
+@dataclass
+class RunTimes:
+    """One streamed run: time to first frame and the later frames' (encoder, decoder) ms."""
+
+    time_to_first_frame_ms: float
+    steady: list[tuple[float, float]]
+    peak_memory_bytes: int | None  # allocated during the run (CUDA only)
+
+    @property
+    def latencies(self) -> list[float]:
+        return [e + d for e, d in self.steady]
+
+
+def run_once(model: nn.Module, context: torch.Tensor, frames: int, steps: int) -> RunTimes:
+    """Stream `frames` frames after `context` (B, F, C, H, W); the first frame's wall time
+    includes the context prefill."""
+    device = context.device
+    cuda = device.type == "cuda"
+    _sync(device)
+    if cuda:
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    latencies = [f.latency_ms for f in stream(model, context, s.frames, s.steps, s.guidance, seed=0)]
-    return latencies, time.perf_counter() - start
+    generated = stream(model, context, frames, steps)
+    next(generated)  # stream synchronises before it yields
+    first_ms = (time.perf_counter() - start) * 1000.0
+    steady = [(f.encoder_ms, f.decoder_ms) for f in generated]
+    peak = torch.cuda.max_memory_allocated(device) - before if cuda else None
+    return RunTimes(first_ms, steady, peak)
 
 
-def measure(models: dict[str, torch.nn.Module], s: Settings, device, dtype):
-    """Interleaved repetitions; yields progress strings, returns per-model medians in a Row."""
-    stats = {name: {"p50": [], "p95": [], "ttff": [], "fps": []} for name in models}
-    config = next(iter(models.values())).config
-    context = torch.randn(s.batch, s.context, config.channels, *config.latent_size, device=device, dtype=dtype)
-    for rep in range(s.warmup + s.reps):
-        for name, model in models.items():
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            latencies, wall = _run_once(model, context, s)
-            if rep < s.warmup:
-                continue
-            steady = latencies[1:] or latencies
-            stats[name]["p50"].append(percentile(steady, 50))
-            stats[name]["p95"].append(percentile(steady, 95))
-            stats[name]["ttff"].append(latencies[0])
-            stats[name]["fps"].append(s.frames * s.batch / wall)
-            yield f"{name} rep {rep - s.warmup + 1}/{s.reps}: p50 {stats[name]['p50'][-1]:.1f} ms"
-    row = Row(settings=asdict(s))
-    for name, model in models.items():
-        flops = frame_flops(model.config, s.context, s.steps, s.guidance)
-        p50 = statistics.median(stats[name]["p50"])
-        memory = (parameter_count(model) * torch.tensor([], dtype=dtype).element_size()
-                  + kv_cache_bytes(model, s.batch, s.context + s.frames, s.guidance, dtype))
-        if device.type == "cuda":
-            memory = torch.cuda.max_memory_allocated(device)
-        setattr(row, name, {
-            "latency_ms_p50": p50, "latency_ms_p95": statistics.median(stats[name]["p95"]),
-            "time_to_first_frame_ms": statistics.median(stats[name]["ttff"]),
-            "frames_per_second": statistics.median(stats[name]["fps"]),
-            "flops_per_frame": flops.total * s.batch, "achieved_flops_per_s": flops.total * s.batch / (p50 / 1000.0),
-            "peak_memory_bytes": memory, "memory_source": "cuda allocator" if device.type == "cuda" else "weights + KV cache (analytic)",
-            "parameters": parameter_count(model)})
-    row.speedup = row.baseline["latency_ms_p50"] / row.scd["latency_ms_p50"]
-    row.predicted_speedup = row.baseline["flops_per_frame"] / row.scd["flops_per_frame"]
-    row.realised_fraction = row.speedup / row.predicted_speedup
-    return row
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100.0
+    lo, hi = math.floor(rank), math.ceil(rank)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (rank - lo)
 
 
-def bench(config: ModelConfig | None = None, scd: LoadedModel | None = None, baseline: LoadedModel | None = None,
-          contexts=(32,), steps=(16,), batches=(1,), frames: int = 4, reps: int = 3, warmup: int = 1,
-          guidance: float = 1.0, device=torch.device("cpu"), dtype=torch.float32):
-    """Run every combination of the sweeps. Yields progress strings; returns the result dict."""
-    if scd is not None:
-        config = scd.config
-    config = config or default_config()
-    if config.arch != "scd":
-        raise ConfigError("bench takes an SCD model (its baseline is built to match, or given with --baseline)")
-    if min(frames, reps) < 1 or warmup < 0 or min(contexts) < 1 or min(steps) < 1 or min(batches) < 1:
-        raise ConfigError("frames, reps, context, steps and batch must be >= 1 (warmup >= 0)")
-    torch.manual_seed(0)
-    models = {"scd": scd.model if scd else build_model(config),
-              "baseline": baseline.model if baseline else build_model(config.matched())}
-    if models["baseline"].config.matched().layers != config.layers or models["baseline"].config.width != config.width:
-        raise ConfigError("the baseline must have the SCD model's width and total depth")
-    models = {k: m.to(device=device, dtype=dtype).eval() for k, m in models.items()}
-    peak = matmul_peak(device, dtype)
+def _random_context(config: ModelConfig, batch: int, frames: int, seed: int, device, dtype) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    shape = (batch, frames, config.channels, *config.latent_size)
+    return torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
+
+
+def parameter_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def steady_flops(config: ModelConfig, context: int, frames: int, steps: int) -> dict:
+    """Analytic FLOPs per steady-state frame at batch 1, averaged over frames 1..frames-1 of a run
+    (frame u starts with context + u - 1 frames cached)."""
+    counts = [frame_flops(config, context + u - 1, steps) for u in range(1, frames)]
+    return {"flops_per_frame": statistics.fmean(c.total for c in counts),
+            "flops_context_pass": statistics.fmean(c.context for c in counts),
+            "flops_denoising": statistics.fmean(c.denoise for c in counts)}
+
+
+def _model_summary(runs: list[RunTimes], model: nn.Module, config: ModelConfig, context: int, steps: int,
+                   batch: int, frames: int, device: torch.device, dtype: torch.dtype, peak: float) -> dict:
+    latencies = [x for r in runs for x in r.latencies]
+    per_rep = [statistics.median(r.latencies) for r in runs]
+    out = {
+        "latency_ms_p50": percentile(latencies, 50),
+        "latency_ms_p95": percentile(latencies, 95),
+        "latency_ms_min": min(latencies),
+        "context_pass_ms_p50": percentile([e for r in runs for e, _ in r.steady], 50),
+        "denoising_ms_p50": percentile([d for r in runs for _, d in r.steady], 50),
+        "latency_ms_per_rep": per_rep,
+        "frames_per_second": statistics.median(batch * len(r.steady) * 1000.0 / sum(r.latencies) for r in runs),
+        "time_to_first_frame_ms": statistics.median(r.time_to_first_frame_ms for r in runs),
+        "parameters": parameter_count(model),
+    }
+    params = parameter_bytes(model)
+    if device.type == "cuda":
+        out["peak_memory_bytes"] = params + max(r.peak_memory_bytes for r in runs)
+        out["peak_memory_method"] = "parameters + torch.cuda.max_memory_allocated during the run"
+    else:
+        out["peak_memory_bytes"] = params + kv_cache_bytes(model, batch, context + frames, dtype=dtype)
+        out["peak_memory_method"] = "analytic: parameters + preallocated KV cache (activations not counted)"
+    out.update(steady_flops(config, context, frames, steps))
+    out["achieved_flops_per_s"] = out["flops_per_frame"] * batch / (out["latency_ms_p50"] / 1000.0)
+    out["fraction_of_matmul_peak"] = out["achieved_flops_per_s"] / peak
+    return out
+
+
+# ----------------------------------------------------------------------------- the models
+
+@dataclass
+class _Side:
+    model: nn.Module
+    config: ModelConfig
+    source: str
+
+
+def _load_pair(spec: BenchSpec, device, dtype) -> tuple[_Side, _Side, ModelConfig | None, list[str]]:
+    """The two sides, the config of the model the user named (None: random weights) and warnings."""
+    from scd.checkpoints import load_model  # deferred: pulls in the Hub client only when a model is named
+
+    scd_side = base_side = named = None
+    if spec.model is not None:
+        loaded = load_model(spec.model)
+        side = _Side(loaded.model, loaded.config, loaded.source)
+        named = loaded.config
+        if loaded.config.arch == "scd":
+            scd_side = side
+        else:
+            base_side = side
+    if spec.baseline is not None:
+        loaded = load_model(spec.baseline, arch="baseline")
+        if loaded.config.arch != "baseline":
+            raise ConfigError(f"--baseline {spec.baseline} is an SCD model: give a baseline (FAR-style) model")
+        if base_side is not None:
+            raise ConfigError(f"--model {spec.model} is already a baseline: give an SCD model with --model")
+        base_side = _Side(loaded.model, loaded.config, loaded.source)
+        named = named or loaded.config
+    if scd_side is None and base_side is None:
+        if spec.config is not None:
+            config, label = spec.config, "random weights"
+        elif spec.preset is not None:
+            config, label = preset_config(spec.preset), f"preset {spec.preset.upper()}, random weights"
+        else:
+            config, label = default_config(), "default, random weights"
+        config = config if config.arch == "scd" else config.matched()
+        scd_side = _Side(random_model(config, spec.seed), config, label)
+    if base_side is None:
+        config = scd_side.config.matched()
+        base_side = _Side(random_model(config, spec.seed + 1), config, "matched, random weights")
+    if scd_side is None:
+        config = base_side.config.matched()
+        scd_side = _Side(random_model(config, spec.seed + 1), config, "matched, random weights")
+    warnings = []
+    a, b = scd_side.config, base_side.config
+    for what, x, y in (("width", a.width, b.width), ("total depth", a.layers, b.layers),
+                       ("tokens per frame", a.tokens_per_frame, b.tokens_per_frame)):
+        if x != y:
+            warnings.append(f"the models are not matched: {what} {x} (SCD) vs {y} (baseline)")
+    for side in (scd_side, base_side):
+        side.model.to(device=device, dtype=dtype).eval()
+    return scd_side, base_side, named, warnings
+
+
+def _describe(config: ModelConfig) -> dict:
+    layers = (f"{config.encoder_layers} encoder + {config.decoder_layers} decoder" if config.arch == "scd"
+              else f"{config.layers}")
+    return {"arch": config.arch, "width": config.width, "heads": config.num_heads, "layers": layers,
+            "tokens_per_frame": config.tokens_per_frame, "latents": [config.channels, *config.latent_size],
+            "decoder_combine": config.decoder_combine if config.arch == "scd" else None}
+
+
+# ----------------------------------------------------------------------------- the bench
+
+def run(spec: BenchSpec) -> Iterator[Started | Measured | RowFinished | Finished]:
+    """Measure SCD and its baseline for every (context, steps, batch) of `spec`; yields `Started`,
+    a `Measured` per model run, a `RowFinished` per combination and `Finished` with the report.
+    Raises ConfigError for impossible settings, CheckpointError/HubError for models that do not load,
+    DeviceError for an unavailable device or dtype."""
+    spec.validate()
+    threads = torch.get_num_threads()
+    if spec.threads is not None:
+        torch.set_num_threads(spec.threads)
+    try:
+        yield from _run(spec)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(spec: BenchSpec):
+    device = resolve_device(spec.device)
+    dtype = resolve_dtype(spec.dtype, device)
+    scd_side, base_side, named, warnings = _load_pair(spec, device, dtype)
+    if named is not None or spec.config is not None:  # a real model, or a library user's config: its own defaults
+        contexts, steps_list = (scd_side.config.context_frames,), (scd_side.config.default_steps,)
+        if named is not None:
+            contexts, steps_list = (named.context_frames,), (named.default_steps,)
+    elif spec.preset is not None:
+        contexts, steps_list = (PRESET_CONTEXT,), (PRESET_STEPS,)
+    else:
+        contexts, steps_list = (DEFAULT_CONTEXT,), (DEFAULT_STEPS,)
+    contexts = tuple(spec.contexts or contexts)
+    steps_list = tuple(spec.steps or steps_list)
+    batches = tuple(spec.batches or ((1, 4) if device.type == "cpu" else (1, 8)))
+    combos = list(itertools.product(contexts, steps_list, batches))
+    matmul_size = spec.matmul_size or MATMUL_SIZE.get(device.type, 2048)
+    settings = {"contexts": list(contexts), "steps": list(steps_list), "batches": list(batches),
+                "frames": spec.frames, "reps": spec.reps, "warmup": spec.warmup, "seed": spec.seed,
+                "guidance": 1.0, "dtype": dtype_name(dtype), "preset": spec.preset,
+                "matmul_size": matmul_size,
+                "context_latents": "random normal", "weights": {"scd": scd_side.source, "baseline": base_side.source}}
+    rows_meta = [{"context": n, "steps": k, "batch": b} for n, k, b in combos]
+    yield Started(str(device), device_name(device), dtype_name(dtype), scd_side.source, base_side.source,
+                  rows_meta, warnings)
+
+    peaks: list[float] = []
     rows = []
-    for c, k, b in itertools.product(contexts, steps, batches):
-        row = yield from measure(models, Settings(c, k, b, frames, reps, warmup, guidance), device, dtype)
-        for name in ("scd", "baseline"):
-            getattr(row, name)["fraction_of_matmul_peak"] = getattr(row, name)["achieved_flops_per_s"] / peak
-        rows.append(asdict(row))
-    first = rows[0]
-    return {"scd": first["scd"], "baseline": first["baseline"], "speedup": first["speedup"],
-            "predicted_speedup": first["predicted_speedup"], "realised_fraction": first["realised_fraction"],
-            "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
-            "dtype": dtype_name(dtype), "matmul_peak_flops_per_s": peak, "torch": torch.__version__,
-            "settings": {**first["settings"], "width": config.width, "layers": config.layers,
-                         "encoder_layers": config.encoder_layers, "decoder_layers": config.decoder_layers,
-                         "tokens_per_frame": config.tokens_per_frame}, "rows": rows}
+    total_reps = spec.warmup + spec.reps
+    sides = {"scd": scd_side, "baseline": base_side}
+    for i, (n, k, b) in enumerate(combos):
+        setting = rows_meta[i]
+        contexts_by_side = {name: _random_context(s.config, b, n, spec.seed, device, dtype) for name, s in sides.items()}
+        runs: dict[str, list[RunTimes]] = {"scd": [], "baseline": []}
+        for rep in range(total_reps):
+            warm = rep < spec.warmup
+            peak = matmul_peak(device, dtype, matmul_size)
+            if not warm:
+                peaks.append(peak)
+            # warm-up needs the prefill and one steady frame, not the full run
+            frames = min(spec.frames, 2) if warm else spec.frames
+            for name in (("scd", "baseline") if rep % 2 == 0 else ("baseline", "scd")):
+                times = run_once(sides[name].model, contexts_by_side[name], frames, k)
+                if not warm:
+                    runs[name].append(times)
+                yield Measured(i, len(combos), rep, total_reps, warm, name, setting,
+                               statistics.median(times.latencies), times.time_to_first_frame_ms)
+        del contexts_by_side
+        peak = statistics.median(peaks)
+        result = dict(setting)
+        result["settings"] = {**setting, "frames": spec.frames, "reps": spec.reps, "warmup": spec.warmup}
+        for name, side in sides.items():
+            result[name] = _model_summary(runs[name], side.model, side.config, n, k, b, spec.frames, device, dtype, peak)
+        ratios = [statistics.median(bl.latencies) / statistics.median(sc.latencies)
+                  for sc, bl in zip(runs["scd"], runs["baseline"])]
+        result["speedup"] = statistics.median(ratios)
+        result["speedup_per_rep"] = ratios
+        result["predicted_speedup"] = result["baseline"]["flops_per_frame"] / result["scd"]["flops_per_frame"]
+        result["realised_fraction"] = result["speedup"] / result["predicted_speedup"]
+        result["time_to_first_frame_speedup"] = (result["baseline"]["time_to_first_frame_ms"]
+                                                 / result["scd"]["time_to_first_frame_ms"])
+        rows.append(result)
+        yield RowFinished(i, len(combos), result)
+
+    peak = statistics.median(peaks)
+    for row in rows:  # rows finished earlier were read against the peak measured up to then
+        for name in sides:
+            row[name]["fraction_of_matmul_peak"] = row[name]["achieved_flops_per_s"] / peak
+    yield Finished(make_report(rows, device, dtype, peak, settings, scd_side, base_side, warnings))
+
+
+def make_report(rows: list[dict], device, dtype, peak: float, settings: dict, scd_side: _Side,
+                base_side: _Side, warnings: list[str]) -> dict:
+    """The JSON report: the first row (first context and steps, smallest batch) as the headline,
+    with each model's throughput at every batch of that setting, and every row under `rows`."""
+    head = min((r for r in rows if (r["context"], r["steps"]) == (rows[0]["context"], rows[0]["steps"])),
+               key=lambda r: r["batch"])
+    same = [r for r in rows if (r["context"], r["steps"]) == (head["context"], head["steps"])]
+    models = {}
+    for name in ("scd", "baseline"):
+        models[name] = dict(head[name])
+        models[name]["throughput_fps_by_batch"] = {str(r["batch"]): r[name]["frames_per_second"] for r in same}
+    return {
+        "report_version": REPORT_VERSION,
+        "scd": models["scd"],
+        "baseline": models["baseline"],
+        "speedup": head["speedup"],
+        "predicted_speedup": head["predicted_speedup"],
+        "realised_fraction": head["realised_fraction"],
+        "setting": {"context": head["context"], "steps": head["steps"], "batch": head["batch"]},
+        "device": str(device),
+        "device_name": device_name(device),
+        "dtype": dtype_name(dtype),
+        "matmul_peak_flops_per_s": peak,
+        "torch": torch.__version__,
+        "scd_version": scd.__version__,
+        "settings": settings,
+        "models": {"scd": {"source": scd_side.source, **_describe(scd_side.config)},
+                   "baseline": {"source": base_side.source, **_describe(base_side.config)}},
+        "warnings": warnings,
+        "rows": rows,
+    }
+
+
+def bench(spec: BenchSpec, on_event=None) -> dict:
+    """Run the bench to the end and return the report; `on_event(event)` sees every progress event."""
+    report = None
+    for event in run(spec):
+        if on_event is not None:
+            on_event(event)
+        if isinstance(event, Finished):
+            report = event.report
+    return report
+
+
+# ----------------------------------------------------------------------------- outputs
+
+def write_json(report: dict, path: Path) -> None:
+    """Write the report atomically (a finished file or none)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise ConfigError(f"cannot write {path}: {err.strerror or err}") from None
+
+
+def require_matplotlib():
+    """The pyplot module, or a ConfigError saying how to install the optional extra."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ConfigError("--plot needs matplotlib (scd's optional extra 'plot'): pip install matplotlib") from None
+    return plt
+
+
+def plot(report: dict, path: Path) -> None:
+    """Per-frame latency (p50, p95 as the bar) against context length and against steps, both
+    models, at the smallest batch, into an image at `path` (format from its suffix)."""
+    plt = require_matplotlib()
+    rows = report["rows"]
+    batch = min(r["batch"] for r in rows)
+    rows = [r for r in rows if r["batch"] == batch]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
+    for ax, x_key, series_key, label in ((axes[0], "context", "steps", "context frames"),
+                                         (axes[1], "steps", "context", "denoising steps")):
+        for name, marker in (("scd", "o"), ("baseline", "s")):
+            for series in sorted({r[series_key] for r in rows}):
+                points = sorted((r[x_key], r[name]["latency_ms_p50"], r[name]["latency_ms_p95"])
+                                for r in rows if r[series_key] == series)
+                xs, p50, p95 = zip(*points)
+                ax.errorbar(xs, p50, yerr=[[0] * len(xs), [b - a for a, b in zip(p50, p95)]], marker=marker,
+                            capsize=3, linestyle="-" if name == "scd" else "--",
+                            label=f"{name}, {series} {series_key}")
+        ax.set_xlabel(label)
+        ax.set_ylabel("latency per frame, ms (p50, bar to p95)")
+        ax.set_yscale("log")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"scd bench: {report['device_name']} ({report['dtype']}), batch {batch}")
+    try:
+        fig.savefig(path, dpi=120)
+    except OSError as err:
+        raise ConfigError(f"cannot write {path}: {err.strerror or err}") from None
+    finally:
+        plt.close(fig)
+
+
+__all__ = ["BenchSpec", "Finished", "Measured", "RowFinished", "Started", "bench", "default_config",
+           "matmul_peak", "plot", "preset_config", "random_model", "run", "run_once", "steady_flops",
+           "write_json"]

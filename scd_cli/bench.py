@@ -1,108 +1,178 @@
-"""`scd bench`: SCD vs its matched causal baseline on this device, interleaved in one run."""
+"""`scd bench`: SCD against its matched causal baseline on this device, interleaved in one run."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from scd import bench as bench_lib
-from scd.checkpoints import load_model
-from scd.devices import resolve_device, resolve_dtype
 from scd.errors import ConfigError
-from scd.model import preset as model_preset
-from scd_cli.common import console, handles_errors, say
+from scd_cli.common import console, err_console, handles_errors, is_interactive, say, state
+
+PLOT_SUFFIXES = (".png", ".svg", ".pdf")
 
 
-def _ints(text: str, name: str) -> tuple[int, ...]:
+def _ints(text: str, option: str, single: bool = False, minimum: int = 1) -> tuple[int, ...]:
+    """A comma list of integers >= minimum (one integer if `single`), or a one-line ConfigError."""
+    items = [v.strip() for v in str(text).split(",")]
+    what = "an integer" if single else "a comma list of integers"
     try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
+        values = tuple(int(v) for v in items)
     except ValueError:
-        raise ConfigError(f"--{name} takes a comma list of integers, got {text!r}") from None
-    if not values:
-        raise ConfigError(f"--{name} is empty")
+        raise ConfigError(f"{option} takes {what}, got {text!r}") from None
+    if single and len(values) != 1:
+        raise ConfigError(f"{option} takes one integer, got {text!r}")
+    if min(values) < minimum:
+        raise ConfigError(f"{option} must be >= {minimum}, got {text!r}")
     return values
 
 
-def _plot(result: dict, path: Path) -> None:
-    try:
-        import matplotlib
+def _gflops(x: float) -> str:
+    return f"{x / 1e9:,.2f}"
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ConfigError("--plot needs matplotlib: pip install 'scd[plot]'") from None
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key in zip(axes, ("context", "steps")):
-        for name in ("scd", "baseline"):
-            pts = sorted({(r["settings"][key], r[name]["latency_ms_p50"]) for r in result["rows"]})
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
-        ax.set_xlabel(key)
-        ax.set_ylabel("latency per frame, p50 (ms)")
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
+
+def _headline(report: dict) -> Table:
+    """Metrics down, models across, for the headline setting."""
+    s, b = report["scd"], report["baseline"]
+    setting = report["setting"]
+    peak = report["matmul_peak_flops_per_s"]
+    table = Table(title=f"{setting['context']} context frames, {setting['steps']} steps, batch {setting['batch']}")
+    for col in ("", "SCD", "baseline", "baseline / SCD"):
+        table.add_column(col, justify="left" if not col else "right")
+
+    def add(label, key, fmt, ratio=True):
+        x, y = s[key], b[key]
+        table.add_row(label, fmt(x), fmt(y), f"{y / x:.2f}x" if ratio and x else "")
+
+    add("latency per frame, p50 ms", "latency_ms_p50", "{:,.1f}".format)
+    add("latency per frame, p95 ms", "latency_ms_p95", "{:,.1f}".format)
+    add("  context pass, p50 ms", "context_pass_ms_p50", "{:,.1f}".format)
+    add("  denoising steps, p50 ms", "denoising_ms_p50", "{:,.1f}".format)
+    for batch in s["throughput_fps_by_batch"]:
+        x, y = s["throughput_fps_by_batch"][batch], b["throughput_fps_by_batch"][batch]
+        table.add_row(f"throughput at batch {batch}, frames/s", f"{x:,.2f}", f"{y:,.2f}", f"{x / y:.2f}x" if y else "")
+    add("time to first frame, ms", "time_to_first_frame_ms", "{:,.0f}".format)
+    add("peak memory, MiB", "peak_memory_bytes", lambda v: f"{v / 2 ** 20:,.1f}", ratio=False)
+    add("GFLOP per frame", "flops_per_frame", _gflops)
+    table.add_row("achieved GFLOP/s", _gflops(s["achieved_flops_per_s"]), _gflops(b["achieved_flops_per_s"]), "")
+    table.add_row(f"  of matmul peak ({peak / 1e9:,.1f})", f"{100 * s['fraction_of_matmul_peak']:.0f}%",
+                  f"{100 * b['fraction_of_matmul_peak']:.0f}%", "")
+    return table
+
+
+def _sweep(report: dict) -> Table:
+    """One line per setting: the latencies and the speed-up, measured and predicted."""
+    table = Table(title="every setting (p50 latency per frame)")
+    for col in ("context", "steps", "batch", "SCD ms", "baseline ms", "speed-up", "predicted", "realised"):
+        table.add_column(col, justify="right")
+    for row in report["rows"]:
+        table.add_row(str(row["context"]), str(row["steps"]), str(row["batch"]),
+                      f"{row['scd']['latency_ms_p50']:,.1f}", f"{row['baseline']['latency_ms_p50']:,.1f}",
+                      f"[bold]{row['speedup']:.2f}x[/]", f"{row['predicted_speedup']:.2f}x",
+                      f"{100 * row['realised_fraction']:.0f}%")
+    return table
+
+
+def _show(report: dict) -> None:
+    console.print(f"[bold]scd bench[/] on {report['device_name']} ({report['device']}, {report['dtype']}), "
+                  f"torch {report['torch']}", soft_wrap=True)
+    console.print(_headline(report))
+    if len(report["rows"]) > 1:
+        console.print(_sweep(report))
+    console.print(
+        f"SCD: [bold]{report['speedup']:.2f}x[/] faster per frame than its baseline; its FLOPs predict "
+        f"{report['predicted_speedup']:.2f}x, so {100 * report['realised_fraction']:.0f}% of the prediction is realised.",
+        soft_wrap=True)
+    console.print(f"[dim]Latency: steady-state frames (the first excluded), pooled over {report['settings']['reps']} "
+                  f"reps; first frame: context prefill + first frame; memory: {report['scd']['peak_memory_method']}; "
+                  f"matmul peak: {report['settings']['matmul_size']}-square {report['dtype']} matmul, measured "
+                  f"in this run.[/]", soft_wrap=True)
 
 
 @handles_errors
 def bench(
-    preset: Optional[str] = typer.Option(None, "--preset", help="Reference size B, M, L or XL (64 tokens/frame, 144 context frames, 50 steps): for GPUs."),
-    model: Optional[str] = typer.Option(None, "--model", help="Bench this SCD model folder / repo instead of random weights."),
-    baseline: Optional[str] = typer.Option(None, "--baseline", help="Its baseline (default: the matched config, random weights)."),
-    context: Optional[str] = typer.Option(None, "--context", help="Context frames, a comma list to sweep (default 32; preset 144)."),
-    steps: Optional[str] = typer.Option(None, "--steps", help="Denoising steps, a comma list (default 16; preset 50)."),
-    batch: str = typer.Option("1", "--batch", help="Batch sizes, a comma list."),
-    frames: int = typer.Option(4, "--frames", help="Frames generated per repetition."),
-    reps: int = typer.Option(3, "--reps"),
-    warmup: int = typer.Option(1, "--warmup"),
-    guidance: float = typer.Option(1.0, "--guidance"),
-    device: str = typer.Option("auto", "--device"),
-    dtype: str = typer.Option("auto", "--dtype"),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Latency vs context and steps, as PNG (needs matplotlib)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="An SCD (or baseline) model folder or Hub repo id[@rev]. Default: random weights."),
+    baseline: Optional[str] = typer.Option(None, "--baseline", help="The baseline model to compare against. Default: the matched config of --model, random weights."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="Reference size B, M, L or XL with random weights: 64 tokens/frame, 144 context frames, 50 steps (for GPUs)."),
+    context: Optional[str] = typer.Option(None, "--context", metavar="N[,N...]", help=f"Context frames; a comma list sweeps (default {bench_lib.DEFAULT_CONTEXT}; preset {bench_lib.PRESET_CONTEXT}; a model's own)."),
+    steps: Optional[str] = typer.Option(None, "--steps", metavar="K[,K...]", help=f"Denoising steps; a comma list sweeps (default {bench_lib.DEFAULT_STEPS}; preset {bench_lib.PRESET_STEPS}; a model's own)."),
+    batch: Optional[str] = typer.Option(None, "--batch", metavar="B[,B...]", help="Batch sizes; one row each (default 1,4 on CPU, 1,8 on GPUs)."),
+    frames: str = typer.Option("4", "--frames", metavar="N", help="Frames per run: the first is the time to first frame, the rest steady state (>= 2)."),
+    reps: str = typer.Option("3", "--reps", metavar="N", help="Measured repetitions per row (medians over them)."),
+    warmup: str = typer.Option("1", "--warmup", metavar="N", help="Unmeasured repetitions before each row."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (bfloat16 on CUDA, float32 elsewhere), float32, bfloat16, float16."),
+    threads: Optional[str] = typer.Option(None, "--threads", metavar="N", help="CPU threads for torch (default: torch's choice)."),
+    seed: str = typer.Option("0", "--seed", metavar="N", help="Seed of the random weights and context."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the full report as JSON."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Latency against context and steps, both models, as PNG/SVG/PDF (needs matplotlib)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors (use with --json)."),
 ):
-    """Per-frame latency, throughput, FLOPs and the speed-up of SCD over its matched baseline."""
-    dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
-    config = model_preset(preset, latent_size=(8, 8), condition="action", num_classes=4) if preset else None
-    contexts = _ints(context, "context") if context else ((144,) if preset else (32,))
-    step_list = _ints(steps, "steps") if steps else ((50,) if preset else (16,))
-    scd_model = load_model(model) if model else None
-    base_model = load_model(baseline, arch="baseline") if baseline else None
-    runner = bench_lib.bench(config, scd_model, base_model, contexts, step_list, _ints(batch, "batch"), frames, reps,
-                             warmup, guidance, dev, dt)
-    while True:
-        try:
-            say(f"[dim]{next(runner)}[/]")
-        except StopIteration as done:
-            result = done.value
-            break
-    table = Table(title=f"scd bench on {result['device']} ({result['dtype']}), "
-                        f"width {result['settings']['width']}, {result['settings']['tokens_per_frame']} tokens/frame")
-    # ctx: context frames, K: steps, B: batch, TTFF: time to first frame, peak: share of matmul peak
-    for col in ("ctx", "K", "B", "model", "p50 ms", "p95 ms", "TTFF ms", "frames/s", "GFLOP", "peak",
-                "speed-up (pred.)"):
-        table.add_column(col, justify="right")
-    for row in result["rows"]:
-        s = row["settings"]
-        for name in ("scd", "baseline"):
-            r = row[name]
-            table.add_row(str(s["context"]), str(s["steps"]), str(s["batch"]), name, f"{r['latency_ms_p50']:.1f}",
-                          f"{r['latency_ms_p95']:.1f}", f"{r['time_to_first_frame_ms']:.1f}", f"{r['frames_per_second']:.2f}",
-                          f"{r['flops_per_frame'] / 1e9:.2f}", f"{100 * r['fraction_of_matmul_peak']:.0f}%",
-                          f"{row['speedup']:.2f}x ({row['predicted_speedup']:.2f}x, {100 * row['realised_fraction']:.0f}%)"
-                          if name == "scd" else "")
-    console.print(table)
-    if json_path is not None:
-        try:
-            json_path.write_text(json.dumps(result, indent=2) + "\n")
-        except OSError as err:
-            raise ConfigError(f"cannot write {json_path}: {err.strerror or err}") from None
+    """Measure SCD against its matched causal baseline: latency, throughput, first frame, memory, FLOPs, speed-up."""
+    state["quiet"] = quiet
+    spec = bench_lib.BenchSpec(
+        model=model, baseline=baseline, preset=preset,
+        contexts=_ints(context, "--context") if context is not None else None,
+        steps=_ints(steps, "--steps") if steps is not None else None,
+        batches=_ints(batch, "--batch") if batch is not None else None,
+        frames=_ints(frames, "--frames", single=True, minimum=2)[0], reps=_ints(reps, "--reps", single=True)[0],
+        warmup=_ints(warmup, "--warmup", single=True, minimum=0)[0], device=device, dtype=dtype,
+        seed=_ints(seed, "--seed", single=True, minimum=0)[0],
+        threads=_ints(threads, "--threads", single=True)[0] if threads is not None else None)
+    spec.validate()
+    # fail now, not after minutes of measuring
+    if json_path is not None and not json_path.parent.is_dir():
+        raise ConfigError(f"cannot write {json_path}: {json_path.parent} is not a directory")
     if plot is not None:
-        _plot(result, plot)
+        if plot.suffix.lower() not in PLOT_SUFFIXES:
+            raise ConfigError(f"--plot writes {', '.join(PLOT_SUFFIXES)} files, not {plot.name!r}")
+        if not plot.parent.is_dir():
+            raise ConfigError(f"cannot write {plot}: {plot.parent} is not a directory")
+        bench_lib.require_matplotlib()
+
+    progress = None
+    report = None
+    try:
+        for event in bench_lib.run(spec):
+            if isinstance(event, bench_lib.Started):
+                for warning in event.warnings:
+                    err_console.print(f"[yellow]warning:[/] {warning}")
+                say(f"[bold]scd bench[/] on {event.device_name} ({event.device}, {event.dtype}): "
+                    f"SCD {event.scd} vs baseline {event.baseline}; {len(event.rows)} setting(s)")
+                if is_interactive() and not quiet:
+                    total = len(event.rows) * (spec.warmup + spec.reps) * 2
+                    progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                                        TimeElapsedColumn(), console=console, transient=True)
+                    progress.start()
+                    task = progress.add_task("warming up", total=total)
+            elif isinstance(event, bench_lib.Measured):
+                s = event.setting
+                line = (f"context {s['context']}, {s['steps']} steps, batch {s['batch']} "
+                        f"({event.row + 1}/{event.rows}) {'warm-up' if event.warmup else 'rep'} "
+                        f"{event.rep + 1 - (0 if event.warmup else spec.warmup)}: {event.model} "
+                        f"{event.latency_ms:,.1f} ms/frame, first frame {event.time_to_first_frame_ms:,.0f} ms")
+                if progress is not None:
+                    progress.update(task, advance=1, description=line)
+                else:
+                    say(f"[dim]{line}[/]")
+            elif isinstance(event, bench_lib.Finished):
+                report = event.report
+    finally:
+        if progress is not None:
+            progress.stop()
+    if json_path is not None:
+        bench_lib.write_json(report, json_path)
+    if plot is not None:
+        bench_lib.plot(report, plot)
+    if not quiet:
+        _show(report)
+        for path in (json_path, plot):
+            if path is not None:
+                say(f"wrote {path}")
 
 
 def register(app: typer.Typer) -> None:

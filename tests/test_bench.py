@@ -1,0 +1,218 @@
+"""scd bench: the FLOP formulas against torch's own count, the report's structure, the CLI's ends."""
+
+import json
+import statistics
+import sys
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+from typer.testing import CliRunner
+
+from conftest import random_model, tiny_config
+from scd import bench as bench_lib
+from scd.checkpoints import save_model_folder
+from scd.flops import frame_flops
+from scd.sampling import kv_cache_bytes, stream
+from scd_cli.app import app
+
+runner = CliRunner()
+
+
+def counted_frames(model, context, frames, steps, guidance=1.0):
+    """Matmul FLOPs torch counts while `stream` produces each frame. The math attention backend
+    decomposes SDPA into bmm, which the counter sees (it has no formula for the CPU flash kernel)."""
+    counts = []
+    generated = stream(model, context, frames, steps, guidance=guidance)
+    with sdpa_kernel(SDPBackend.MATH):
+        for u in range(frames):
+            with FlopCounterMode(display=False) as counter:
+                next(generated)
+                if u == frames - 1:  # finish the generator inside the mode it entered its own contexts in
+                    assert next(generated, None) is None
+            counts.append(counter.get_total_flops())
+    return counts
+
+
+@pytest.mark.parametrize("combine", ["token_concat", "add", "concat", "token_concat_with_proj"])
+@pytest.mark.parametrize("arch", ["scd", "baseline"])
+def test_frame_flops_match_counted_streaming_frames(arch, combine):
+    """frame_flops(config, N, K) is what one streamed frame runs when N frames are cached before its
+    clean pass: frame u >= 1 after a context of F frames has N = F + u - 1."""
+    config = tiny_config(num_heads=2, head_dim=16, rope_axes=(4, 6, 6), channels=4, latent_size=(8, 8),
+                         patch_size=2, layers=3, decoder_layers=1, decoder_combine=combine)
+    config = config if arch == "scd" else config.matched()
+    model = random_model(config)
+    given, steps = 3, 2
+    counts = counted_frames(model, torch.randn(1, given, 4, 8, 8), 3, steps)
+    for u in (1, 2):
+        predicted = frame_flops(config, given + u - 1, steps).total
+        assert abs(predicted - counts[u]) / counts[u] < 0.01, (u, predicted, counts[u])
+    # the steady-state average the bench reports is the mean of those frames
+    average = bench_lib.steady_flops(config, given, 3, steps)["flops_per_frame"]
+    assert average == pytest.approx(statistics.fmean(frame_flops(config, given + u - 1, steps).total for u in (1, 2)))
+
+
+def test_frame_flops_split_guidance_and_unconditional_norm():
+    config = tiny_config(num_heads=2, head_dim=16, rope_axes=(4, 6, 6), channels=4, latent_size=(8, 8),
+                         encoder_norm_unconditional=True)
+    scd, base = random_model(config), random_model(config.matched())
+    context = torch.randn(1, 4, 4, 8, 8)
+    # guidance batches the null pass with the conditioned one: twice the work
+    for model in (scd, base):
+        counts = counted_frames(model, context, 2, 3, guidance=2.0)
+        predicted = frame_flops(model.config, 4, 3, guidance=2.0).total
+        assert abs(predicted - counts[1]) / counts[1] < 0.01
+    # the denoising part alone: one decoder step, one baseline step
+    t = config.tokens_per_frame
+    with sdpa_kernel(SDPBackend.MATH), torch.inference_mode():
+        with FlopCounterMode(display=False) as counter:
+            scd.decoder(torch.randn(1, 4, 8, 8), torch.full((1,), 500.0), torch.randn(1, t, config.width))
+        assert counter.get_total_flops() == pytest.approx(frame_flops(config, 4, 1).denoise, rel=0.01)
+        cache = base.new_cache(1, 8)
+        base.append(torch.randn(1, 5, 4, 8, 8), None, cache)  # N = 4 cached + the appended previous frame
+        with FlopCounterMode(display=False) as counter:
+            base(torch.randn(1, 4, 8, 8), torch.full((1,), 500.0), None, cache)
+        assert counter.get_total_flops() == pytest.approx(frame_flops(config.matched(), 4, 1).denoise, rel=0.01)
+
+
+def tiny_spec(**overrides):
+    spec = dict(config=tiny_config(), contexts=(2, 3), steps=(2,), batches=(1, 2), frames=3, reps=2, warmup=1,
+                device="cpu", dtype="float32", matmul_size=128)
+    spec.update(overrides)
+    return bench_lib.BenchSpec(**spec)
+
+
+def test_report_structure_and_arithmetic():
+    events = list(bench_lib.run(tiny_spec()))
+    assert isinstance(events[0], bench_lib.Started) and isinstance(events[-1], bench_lib.Finished)
+    measured = [e for e in events if isinstance(e, bench_lib.Measured)]
+    assert len(measured) == 4 * (1 + 2) * 2
+    # interleaved, alternating which model goes first
+    assert [e.model for e in measured[:6]] == ["scd", "baseline", "baseline", "scd", "scd", "baseline"]
+    assert [e.warmup for e in measured[:6]] == [True, True, False, False, False, False]
+    report = events[-1].report
+    json.dumps(report)  # JSON-ready as it is
+    assert {"scd", "baseline", "speedup", "predicted_speedup", "realised_fraction", "device", "settings",
+            "rows", "matmul_peak_flops_per_s", "torch"} <= set(report)
+    assert report["device"] == "cpu" and report["dtype"] == "float32" and report["matmul_peak_flops_per_s"] > 0
+    assert [(r["context"], r["steps"], r["batch"]) for r in report["rows"]] == [(2, 2, 1), (2, 2, 2), (3, 2, 1), (3, 2, 2)]
+    assert report["settings"]["contexts"] == [2, 3] and report["settings"]["batches"] == [1, 2]
+    config = tiny_config()
+    for row in report["rows"]:
+        n, k, b = row["context"], row["steps"], row["batch"]
+        assert row["settings"]["context"] == n
+        for name, c in (("scd", config), ("baseline", config.matched())):
+            m = row[name]
+            assert 0 < m["latency_ms_min"] <= m["latency_ms_p50"] <= m["latency_ms_p95"]
+            assert m["time_to_first_frame_ms"] > 0 and m["frames_per_second"] > 0 and len(m["latency_ms_per_rep"]) == 2
+            flops = statistics.fmean(frame_flops(c, n + u - 1, k).total for u in (1, 2))
+            assert m["flops_per_frame"] == pytest.approx(flops)
+            assert m["achieved_flops_per_s"] == pytest.approx(flops * b / (m["latency_ms_p50"] / 1000))
+            assert m["fraction_of_matmul_peak"] == pytest.approx(m["achieved_flops_per_s"] / report["matmul_peak_flops_per_s"])
+            model = random_model(c)
+            params = sum(p.numel() * 4 for p in model.parameters())
+            assert m["peak_memory_bytes"] == params + kv_cache_bytes(model, b, n + 3)
+        ratios = [bl / sc for sc, bl in zip(row["scd"]["latency_ms_per_rep"], row["baseline"]["latency_ms_per_rep"])]
+        assert row["speedup_per_rep"] == pytest.approx(ratios)
+        assert row["speedup"] == pytest.approx(statistics.median(ratios))
+        assert row["predicted_speedup"] == pytest.approx(row["baseline"]["flops_per_frame"] / row["scd"]["flops_per_frame"])
+        assert row["realised_fraction"] == pytest.approx(row["speedup"] / row["predicted_speedup"])
+    head = report["rows"][0]
+    assert report["speedup"] == head["speedup"] and report["setting"] == {"context": 2, "steps": 2, "batch": 1}
+    assert report["scd"]["throughput_fps_by_batch"] == {
+        "1": head["scd"]["frames_per_second"], "2": report["rows"][1]["scd"]["frames_per_second"]}
+
+
+def test_bad_spec_is_a_config_error():
+    from scd.errors import ConfigError
+
+    for bad in (dict(frames=1), dict(reps=0), dict(contexts=(0,)), dict(preset="Q"), dict(preset="B")):
+        with pytest.raises(ConfigError):
+            list(bench_lib.run(tiny_spec(**bad)))
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    config = tiny_config()
+    return {"scd": str(save_model_folder(random_model(config, seed=1), root / "scd")),
+            "baseline": str(save_model_folder(random_model(config.matched(), seed=2), root / "baseline"))}
+
+
+def test_cli_end_to_end_json(folders, tmp_path):
+    path = tmp_path / "bench.json"
+    r = runner.invoke(app, ["bench", "--model", folders["scd"], "--baseline", folders["baseline"], "--context", "2",
+                            "--steps", "2,3", "--batch", "1,2", "--frames", "2", "--reps", "1", "--warmup", "0",
+                            "--device", "cpu", "--json", str(path)])
+    assert r.exit_code == 0, r.output
+    report = json.loads(path.read_text())
+    assert report["models"]["scd"]["source"] == folders["scd"]
+    assert report["models"]["baseline"]["source"] == folders["baseline"]
+    assert len(report["rows"]) == 4 and report["settings"]["steps"] == [2, 3]
+    assert set(report["scd"]["throughput_fps_by_batch"]) == {"1", "2"}
+    for name in ("scd", "baseline"):
+        for key in ("latency_ms_p50", "latency_ms_p95", "time_to_first_frame_ms", "frames_per_second",
+                    "flops_per_frame", "achieved_flops_per_s", "fraction_of_matmul_peak", "peak_memory_bytes"):
+            assert report[name][key] > 0, (name, key)
+    assert report["predicted_speedup"] > 1
+    assert f"{report['speedup']:.2f}x" in r.output and f"{report['predicted_speedup']:.2f}x" in r.output
+    assert "every setting" in r.output  # the sweep table
+
+
+def test_cli_baseline_as_model_gets_a_random_matched_scd(folders, tmp_path):
+    path = tmp_path / "b.json"
+    r = runner.invoke(app, ["bench", "-m", folders["baseline"], "--frames", "2", "--reps", "1", "--warmup", "0",
+                            "--batch", "1", "--device", "cpu", "--quiet", "--json", str(path)])
+    assert r.exit_code == 0, r.output
+    assert r.output == ""
+    report = json.loads(path.read_text())
+    assert report["models"]["baseline"]["source"] == folders["baseline"]
+    assert report["models"]["scd"]["source"] == "matched, random weights"
+    # the named model's own context and steps are the defaults
+    assert report["setting"] == {"context": 3, "steps": 3, "batch": 1}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--context", "0"], "--context must be >= 1"),
+    (["--context", "16,x"], "--context takes a comma list of integers"),
+    (["--steps", ""], "--steps takes a comma list"),
+    (["--batch", "0,8"], "--batch must be >= 1"),
+    (["--frames", "1"], "--frames must be >= 2"),
+    (["--reps", "three"], "--reps takes an integer"),
+    (["--warmup", "-1"], "--warmup must be >= 0"),
+    (["--threads", "0"], "--threads must be >= 1"),
+    (["--preset", "Q"], "unknown preset 'Q'"),
+    (["--preset", "B", "--model", "somewhere"], "--preset picks random-weight models"),
+    (["--device", "tpu"], "unknown device 'tpu'"),
+    (["--dtype", "int8"], "unknown dtype 'int8'"),
+    (["--json", "/nonexistent-dir/b.json"], "nonexistent-dir is not a directory"),
+    (["--plot", "latency.gif"], "--plot writes .png"),
+    (["--model", "/nonexistent-model-dir"], "no model at"),
+])
+def test_bad_options_are_one_line_exit_2(args, message):
+    r = runner.invoke(app, ["bench", *args])
+    assert r.exit_code == 2, r.output
+    assert message in r.output
+    assert "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1, r.output
+
+
+def test_baseline_option_must_be_a_baseline(folders):
+    r = runner.invoke(app, ["bench", "--baseline", folders["scd"], "--device", "cpu"])
+    assert r.exit_code == 2 and "is an SCD model" in r.output
+
+
+def test_plot_without_matplotlib_is_one_line(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    r = runner.invoke(app, ["bench", "--plot", str(tmp_path / "p.png")])
+    assert r.exit_code == 2 and "--plot needs matplotlib" in r.output and "pip install matplotlib" in r.output
+    assert len(r.output.strip().splitlines()) == 1
+
+
+def test_plot_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    report = bench_lib.bench(tiny_spec(contexts=(2, 3), steps=(1, 2), batches=(1,), frames=2, reps=1, warmup=0))
+    path = tmp_path / "latency.png"
+    bench_lib.plot(report, path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
