@@ -28,7 +28,9 @@ def test_ctrl_c_mid_generation_keeps_a_playable_video_and_an_incomplete_report(t
     out, report = tmp_path / "out.mp4", tmp_path / "r.json"
     cmd = [sys.executable, "-m", "scd_cli", "generate", "--model", str(model), "--prompt-frames", str(prompt),
            "--frames", "5000", "--steps", "20", "--out", str(out), "--report", str(report)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # a shell running this suite in the background ignores SIGINT for its children: undo that, as a terminal would
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = 0
     for line in proc.stdout:
         if line.startswith("frame "):
