@@ -179,7 +179,8 @@ def device_name(device: torch.device) -> str:
                 break
     except OSError:
         pass
-    return f"{name}, {torch.get_num_threads()} threads"
+    threads = torch.get_num_threads()
+    return f"{name}, {threads} thread{'s' if threads > 1 else ''}"
 
 
 def _sync(device: torch.device) -> None:
@@ -189,9 +190,10 @@ def _sync(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype, size: int | None = None, repeats: int = 3) -> float:
+def matmul_peak(device: torch.device, dtype: torch.dtype, size: int | None = None, repeats: int | None = None) -> float:
     """FLOP/s of the best of `repeats` square matmuls of `size` (by device) in `dtype`, after one untimed."""
     n = size or MATMUL_SIZE.get(device.type, 2048)
+    repeats = repeats or (3 if device.type == "cpu" else 10)  # a GPU matmul takes milliseconds: more, for clocks to settle
     generator = torch.Generator().manual_seed(0)
     a = torch.randn(n, n, generator=generator).to(device=device, dtype=dtype)
     b = torch.randn(n, n, generator=generator).to(device=device, dtype=dtype)
@@ -377,16 +379,10 @@ def _run(spec: BenchSpec):
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)
     scd_side, base_side, named, warnings = _load_pair(spec, device, dtype)
-    if named is not None or spec.config is not None:  # a real model, or a library user's config: its own defaults
-        contexts, steps_list = (scd_side.config.context_frames,), (scd_side.config.default_steps,)
-        if named is not None:
-            contexts, steps_list = (named.context_frames,), (named.default_steps,)
-    elif spec.preset is not None:
-        contexts, steps_list = (PRESET_CONTEXT,), (PRESET_STEPS,)
-    else:
-        contexts, steps_list = (DEFAULT_CONTEXT,), (DEFAULT_STEPS,)
-    contexts = tuple(spec.contexts or contexts)
-    steps_list = tuple(spec.steps or steps_list)
+    # unless swept, the context and steps of the named model, else of the random config (default, preset)
+    own = named or scd_side.config
+    contexts = tuple(spec.contexts or (own.context_frames,))
+    steps_list = tuple(spec.steps or (own.default_steps,))
     batches = tuple(spec.batches or ((1, 4) if device.type == "cpu" else (1, 8)))
     combos = list(itertools.product(contexts, steps_list, batches))
     matmul_size = spec.matmul_size or MATMUL_SIZE.get(device.type, 2048)

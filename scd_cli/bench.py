@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich import box
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -40,7 +41,8 @@ def _headline(report: dict) -> Table:
     s, b = report["scd"], report["baseline"]
     setting = report["setting"]
     peak = report["matmul_peak_flops_per_s"]
-    table = Table(title=f"{setting['context']} context frames, {setting['steps']} steps, batch {setting['batch']}")
+    table = Table(title=f"{setting['context']} context frames, {setting['steps']} steps, batch {setting['batch']}",
+                  box=box.SIMPLE_HEAD)
     for col in ("", "SCD", "baseline", "baseline / SCD"):
         table.add_column(col, justify="left" if not col else "right")
 
@@ -66,8 +68,8 @@ def _headline(report: dict) -> Table:
 
 def _sweep(report: dict) -> Table:
     """One line per setting: the latencies and the speed-up, measured and predicted."""
-    table = Table(title="every setting (p50 latency per frame)")
-    for col in ("context", "steps", "batch", "SCD ms", "baseline ms", "speed-up", "predicted", "realised"):
+    table = Table(title="every setting (p50 ms per frame)", box=box.SIMPLE_HEAD)
+    for col in ("context", "steps", "batch", "SCD", "baseline", "speed-up", "predicted", "realised"):
         table.add_column(col, justify="right")
     for row in report["rows"]:
         table.add_row(str(row["context"]), str(row["steps"]), str(row["batch"]),
@@ -108,6 +110,7 @@ def bench(
     dtype: str = typer.Option("auto", "--dtype", help="auto (bfloat16 on CUDA, float32 elsewhere), float32, bfloat16, float16."),
     threads: Optional[str] = typer.Option(None, "--threads", metavar="N", help="CPU threads for torch (default: torch's choice)."),
     seed: str = typer.Option("0", "--seed", metavar="N", help="Seed of the random weights and context."),
+    matmul_size: Optional[str] = typer.Option(None, "--matmul-size", metavar="N", help="Side of the square matmul that measures the device's peak (default 2048 on CPU, 4096 MPS, 8192 CUDA)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the full report as JSON."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Latency against context and steps, both models, as PNG/SVG/PDF (needs matplotlib)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors (use with --json)."),
@@ -122,7 +125,8 @@ def bench(
         frames=_ints(frames, "--frames", single=True, minimum=2)[0], reps=_ints(reps, "--reps", single=True)[0],
         warmup=_ints(warmup, "--warmup", single=True, minimum=0)[0], device=device, dtype=dtype,
         seed=_ints(seed, "--seed", single=True, minimum=0)[0],
-        threads=_ints(threads, "--threads", single=True)[0] if threads is not None else None)
+        threads=_ints(threads, "--threads", single=True)[0] if threads is not None else None,
+        matmul_size=_ints(matmul_size, "--matmul-size", single=True)[0] if matmul_size is not None else None)
     spec.validate()
     # fail now, not after minutes of measuring
     if json_path is not None and not json_path.parent.is_dir():

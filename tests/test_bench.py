@@ -144,13 +144,13 @@ def folders(tmp_path_factory):
 def test_cli_end_to_end_json(folders, tmp_path):
     path = tmp_path / "bench.json"
     r = runner.invoke(app, ["bench", "--model", folders["scd"], "--baseline", folders["baseline"], "--context", "2",
-                            "--steps", "2,3", "--batch", "1,2", "--frames", "2", "--reps", "1", "--warmup", "0",
-                            "--device", "cpu", "--json", str(path)])
+                            "--steps", "2", "--batch", "1,2", "--frames", "2", "--reps", "1", "--warmup", "0",
+                            "--device", "cpu", "--matmul-size", "128", "--json", str(path)])
     assert r.exit_code == 0, r.output
     report = json.loads(path.read_text())
     assert report["models"]["scd"]["source"] == folders["scd"]
     assert report["models"]["baseline"]["source"] == folders["baseline"]
-    assert len(report["rows"]) == 4 and report["settings"]["steps"] == [2, 3]
+    assert len(report["rows"]) == 2 and report["settings"]["batches"] == [1, 2]
     assert set(report["scd"]["throughput_fps_by_batch"]) == {"1", "2"}
     for name in ("scd", "baseline"):
         for key in ("latency_ms_p50", "latency_ms_p95", "time_to_first_frame_ms", "frames_per_second",
@@ -164,7 +164,7 @@ def test_cli_end_to_end_json(folders, tmp_path):
 def test_cli_baseline_as_model_gets_a_random_matched_scd(folders, tmp_path):
     path = tmp_path / "b.json"
     r = runner.invoke(app, ["bench", "-m", folders["baseline"], "--frames", "2", "--reps", "1", "--warmup", "0",
-                            "--batch", "1", "--device", "cpu", "--quiet", "--json", str(path)])
+                            "--batch", "1", "--device", "cpu", "--matmul-size", "128", "--quiet", "--json", str(path)])
     assert r.exit_code == 0, r.output
     assert r.output == ""
     report = json.loads(path.read_text())
@@ -183,6 +183,7 @@ def test_cli_baseline_as_model_gets_a_random_matched_scd(folders, tmp_path):
     (["--reps", "three"], "--reps takes an integer"),
     (["--warmup", "-1"], "--warmup must be >= 0"),
     (["--threads", "0"], "--threads must be >= 1"),
+    (["--matmul-size", "1.5"], "--matmul-size takes an integer"),
     (["--preset", "Q"], "unknown preset 'Q'"),
     (["--preset", "B", "--model", "somewhere"], "--preset picks random-weight models"),
     (["--device", "tpu"], "unknown device 'tpu'"),
