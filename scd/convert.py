@@ -19,6 +19,7 @@ import hashlib
 import json
 import re
 import shutil
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -484,10 +485,25 @@ def _read_source(source: Source) -> tuple[str, dict[str, torch.Tensor], str, Mod
             raise CheckpointError(f"{path} is neither a model folder (config.json + {WEIGHTS}) nor a trainer "
                                   f"checkpoint folder ({WEIGHTS}): give a folder or a checkpoint file")
     sha = _hashed(source, path)
+    _check_container(path, source.text)
     tensors = read_tensors(path)
     if not tensors:
         raise CheckpointError(f"{source.text} holds no tensors: it is not a checkpoint")
     return reference_kind(tensors), tensors, sha, None, None
+
+
+def _check_container(path: Path, text: str) -> None:
+    """Name a file that is no PyTorch checkpoint before torch.load guesses at it. PyTorch writes a
+    zip archive (legacy files: a pickle, first byte 0x80); safetensors files are checked on reading."""
+    if path.suffix == ".safetensors":
+        return
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head.startswith(b"PK\x03\x04") and not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{text} is truncated or corrupt (its zip archive has no end): download or copy it again")
+    if not head.startswith((b"PK\x03\x04", b"\x80")):
+        raise CheckpointError(f"{text} is not a checkpoint: neither a PyTorch file (.pth, a zip archive) nor "
+                              "safetensors; give the weights file itself")
 
 
 def convert(source: str | Path, out: str | Path, *, options: str | Path | None = None, to: str = "scd",
@@ -539,11 +555,11 @@ def convert(source: str | Path, out: str | Path, *, options: str | Path | None =
         base = infer_far_config({k: v for k, v in tensors.items() if not FAR_LONG_ONLY.match(k)}, src.text, preset,
                                 num_heads, head_dim, layers, channels, patch_size, rope_axes, latent_size)
         origin = "the tensor shapes" + (f" and preset {preset}" if preset else "")
-        guessed = [name for name, value in (("patch size 1", patch_size or preset), ("RoPE axes", rope_axes or preset),
-                                            ("latent size 8", latent_size)) if value is None]
+        guessed = [name for name, value in (("patch size 1", patch_size or preset),
+                                            (f"RoPE axes {base.rope_axes}", rope_axes or preset),
+                                            ("latent size 8 x 8", latent_size)) if value is None]
         if guessed:
-            notes.append(f"not stored in the checkpoint, taken as FAR's defaults: {', '.join(guessed)} "
-                         f"(RoPE axes {base.rope_axes})")
+            notes.append(f"not stored in the checkpoint, taken as FAR's defaults: {', '.join(guessed)}")
 
     dropped: list[TensorEntry] = []
     if kind == "far_long":

@@ -1,0 +1,109 @@
+"""`scd convert SRC --out DIR`: port a FAR / FAR_Long / official SCD checkpoint or an scd baseline
+folder into an scd model folder, and show what happened to every tensor."""
+
+from __future__ import annotations
+
+import re
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from scd import convert as conversion
+from scd.errors import ConfigError
+from scd_cli.common import console, err_console, handles_errors, say, state
+
+ACTION_STYLES = {conversion.MAPPED: "green", conversion.CREATED: "yellow", conversion.DROPPED: "red"}
+
+
+def _ints(text: str | None, count: tuple[int, ...], flag: str) -> tuple[int, ...] | None:
+    """'8' -> (8, 8) for a size, '16,24,24' -> (16, 24, 24): comma, 'x' or space separated."""
+    if text is None:
+        return None
+    parts = [p for p in re.split(r"[,x\s]+", text.strip()) if p]
+    if not parts or not all(p.isdigit() for p in parts) or len(parts) not in count:
+        need = " or ".join(str(n) for n in count)
+        raise ConfigError(f"{flag} takes {need} positive integers (like {'8x8' if 2 in count else '16,24,24'}), not {text!r}")
+    values = tuple(int(p) for p in parts)
+    return values * 2 if len(values) == 1 else values
+
+
+def _table(report: conversion.ConversionReport) -> tuple[Table, int]:
+    """The table of every tensor, and the width it needs unwrapped."""
+    table = Table(title=f"{report.source} -> {report.folder}", title_justify="left")
+    rows = [(e.target or "-", e.source or "-", e.action, " x ".join(map(str, e.shape)) or "scalar", e.note)
+            for e in report.entries]
+    totals = [(action, "", f"{tensors} tensors", f"{params:,} parameters", "")
+              for action, (tensors, params) in report.totals().items()]
+    for column in ("target", "source", "action", "shape", "note"):
+        table.add_column(column, justify="right" if column == "shape" else "left", no_wrap=column != "note")
+    for target, source, action, shape, note in rows:
+        style = ACTION_STYLES[action]
+        table.add_row(target, source, f"[{style}]{action}[/]", shape, f"[dim]{note}[/]")
+    table.add_section()
+    for action, _, tensors, params, _ in totals:
+        table.add_row(f"[bold]{action}[/]", "", f"[{ACTION_STYLES[action]}]{tensors}[/]", params, "")
+    widths = [max(len(r[i]) for r in rows + totals + [("target", "source", "action", "shape", "note")]) for i in range(5)]
+    return table, sum(widths) + 3 * len(widths) + 1
+
+
+@handles_errors
+def convert(
+    source: str = typer.Argument(..., help="FAR / FAR_Long .pth, official SCD ema.pth or accelerate model.safetensors (or its folder), an scd model folder, or a Hub reference owner/name:path/in/repo@revision."),
+    out: Path = typer.Option(..., "--out", "-o", help="Model folder to write."),
+    options: Optional[str] = typer.Option(None, "--options", help="The checkpoint's options file (YAML; local or owner/name:path@rev). Needed for official SCD checkpoints; FAR sizes are otherwise read off the tensors."),
+    to: str = typer.Option("scd", "--to", help="scd: split a baseline into encoder + decoder (SCD sources are re-saved); baseline: re-save a baseline as it is."),
+    encoder_layers: Optional[int] = typer.Option(None, "--encoder-layers", help="Baseline blocks 0..K-1 that become the encoder (default: two thirds, 8 of 12)."),
+    decoder_layers: Optional[int] = typer.Option(None, "--decoder-layers", help="Baseline blocks K..K+L-1 that become the decoder (default: one third, 4 of 12). K + L = the baseline's depth."),
+    decoder_combine: Optional[str] = typer.Option(None, "--decoder-combine", help="How the decoder takes the encoder's features: token_concat (default), add, concat, token_concat_with_proj."),
+    encoder_norm: Optional[str] = typer.Option(None, "--encoder-norm", help="The encoder's output norm: identity (default; plain LayerNorm, the reference init) or copy (the baseline's output norm)."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="FAR size preset B, M, L or XL, checked against the tensors (without --options)."),
+    heads: Optional[int] = typer.Option(None, "--heads", help="Attention heads (without --options; read off the tensors when left out)."),
+    head_dim: Optional[int] = typer.Option(None, "--head-dim", help="Head dim (without --options)."),
+    layers: Optional[int] = typer.Option(None, "--layers", help="Baseline depth (without --options)."),
+    channels: Optional[int] = typer.Option(None, "--channels", help="Latent channels (without --options)."),
+    patch_size: Optional[int] = typer.Option(None, "--patch-size", help="Patch size (without --options; default 1, as every FAR preset)."),
+    rope_axes: Optional[str] = typer.Option(None, "--rope-axes", help="RoPE dims per (frame, row, col), like 16,24,24 (without --options; default FAR's 1/4, 3/8, 3/8 of the head dim)."),
+    latent_size: Optional[str] = typer.Option(None, "--latent-size", help="Latent frame size, like 8 or 8x8 (default: the options' sample_size, else 8)."),
+    codec: Optional[str] = typer.Option(None, "--codec", help="Attach a DC-AE: a diffusers AutoencoderDC folder, or FAR's DC-AE .pth with --codec-config (local or Hub)."),
+    codec_config: Optional[str] = typer.Option(None, "--codec-config", help="diffusers config.json of a DC-AE given as a .pth."),
+    scaling_factor: Optional[float] = typer.Option(None, "--scaling-factor", help="Latent scaling factor (default: the codec folder's config, else FAR's 0.2889)."),
+    downsample: Optional[int] = typer.Option(None, "--downsample", help="Pixels per latent when no codec is attached (default 8; FAR's Minecraft: 16)."),
+    fps: Optional[float] = typer.Option(None, "--fps", help="Frame rate recorded in config.json."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty --out folder."),
+    push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub", help="Upload the folder to this Hub repo (owner/name); needs HF_TOKEN with write access."),
+    private: bool = typer.Option(False, "--private", help="Create the Hub repo private."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print no table, only the result line."),
+):
+    """Port a causal-diffusion checkpoint (FAR, FAR_Long, official SCD, scd baseline) into an scd model folder."""
+    state["quiet"] = quiet
+    kwargs = dict(options=options, to=to, encoder_layers=encoder_layers, decoder_layers=decoder_layers,
+                  decoder_combine=decoder_combine, encoder_norm=encoder_norm, preset=preset, num_heads=heads,
+                  head_dim=head_dim, layers=layers, channels=channels, patch_size=patch_size,
+                  rope_axes=_ints(rope_axes, (3,), "--rope-axes"), latent_size=_ints(latent_size, (1, 2), "--latent-size"),
+                  codec=codec, codec_config=codec_config, scaling_factor=scaling_factor, downsample=downsample, fps=fps,
+                  overwrite=overwrite, push_to_hub=push_to_hub, private=private)
+    with err_console.status(f"converting {source}", spinner="dots") if not quiet else nullcontext():
+        report = conversion.convert(source, out, **kwargs)
+    if not quiet:
+        table, width = _table(report)
+        # piped output keeps every tensor name on one line; a terminal folds to its width
+        wide = console if console.is_terminal else Console(width=max(width, console.width), highlight=False)
+        wide.print(table)
+        for note in report.notes:
+            say(f"[dim]note:[/] {note}")
+    c = report.config
+    arch = (f"SCD {c.encoder_layers} + {c.decoder_layers} blocks ({c.decoder_combine})" if c.arch == "scd"
+            else f"baseline {c.layers} blocks")
+    mapped, created, dropped = (report.totals()[a][0] for a in (conversion.MAPPED, conversion.CREATED, conversion.DROPPED))
+    console.print(f"wrote [bold]{report.folder}[/]: {arch}, codec {c.codec.get('type')}, from a {report.description} "
+                  f"(sha256 {report.sha256[:12]}); {mapped} mapped, {created} created, {dropped} dropped", soft_wrap=True)
+    if report.pushed:
+        console.print(f"pushed to [bold]{report.pushed}[/]", soft_wrap=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(convert)
