@@ -23,7 +23,7 @@ def _ints(text: str | None, count: tuple[int, ...], flag: str) -> tuple[int, ...
     """'8' -> (8, 8) for a size, '16,24,24' -> (16, 24, 24): comma, 'x' or space separated."""
     if text is None:
         return None
-    parts = [p for p in re.split(r"[,x\s]+", text.strip()) if p]
+    parts = re.split(r"\s*[,x]\s*|\s+", text.strip())
     if not parts or not all(p.isdigit() for p in parts) or len(parts) not in count:
         need = " or ".join(str(n) for n in count)
         raise ConfigError(f"{flag} takes {need} positive integers (like {'8x8' if 2 in count else '16,24,24'}), not {text!r}")
