@@ -163,9 +163,10 @@ def train(config: ModelConfig, out: Path, settings: TrainSettings, batches, init
         accelerator.clip_grad_norm_(model.parameters(), settings.grad_clip)
         optimizer.step()
         schedule.step()
+        decay = min(settings.ema_decay, (1 + step) / (10 + step))  # warm-up: early EMA forgets the initialisation
         with torch.no_grad():
             for e, p in zip(ema.parameters(), raw.parameters()):
-                e.lerp_(p.detach().to(e.dtype), 1 - settings.ema_decay)
+                e.lerp_(p.detach().to(e.dtype), 1 - decay)
         losses.append(loss.item())
         done = step + 1
         rate = (done - start) / (time.perf_counter() - began)
