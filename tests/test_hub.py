@@ -351,3 +351,32 @@ def test_push_folder_errors(hub, env, tmp_path):
     env.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(HubError, match="cannot push me/world while HF_HUB_OFFLINE is set"):
         push_folder(tmp_path, "me/world")
+
+
+def test_generate_and_info_with_a_hub_model(hub, env, tmp_path):
+    """`scd generate --model owner/name@sha` end to end through the real client, then offline from the cache."""
+    import numpy as np
+    from typer.testing import CliRunner
+
+    from conftest import random_model, tiny_config
+    from scd.checkpoints import save_model_folder
+    from scd.video import read_video, write_video
+    from scd_cli.app import app
+
+    folder = save_model_folder(random_model(tiny_config(latent_size=(8, 8), frame_size=(8, 8))), tmp_path / "m")
+    sha = hub.add_repo("owner/tiny-scd", folder)
+    hub.add_repo("owner/tiny-scd", {**folder_bytes(folder), "extra.bin": b"\0" * 1024})
+    env.setenv("HF_ENDPOINT", hub.url)
+    prompt = write_video(tmp_path / "p.mp4", np.full((3, 8, 8, 3), 90, np.uint8), fps=4)
+    runner = CliRunner()
+    r = runner.invoke(app, ["generate", "--model", f"owner/tiny-scd@{sha}", "--prompt-frames", str(prompt),
+                            "--frames", "2", "--out", str(tmp_path / "o.mp4")])
+    assert r.exit_code == 0, r.output
+    assert f"owner/tiny-scd @ {sha}" in r.output
+    assert read_video(tmp_path / "o.mp4").frames.shape[0] == 2
+    assert "extra.bin" not in hub.requested()
+    env.setenv("HF_HUB_OFFLINE", "1")
+    r = runner.invoke(app, ["info", f"owner/tiny-scd@{sha}"])
+    assert r.exit_code == 0 and "predicted SCD speed-up" in r.output
+    r = runner.invoke(app, ["info", "owner/never-fetched"])
+    assert r.exit_code == 2 and "HF_HUB_OFFLINE" in r.output
