@@ -125,7 +125,8 @@ class DCAECodec:
         return torch.cat(parts).float().clamp(-1, 1)
 
     def to(self, device=None, dtype=None) -> "DCAECodec":
-        self.autoencoder.to(device=device, dtype=dtype)
+        # nn.Module's own .to: diffusers' override logs a warning on every dtype cast
+        torch.nn.Module.to(self.autoencoder, device=device, dtype=dtype)
         return self
 
 
