@@ -1,10 +1,11 @@
 """SCD against its matched causal baseline, measured side by side in one process.
 
 Both models stream the same kind of random context through `scd.sampling.stream` (the loop that
-`scd generate` runs), rep by rep in alternating order (SCD then baseline, then baseline then SCD),
-after warm-up. On a shared or throttling machine both are slowed alike, and the speed-up is taken
-per rep from neighbouring runs, then the median. Each rep also times a large square matmul in the
-same dtype: the device's matmul peak measured in this run, against which achieved FLOP/s are read.
+`scd generate` runs) in lockstep after warm-up: each one's prefill and first frame, then frame 1 of
+each, frame 2 of each, ..., the order flipping every frame and every rep. On a shared or throttling
+machine neighbouring frames of the two models see the same load, and the speed-up is the median of
+those neighbours' ratios. Each rep also times a large square matmul in the same dtype: the
+device's matmul peak measured in this run, against which achieved FLOP/s are read.
 
 `run` yields progress events and finally the report (a JSON-ready dict); it never prints.
 """
@@ -222,22 +223,42 @@ class RunTimes:
         return [e + d for e, d in self.steady]
 
 
-def run_once(model: nn.Module, context: torch.Tensor, frames: int, steps: int) -> RunTimes:
-    """Stream `frames` frames after `context` (B, F, C, H, W); the first frame's wall time
-    includes the context prefill."""
+def run_interleaved(models: dict[str, nn.Module], contexts: dict[str, torch.Tensor], frames: int, steps: int,
+                    first: int = 0) -> dict[str, RunTimes]:
+    """Stream `frames` frames from every model in lockstep: each model's context prefill and first
+    frame (timed on the wall clock), then frame 1 of each, frame 2 of each, ..., the order flipping
+    every frame and starting with `models`' entry `first`. Neighbouring frames of the two models are
+    measured seconds apart, so a load that comes and goes on the machine hits both alike."""
+    names = list(models)
+    names = names[first:] + names[:first]
+    generators, first_ms = {}, {}
+    for name in names:
+        device = contexts[name].device
+        _sync(device)
+        start = time.perf_counter()
+        generators[name] = stream(models[name], contexts[name], frames, steps)
+        next(generators[name])  # stream synchronises before it yields
+        first_ms[name] = (time.perf_counter() - start) * 1000.0
+    steady = {name: [] for name in names}
+    for u in range(1, frames):
+        for name in (names if u % 2 else names[::-1]):
+            frame = next(generators[name])
+            steady[name].append((frame.encoder_ms, frame.decoder_ms))
+    for generator in generators.values():
+        next(generator, None)  # let each finish, leaving its inference mode
+    return {name: RunTimes(first_ms[name], steady[name], None) for name in models}
+
+
+def cuda_peak_memory(model: nn.Module, context: torch.Tensor, steps: int) -> int:
+    """Bytes allocated at the peak of a 2-frame run (prefill included) beyond what was allocated before."""
     device = context.device
-    cuda = device.type == "cuda"
-    _sync(device)
-    if cuda:
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
-    generated = stream(model, context, frames, steps)
-    next(generated)  # stream synchronises before it yields
-    first_ms = (time.perf_counter() - start) * 1000.0
-    steady = [(f.encoder_ms, f.decoder_ms) for f in generated]
-    peak = torch.cuda.max_memory_allocated(device) - before if cuda else None
-    return RunTimes(first_ms, steady, peak)
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    for _ in stream(model, context, 2, steps):
+        pass
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -283,7 +304,7 @@ def _model_summary(runs: list[RunTimes], model: nn.Module, config: ModelConfig, 
     }
     params = parameter_bytes(model)
     if device.type == "cuda":
-        out["peak_memory_bytes"] = params + max(r.peak_memory_bytes for r in runs)
+        out["peak_memory_bytes"] = params + max(r.peak_memory_bytes for r in runs if r.peak_memory_bytes is not None)
         out["peak_memory_method"] = "parameters + torch.cuda.max_memory_allocated during the run"
     else:
         out["peak_memory_bytes"] = params + kv_cache_bytes(model, batch, context + frames, dtype=dtype)
@@ -410,22 +431,29 @@ def _run(spec: BenchSpec):
                 peaks.append(peak)
             # warm-up needs the prefill and one steady frame, not the full run
             frames = min(spec.frames, 2) if warm else spec.frames
-            for name in (("scd", "baseline") if rep % 2 == 0 else ("baseline", "scd")):
-                times = run_once(sides[name].model, contexts_by_side[name], frames, k)
+            times = run_interleaved({name: side.model for name, side in sides.items()}, contexts_by_side,
+                                    frames, k, first=rep % 2)
+            for name in sides:
                 if not warm:
-                    runs[name].append(times)
+                    runs[name].append(times[name])
                 yield Measured(i, len(combos), rep, total_reps, warm, name, setting,
-                               statistics.median(times.latencies), times.time_to_first_frame_ms)
+                               statistics.median(times[name].latencies), times[name].time_to_first_frame_ms)
+        if device.type == "cuda":  # one model at a time, so that each peak is its own
+            for name, side in sides.items():
+                runs[name][0].peak_memory_bytes = cuda_peak_memory(side.model, contexts_by_side[name], k)
         del contexts_by_side
         peak = statistics.median(peaks)
         result = dict(setting)
         result["settings"] = {**setting, "frames": spec.frames, "reps": spec.reps, "warmup": spec.warmup}
         for name, side in sides.items():
             result[name] = _model_summary(runs[name], side.model, side.config, n, k, b, spec.frames, device, dtype, peak)
-        ratios = [statistics.median(bl.latencies) / statistics.median(sc.latencies)
-                  for sc, bl in zip(runs["scd"], runs["baseline"])]
-        result["speedup"] = statistics.median(ratios)
-        result["speedup_per_rep"] = ratios
+        # the same frame of the same rep: measured back to back
+        pairs = [b_ms / s_ms for sc, bl in zip(runs["scd"], runs["baseline"])
+                 for s_ms, b_ms in zip(sc.latencies, bl.latencies)]
+        result["speedup"] = statistics.median(pairs)
+        result["speedup_per_frame"] = pairs
+        result["speedup_per_rep"] = [statistics.median(bl.latencies) / statistics.median(sc.latencies)
+                                     for sc, bl in zip(runs["scd"], runs["baseline"])]
         result["predicted_speedup"] = result["baseline"]["flops_per_frame"] / result["scd"]["flops_per_frame"]
         result["realised_fraction"] = result["speedup"] / result["predicted_speedup"]
         result["time_to_first_frame_speedup"] = (result["baseline"]["time_to_first_frame_ms"]
@@ -543,5 +571,5 @@ def plot(report: dict, path: Path) -> None:
 
 
 __all__ = ["BenchSpec", "Finished", "Measured", "RowFinished", "Started", "bench", "default_config",
-           "matmul_peak", "plot", "preset_config", "random_model", "run", "run_once", "steady_flops",
+           "matmul_peak", "plot", "preset_config", "random_model", "run", "run_interleaved", "steady_flops",
            "write_json"]

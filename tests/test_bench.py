@@ -14,7 +14,7 @@ from conftest import random_model, tiny_config
 from scd import bench as bench_lib
 from scd.checkpoints import save_model_folder
 from scd.flops import frame_flops
-from scd.sampling import kv_cache_bytes, stream
+from scd.sampling import Frame, kv_cache_bytes, stream
 from scd_cli.app import app
 
 runner = CliRunner()
@@ -89,8 +89,7 @@ def test_report_structure_and_arithmetic():
     assert isinstance(events[0], bench_lib.Started) and isinstance(events[-1], bench_lib.Finished)
     measured = [e for e in events if isinstance(e, bench_lib.Measured)]
     assert len(measured) == 4 * (1 + 2) * 2
-    # interleaved, alternating which model goes first
-    assert [e.model for e in measured[:6]] == ["scd", "baseline", "baseline", "scd", "scd", "baseline"]
+    assert [e.model for e in measured[:6]] == ["scd", "baseline"] * 3
     assert [e.warmup for e in measured[:6]] == [True, True, False, False, False, False]
     report = events[-1].report
     json.dumps(report)  # JSON-ready as it is
@@ -116,13 +115,31 @@ def test_report_structure_and_arithmetic():
             assert m["peak_memory_bytes"] == params + kv_cache_bytes(model, b, n + 3)
         ratios = [bl / sc for sc, bl in zip(row["scd"]["latency_ms_per_rep"], row["baseline"]["latency_ms_per_rep"])]
         assert row["speedup_per_rep"] == pytest.approx(ratios)
-        assert row["speedup"] == pytest.approx(statistics.median(ratios))
+        assert len(row["speedup_per_frame"]) == 2 * 2  # reps x steady frames, each a pair measured back to back
+        assert row["speedup"] == pytest.approx(statistics.median(row["speedup_per_frame"]))
         assert row["predicted_speedup"] == pytest.approx(row["baseline"]["flops_per_frame"] / row["scd"]["flops_per_frame"])
         assert row["realised_fraction"] == pytest.approx(row["speedup"] / row["predicted_speedup"])
     head = report["rows"][0]
     assert report["speedup"] == head["speedup"] and report["setting"] == {"context": 2, "steps": 2, "batch": 1}
     assert report["scd"]["throughput_fps_by_batch"] == {
         "1": head["scd"]["frames_per_second"], "2": report["rows"][1]["scd"]["frames_per_second"]}
+
+
+def test_run_interleaved_measures_the_models_frame_by_frame(monkeypatch):
+    calls = []
+
+    def fake_stream(model, context, frames, steps):
+        for u in range(frames):
+            calls.append((model, u))
+            yield Frame(u, None, 1.0, 2.0 if model == "b" else 1.0)
+
+    monkeypatch.setattr(bench_lib, "stream", fake_stream)
+    times = bench_lib.run_interleaved({"scd": "s", "baseline": "b"}, {"scd": torch.zeros(1), "baseline": torch.zeros(1)},
+                                      frames=4, steps=1, first=1)
+    # both first frames, then one frame of each, the order flipping every frame
+    assert calls == [("b", 0), ("s", 0), ("b", 1), ("s", 1), ("s", 2), ("b", 2), ("b", 3), ("s", 3)]
+    assert times["scd"].latencies == [2.0] * 3 and times["baseline"].latencies == [3.0] * 3
+    assert times["scd"].time_to_first_frame_ms > 0
 
 
 def test_bad_spec_is_a_config_error():
