@@ -548,14 +548,14 @@ def plot(report: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
     for ax, x_key, series_key, label in ((axes[0], "context", "steps", "context frames"),
                                          (axes[1], "steps", "context", "denoising steps")):
-        for name, marker in (("scd", "o"), ("baseline", "s")):
-            for series in sorted({r[series_key] for r in rows}):
+        for colour, series in enumerate(sorted({r[series_key] for r in rows})):
+            for name, marker in (("scd", "o"), ("baseline", "s")):  # one colour per series, SCD solid
                 points = sorted((r[x_key], r[name]["latency_ms_p50"], r[name]["latency_ms_p95"])
                                 for r in rows if r[series_key] == series)
                 xs, p50, p95 = zip(*points)
                 ax.errorbar(xs, p50, yerr=[[0] * len(xs), [b - a for a, b in zip(p50, p95)]], marker=marker,
-                            capsize=3, linestyle="-" if name == "scd" else "--",
-                            label=f"{name}, {series} {series_key}")
+                            capsize=3, color=f"C{colour % 10}", linestyle="-" if name == "scd" else "--",
+                            label=f"{'SCD' if name == 'scd' else 'baseline'}, {series} {series_key}")
         ax.set_xlabel(label)
         ax.set_ylabel("latency per frame, ms (p50, bar to p95)")
         ax.set_yscale("log")

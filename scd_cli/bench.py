@@ -68,7 +68,7 @@ def _headline(report: dict) -> Table:
 
 def _sweep(report: dict) -> Table:
     """One line per setting: the latencies and the speed-up, measured and predicted."""
-    table = Table(title="every setting (p50 ms per frame)", box=box.SIMPLE_HEAD)
+    table = Table(title="every setting (p50 ms per frame)", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     for col in ("context", "steps", "batch", "SCD", "baseline", "speed-up", "predicted", "realised"):
         table.add_column(col, justify="right")
     for row in report["rows"]:
