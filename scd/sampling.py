@@ -166,6 +166,7 @@ def stream(model: SCDModel | Baseline, context: torch.Tensor, frames: int, steps
                 decoder_ms = lap()
                 latest = torch.cat([x, x]).to(dtype) if cfg else x.to(dtype)
                 yield Frame(u, x, encoder_ms, decoder_ms)
+                lap()  # the caller's time between frames belongs to no frame
         else:
             cache = model.new_cache(context.shape[0], capacity)
             for start in range(0, keep, PREFILL_CHUNK):  # the baseline sees action j for frame j
@@ -183,6 +184,7 @@ def stream(model: SCDModel | Baseline, context: torch.Tensor, frames: int, steps
                 decoder_ms = lap()
                 latest = torch.cat([x, x]).to(dtype) if cfg else x.to(dtype)
                 yield Frame(u, x, encoder_ms, decoder_ms)
+                lap()  # the caller's time between frames belongs to no frame
 
 
 def generate(model, context, frames, steps, **kwargs) -> torch.Tensor:
