@@ -37,6 +37,7 @@ from scd.model import DECODER_COMBINES, ModelConfig, build_model
 MAPPED, CREATED, DROPPED = "mapped", "created", "dropped"
 ENCODER_NORMS = ("identity", "copy")
 DEFAULT_ENCODER_NORM = "identity"  # why: docs/convert.md, "The encoder's output norm"
+REFERENCE_ENCODER_NOISE = 0.05  # the official recipe's feature noise (noise_strength), used when fine-tuning
 DEFAULT_DOWNSAMPLE = 8  # DC-AE of FAR's 64 px models; Minecraft (128 px) is 16
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 
@@ -331,7 +332,7 @@ def split_baseline(tensors: dict[str, torch.Tensor], base: ModelConfig, encoder_
         raise ConfigError(f"--encoder-norm must be identity or copy, not {encoder_norm!r}")
     k, l = split_layers(base.layers, encoder_layers, decoder_layers)
     config = dataclasses.replace(base, arch="scd", decoder_layers=l, decoder_combine=decoder_combine,
-                                 encoder_norm_unconditional=False)
+                                 encoder_norm_unconditional=False, encoder_noise=REFERENCE_ENCODER_NOISE)
     model = _fresh(config)
     state = model.state_dict()
     sources: dict[str, tuple[str, str]] = {}

@@ -85,6 +85,7 @@ def test_far_fixture_splits_into_scd(name, tmp_path):
     k, l = depth - depth // 3, depth // 3
     assert (report.kind, report.config.arch, report.config.encoder_layers, report.config.decoder_layers) == ("far", "scd", k, l)
     assert_split(baseline, saved(tmp_path / "scd"), k, l)
+    assert report.config.encoder_noise == 0.05 and report.config.decoder_combine == "token_concat"
     totals = report.totals()
     assert totals[DROPPED] == (0, 0)
     assert totals[CREATED][0] == 2  # the encoder's norm_out weight and bias
