@@ -1,28 +1,37 @@
 """Video in and out through PyAV: decode prompts, fit them to the model, stream frames to MP4.
 
-Frames are uint8 RGB arrays (N, H, W, 3). The writer produces fragmented H.264 MP4 (yuv420p) and
-flushes every frame, so the file plays with every finished frame even if the process dies.
+Frames are uint8 RGB arrays (N, H, W, 3). Reading accepts any container FFmpeg opens (MP4, WebM,
+MKV, MOV, GIF, ...) or a folder of images. Writing produces fragmented H.264 MP4 (yuv420p) with one
+fragment per frame, written as soon as the frame is encoded, so the file plays with every written
+frame even if the process is killed.
 """
 
 from __future__ import annotations
 
 import collections
-import os
+import io
+import math
 import re
+import struct
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import av
+import imageio.v3 as iio
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from scd.errors import ConfigError, VideoError
 
-MAX_PIXELS_PER_FRAME = 8192 * 8192  # larger frames are refused before anything is decoded
-MAX_FRAMES = 100_000
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+MAX_PIXELS_PER_FRAME = 8192 * 8192  # larger frames are refused before any is decoded
+MAX_FRAMES = 100_000  # more are refused unless `last` or `max_frames` bounds what is kept
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 FIT_MODES = ("crop", "pad", "stretch")
+UPSCALE_MODES = ("nearest", "bicubic")
+IMAGE_FPS = 30.0  # images carry no frame rate
+_DECODE_ERRORS = (av.FFmpegError, OSError, ValueError, RuntimeError, EOFError, MemoryError)
 
 
 @dataclass
@@ -31,210 +40,367 @@ class Clip:
     fps: float
 
 
-def _natural_key(path: Path):
-    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", path.name)]
+# ----------------------------------------------------------------------------- reading
+
+
+def read_video(path, last: int | None = None, max_frames: int | None = None) -> Clip:
+    """Decode a video file (MP4, WebM, MKV, MOV, GIF, ...) or a folder of images to RGB uint8.
+
+    Images in a folder (.png .jpg .jpeg .bmp .webp) are taken in natural name order (2 before 10) at
+    30 fps and must share one size. `max_frames` decodes at most that many frames from the start;
+    `last` then keeps the last N of them while streaming, so a long video never fills memory.
+    Alpha is composited on black; grayscale, palette and 10-bit input come out as 8-bit RGB.
+    A truncated file gives the frames before the damage. Raises VideoError for a missing path, no
+    images, no frames, bytes FFmpeg cannot decode, frames over MAX_PIXELS_PER_FRAME or more than
+    MAX_FRAMES kept; ConfigError for `last` or `max_frames` below 1."""
+    for name, value in (("last", last), ("max_frames", max_frames)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{name} must be >= 1 frame, got {value}")
+    path = Path(path)
+    if not path.exists():
+        raise VideoError(f"{path} does not exist; check the path")
+    if path.is_dir():
+        return _read_image_folder(path, last, max_frames)
+    return _read_file(path, last, max_frames)
+
+
+def _natural_key(path: Path) -> list:
+    # even positions are text, odd positions digit runs, so comparisons never mix int and str
+    return [int(t) if i % 2 else t.lower() for i, t in enumerate(re.split(r"(\d+)", path.name))]
 
 
 def _check_size(width: int, height: int, source) -> None:
     if width <= 0 or height <= 0:
-        raise VideoError(f"{source} has no picture size; is it a video?")
+        # FFmpeg also leaves the size unknown when a frame is over max_pixels
+        raise VideoError(f"{source} has no picture size FFmpeg accepts: it is not a video or image, or its "
+                         f"frames are over {MAX_PIXELS_PER_FRAME} pixels (refused); check the file")
     if width * height > MAX_PIXELS_PER_FRAME:
         raise VideoError(f"{source} is {width}x{height}: frames over {MAX_PIXELS_PER_FRAME} pixels are refused; "
-                         "downscale it first (e.g. ffmpeg -vf scale=512:-2)")
+                         "downscale it first (e.g. ffmpeg -i IN -vf scale=1024:-2 OUT)")
 
 
-def _decode(path: Path, keep: int | None, max_frames: int | None) -> tuple[list[np.ndarray], float]:
-    """Decode frames of one container; keeps only the last `keep` in a bounded deque."""
-    limit = min(max_frames or MAX_FRAMES, MAX_FRAMES)
-    frames: collections.deque = collections.deque(maxlen=keep)
+def _check_count(count: int, source) -> None:
+    if count > MAX_FRAMES:
+        raise VideoError(f"{source} holds more than {MAX_FRAMES} frames; keep fewer with last or max_frames")
+
+
+def _rgb(frame: av.VideoFrame, width: int, height: int) -> np.ndarray:
+    """One decoded frame as (height, width, 3) uint8 RGB; alpha composited on black."""
+    fmt = frame.format
+    if fmt.has_palette or any(c.is_alpha for c in fmt.components):
+        rgba = frame.to_ndarray(width=width, height=height, format="rgba").astype(np.uint16)
+        return ((rgba[..., :3] * rgba[..., 3:] + 127) // 255).astype(np.uint8)
+    return frame.to_ndarray(width=width, height=height, format="rgb24")
+
+
+def _read_file(path: Path, last: int | None, max_frames: int | None) -> Clip:
+    frames: collections.deque = collections.deque(maxlen=last)  # (H, W, 3) each
+    count, first_time, last_time, rate, is_image = 0, None, None, None, False
+    keep = min((n for n in (last, max_frames) if n is not None), default=None)
     try:
-        with av.open(str(path)) as container:
-            streams = container.streams.video
-            if not streams:
+        # max_pixels also bounds the frames FFmpeg decodes while probing the streams
+        with av.open(str(path), options={"max_pixels": str(MAX_PIXELS_PER_FRAME)}) as container:
+            if not container.streams.video:
                 raise VideoError(f"{path} has no video stream")
-            stream = streams[0]
+            stream = container.streams.video[0]
             if stream.codec_context is None:
-                raise VideoError(f"{path}: its video stream has no decoder here (unsupported codec)")
-            _check_size(stream.codec_context.width, stream.codec_context.height, path)
-            rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-            fps = float(rate) if rate else 0.0
-            count = 0
+                raise VideoError(f"{path}: no decoder here for its video codec; "
+                                 "convert it to H.264 first (e.g. ffmpeg -i IN -c:v libx264 OUT.mp4)")
+            width, height = stream.codec_context.width, stream.codec_context.height
+            _check_size(width, height, path)
+            if keep is None or keep > MAX_FRAMES:
+                _check_count(stream.frames, path)  # as declared by the container; 0 when unknown
+            stream.codec_context.options = {"max_pixels": str(MAX_PIXELS_PER_FRAME)}
+            is_image = container.format.name == "image2" or container.format.name.endswith("_pipe")
+            rate = stream.average_rate
             for frame in container.decode(stream):
-                _check_size(frame.width, frame.height, path)
-                frames.append(frame.to_ndarray(format="rgb24"))
+                frames.append(_rgb(frame, width, height))  # a size change mid-stream is scaled back
                 count += 1
-                if count >= limit:
+                _check_count(len(frames), path)
+                if frame.time is not None:
+                    first_time = frame.time if first_time is None else first_time
+                    last_time = frame.time
+                if count == max_frames:
                     break
     except VideoError:
         raise
-    except (av.FFmpegError, OSError, ValueError, IndexError, RuntimeError, AttributeError, TypeError, EOFError) as err:
-        if frames:  # a truncated file: keep what decoded
-            return list(frames), fps or 30.0
-        raise VideoError(f"cannot decode {path}: {str(err).strip() or type(err).__name__}; is it a video file?") from None
-    return list(frames), (fps if 0 < fps < 1000 else 30.0)
-
-
-def read_video(path, last: int | None = None, max_frames: int | None = None) -> Clip:
-    """Decode a video file (MP4, WebM, MKV, MOV, GIF, ...) or a folder of images, as RGB uint8.
-
-    `last` keeps only the last N frames (streamed: a long video does not fill memory)."""
-    path = Path(path)
-    if not path.exists():
-        raise VideoError(f"{path} does not exist")
-    if last is not None and last < 1:
-        raise ConfigError(f"the number of frames to keep must be >= 1, got {last}")
-    if path.is_dir():
-        images = sorted((p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=_natural_key)
-        if not images:
-            raise VideoError(f"{path} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-        if max_frames:
-            images = images[:max_frames]
-        if last:
-            images = images[-last:]
-        frames = [_decode(image, 1, 1)[0][0] for image in images]
-        if len({f.shape for f in frames}) > 1:
-            raise VideoError(f"the images in {path} have different sizes; resize them to one size")
-        return Clip(np.stack(frames), 30.0)
-    frames, fps = _decode(path, last, max_frames)
+    except _DECODE_ERRORS as err:
+        if not frames and isinstance(err, EOFError):
+            raise VideoError(f"{path} ends before its first video frame; is it empty or cut short?") from None
+        if not frames:
+            reason = getattr(err, "strerror", None) or str(err).strip() or type(err).__name__
+            raise VideoError(f"cannot decode {path} ({reason}); is it a video or image file?") from None
+        # a truncated file: keep the frames before the damage
     if not frames:
-        raise VideoError(f"{path} holds no frames")
+        raise VideoError(f"{path} holds no video frames")
+    if is_image:
+        fps = IMAGE_FPS
+    elif rate and 0 < rate <= 1000:
+        fps = float(rate)
+    elif count > 1 and last_time > first_time:  # no declared rate (some GIFs, raw streams)
+        fps = (count - 1) / (last_time - first_time)
+    else:
+        fps = IMAGE_FPS
     return Clip(np.stack(frames), fps)
 
 
+def _read_image_folder(folder: Path, last: int | None, max_frames: int | None) -> Clip:
+    images = [p for p in folder.iterdir()
+              if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()]
+    if not images:
+        raise VideoError(f"{folder} holds no images ({' '.join(IMAGE_SUFFIXES)}); "
+                         "add frames there or pass a video file")
+    images = sorted(images, key=_natural_key)[:max_frames]
+    images = images[-last:] if last else images
+    _check_count(len(images), folder)
+    frames = []
+    for image in images:
+        frame = _read_file(image, None, 1).frames[0]
+        if frames and frame.shape != frames[0].shape:
+            (h0, w0), (h, w) = frames[0].shape[:2], frame.shape[:2]
+            raise VideoError(f"{image.name} is {w}x{h} but {images[0].name} is {w0}x{h0}; "
+                             f"resize the images in {folder} to one size")
+        frames.append(frame)
+    return Clip(np.stack(frames), IMAGE_FPS)
+
+
+# ----------------------------------------------------------------------------- pixels
+
+
 def _resize(frames: np.ndarray, height: int, width: int) -> torch.Tensor:
-    x = torch.from_numpy(frames).permute(0, 3, 1, 2).float()
+    """uint8 (N, H, W, 3) -> float (N, 3, height, width) in [0, 255]."""
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
     if x.shape[-2:] == (height, width):
         return x
-    antialias = height < x.shape[-2] or width < x.shape[-1]
-    return F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False, antialias=antialias)
+    return F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
 
 
 def fit_frames(frames: np.ndarray, size: tuple[int, int], mode: str = "crop") -> np.ndarray:
-    """Fit (N, H, W, 3) uint8 frames to size (h, w). crop: cover then center-crop (default);
-    pad: fit inside then pad black, centered; stretch: ignore the aspect ratio."""
+    """Fit uint8 frames (N, H, W, 3) to size (h, w) -> uint8 (N, h, w, 3).
+
+    crop (default): scale to cover (h, w) keeping the aspect ratio, then cut the center.
+    pad: scale to fit inside keeping the aspect ratio, then center on black.
+    stretch: scale to (h, w), ignoring the aspect ratio.
+    Bilinear with antialiasing. Raises ConfigError for another mode."""
     if mode not in FIT_MODES:
         raise ConfigError(f"unknown fit mode {mode!r}: use {', '.join(FIT_MODES)}")
     h, w = size
     n, src_h, src_w = frames.shape[:3]
     if mode == "stretch":
-        out = _resize(frames, h, w)
+        rh, rw = h, w
+    elif mode == "crop":
+        scale = max(h / src_h, w / src_w)
+        rh, rw = max(h, round(src_h * scale)), max(w, round(src_w * scale))
     else:
-        scale = (max if mode == "crop" else min)(h / src_h, w / src_w)
-        rh, rw = max(1, round(src_h * scale)), max(1, round(src_w * scale))
-        resized = _resize(frames, rh, rw)
-        if mode == "crop":
-            top, left = (rh - h) // 2, (rw - w) // 2
-            out = resized[:, :, top:top + h, left:left + w]
+        scale = min(h / src_h, w / src_w)
+        rh, rw = max(1, min(h, round(src_h * scale))), max(1, min(w, round(src_w * scale)))
+    top, left = abs(rh - h) // 2, abs(rw - w) // 2
+    out = np.zeros((n, h, w, 3), np.uint8)
+    for start in range(0, n, 16):  # chunks: a long clip never exists as one float tensor
+        resized = _resize(frames[start:start + 16], rh, rw).round_().clamp_(0, 255).to(torch.uint8)
+        resized = resized.permute(0, 2, 3, 1).numpy()  # (n, rh, rw, 3)
+        if mode == "pad":
+            out[start:start + 16, top:top + rh, left:left + rw] = resized
         else:
-            out = torch.zeros((n, 3, h, w))
-            top, left = (h - rh) // 2, (w - rw) // 2
-            out[:, :, top:top + rh, left:left + rw] = resized
-    return out.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+            out[start:start + 16] = resized[:, top:top + h, left:left + w]
+    return out
 
 
 def frames_to_tensor(frames: np.ndarray) -> torch.Tensor:
-    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1]."""
+    """uint8 (N, H, W, 3) -> float32 (N, 3, H, W) in [-1, 1]."""
     return torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
 def tensor_to_frames(tensor: torch.Tensor) -> np.ndarray:
-    """float (N, 3, H, W) in [-1, 1] -> uint8 (N, H, W, 3)."""
+    """float (N, 3, H, W) in [-1, 1] (clamped) -> uint8 (N, H, W, 3), rounded."""
     x = ((tensor.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return x.permute(0, 2, 3, 1).contiguous().numpy()
 
 
+def _check_upscale(factor: int, mode: str) -> None:
+    if mode not in UPSCALE_MODES:
+        raise ConfigError(f"unknown upscale mode {mode!r}: use {' or '.join(UPSCALE_MODES)}")
+    if int(factor) != factor or factor < 1:
+        raise ConfigError(f"the upscale factor must be a whole number >= 1, got {factor}")
+
+
 def upscale_frames(frames: np.ndarray, factor: int, mode: str = "nearest") -> np.ndarray:
-    """Enlarge (N, H, W, 3) uint8 frames `factor` times for viewing."""
+    """Enlarge uint8 (N, H, W, 3) frames `factor` times -> (N, H*factor, W*factor, 3), for viewing.
+
+    nearest repeats pixels (exact); bicubic interpolates. Raises ConfigError for another mode or a
+    factor below 1."""
+    _check_upscale(factor, mode)
+    factor = int(factor)
     if factor == 1:
         return frames
     if mode == "nearest":
         return frames.repeat(factor, axis=1).repeat(factor, axis=2)
-    if mode != "bicubic":
-        raise ConfigError(f"unknown upscale mode {mode!r}: use nearest or bicubic")
     x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
     x = F.interpolate(x, scale_factor=factor, mode="bicubic", align_corners=False)
-    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+    return x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+
+
+# ----------------------------------------------------------------------------- writing
+#
+# FFmpeg's MP4 muxer holds each frame until the next one arrives (a fragment is closed only when the
+# next sample is seen), so a killed process would lose its last frame. FFmpeg therefore writes only
+# the header (ftyp + an empty moov); each encoded frame is then written here as its own fragment
+# (moof + mdat), laid out as FFmpeg lays out a one-sample fragment with movflags default_base_moof.
+
+_TRACK_ID = 1  # FFmpeg numbers the only track 1
+_SYNC, _NON_SYNC = 0x02000000, 0x01010000  # sample flags: depends on no other / non-sync sample
+
+
+def _box(kind: bytes, *payload: bytes) -> bytes:
+    body = b"".join(payload)
+    return struct.pack(">I4s", 8 + len(body), kind) + body
+
+
+def _full_box(kind: bytes, version: int, flags: int, *payload: bytes) -> bytes:
+    return _box(kind, struct.pack(">I", version << 24 | flags), *payload)
+
+
+def _fragment(sequence: int, decode_time: int, duration: int, sample: bytes, keyframe: bool) -> bytes:
+    """moof + mdat holding one sample: tfhd gives the sample's duration, size and non-sync flags (and
+    says offsets count from the moof), tfdt its decode time, trun the data offset and, for a
+    keyframe, sync flags."""
+    tfhd = _full_box(b"tfhd", 0, 0x020038, struct.pack(">IIII", _TRACK_ID, duration, len(sample), _NON_SYNC))
+    tfdt = _full_box(b"tfdt", 1, 0, struct.pack(">Q", decode_time))
+
+    def moof(data_offset: int) -> bytes:
+        if keyframe:
+            trun = _full_box(b"trun", 0, 0x000005, struct.pack(">IiI", 1, data_offset, _SYNC))
+        else:
+            trun = _full_box(b"trun", 0, 0x000001, struct.pack(">Ii", 1, data_offset))
+        return _box(b"moof", _full_box(b"mfhd", 0, 0, struct.pack(">I", sequence)), _box(b"traf", tfhd, tfdt, trun))
+
+    head = moof(0)
+    return moof(len(head) + 8) + _box(b"mdat", sample)
+
+
+def _random_access_index(keyframes: list[tuple[int, int]]) -> bytes:
+    """mfra: (decode time, moof offset) of every keyframe fragment, for players that seek."""
+    entries = b"".join(struct.pack(">QQBBB", time, offset, 1, 1, 1) for time, offset in keyframes)
+    tfra = _full_box(b"tfra", 1, 0, struct.pack(">III", _TRACK_ID, 0, len(keyframes)), entries)
+    mfro_size = 16
+    return _box(b"mfra", tfra, _full_box(b"mfro", 0, 0, struct.pack(">I", 8 + len(tfra) + mfro_size)))
+
+
+def _length_prefixed(annex_b: bytes) -> bytes:
+    """H.264 Annex B (start-code separated NAL units) -> 4-byte length prefixes, as MP4 stores them."""
+    # emulation prevention keeps 00 00 01 out of NAL units, and none ends in a zero byte
+    units = (unit.rstrip(b"\x00") for unit in annex_b.split(b"\x00\x00\x01"))
+    return b"".join(struct.pack(">I", len(unit)) + unit for unit in units if unit)
 
 
 class VideoWriter:
-    """H.264 MP4 written frame by frame; every written frame survives a crash (fragmented MP4).
+    """H.264 MP4 written frame by frame: each frame is encoded and written to the file in write(), so
+    the file plays with every written frame even if the process is killed.
 
-    Odd sizes are padded to even (black) as yuv420p requires."""
+    The file is opened at construction: a missing or unwritable folder raises VideoError before any
+    work. Frames are upscaled by `upscale` (nearest or bicubic); an odd width or height is padded to
+    even by repeating the last column or row, as yuv420p needs. A writer closed before its first
+    frame leaves no file. Keyframes every 2 seconds; no B-frames or lookahead, so nothing is held back.
+    Raises ConfigError for fps outside (0, 1000] or a bad upscale."""
 
     def __init__(self, path, fps: float, upscale: int = 1, upscale_mode: str = "nearest"):
+        if not (math.isfinite(fps) and 0 < fps <= 1000):
+            raise ConfigError(f"fps must be > 0 and <= 1000, got {fps}")
+        _check_upscale(upscale, upscale_mode)
         self.path = Path(path)
-        if not fps > 0:
-            raise ConfigError(f"fps must be > 0, got {fps}")
-        if upscale_mode not in ("nearest", "bicubic"):
-            raise ConfigError(f"unknown upscale mode {upscale_mode!r}: use nearest or bicubic")
-        parent = self.path.parent
-        if not parent.is_dir():
-            raise VideoError(f"cannot write {self.path}: the folder {parent} does not exist")
-        if not os.access(parent, os.W_OK):
-            raise VideoError(f"cannot write {self.path}: the folder {parent} is not writable")
-        if self.path.is_dir():
-            raise VideoError(f"cannot write {self.path}: it is a folder")
-        self.fps, self.upscale, self.upscale_mode = fps, upscale, upscale_mode
+        self.fps, self.upscale, self.upscale_mode = fps, int(upscale), upscale_mode
         self.frames_written = 0
-        self._container = None
+        self._rate = Fraction(fps).limit_denominator(1001)
+        self._encoder = None  # an in-memory FFmpeg MP4 whose stream encodes; started by the first frame
         self._stream = None
-        self._file = None
-
-    def _open(self, height: int, width: int) -> None:
+        self._keyframes: list[tuple[int, int]] = []  # (decode time, file offset) of keyframe fragments
+        self._offset = 0
         try:
-            self._file = open(self.path, "wb")
-            self._container = av.open(self._file, mode="w", format="mp4",
-                                      options={"movflags": "frag_keyframe+empty_moov+default_base_moof"})
-            from fractions import Fraction
+            self._file = open(self.path, "wb", buffering=0)  # unbuffered: a write is in the file at once
+        except FileNotFoundError:
+            raise VideoError(f"cannot write {self.path}: the folder {self.path.parent} does not exist; "
+                             "create it first") from None
+        except OSError as err:
+            raise VideoError(f"cannot write {self.path}: {err.strerror or err}; choose another output path") from None
 
-            rate = Fraction(self.fps).limit_denominator(1001)
-            self._stream = self._container.add_stream("libx264", rate=rate)
-            self._stream.width, self._stream.height = width + width % 2, height + height % 2
-            self._stream.pix_fmt = "yuv420p"
-            # every frame a keyframe in its own fragment, no lookahead: nothing is held back
-            self._stream.options = {"tune": "zerolatency", "g": "1", "crf": "12", "preset": "veryfast"}
-        except (OSError, av.FFmpegError, ValueError) as err:
-            raise VideoError(f"cannot write {self.path}: {getattr(err, 'strerror', None) or err}") from None
+    def _start(self, height: int, width: int) -> None:
+        header = io.BytesIO()
+        self._encoder = av.open(header, "w", format="mp4", container_options={"movflags": "empty_moov+default_base_moof"})
+        self._stream = self._encoder.add_stream("libx264", rate=self._rate)
+        self._stream.width, self._stream.height, self._stream.pix_fmt = width, height, "yuv420p"
+        self._stream.options = {"tune": "zerolatency", "preset": "veryfast", "crf": "12",
+                                "g": str(max(1, round(2 * self.fps)))}
+        self._encoder.start_encoding()  # ftyp + moov
+        self._append(header.getvalue())
+
+    def _append(self, data: bytes) -> None:
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[self._file.write(view):]
+        except OSError as err:
+            self._release()
+            raise VideoError(f"cannot write {self.path}: {err.strerror or err}; is the disk full?") from None
+        self._offset += len(data)
+
+    def _write_packets(self, packets) -> None:
+        tick = 1 / self._rate / self._stream.time_base  # one frame in the track's time scale
+        for packet in packets:
+            index = self.frames_written
+            decode_time = round(index * tick)
+            if packet.is_keyframe:
+                self._keyframes.append((decode_time, self._offset))
+            sample = _length_prefixed(bytes(packet))
+            duration = round((index + 1) * tick) - decode_time
+            self._append(_fragment(index + 1, decode_time, duration, sample, packet.is_keyframe))
+            self.frames_written += 1
 
     def write(self, frame: np.ndarray) -> None:
-        """Encode one (H, W, 3) uint8 frame and flush it to disk."""
+        """Encode one uint8 (H, W, 3) RGB frame and write it to the file. Every frame must have the
+        size of the first. Raises VideoError when the file cannot be written (disk full)."""
+        if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
+            raise ValueError(f"a frame is uint8 (H, W, 3), got {frame.dtype} {frame.shape}")
+        if self._file.closed:
+            raise VideoError(f"{self.path} is closed; no more frames can be written to it")
         frame = upscale_frames(frame[None], self.upscale, self.upscale_mode)[0]
         h, w = frame.shape[:2]
-        if self._container is None:
-            self._open(h, w)
-        if (h + h % 2, w + w % 2) != (self._stream.height, self._stream.width):
-            raise VideoError(f"frame size {w}x{h} differs from the first frame's in {self.path}")
-        if h % 2 or w % 2:
-            frame = np.pad(frame, ((0, h % 2), (0, w % 2), (0, 0)))
-        try:
-            for packet in self._stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
-                self._container.mux(packet)
-            self._file.flush()
-        except (OSError, av.FFmpegError) as err:
-            raise VideoError(f"cannot write {self.path}: {getattr(err, 'strerror', None) or err} (disk full?)") from None
-        self.frames_written += 1
+        frame = np.pad(frame, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge")  # (H', W', 3), even
+        if self._encoder is None:
+            self._start(*frame.shape[:2])
+        if frame.shape[:2] != (self._stream.height, self._stream.width):
+            raise VideoError(f"frame {self.frames_written} is {w}x{h}, unlike the first frame of {self.path}")
+        picture = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+        picture.pts = self.frames_written  # in 1 / fps
+        self._write_packets(self._stream.encode(picture))
 
     def close(self) -> None:
-        if self._container is None:
+        """Flush the encoder and add a seek index (mfra); safe to call twice."""
+        if self._file.closed:
             return
         try:
-            for packet in self._stream.encode():
-                self._container.mux(packet)
-            self._container.close()
-        except (OSError, av.FFmpegError) as err:
-            raise VideoError(f"cannot finish {self.path}: {getattr(err, 'strerror', None) or err}") from None
+            if self._encoder is not None:
+                self._write_packets(self._stream.encode(None))
+                self._append(_random_access_index(self._keyframes))
         finally:
-            self._file.close()
-            self._container = None
+            self._release()
 
-    def __enter__(self):
+    def _release(self) -> None:
+        self._file.close()
+        if self._encoder is not None:
+            self._encoder.close()
+            self._encoder = None
+        if self.frames_written == 0:
+            self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> VideoWriter:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc) -> None:
         self.close()
 
 
 def write_video(path, frames: np.ndarray, fps: float) -> Path:
+    """Write uint8 (N, H, W, 3) frames to an H.264 MP4 at `fps`; returns the path."""
     with VideoWriter(path, fps) as writer:
         for frame in frames:
             writer.write(frame)
@@ -242,13 +408,15 @@ def write_video(path, frames: np.ndarray, fps: float) -> Path:
 
 
 def write_png_frames(directory, frames: np.ndarray, start_index: int = 0) -> list[Path]:
+    """Write uint8 (N, H, W, 3) frames as directory/frame_000000.png, ... numbered from start_index,
+    creating the directory. Raises VideoError when it cannot be written."""
     directory = Path(directory)
+    paths = []
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        paths = []
         for i, frame in enumerate(frames):
             path = directory / f"frame_{start_index + i:06d}.png"
-            av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24").to_image().save(path)
+            iio.imwrite(path, np.ascontiguousarray(frame), extension=".png")
             paths.append(path)
     except OSError as err:
         raise VideoError(f"cannot write frames to {directory}: {err.strerror or err}") from None
