@@ -49,7 +49,7 @@ def parse_actions(spec: str | Path | None, names: tuple[str, ...], num_classes: 
             item = item.strip().lower()
             if not item:
                 continue
-            if item.lstrip("-").isdigit():
+            if item.isascii() and item.lstrip("-").isdigit():
                 index = int(item)
                 if not 0 <= index <= num_classes:
                     raise ActionError(f"action index {index} is out of range 0..{num_classes} ({num_classes} = none)")
