@@ -36,10 +36,14 @@ def parse_actions(spec: str | Path | None, names: tuple[str, ...], num_classes: 
         return None
     text = str(spec)
     path = Path(text)
-    if ("," not in text and path.suffix) or path.is_file():
+    try:
+        is_file = path.is_file()
+    except (OSError, ValueError):  # not a usable path (e.g. a NUL byte): read it as a list
+        is_file = False
+    if ("," not in text and path.suffix and "\x00" not in text) or is_file:
         try:
             text = path.read_text()
-        except (OSError, UnicodeDecodeError) as err:
+        except (OSError, UnicodeDecodeError, ValueError) as err:
             raise ActionError(f"cannot read action file {path}: {err}") from None
     lookup = {name.lower(): i for i, name in enumerate(names)}
     lookup.update({"none": num_classes, "null": num_classes, "noop": num_classes})

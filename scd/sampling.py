@@ -147,44 +147,49 @@ def stream(model: SCDModel | Baseline, context: torch.Tensor, frames: int, steps
         return None if labels is None else labels[:, j:j + n]
 
     first = given - keep  # absolute index of the first kept context frame
-    with torch.inference_mode():
-        if isinstance(model, SCDModel):
-            cache = model.encoder.new_cache(context.shape[0], capacity)
-            rope = model.decoder.rope_tables(device)
-            features = None
-            for start in range(0, keep, PREFILL_CHUNK):  # the encoder sees action j + 1 for frame j
-                chunk = context[:, start:start + PREFILL_CHUNK]
-                features = model.encoder(chunk, lab(first + start + 1, chunk.shape[1]), cache)[:, -1]
-            latest = None
-            for u in range(frames):
-                index = given + u
-                if latest is not None:
-                    features = model.encoder(latest[:, None], lab(index), cache)[:, 0]
-                encoder_ms = lap()
-                step_labels = None if labels is None else labels[:, index]
-                x = denoise(initial_noise(u), lambda x, t: model.decoder(x.to(dtype), t, features, step_labels, rope))
-                decoder_ms = lap()
-                latest = torch.cat([x, x]).to(dtype) if cfg else x.to(dtype)
-                yield Frame(u, x, encoder_ms, decoder_ms)
-                lap()  # the caller's time between frames belongs to no frame
-        else:
-            cache = model.new_cache(context.shape[0], capacity)
-            for start in range(0, keep, PREFILL_CHUNK):  # the baseline sees action j for frame j
-                chunk = context[:, start:start + PREFILL_CHUNK]
-                model.append(chunk, lab(first + start, chunk.shape[1]), cache)
-            latest = None
-            for u in range(frames):
-                index = given + u
-                if latest is not None:
-                    model.append(latest[:, None], lab(index - 1), cache)
-                rope = model.rope(cache.frames, 1, device)
-                encoder_ms = lap()
-                step_labels = None if labels is None else labels[:, index]
-                x = denoise(initial_noise(u), lambda x, t: model(x.to(dtype), t, step_labels, cache, rope))
-                decoder_ms = lap()
-                latest = torch.cat([x, x]).to(dtype) if cfg else x.to(dtype)
-                yield Frame(u, x, encoder_ms, decoder_ms)
-                lap()  # the caller's time between frames belongs to no frame
+    # each model call runs in inference mode, never the generator as a whole: a mode entered around a
+    # `yield` would stay on in the caller's code between frames
+    no_grad = torch.inference_mode()
+    denoise = no_grad(denoise)
+    if isinstance(model, SCDModel):
+        encoder = no_grad(model.encoder)
+        cache = model.encoder.new_cache(context.shape[0], capacity)
+        rope = model.decoder.rope_tables(device)
+        features = None
+        for start in range(0, keep, PREFILL_CHUNK):  # the encoder sees action j + 1 for frame j
+            chunk = context[:, start:start + PREFILL_CHUNK]
+            features = encoder(chunk, lab(first + start + 1, chunk.shape[1]), cache)[:, -1]
+        latest = None
+        for u in range(frames):
+            index = given + u
+            if latest is not None:
+                features = encoder(latest[:, None], lab(index), cache)[:, 0]
+            encoder_ms = lap()
+            step_labels = None if labels is None else labels[:, index]
+            x = denoise(initial_noise(u), lambda x, t: model.decoder(x.to(dtype), t, features, step_labels, rope))
+            decoder_ms = lap()
+            latest = torch.cat([x, x]).to(dtype) if cfg else x.to(dtype)
+            yield Frame(u, x, encoder_ms, decoder_ms)
+            lap()  # the caller's time between frames belongs to no frame
+    else:
+        append = no_grad(model.append)
+        cache = model.new_cache(context.shape[0], capacity)
+        for start in range(0, keep, PREFILL_CHUNK):  # the baseline sees action j for frame j
+            chunk = context[:, start:start + PREFILL_CHUNK]
+            append(chunk, lab(first + start, chunk.shape[1]), cache)
+        latest = None
+        for u in range(frames):
+            index = given + u
+            if latest is not None:
+                append(latest[:, None], lab(index - 1), cache)
+            rope = model.rope(cache.frames, 1, device)
+            encoder_ms = lap()
+            step_labels = None if labels is None else labels[:, index]
+            x = denoise(initial_noise(u), lambda x, t: model(x.to(dtype), t, step_labels, cache, rope))
+            decoder_ms = lap()
+            latest = torch.cat([x, x]).to(dtype) if cfg else x.to(dtype)
+            yield Frame(u, x, encoder_ms, decoder_ms)
+            lap()  # the caller's time between frames belongs to no frame
 
 
 def generate(model, context, frames, steps, **kwargs) -> torch.Tensor:
