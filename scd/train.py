@@ -39,6 +39,7 @@ class TrainSettings:
     ema_decay: float = 0.998
     grad_clip: float = 1.0
     decoder_draws: int = 2
+    decoder_lr_ratio: float = 2.0  # the reference trains SCD's decoder at twice the encoder's rate
     action_dropout: float = 0.1
     seed: int = 0
     checkpoint_every: int = 200
@@ -127,9 +128,14 @@ def train(config: ModelConfig, out: Path, settings: TrainSettings, batches, init
     model = init.model.train() if init is not None else build_model(config).train()
     config = model.config
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.0)
+    if config.arch == "scd":
+        groups = [{"params": list(model.encoder.parameters()), "lr": settings.lr},
+                  {"params": list(model.decoder.parameters()), "lr": settings.lr * settings.decoder_lr_ratio}]
+    else:
+        groups = [{"params": list(model.parameters()), "lr": settings.lr}]
+    optimizer = torch.optim.AdamW(groups, lr=settings.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, settings.warmup)))
-    start = 0
+    start, losses, wall_before = 0, [], 0.0  # losses (one per step) and wall time carry through resumes
     ckpt = out / "checkpoint.pt"
     if resume:
         if not ckpt.is_file():
@@ -141,11 +147,11 @@ def train(config: ModelConfig, out: Path, settings: TrainSettings, batches, init
         schedule.load_state_dict(state["schedule"])
         torch.set_rng_state(state["rng"])
         start = int(state["step"])
+        losses, wall_before = list(state.get("losses", [])), float(state.get("wall_s", 0.0))
     model, optimizer = accelerator.prepare(model, optimizer)
     raw = accelerator.unwrap_model(model)
     data = batches(start)
     began = time.perf_counter()
-    losses = []
     for step in range(start, settings.steps):
         video, actions = next(data)
         video = video.to(accelerator.device)
@@ -174,11 +180,12 @@ def train(config: ModelConfig, out: Path, settings: TrainSettings, batches, init
             if accelerator.is_main_process:
                 _save_checkpoint(ckpt, {"model": raw.state_dict(), "ema": ema.state_dict(),
                                         "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                                        "rng": torch.get_rng_state(), "step": done})
+                                        "rng": torch.get_rng_state(), "step": done, "losses": losses,
+                                        "wall_s": wall_before + time.perf_counter() - began})
         yield Progress(done, settings.steps, loss.item(), rate, (settings.steps - done) / rate if rate else 0.0)
     if accelerator.is_main_process:
         ema.config = config
-        save_model_folder(ema, out, card(losses, time.perf_counter() - began) if card else None)
+        save_model_folder(ema, out, card(losses, wall_before + time.perf_counter() - began) if card else None)
 
 
 def world_batches(settings: TrainSettings, config: ModelConfig):

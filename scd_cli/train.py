@@ -14,7 +14,7 @@ from scd import train as training
 from scd.checkpoints import load_model
 from scd.errors import ConfigError
 from scd.model import ModelConfig
-from scd_cli.common import console, handles_errors, is_interactive, say
+from scd_cli.common import console, handles_errors, is_interactive, say, state
 
 
 def _card(command: str, config: ModelConfig, settings: training.TrainSettings, data: str):
@@ -27,7 +27,9 @@ def _card(command: str, config: ModelConfig, settings: training.TrainSettings, d
         return (f"# {config.arch} model trained by scd\n\n"
                 f"- data: {data}\n"
                 f"- steps: {settings.steps}, batch {settings.batch_size} clips of {settings.clip_frames} frames, "
-                f"lr {settings.lr}, EMA {settings.ema_decay}\n"
+                f"lr {settings.lr} ({settings.warmup} warm-up steps)"
+                f"{f', decoder x{settings.decoder_lr_ratio:g}' if config.arch == 'scd' else ''}, EMA {settings.ema_decay}, "
+                f"context window {config.context_frames} frames\n"
                 f"- wall time: {wall_s / 60:.1f} min on {hardware}, torch {torch.__version__}\n"
                 f"- final loss (mean of the last {len(tail)} steps): {sum(tail) / max(1, len(tail)):.4f}\n"
                 f"- architecture: width {config.width} ({config.num_heads} x {config.head_dim}), {depth}, "
@@ -62,6 +64,8 @@ def train(
     lr: float = typer.Option(3e-4, "--lr"),
     warmup: int = typer.Option(100, "--warmup"),
     ema_decay: float = typer.Option(0.998, "--ema-decay"),
+    decoder_lr_ratio: float = typer.Option(2.0, "--decoder-lr-ratio", help="SCD decoder learning rate / encoder's (the reference: 2)."),
+    context_frames: int = typer.Option(8, "--context-frames", help="Context window the new model folder defaults to (keep it < --clip-frames)."),
     checkpoint_every: int = typer.Option(200, "--checkpoint-every"),
     seed: int = typer.Option(0, "--seed"),
     heads: int = typer.Option(4, "--heads"),
@@ -80,7 +84,7 @@ def train(
     from scd import world
 
     settings = training.TrainSettings(steps=steps, batch_size=batch_size, clip_frames=clip_frames, lr=lr, warmup=warmup,
-                                      ema_decay=ema_decay, seed=seed, checkpoint_every=checkpoint_every)
+                                      ema_decay=ema_decay, decoder_lr_ratio=decoder_lr_ratio, seed=seed, checkpoint_every=checkpoint_every)
     loaded = load_model(init) if init else None
     if loaded is not None:
         config = loaded.config
@@ -91,7 +95,7 @@ def train(
                              rope_axes=rope, layers=layers, decoder_layers=decoder_layers if arch == "scd" else 0,
                              condition="action", num_classes=len(world.ACTIONS), encoder_noise=0.05 if arch == "scd" else 0.0,
                              latent_size=(frame_size,) * 2, frame_size=(frame_size,) * 2, fps=8.0,
-                             action_names=world.ACTIONS, default_steps=default_steps, context_frames=8,
+                             action_names=world.ACTIONS, default_steps=default_steps, context_frames=context_frames,
                              demo="world" if data == "world" else None)
     command = _command_line(ctx)
     if data == "world":
@@ -99,10 +103,31 @@ def train(
     else:
         batches, described = training.folder_batches(Path(data), settings, config), f"videos in {data}"
     events = training.train(config, out, settings, batches, loaded, resume, _card(command, config, settings, described))
-    for p in events:
-        if p.step % 10 == 0 or p.step == p.steps:
-            say(f"step {p.step}/{p.steps} loss {p.loss:.4f} {p.steps_per_s:.2f} steps/s ETA {p.eta_s / 60:.1f} min")
+    if is_interactive() and not state["quiet"]:
+        _draw_live(events, settings.steps)
+    else:
+        for p in events:
+            if p.step % 10 == 0 or p.step == p.steps:
+                say(f"step {p.step}/{p.steps} loss {p.loss:.4f} {p.steps_per_s:.2f} steps/s ETA {p.eta_s / 60:.1f} min")
     console.print(f"wrote {out}")
+
+
+def _draw_live(events, steps: int) -> None:
+    """A live bar with the step, the loss (mean of the last 10 steps), steps/s and the ETA."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+               TextColumn("{task.fields[rate]} steps/s"), TextColumn("ETA {task.fields[eta]}"), TimeElapsedColumn())
+    recent: list[float] = []
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = None
+        for p in events:
+            if task is None:
+                task = bar.add_task("train", total=steps, completed=p.step - 1, loss="-", rate="-", eta="-")
+            recent = (recent + [p.loss])[-10:]
+            minutes, seconds = divmod(int(p.eta_s), 60)
+            bar.update(task, completed=p.step, loss=f"{sum(recent) / len(recent):.4f}", rate=f"{p.steps_per_s:.2f}",
+                       eta=f"{minutes}:{seconds:02d}")
 
 
 def register(app: typer.Typer) -> None:

@@ -105,3 +105,23 @@ def test_train_on_a_folder_of_real_videos(tmp_path):
     assert r.exit_code == 2 and "at least 50 frames" in r.output
     r = CliRunner().invoke(app, ["train", "--data", str(tmp_path / "nope"), "--out", str(out)])
     assert r.exit_code == 2 and "does not exist" in r.output
+
+
+def test_init_from_a_model_folder_and_impossible_sizes(tmp_path):
+    runner = CliRunner()
+    tiny = ["--steps", "1", "--batch-size", "1", "--clip-frames", "3", "--heads", "2", "--head-dim", "16",
+            "--layers", "2", "--decoder-layers", "1", "--patch-size", "8"]
+    r = runner.invoke(app, ["train", "--out", str(tmp_path / "a"), *tiny])
+    assert r.exit_code == 0, r.output
+    start = load_model_folder(tmp_path / "a")
+    r = runner.invoke(app, ["train", "--init", str(tmp_path / "a"), "--out", str(tmp_path / "b"), "--steps", "2",
+                            "--batch-size", "1", "--clip-frames", "3", "--lr", "1e-2", "--warmup", "1"])
+    assert r.exit_code == 0, r.output
+    tuned = load_model_folder(tmp_path / "b")
+    assert tuned.config == start.config  # the folder's architecture, not the size flags' defaults
+    a, b = start.model.state_dict(), tuned.model.state_dict()
+    assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
+    r = runner.invoke(app, ["train", "--out", str(tmp_path / "c"), *tiny[:-2], "--patch-size", "5"])
+    assert r.exit_code == 2 and "error" in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    r = runner.invoke(app, ["train", "--init", str(tmp_path / "nope"), "--out", str(tmp_path / "d")])
+    assert r.exit_code == 2, r.output
