@@ -413,7 +413,7 @@ def _run(spec: BenchSpec):
     matmul_size = spec.matmul_size or MATMUL_SIZE.get(device.type, 2048)
     settings = {"contexts": list(contexts), "steps": list(steps_list), "batches": list(batches),
                 "frames": spec.frames, "reps": spec.reps, "warmup": spec.warmup, "seed": spec.seed,
-                "guidance": 1.0, "dtype": dtype_name(dtype), "preset": spec.preset,
+                "guidance": 1.0, "dtype": dtype_name(dtype), "preset": spec.preset and spec.preset.upper(),
                 "matmul_size": matmul_size,
                 "context_latents": "random normal", "weights": {"scd": scd_side.source, "baseline": base_side.source}}
     rows_meta = [{"context": n, "steps": k, "batch": b} for n, k, b in combos]
