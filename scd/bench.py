@@ -12,7 +12,6 @@ device's matmul peak measured in this run, against which achieved FLOP/s are rea
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 import math
