@@ -98,18 +98,25 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in tensors.items()}
 
 
-def load_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Copy tensors into the model, refusing any missing, unexpected or mis-shaped entry."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    shapes = sorted(f"{k} {tuple(tensors[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
-                    if k in tensors and tensors[k].shape != v.shape)
+def tensor_mismatches(expected: dict[str, tuple], tensors: dict[str, torch.Tensor],
+                      unexpected_label: str = "unexpected") -> list[str]:
+    """What keeps `tensors` from filling `expected` ({name: shape}): missing, unexpected and
+    mis-shaped names, five of each at most, one phrase per kind; empty when they fit."""
+    shapes = sorted(f"{k} {tuple(tensors[k].shape)} != {tuple(v)}" for k, v in expected.items()
+                    if k in tensors and tuple(tensors[k].shape) != tuple(v))
     problems = []
-    for label, names in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)):
+    for label, names in (("missing", sorted(set(expected) - set(tensors))),
+                         (unexpected_label, sorted(set(tensors) - set(expected))), ("mis-shaped", shapes)):
         if names:
             more = f" and {len(names) - 5} more" if len(names) > 5 else ""
             problems.append(f"{len(names)} {label}: {', '.join(names[:5])}{more}")
+    return problems
+
+
+def load_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Copy tensors into the model, refusing any missing, unexpected or mis-shaped entry."""
+    expected = model.state_dict()
+    problems = tensor_mismatches({k: tuple(v.shape) for k, v in expected.items()}, tensors)
     if problems:
         raise CheckpointError(f"{source} does not match the model config ({'; '.join(problems)}); "
                               "check the options file or config.json that goes with it")

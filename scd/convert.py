@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import save_file
 
 import scd
-from scd.checkpoints import (CONFIG, REFERENCE_PRESETS, WEIGHTS, config_from_options, load_state,
+from scd.checkpoints import (CONFIG, REFERENCE_PRESETS, WEIGHTS, config_from_options, load_state, tensor_mismatches,
                              read_options, read_tensors, reference_kind, save_model_folder)
 from scd.codecs import (CODEC_DIR, DCAE_CONFIG, DCAE_SCALING_FACTOR, DCAE_WEIGHTS, build_dcae, dcae_downsample,
                         read_dcae_config)
@@ -296,15 +296,7 @@ def _expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 def check_tensors(tensors: dict[str, torch.Tensor], config: ModelConfig, source: str) -> None:
     """Every tensor the config needs, of its shape, and nothing else; else one CheckpointError naming them."""
-    expected = _expected_shapes(config)
-    problems = []
-    for label, names in (("missing", sorted(set(expected) - set(tensors))),
-                         ("unknown", sorted(set(tensors) - set(expected))),
-                         ("mis-shaped", sorted(f"{k} {tuple(tensors[k].shape)} != {expected[k]}" for k in expected
-                                               if k in tensors and tuple(tensors[k].shape) != expected[k]))):
-        if names:
-            more = f" and {len(names) - 5} more" if len(names) > 5 else ""
-            problems.append(f"{len(names)} {label}: {', '.join(names[:5])}{more}")
+    problems = tensor_mismatches(_expected_shapes(config), tensors, unexpected_label="unknown")
     if problems:
         raise CheckpointError(f"{source} does not fit a {config.arch} model of these sizes ({'; '.join(problems)}): "
                               "check the options file or the size flags")
