@@ -61,6 +61,7 @@ def evaluate(models: dict[str, LoadedModel], clips: int = 16, context: int = 8, 
     result = {"clips": clips, "frames": frames, "context": context, "seed": seed}
     for name, loaded in models.items():
         k = steps or loaded.config.default_steps
+        result.setdefault("steps", k)  # the first model's (SCD's); each model's own is under its name
         g = loaded.config.default_guidance if guidance is None else guidance
         start = time.perf_counter()
         pred = rollout(loaded, data, context, frames, k, g, seed)

@@ -79,7 +79,10 @@ def test_eval_runs_models_and_copy_last_frame(tmp_path):
     r = runner.invoke(app, ["eval", "--model", str(tmp_path / "scd"), "--baseline", str(tmp_path / "baseline"),
                             "--clips", "1", "--context", "2", "--frames", "1", "--steps", "1", "--json", str(json_path)])
     assert r.exit_code == 0, r.output
-    assert set(json.loads(json_path.read_text())) >= {"scd", "baseline", "copy_last_frame", "clips", "frames"}
+    written = json.loads(json_path.read_text())
+    assert set(written) >= {"scd", "baseline", "copy_last_frame", "clips", "frames", "context", "steps"}
+    assert written["clips"] == 1 and written["context"] == 2 and written["steps"] == 1
+    assert len(written["scd"]["psnr_per_frame"]) == 1 and set(written["scd"]) >= {"psnr", "ssim", "psnr_per_frame"}
 
 
 def test_info_on_a_reference_checkpoint():
