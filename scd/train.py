@@ -29,6 +29,9 @@ from scd.model import Baseline, ModelConfig, SCDModel, block_causal_mask, build_
 from scd.sampling import add_noise
 
 
+RANK_STRIDE = 1_000_003  # process r of a multi-process run draws data and noise from seed + r * stride
+
+
 @dataclass
 class TrainSettings:
     steps: int = 1000
@@ -52,6 +55,7 @@ class Progress:
     loss: float
     steps_per_s: float
     eta_s: float
+    main_process: bool = True  # under `accelerate launch`, only the main process should draw
 
 
 def logit_normal(n: int, generator=None) -> torch.Tensor:
@@ -118,15 +122,22 @@ def _save_checkpoint(path: Path, state: dict) -> None:
 def train(config: ModelConfig, out: Path, settings: TrainSettings, batches, init: LoadedModel | None = None,
           resume: bool = False, card=None):
     """Train, yielding Progress after every step; writes `out/checkpoint.pt` periodically and the
-    EMA model folder at the end. `batches(start_step)` yields (video (B, N, C, H, W), actions)."""
+    EMA model folder at the end. `batches(start_step)` yields (video (B, N, C, H, W), actions);
+    under `accelerate launch` with several processes it is called as `batches(start_step, rank)`,
+    each process trains on its own batches and gradients are averaged (the batch is per process)."""
     from accelerate import Accelerator
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     accelerator = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no", cpu=not torch.cuda.is_available())
+    rank, ranks = accelerator.process_index, accelerator.num_processes
     torch.manual_seed(settings.seed)
-    model = init.model.train() if init is not None else build_model(config).train()
+    model = init.model.train() if init is not None else build_model(config).train()  # the same on every process
     config = model.config
+    if rank:
+        torch.manual_seed(settings.seed + RANK_STRIDE * rank)  # its own noise; rank 0 draws what one process draws
+    # No DDP wrapper: the losses reach into submodules, so gradients are averaged across processes by hand.
+    model.to(accelerator.device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     if config.arch == "scd":
         groups = [{"params": list(model.encoder.parameters()), "lr": settings.lr},
@@ -146,11 +157,12 @@ def train(config: ModelConfig, out: Path, settings: TrainSettings, batches, init
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         torch.set_rng_state(state["rng"])
+        if torch.cuda.is_available() and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"], accelerator.device)
         start = int(state["step"])
         losses, wall_before = list(state.get("losses", [])), float(state.get("wall_s", 0.0))
-    model, optimizer = accelerator.prepare(model, optimizer)
-    raw = accelerator.unwrap_model(model)
-    data = batches(start)
+    raw = model
+    data = batches(start) if ranks == 1 else batches(start, rank)
     began = time.perf_counter()
     for step in range(start, settings.steps):
         video, actions = next(data)
@@ -166,7 +178,12 @@ def train(config: ModelConfig, out: Path, settings: TrainSettings, batches, init
             raise DataError(f"the loss became {loss.item()} at step {step}: lower --lr or check the data")
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
-        accelerator.clip_grad_norm_(model.parameters(), settings.grad_clip)
+        if ranks > 1:
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad = accelerator.reduce(p.grad, reduction="mean")
+            loss = accelerator.reduce(loss.detach(), reduction="mean")
+        torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
         optimizer.step()
         schedule.step()
         decay = min(settings.ema_decay, (1 + step) / (10 + step))  # warm-up: early EMA forgets the initialisation
@@ -181,8 +198,10 @@ def train(config: ModelConfig, out: Path, settings: TrainSettings, batches, init
                 _save_checkpoint(ckpt, {"model": raw.state_dict(), "ema": ema.state_dict(),
                                         "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                                         "rng": torch.get_rng_state(), "step": done, "losses": losses,
+                                        "cuda_rng": torch.cuda.get_rng_state(accelerator.device) if torch.cuda.is_available() else None,
                                         "wall_s": wall_before + time.perf_counter() - began})
-        yield Progress(done, settings.steps, loss.item(), rate, (settings.steps - done) / rate if rate else 0.0)
+        yield Progress(done, settings.steps, loss.item(), rate, (settings.steps - done) / rate if rate else 0.0,
+                       accelerator.is_main_process)
     if accelerator.is_main_process:
         ema.config = config
         save_model_folder(ema, out, card(losses, wall_before + time.perf_counter() - began) if card else None)
@@ -194,7 +213,8 @@ def world_batches(settings: TrainSettings, config: ModelConfig):
     if tuple(config.frame_size) != (world.FRAME_SIZE, world.FRAME_SIZE) or config.codec.get("type") != "pixel":
         raise ConfigError(f"the synthetic world is {world.FRAME_SIZE}x{world.FRAME_SIZE} pixels: "
                           "train a pixel-space model of that frame size on it")
-    return lambda start: world.stream_batches(settings.seed, settings.batch_size, settings.clip_frames, start)
+    return lambda start, rank=0: world.stream_batches(settings.seed + RANK_STRIDE * rank, settings.batch_size,
+                                                     settings.clip_frames, start)
 
 
 VIDEO_SUFFIXES = {".mp4", ".webm", ".mkv", ".mov", ".gif", ".avi"}
@@ -231,10 +251,10 @@ def folder_batches(folder, settings: TrainSettings, config: ModelConfig):
     if not clips:
         raise DataError(f"no video in {folder} has at least {settings.clip_frames} frames")
 
-    def batches(start: int):
+    def batches(start: int, rank: int = 0):
         step = start
         while True:
-            rng = np.random.default_rng([settings.seed, step])
+            rng = np.random.default_rng([settings.seed, step] + ([rank] if rank else []))
             video_batch, action_batch = [], []
             for _ in range(settings.batch_size):
                 pixels, actions = clips[int(rng.integers(len(clips)))]

@@ -33,3 +33,7 @@ for module in (info, generate, bench, train, evaluate, convert):
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":  # `accelerate launch -m scd_cli.app train ...`
+    main()

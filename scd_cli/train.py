@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import shlex
 from pathlib import Path
@@ -103,6 +104,10 @@ def train(
     else:
         batches, described = training.folder_batches(Path(data), settings, config), f"videos in {data}"
     events = training.train(config, out, settings, batches, loaded, resume, _card(command, config, settings, described))
+    if os.environ.get("RANK", "0") != "0":  # another process of `accelerate launch`: the main one draws
+        for _ in events:
+            pass
+        return
     if is_interactive() and not state["quiet"]:
         _draw_live(events, settings.steps)
     else:
