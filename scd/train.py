@@ -43,6 +43,7 @@ class TrainSettings:
     grad_clip: float = 1.0
     decoder_draws: int = 2
     decoder_lr_ratio: float = 2.0  # the reference trains SCD's decoder at twice the encoder's rate
+    sigma_shift: float = 1.0  # > 1 moves the logit-normal noise levels toward sigma 1 (SD3's shift); 1 = the reference
     action_dropout: float = 0.1
     seed: int = 0
     checkpoint_every: int = 200
@@ -58,8 +59,9 @@ class Progress:
     main_process: bool = True  # under `accelerate launch`, only the main process should draw
 
 
-def logit_normal(n: int, generator=None) -> torch.Tensor:
-    return torch.sigmoid(torch.randn(n, generator=generator))
+def logit_normal(n: int, shift: float = 1.0) -> torch.Tensor:
+    sigma = torch.sigmoid(torch.randn(n))
+    return sigma if shift == 1.0 else shift * sigma / (1 + (shift - 1) * sigma)
 
 
 def drop_actions(actions: torch.Tensor | None, config: ModelConfig, p: float) -> torch.Tensor | None:
@@ -69,7 +71,8 @@ def drop_actions(actions: torch.Tensor | None, config: ModelConfig, p: float) ->
     return torch.where(keep, actions, torch.full_like(actions, config.null_class))
 
 
-def scd_loss(model: SCDModel, video: torch.Tensor, actions: torch.Tensor | None, draws: int) -> torch.Tensor:
+def scd_loss(model: SCDModel, video: torch.Tensor, actions: torch.Tensor | None, draws: int,
+             shift: float = 1.0) -> torch.Tensor:
     """video (B, N, C, H, W) clean latents; actions (B, N)."""
     b, n = video.shape[:2]
     enc_actions = None if actions is None else torch.cat([actions[:, 1:], actions[:, -1:]], dim=1)
@@ -77,19 +80,19 @@ def scd_loss(model: SCDModel, video: torch.Tensor, actions: torch.Tensor | None,
     x0 = video[:, 1:].flatten(0, 1).repeat(draws, 1, 1, 1)
     features = features.flatten(0, 1).repeat(draws, 1, 1)
     labels = None if actions is None else actions[:, 1:].flatten().repeat(draws)
-    sigma = logit_normal(x0.shape[0]).to(x0.device)
+    sigma = logit_normal(x0.shape[0], shift).to(x0.device)
     noise = torch.randn_like(x0)
     velocity = model.decoder(add_noise(x0, noise, sigma), sigma * 1000.0, features, labels)
     return F.mse_loss(velocity.float(), (noise - x0).float())
 
 
-def baseline_loss(model: Baseline, video: torch.Tensor, actions: torch.Tensor | None) -> torch.Tensor:
+def baseline_loss(model: Baseline, video: torch.Tensor, actions: torch.Tensor | None, shift: float = 1.0) -> torch.Tensor:
     """Every frame j >= 1 denoised against clean frames < j, in one pass."""
     c = model.config
     b, n, _, h, w = video.shape
     t = c.tokens_per_frame
     x0 = video[:, 1:]
-    sigma = logit_normal(b * (n - 1)).to(video.device).view(b, n - 1)
+    sigma = logit_normal(b * (n - 1), shift).to(video.device).view(b, n - 1)
     noise = torch.randn_like(x0)
     noisy = add_noise(x0, noise, sigma)
     tokens = model.x_embedder(patchify(torch.cat([video, noisy], 1), c.patch_size))  # (B, 2N-1, T, D)
@@ -171,9 +174,9 @@ def train(config: ModelConfig, out: Path, settings: TrainSettings, batches, init
         actions = None if actions is None or config.condition is None else actions.to(accelerator.device)
         with accelerator.autocast():
             if config.arch == "scd":
-                loss = scd_loss(raw, video, actions, settings.decoder_draws)
+                loss = scd_loss(raw, video, actions, settings.decoder_draws, settings.sigma_shift)
             else:
-                loss = baseline_loss(raw, video, actions)
+                loss = baseline_loss(raw, video, actions, settings.sigma_shift)
         if not torch.isfinite(loss):
             raise DataError(f"the loss became {loss.item()} at step {step}: lower --lr or check the data")
         optimizer.zero_grad(set_to_none=True)

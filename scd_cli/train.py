@@ -66,6 +66,7 @@ def train(
     warmup: int = typer.Option(100, "--warmup"),
     ema_decay: float = typer.Option(0.998, "--ema-decay"),
     decoder_lr_ratio: float = typer.Option(2.0, "--decoder-lr-ratio", help="SCD decoder learning rate / encoder's (the reference: 2)."),
+    sigma_shift: float = typer.Option(1.0, "--sigma-shift", help="Shift noise levels toward 1 (SD3-style; 1 = the reference's logit-normal)."),
     context_frames: int = typer.Option(8, "--context-frames", help="Context window the new model folder defaults to (keep it < --clip-frames)."),
     checkpoint_every: int = typer.Option(200, "--checkpoint-every"),
     seed: int = typer.Option(0, "--seed"),
@@ -85,7 +86,7 @@ def train(
     from scd import world
 
     settings = training.TrainSettings(steps=steps, batch_size=batch_size, clip_frames=clip_frames, lr=lr, warmup=warmup,
-                                      ema_decay=ema_decay, decoder_lr_ratio=decoder_lr_ratio, seed=seed, checkpoint_every=checkpoint_every)
+                                      ema_decay=ema_decay, decoder_lr_ratio=decoder_lr_ratio, sigma_shift=sigma_shift, seed=seed, checkpoint_every=checkpoint_every)
     loaded = load_model(init) if init else None
     if loaded is not None:
         config = loaded.config
