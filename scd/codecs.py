@@ -20,6 +20,7 @@ class PixelCodec:
     """The identity on [-1, 1] pixels: latents are the frames themselves."""
 
     scale = 1
+    clamp = 1.0  # generated frames are bounded to the pixel range before they become context
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) in [-1, 1] -> latents (N, 3, H, W)."""
@@ -86,6 +87,7 @@ class DCAECodec:
         self.autoencoder = autoencoder
         self.scaling_factor = float(scaling_factor)
         self.scale = downsample or dcae_downsample(dict(autoencoder.config))
+        self.clamp = None  # latents have no fixed range
         self.chunk = chunk  # frames per autoencoder call: bounds activation memory on long prompts
 
     @classmethod

@@ -221,7 +221,8 @@ def run(job: Job):
             for writer in writers:
                 for frame in shown:
                     writer.write(frame)
-        for frame in stream(model, context, job.frames, steps, guidance, conditions, seed=job.seed, window=job.window):
+        for frame in stream(model, context, job.frames, steps, guidance, conditions, seed=job.seed, window=job.window,
+                            clamp=codec.clamp):
             t0 = time.perf_counter()
             with torch.inference_mode():
                 images = video.tensor_to_frames(codec.decode(frame.latents.to(dtype)))  # (B, H, W, 3)

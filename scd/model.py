@@ -412,9 +412,11 @@ class Encoder(Transformer):
         super().__init__(config, config.encoder_layers, head=False, norm_noise=config.encoder_noise,
                          norm_unconditional=config.encoder_norm_unconditional)
 
-    def forward(self, latents, labels=None, cache=None) -> torch.Tensor:
-        """latents (B, F, C, H, W), labels (B, F) -> features (B, F, T, D)."""
-        timesteps = torch.full(latents.shape[:2], -1.0, device=latents.device)
+    def forward(self, latents, labels=None, cache=None, timesteps=None) -> torch.Tensor:
+        """latents (B, F, C, H, W), labels (B, F) -> features (B, F, T, D). timesteps (B, F): -1
+        (clean, the default and what generation uses) or sigma * 1000 of noised context in training."""
+        if timesteps is None:
+            timesteps = torch.full(latents.shape[:2], -1.0, device=latents.device)
         return self.encode_frames(latents, timesteps, labels, cache)
 
 

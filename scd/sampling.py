@@ -87,7 +87,7 @@ def _conditions(model_config, conditions, batch: int, total: int, device) -> tor
 
 def stream(model: SCDModel | Baseline, context: torch.Tensor, frames: int, steps: int,
            guidance: float = 1.0, conditions: torch.Tensor | None = None, noise: torch.Tensor | None = None,
-           seed: int = 0, window: int | None = None) -> Iterator[Frame]:
+           seed: int = 0, window: int | None = None, clamp: float | None = None) -> Iterator[Frame]:
     """Continue `context` (B, F, C, H, W), in model space, by `frames` frames, one at a time.
 
     conditions: actions (B, F + frames) or (F + frames,) with `conditions[:, j]` belonging to frame j,
@@ -95,6 +95,8 @@ def stream(model: SCDModel | Baseline, context: torch.Tensor, frames: int, steps
     the null-conditioned pass with the conditioned one. noise (B, frames, C, H, W) fixes the initial
     noise; otherwise it is drawn on the CPU from `seed`, so a seed gives the same video on any device.
     window keeps only the last `window` frames of context in the KV cache (flat memory).
+    clamp bounds each generated frame to [-clamp, clamp] before it is yielded and fed back as context
+    (pixel-space models: 1, the range they were trained on; latent models: None).
     """
     config = model.config
     if context.dim() != 5 or context.shape[2:] != (config.channels, *config.latent_size):
@@ -167,6 +169,8 @@ def stream(model: SCDModel | Baseline, context: torch.Tensor, frames: int, steps
             encoder_ms = lap()
             step_labels = None if labels is None else labels[:, index]
             x = denoise(initial_noise(u), lambda x, t: model.decoder(x.to(dtype), t, features, step_labels, rope))
+            if clamp is not None:
+                x = x.clamp(-clamp, clamp)
             decoder_ms = lap()
             latest = torch.cat([x, x]).to(dtype) if cfg else x.to(dtype)
             yield Frame(u, x, encoder_ms, decoder_ms)
@@ -186,6 +190,8 @@ def stream(model: SCDModel | Baseline, context: torch.Tensor, frames: int, steps
             encoder_ms = lap()
             step_labels = None if labels is None else labels[:, index]
             x = denoise(initial_noise(u), lambda x, t: model(x.to(dtype), t, step_labels, cache, rope))
+            if clamp is not None:
+                x = x.clamp(-clamp, clamp)
             decoder_ms = lap()
             latest = torch.cat([x, x]).to(dtype) if cfg else x.to(dtype)
             yield Frame(u, x, encoder_ms, decoder_ms)

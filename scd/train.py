@@ -44,6 +44,8 @@ class TrainSettings:
     decoder_draws: int = 2
     decoder_lr_ratio: float = 2.0  # the reference trains SCD's decoder at twice the encoder's rate
     sigma_shift: float = 1.0  # > 1 moves the logit-normal noise levels toward sigma 1 (SD3's shift); 1 = the reference
+    clean_context_ratio: float = 1.0  # share of SCD context frames the encoder sees clean; the rest noised (reference: 0.1)
+    context_sigma_max: float = 1.0  # noised context frames draw sigma from max * logit-normal
     action_dropout: float = 0.1
     seed: int = 0
     checkpoint_every: int = 200
@@ -71,12 +73,27 @@ def drop_actions(actions: torch.Tensor | None, config: ModelConfig, p: float) ->
     return torch.where(keep, actions, torch.full_like(actions, config.null_class))
 
 
+def noised_context(video: torch.Tensor, clean_ratio: float, sigma_max: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The reference's clean-context ratio: each frame stays clean (timestep -1) with probability
+    `clean_ratio`, else it is noised at sigma_max * logit-normal and carries that timestep, so the
+    encoder learns to read imperfect context such as its own generated frames. -> (frames, timesteps)."""
+    if clean_ratio >= 1.0:
+        return video, None
+    b, n = video.shape[:2]
+    sigma = (sigma_max * logit_normal(b * n)).view(b, n).to(video.device)
+    clean = torch.rand(b, n, device=video.device) < clean_ratio
+    sigma = torch.where(clean, torch.zeros_like(sigma), sigma)
+    noisy = add_noise(video, torch.randn_like(video), sigma)
+    return noisy, torch.where(clean, torch.full_like(sigma, -1.0), sigma * 1000.0)
+
+
 def scd_loss(model: SCDModel, video: torch.Tensor, actions: torch.Tensor | None, draws: int,
-             shift: float = 1.0) -> torch.Tensor:
+             shift: float = 1.0, clean_ratio: float = 1.0, context_sigma_max: float = 1.0) -> torch.Tensor:
     """video (B, N, C, H, W) clean latents; actions (B, N)."""
     b, n = video.shape[:2]
     enc_actions = None if actions is None else torch.cat([actions[:, 1:], actions[:, -1:]], dim=1)
-    features = model.encoder(video, enc_actions)[:, :-1]  # (B, N-1, T, D): features of frame j-1
+    context, timesteps = noised_context(video, clean_ratio, context_sigma_max)
+    features = model.encoder(context, enc_actions, timesteps=timesteps)[:, :-1]  # (B, N-1, T, D): features of frame j-1
     x0 = video[:, 1:].flatten(0, 1).repeat(draws, 1, 1, 1)
     features = features.flatten(0, 1).repeat(draws, 1, 1)
     labels = None if actions is None else actions[:, 1:].flatten().repeat(draws)
@@ -174,7 +191,8 @@ def train(config: ModelConfig, out: Path, settings: TrainSettings, batches, init
         actions = None if actions is None or config.condition is None else actions.to(accelerator.device)
         with accelerator.autocast():
             if config.arch == "scd":
-                loss = scd_loss(raw, video, actions, settings.decoder_draws, settings.sigma_shift)
+                loss = scd_loss(raw, video, actions, settings.decoder_draws, settings.sigma_shift,
+                                settings.clean_context_ratio, settings.context_sigma_max)
             else:
                 loss = baseline_loss(raw, video, actions, settings.sigma_shift)
         if not torch.isfinite(loss):

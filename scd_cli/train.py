@@ -30,6 +30,7 @@ def _card(command: str, config: ModelConfig, settings: training.TrainSettings, d
                 f"- steps: {settings.steps}, batch {settings.batch_size} clips of {settings.clip_frames} frames, "
                 f"lr {settings.lr} ({settings.warmup} warm-up steps)"
                 f"{f', decoder x{settings.decoder_lr_ratio:g}' if config.arch == 'scd' else ''}, EMA {settings.ema_decay}, "
+                f"{f'clean context {settings.clean_context_ratio:g} (else sigma <= {settings.context_sigma_max:g}), ' if config.arch == 'scd' and settings.clean_context_ratio < 1 else ''}"
                 f"context window {config.context_frames} frames\n"
                 f"- wall time: {wall_s / 60:.1f} min on {hardware}, torch {torch.__version__}\n"
                 f"- final loss (mean of the last {len(tail)} steps): {sum(tail) / max(1, len(tail)):.4f}\n"
@@ -67,6 +68,8 @@ def train(
     ema_decay: float = typer.Option(0.998, "--ema-decay"),
     decoder_lr_ratio: float = typer.Option(2.0, "--decoder-lr-ratio", help="SCD decoder learning rate / encoder's (the reference: 2)."),
     sigma_shift: float = typer.Option(1.0, "--sigma-shift", help="Shift noise levels toward 1 (SD3-style; 1 = the reference's logit-normal)."),
+    clean_context_ratio: float = typer.Option(1.0, "--clean-context-ratio", help="SCD: share of context frames the encoder sees clean; the others are noised (the reference: 0.1)."),
+    context_sigma_max: float = typer.Option(1.0, "--context-sigma-max", help="SCD: noised context frames draw sigma from this times logit-normal."),
     context_frames: int = typer.Option(8, "--context-frames", help="Context window the new model folder defaults to (keep it < --clip-frames)."),
     checkpoint_every: int = typer.Option(200, "--checkpoint-every"),
     seed: int = typer.Option(0, "--seed"),
@@ -81,12 +84,15 @@ def train(
     """Train SCD or its causal baseline; writes an EMA model folder with a model card."""
     if min(steps, batch_size, checkpoint_every) < 1 or clip_frames < 2:
         raise ConfigError("--steps, --batch-size, --checkpoint-every must be >= 1 and --clip-frames >= 2")
+    if not (0.0 <= clean_context_ratio <= 1.0 and 0.0 < context_sigma_max <= 1.0):
+        raise ConfigError("--clean-context-ratio must lie in [0, 1] and --context-sigma-max in (0, 1]")
     if arch not in ("scd", "baseline"):
         raise ConfigError(f"--arch must be scd or baseline, not {arch!r}")
     from scd import world
 
     settings = training.TrainSettings(steps=steps, batch_size=batch_size, clip_frames=clip_frames, lr=lr, warmup=warmup,
-                                      ema_decay=ema_decay, decoder_lr_ratio=decoder_lr_ratio, sigma_shift=sigma_shift, seed=seed, checkpoint_every=checkpoint_every)
+                                      ema_decay=ema_decay, decoder_lr_ratio=decoder_lr_ratio, sigma_shift=sigma_shift,
+                                      clean_context_ratio=clean_context_ratio, context_sigma_max=context_sigma_max, seed=seed, checkpoint_every=checkpoint_every)
     loaded = load_model(init) if init else None
     if loaded is not None:
         config = loaded.config

@@ -121,6 +121,19 @@ def test_seed_determinism_and_streaming_timings():
     assert all(f.encoder_ms >= 0 and f.decoder_ms > 0 and f.latency_ms >= f.decoder_ms for f in a)
 
 
+@pytest.mark.parametrize("arch", ["scd", "baseline"])
+def test_clamp_bounds_each_frame_and_what_is_fed_back(arch):
+    model = random_model(tiny_config(arch=arch))
+    context, actions, noise = inputs(model.config)
+    free = generate(model, context, U, K, conditions=actions, noise=noise)
+    assert free.abs().max() > 1  # random weights overshoot the pixel range
+    bounded = generate(model, context, U, K, conditions=actions, noise=noise, clamp=1.0)
+    assert bounded.abs().max() <= 1
+    assert torch.equal(bounded[:, 0], free[:, 0].clamp(-1, 1))  # the first frame: only the bound differs
+    # later frames were generated from the bounded frames, not from the free ones
+    assert not torch.equal(bounded[:, 1:], free[:, 1:].clamp(-1, 1))
+
+
 def test_actions_change_the_output():
     model = random_model(tiny_config())
     context, actions, noise = inputs(model.config)

@@ -30,6 +30,31 @@ def test_loss_goes_down_for_both_archs(tmp_path):
         assert load_model_folder(tmp_path / arch).config.arch == arch
 
 
+def test_noised_context_keeps_the_clean_share_and_labels_the_rest():
+    torch.manual_seed(0)
+    video = torch.rand(64, 8, 3, 8, 8) * 2 - 1
+    same, timesteps = training.noised_context(video, 1.0, 1.0)
+    assert same is video and timesteps is None
+    noisy, timesteps = training.noised_context(video, 0.25, 0.3)
+    clean = timesteps == -1
+    assert 0.15 < clean.float().mean() < 0.35
+    assert torch.equal(noisy[clean], video[clean]) and not torch.equal(noisy[~clean], video[~clean])
+    sigma = timesteps[~clean] / 1000
+    assert sigma.min() > 0 and sigma.max() <= 0.3
+    # each noised frame sits at its labelled level: (x - (1 - s) x0) / s is unit Gaussian noise
+    s = sigma.view(-1, 1, 1, 1)
+    implied = (noisy[~clean] - (1 - s) * video[~clean]) / s
+    assert abs(implied.std().item() - 1) < 0.05
+
+
+def test_scd_learns_with_noised_context(tmp_path):
+    config = tiny_config(**WORLD)
+    settings = training.TrainSettings(steps=40, lr=3e-3, warmup=1, checkpoint_every=100, action_dropout=0.0,
+                                      clean_context_ratio=0.5, context_sigma_max=0.3)
+    losses = [p.loss for p in training.train(config, tmp_path / "m", settings, fixed_batches())]
+    assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:5]) / 5, (losses[:5], losses[-5:])
+
+
 def test_resume_is_bit_identical(tmp_path):
     config = tiny_config(**WORLD)
     make = lambda steps: training.TrainSettings(steps=steps, batch_size=2, clip_frames=3, checkpoint_every=3, warmup=2)
@@ -78,6 +103,8 @@ def test_cli_train_and_bad_options(tmp_path):
     assert load_model_folder(out).config.decoder_layers == 1
     r = runner.invoke(app, ["train", "--out", str(out), "--steps", "0"])
     assert r.exit_code == 2 and "--steps" in r.output
+    r = runner.invoke(app, ["train", "--out", str(tmp_path / "x"), "--clean-context-ratio", "1.5"])
+    assert r.exit_code == 2 and "--clean-context-ratio" in r.output
     r = runner.invoke(app, ["train", "--out", str(tmp_path / "x"), "--resume"])
     assert r.exit_code == 2 and "nothing to resume" in r.output
 
