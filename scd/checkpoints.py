@@ -113,14 +113,33 @@ def tensor_mismatches(expected: dict[str, tuple], tensors: dict[str, torch.Tenso
     return problems
 
 
-def load_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Copy tensors into the model, refusing any missing, unexpected or mis-shaped entry."""
-    expected = model.state_dict()
+def _refuse_mismatch(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], source: str) -> None:
     problems = tensor_mismatches({k: tuple(v.shape) for k, v in expected.items()}, tensors)
     if problems:
         raise CheckpointError(f"{source} does not match the model config ({'; '.join(problems)}); "
                               "check the options file or config.json that goes with it")
+
+
+def load_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Copy tensors into the model, refusing any missing, unexpected or mis-shaped entry."""
+    expected = model.state_dict()
+    _refuse_mismatch(expected, tensors, source)
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()})
+
+
+def model_from_tensors(config: ModelConfig, tensors: dict[str, torch.Tensor], source: str) -> torch.nn.Module:
+    """The model of `config` holding `tensors`. The config is checked against the tensors on a
+    storage-less (meta) copy first, so a config that declares a huge model is refused before
+    anything of its size is allocated: what gets allocated is never larger than the file."""
+    try:
+        with torch.device("meta"):
+            skeleton = build_model(config, init=False)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"cannot build the model that {source} is for: {err}") from None
+    _refuse_mismatch(skeleton.state_dict(), tensors, source)
+    model = build_model(config, init=False)
+    load_state(model, tensors, source)
+    return model
 
 
 # ----------------------------------------------------------------------------- reference options
@@ -161,11 +180,12 @@ def config_from_options(options: dict, latent_size: tuple[int, int] | None = Non
     The latent size is not part of the transformer options: it comes from `latent_size`, or the
     options' `val.sample_cfg.sample_size`, or the reference default of 8."""
     node = _transformer_options(options)
-    kind, enc = _stack_options(node["init_cfg"])
-    if latent_size is None:
-        size = (options.get("val") or {}).get("sample_cfg", {}).get("sample_size", 8)
-        latent_size = (size, size)
+    kind = "model"
     try:
+        kind, enc = _stack_options(node["init_cfg"])
+        if latent_size is None:
+            size = (options.get("val") or {}).get("sample_cfg", {}).get("sample_size", 8)
+            latent_size = (size, size)
         if enc.get("in_channels", 32) != enc.get("out_channels", 32):
             raise CheckpointError("in_channels != out_channels is not supported")
         cond = enc.get("condition_cfg")
@@ -186,6 +206,8 @@ def config_from_options(options: dict, latent_size: tuple[int, int] | None = Non
                            encoder_norm_unconditional=bool(enc.get("norm_out_unconditional", False)), **common, **extra)
     except KeyError as err:
         raise CheckpointError(f"the options file lacks {err} for a {kind or 'model'} transformer") from None
+    except (TypeError, ValueError, AttributeError) as err:
+        raise CheckpointError(f"the options file has a value of the wrong kind for a {kind or 'model'} transformer: {err}") from None
     except ConfigError as err:
         raise CheckpointError(f"the options file describes an impossible model: {err}") from None
 
@@ -217,8 +239,7 @@ def load_reference(weights: Path, options: Path, latent_size=None, **extra) -> L
     if reference_kind(tensors) == "far_long":
         raise CheckpointError(f"{weights} is a FAR_Long checkpoint: its long-context tensors have no place in "
                               "this model; run `scd convert` to port it (the drop is reported)")
-    model = build_model(config, init=False)
-    load_state(model, tensors, str(weights))
+    model = model_from_tensors(config, tensors, str(weights))
     return LoadedModel(model.eval(), config, str(weights))
 
 
@@ -262,8 +283,7 @@ def load_model_folder(folder: Path) -> LoadedModel:
         config = ModelConfig.load(folder / CONFIG)
     except ConfigError as err:
         raise CheckpointError(f"{folder / CONFIG}: {err}") from None
-    model = build_model(config, init=False)
-    load_state(model, read_tensors(folder / WEIGHTS), str(folder / WEIGHTS))
+    model = model_from_tensors(config, read_tensors(folder / WEIGHTS), str(folder / WEIGHTS))
     return LoadedModel(model.eval(), config, str(folder), folder)
 
 

@@ -27,8 +27,8 @@ import torch
 from safetensors.torch import save_file
 
 import scd
-from scd.checkpoints import (CONFIG, REFERENCE_PRESETS, WEIGHTS, config_from_options, load_state, tensor_mismatches,
-                             read_options, read_tensors, reference_kind, save_model_folder)
+from scd.checkpoints import (CONFIG, REFERENCE_PRESETS, WEIGHTS, config_from_options, load_state, model_from_tensors,
+                             tensor_mismatches, read_options, read_tensors, reference_kind, save_model_folder)
 from scd.codecs import (CODEC_DIR, DCAE_CONFIG, DCAE_SCALING_FACTOR, DCAE_WEIGHTS, build_dcae, dcae_downsample,
                         read_dcae_config)
 from scd.errors import CheckpointError, ConfigError
@@ -356,8 +356,7 @@ def split_baseline(tensors: dict[str, torch.Tensor], base: ModelConfig, encoder_
 
 def _straight(tensors: dict[str, torch.Tensor], config: ModelConfig) -> tuple[torch.nn.Module, list[TensorEntry]]:
     """The model of `config` holding `tensors` as they are (keys already checked)."""
-    model = build_model(config, init=False)
-    load_state(model, tensors, "the checkpoint")
+    model = model_from_tensors(config, tensors, "the checkpoint")
     return model, [TensorEntry(k, k, MAPPED, tuple(v.shape)) for k, v in model.state_dict().items()]
 
 

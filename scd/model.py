@@ -23,6 +23,10 @@ ARCHS = ("scd", "baseline")
 DECODER_COMBINES = ("token_concat", "add", "concat", "token_concat_with_proj")
 CONDITIONS = (None, "action", "label")
 FORMAT_VERSION = 1
+# Sizes a config may declare (far above any published model): a config beyond them is refused
+# before anything is built, so a corrupt or hostile config.json cannot exhaust memory or time.
+LIMITS = {"num_heads": 256, "head_dim": 1024, "layers": 1024, "channels": 4096, "patch_size": 64,
+          "latent_size": 8192, "num_classes": 1_000_000, "default_steps": 10_000}
 
 
 @dataclass(frozen=True)
@@ -79,7 +83,18 @@ class ModelConfig:
         return self.num_classes
 
     def validate(self) -> None:
+        integers = ("num_heads", "head_dim", "channels", "patch_size", "layers", "decoder_layers", "num_classes",
+                    "default_steps", "format_version")
+        wrong = [n for n in integers if not isinstance(getattr(self, n), int) or isinstance(getattr(self, n), bool)]
+        wrong += [n for n in ("rope_axes", "latent_size", "frame_size")
+                  if not all(isinstance(v, int) and not isinstance(v, bool) for v in getattr(self, n))]
+        if wrong:
+            raise ConfigError(f"invalid model config: {', '.join(wrong)} must be integers")
         problems = []
+        for name, limit in LIMITS.items():
+            value = getattr(self, name) if name != "latent_size" else max(self.latent_size, default=0)
+            if value > limit:
+                problems.append(f"{name} {value} is over the limit of {limit}")
         if self.arch not in ARCHS:
             problems.append(f"arch must be one of {ARCHS}, not {self.arch!r}")
         if self.decoder_combine not in DECODER_COMBINES:
@@ -116,7 +131,10 @@ class ModelConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"unknown config fields {unknown}: this config was written by a newer scd, upgrade it")
-        if data.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
+        version = data.get("format_version", FORMAT_VERSION)
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise ConfigError(f"format_version must be an integer, not {version!r}")
+        if version > FORMAT_VERSION:
             raise ConfigError(f"config format {data['format_version']} is newer than this scd ({FORMAT_VERSION}): upgrade scd")
         try:
             return cls(**data)

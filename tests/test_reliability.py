@@ -136,3 +136,98 @@ def test_huge_declared_resolution_is_refused_quickly(tmp_path):
     (folder / "0.png").write_bytes(png)
     with pytest.raises(VideoError):
         read_video(folder)
+
+
+# ----------------------------------------------------------------------------- fuzzed loaders
+
+WORLD_SCD = Path(__file__).resolve().parents[1] / "scd" / "assets" / "world-scd"
+ODD_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-2**40, 2**40), st.floats(allow_nan=True),
+                       st.text(max_size=12), st.lists(st.integers(-10, 10**6), max_size=4), st.dictionaries(st.text(max_size=4), st.integers(), max_size=2))
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.data())
+def test_mutated_config_json_loads_or_is_a_checkpoint_error(tmp_path_factory, data):
+    """A model folder whose config.json has a field changed, dropped or added, or is not JSON at
+    all: it loads (when the weights still fit) or stops with CheckpointError; nothing else, and a
+    config declaring a huge model is refused without building it."""
+    folder = tmp_path_factory.mktemp("m")
+    (folder / "model.safetensors").write_bytes((WORLD_SCD / "model.safetensors").read_bytes())
+    config = json.loads((WORLD_SCD / "config.json").read_text())
+    kind = data.draw(st.sampled_from(["change", "drop", "add", "bytes"]))
+    if kind == "bytes":
+        text = data.draw(st.binary(max_size=300)).decode("latin-1")
+    else:
+        key = data.draw(st.sampled_from(sorted(config)))
+        if kind == "change":
+            config[key] = data.draw(ODD_VALUES)
+        elif kind == "drop":
+            del config[key]
+        else:
+            config[data.draw(st.text(min_size=1, max_size=8))] = 1
+        text = json.dumps(config)
+    (folder / "config.json").write_text(text)
+    try:
+        loaded = load_model_folder(folder)
+    except CheckpointError:
+        return
+    assert sum(p.numel() for p in loaded.model.parameters()) < 10**6
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_mutated_options_files_give_a_config_or_a_clear_error(data):
+    """Official options YAML with a value replaced by an odd one, or random text."""
+    import yaml
+
+    from scd.checkpoints import config_from_options
+    from scd.errors import SCDError
+
+    options = yaml.safe_load((Path(__file__).parent / "fixtures/reference/case0/options.yml").read_text())
+    if data.draw(st.booleans()):
+        node = options["models"]["model_cfg"]["transformer"][data.draw(st.sampled_from(["init_cfg", "decoder_cfg"]))]["config"]
+        node[data.draw(st.sampled_from(sorted(node)))] = data.draw(ODD_VALUES)
+    else:
+        try:
+            options = yaml.safe_load(data.draw(st.text(max_size=200)))
+        except yaml.YAMLError:
+            return
+        if not isinstance(options, dict):
+            return
+    try:
+        config = config_from_options(options)
+    except SCDError:
+        return
+    assert config.layers >= 1
+
+
+def _odd_video(path: Path, kind: str) -> Path:
+    """Real files of the kinds readers trip on: 10-bit, variable frame rate, gray, alpha."""
+    from test_video import encode
+
+    codec, pix_fmt, suffix = {"10bit": ("ffv1", "yuv420p10le", ".mkv"), "vfr": ("libx264", "yuv420p", ".mp4"),
+                              "gray": ("ffv1", "gray", ".mkv"), "alpha": ("png", "rgba", ".mov")}[kind]
+    frames = np.random.default_rng(1).integers(0, 255, (5, 16, 16, 3), dtype=np.uint8)
+    times = [0, 0.1, 0.15, 0.4, 0.5] if kind == "vfr" else None
+    return encode(path.with_suffix(suffix), frames, codec=codec, pix_fmt=pix_fmt, times=times)
+
+
+@pytest.mark.parametrize("kind", ["10bit", "vfr", "gray", "alpha"])
+def test_mutated_odd_videos_decode_or_are_a_video_error(tmp_path, kind):
+    """Byte flips across real 10-bit, VFR, gray and alpha files (40 mutants each)."""
+    original = _odd_video(tmp_path / "v", kind)
+    clip = read_video(original)
+    assert clip.frames.shape == (5, 16, 16, 3)
+    data = original.read_bytes()
+    rng = np.random.default_rng(len(kind))
+    for i in range(40):
+        mutant = bytearray(data)
+        for at in rng.integers(0, len(data), int(rng.integers(1, 9))):
+            mutant[at] = int(rng.integers(0, 256))
+        path = tmp_path / f"m{i}{original.suffix}"
+        path.write_bytes(bytes(mutant))
+        try:
+            clip = read_video(path)
+        except VideoError:
+            continue
+        assert clip.frames.ndim == 4 and clip.frames.shape[-1] == 3 and clip.frames.dtype == np.uint8
