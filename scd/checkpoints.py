@@ -273,16 +273,22 @@ def save_model_folder(model: torch.nn.Module, folder: Path, card: str | None = N
     return folder
 
 
-def load_model_folder(folder: Path) -> LoadedModel:
+def read_folder_config(folder: Path) -> ModelConfig:
+    """The config of a model folder, after checking that its weights file is there too."""
     folder = Path(folder)
     if not (folder / CONFIG).is_file():
         raise CheckpointError(f"{folder} is not a model folder: it has no {CONFIG}")
     if not (folder / WEIGHTS).is_file():
-        raise CheckpointError(f"{folder} has no {WEIGHTS}")
+        raise CheckpointError(f"the model folder {folder} has no {WEIGHTS}")
     try:
-        config = ModelConfig.load(folder / CONFIG)
+        return ModelConfig.load(folder / CONFIG)
     except ConfigError as err:
         raise CheckpointError(f"{folder / CONFIG}: {err}") from None
+
+
+def load_model_folder(folder: Path) -> LoadedModel:
+    folder = Path(folder)
+    config = read_folder_config(folder)
     model = model_from_tensors(config, read_tensors(folder / WEIGHTS), str(folder / WEIGHTS))
     return LoadedModel(model.eval(), config, str(folder), folder)
 

@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 
 import scd
 from scd.checkpoints import (CONFIG, REFERENCE_PRESETS, WEIGHTS, config_from_options, load_state, model_from_tensors,
-                             tensor_mismatches, read_options, read_tensors, reference_kind, save_model_folder)
+                             read_folder_config, tensor_mismatches, read_options, read_tensors, reference_kind, save_model_folder)
 from scd.codecs import (CODEC_DIR, DCAE_CONFIG, DCAE_SCALING_FACTOR, DCAE_WEIGHTS, build_dcae, dcae_downsample,
                         read_dcae_config)
 from scd.errors import CheckpointError, ConfigError
@@ -461,12 +461,7 @@ def _read_source(source: Source) -> tuple[str, dict[str, torch.Tensor], str, Mod
     path = source.path
     if path.is_dir():
         if (path / CONFIG).is_file():
-            if not (path / WEIGHTS).is_file():
-                raise CheckpointError(f"the model folder {path} has no {WEIGHTS}")
-            try:
-                config = ModelConfig.load(path / CONFIG)
-            except ConfigError as err:
-                raise CheckpointError(f"{path / CONFIG}: {err}") from None
+            config = read_folder_config(path)
             kind = "scd-folder" if config.arch == "scd" else "baseline-folder"
             codec = path / CODEC_DIR if (path / CODEC_DIR).is_dir() else None
             return kind, read_tensors(path / WEIGHTS), _hashed(source, path / WEIGHTS), config, codec

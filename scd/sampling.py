@@ -157,45 +157,43 @@ def stream(model: SCDModel | Baseline, context: torch.Tensor, frames: int, steps
         encoder = no_grad(model.encoder)
         cache = model.encoder.new_cache(context.shape[0], capacity)
         rope = model.decoder.rope_tables(device)
-        features = None
+        state = {}
         for start in range(0, keep, PREFILL_CHUNK):  # the encoder sees action j + 1 for frame j
             chunk = context[:, start:start + PREFILL_CHUNK]
-            features = encoder(chunk, lab(first + start + 1, chunk.shape[1]), cache)[:, -1]
-        latest = None
-        for u in range(frames):
-            index = given + u
+            state["features"] = encoder(chunk, lab(first + start + 1, chunk.shape[1]), cache)[:, -1]
+
+        def velocity_for(index: int, latest: torch.Tensor | None, step_labels):
+            """Take in the previous frame (the encoder, once); the decoder's velocity for frame `index`."""
             if latest is not None:
-                features = encoder(latest[:, None], lab(index), cache)[:, 0]
-            encoder_ms = lap()
-            step_labels = None if labels is None else labels[:, index]
-            x = denoise(initial_noise(u), lambda x, t: model.decoder(x.to(dtype), t, features, step_labels, rope))
-            if clamp is not None:
-                x = x.clamp(-clamp, clamp)
-            decoder_ms = lap()
-            latest = torch.cat([x, x]).to(dtype) if cfg else x.to(dtype)
-            yield Frame(u, x, encoder_ms, decoder_ms)
-            lap()  # the caller's time between frames belongs to no frame
+                state["features"] = encoder(latest[:, None], lab(index), cache)[:, 0]
+            features = state["features"]
+            return lambda x, t: model.decoder(x.to(dtype), t, features, step_labels, rope)
     else:
         append = no_grad(model.append)
         cache = model.new_cache(context.shape[0], capacity)
         for start in range(0, keep, PREFILL_CHUNK):  # the baseline sees action j for frame j
             chunk = context[:, start:start + PREFILL_CHUNK]
             append(chunk, lab(first + start, chunk.shape[1]), cache)
-        latest = None
-        for u in range(frames):
-            index = given + u
+
+        def velocity_for(index: int, latest: torch.Tensor | None, step_labels):
+            """Cache the previous frame as clean context; the full-depth velocity for frame `index`."""
             if latest is not None:
                 append(latest[:, None], lab(index - 1), cache)
             rope = model.rope(cache.frames, 1, device)
-            encoder_ms = lap()
-            step_labels = None if labels is None else labels[:, index]
-            x = denoise(initial_noise(u), lambda x, t: model(x.to(dtype), t, step_labels, cache, rope))
-            if clamp is not None:
-                x = x.clamp(-clamp, clamp)
-            decoder_ms = lap()
-            latest = torch.cat([x, x]).to(dtype) if cfg else x.to(dtype)
-            yield Frame(u, x, encoder_ms, decoder_ms)
-            lap()  # the caller's time between frames belongs to no frame
+            return lambda x, t: model(x.to(dtype), t, step_labels, cache, rope)
+
+    latest = None
+    for u in range(frames):
+        index = given + u
+        velocity = velocity_for(index, latest, None if labels is None else labels[:, index])
+        encoder_ms = lap()
+        x = denoise(initial_noise(u), velocity)
+        if clamp is not None:
+            x = x.clamp(-clamp, clamp)
+        decoder_ms = lap()
+        latest = torch.cat([x, x]).to(dtype) if cfg else x.to(dtype)
+        yield Frame(u, x, encoder_ms, decoder_ms)
+        lap()  # the caller's time between frames belongs to no frame
 
 
 def generate(model, context, frames, steps, **kwargs) -> torch.Tensor:

@@ -31,3 +31,20 @@ def random_model(config: ModelConfig, seed: int = 0):
 @pytest.fixture
 def tiny():
     return tiny_config
+
+
+@pytest.fixture
+def hub_env(tmp_path, monkeypatch):
+    """A clean Hub environment in tmp_path: the cache, HF_HOME, no token, online, no telemetry."""
+    import huggingface_hub
+
+    for name in ("HF_TOKEN", "HF_TOKEN_PATH", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HUGGINGFACE_HUB_CACHE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # for the child processes
+    # huggingface_hub fetches an "agent harness" registry from its import-time endpoint (huggingface.co
+    # here) once per process when it builds a user agent; tests never leave 127.0.0.1.
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_TELEMETRY", True)
+    return monkeypatch

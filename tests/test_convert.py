@@ -6,7 +6,6 @@ import json
 import shutil
 from pathlib import Path
 
-import huggingface_hub.constants
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -396,16 +395,10 @@ def test_cli_bad_input_is_one_line_and_exit_code_2(tmp_path, args, message):
 # ----------------------------------------------------------------------------- Hub sources
 
 @pytest.fixture
-def hub(tmp_path, monkeypatch):
-    for name in ("HF_TOKEN", "HF_TOKEN_PATH", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HUGGINGFACE_HUB_CACHE"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))
-    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_TELEMETRY", True)
+def hub(hub_env):
     with HubServer() as server:
-        monkeypatch.setenv("HF_ENDPOINT", server.url)
-        yield server, monkeypatch
+        hub_env.setenv("HF_ENDPOINT", server.url)
+        yield server, hub_env
 
 
 def test_hub_source_with_far_hash_name(hub, tmp_path):
