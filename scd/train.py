@@ -139,10 +139,17 @@ def _save_checkpoint(path: Path, state: dict) -> None:
         raise CheckpointError(f"cannot write checkpoint {path}: {err.strerror or err}") from None
 
 
+def _save_losses(path: Path, losses: list[float]) -> None:
+    """The training loss of every step so far as CSV (step,loss), for curves; written atomically."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("step,loss\n" + "".join(f"{i + 1},{v:.6f}\n" for i, v in enumerate(losses)))
+    os.replace(tmp, path)
+
+
 def train(config: ModelConfig, out: Path, settings: TrainSettings, batches, init: LoadedModel | None = None,
           resume: bool = False, card=None):
-    """Train, yielding Progress after every step; writes `out/checkpoint.pt` periodically and the
-    EMA model folder at the end. `batches(start_step)` yields (video (B, N, C, H, W), actions);
+    """Train, yielding Progress after every step; writes `out/checkpoint.pt` and `out/losses.csv`
+    periodically and the EMA model folder at the end. `batches(start_step)` yields (video (B, N, C, H, W), actions);
     under `accelerate launch` with several processes it is called as `batches(start_step, rank)`,
     each process trains on its own batches and gradients are averaged (the batch is per process)."""
     from accelerate import Accelerator
@@ -221,6 +228,7 @@ def train(config: ModelConfig, out: Path, settings: TrainSettings, batches, init
                                         "rng": torch.get_rng_state(), "step": done, "losses": losses,
                                         "cuda_rng": torch.cuda.get_rng_state(accelerator.device) if torch.cuda.is_available() else None,
                                         "wall_s": wall_before + time.perf_counter() - began})
+                _save_losses(out / "losses.csv", losses)
         yield Progress(done, settings.steps, loss.item(), rate, (settings.steps - done) / rate if rate else 0.0,
                        accelerator.is_main_process)
     if accelerator.is_main_process:

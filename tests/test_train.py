@@ -63,6 +63,8 @@ def test_resume_is_bit_identical(tmp_path):
     first = [p.loss for p in training.train(config, tmp_path / "b", make(3), batches)]
     rest = [p.loss for p in training.train(config, tmp_path / "b", make(6), batches, resume=True)]
     assert first + rest == straight
+    rows = (tmp_path / "b" / "losses.csv").read_text().splitlines()
+    assert rows[0] == "step,loss" and [float(r.split(",")[1]) for r in rows[1:]] == [round(v, 6) for v in straight]
     a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
