@@ -77,6 +77,7 @@ def train(
     head_dim: int = typer.Option(16, "--head-dim"),
     layers: int = typer.Option(6, "--layers", help="Total depth (SCD: encoder + decoder)."),
     decoder_layers: int = typer.Option(2, "--decoder-layers"),
+    decoder_combine: str = typer.Option("token_concat", "--decoder-combine", help="How SCD's decoder takes the encoder's features: token_concat (the paper's), add, concat, token_concat_with_proj."),
     patch_size: int = typer.Option(4, "--patch-size"),
     default_steps: int = typer.Option(8, "--default-steps", help="Decoder steps the model folder defaults to."),
     frame_size: int = typer.Option(32, "--frame-size", help="Square frame size of a new model (the world is 32)."),
@@ -101,6 +102,7 @@ def train(
         rope = (head_dim - 2 * side, side, side)
         config = ModelConfig(arch=arch, num_heads=heads, head_dim=head_dim, channels=3, patch_size=patch_size,
                              rope_axes=rope, layers=layers, decoder_layers=decoder_layers if arch == "scd" else 0,
+                             decoder_combine=decoder_combine,
                              condition="action", num_classes=len(world.ACTIONS), encoder_noise=0.05 if arch == "scd" else 0.0,
                              latent_size=(frame_size,) * 2, frame_size=(frame_size,) * 2, fps=8.0,
                              action_names=world.ACTIONS, default_steps=default_steps, context_frames=context_frames,
