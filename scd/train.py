@@ -15,6 +15,7 @@ continues bit-identically because batch k depends only on (seed, k).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import time
 from dataclasses import dataclass
@@ -139,6 +140,26 @@ def _save_checkpoint(path: Path, state: dict) -> None:
         raise CheckpointError(f"cannot write checkpoint {path}: {err.strerror or err}") from None
 
 
+GENERATION_DEFAULTS = ("context_frames", "default_steps", "default_guidance")  # may change on resume
+
+
+def _check_resumed_config(saved: dict | None, config: ModelConfig, path: Path) -> None:
+    """Refuse to resume a checkpoint under a different model config (the same tensors can mean a
+    different model, e.g. another decoder combine); generation defaults may change."""
+    if saved is None:  # checkpoints from before configs were stored
+        return
+    now = dataclasses.asdict(config)
+    differ = [k for k in sorted(set(saved) | set(now)) if k not in GENERATION_DEFAULTS
+              and _plain(saved.get(k)) != _plain(now.get(k))]
+    if differ:
+        shown = ", ".join(f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in differ[:5])
+        raise ConfigError(f"{path} was trained with another model config ({shown}): resume with the options it was started with")
+
+
+def _plain(value):
+    return list(value) if isinstance(value, (tuple, list)) else value
+
+
 def _save_losses(path: Path, losses: list[float]) -> None:
     """The training loss of every step so far as CSV (step,loss), for curves; written atomically."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -179,6 +200,7 @@ def train(config: ModelConfig, out: Path, settings: TrainSettings, batches, init
         if not ckpt.is_file():
             raise CheckpointError(f"nothing to resume: {ckpt} does not exist")
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        _check_resumed_config(state.get("config"), config, ckpt)
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
@@ -226,6 +248,7 @@ def train(config: ModelConfig, out: Path, settings: TrainSettings, batches, init
                 _save_checkpoint(ckpt, {"model": raw.state_dict(), "ema": ema.state_dict(),
                                         "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                                         "rng": torch.get_rng_state(), "step": done, "losses": losses,
+                                        "config": dataclasses.asdict(config),
                                         "cuda_rng": torch.cuda.get_rng_state(accelerator.device) if torch.cuda.is_available() else None,
                                         "wall_s": wall_before + time.perf_counter() - began})
                 _save_losses(out / "losses.csv", losses)

@@ -1,5 +1,6 @@
 """Training lowers the loss, resumes bit-identically, writes a loadable model folder."""
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -63,6 +64,12 @@ def test_resume_is_bit_identical(tmp_path):
     first = [p.loss for p in training.train(config, tmp_path / "b", make(3), batches)]
     rest = [p.loss for p in training.train(config, tmp_path / "b", make(6), batches, resume=True)]
     assert first + rest == straight
+    import dataclasses
+
+    from scd.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="decoder_combine"):  # same tensors, another model: refused
+        list(training.train(dataclasses.replace(config, decoder_combine="add"), tmp_path / "b", make(8), batches, resume=True))
     rows = (tmp_path / "b" / "losses.csv").read_text().splitlines()
     assert rows[0] == "step,loss" and [float(r.split(",")[1]) for r in rows[1:]] == [round(v, 6) for v in straight]
     a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
