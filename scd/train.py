@@ -40,6 +40,7 @@ class TrainSettings:
     clip_frames: int = 10
     lr: float = 3e-4
     warmup: int = 100
+    decay: int = 0  # the learning rate falls linearly to 0 over the last `decay` steps (0: constant to the end)
     ema_decay: float = 0.998
     grad_clip: float = 1.0
     decoder_draws: int = 2
@@ -60,6 +61,15 @@ class Progress:
     steps_per_s: float
     eta_s: float
     main_process: bool = True  # under `accelerate launch`, only the main process should draw
+
+
+def lr_factor(step: int, settings: TrainSettings) -> float:
+    """Linear warm-up, constant, then (with `decay`) linear fall to 0 at the last step. A function
+    of the step alone, so a run resumed with a longer `steps` and a decay is the straight run."""
+    warm = min(1.0, (step + 1) / max(1, settings.warmup))
+    if settings.decay <= 0:
+        return warm
+    return min(warm, max(0.0, (settings.steps - step) / settings.decay))
 
 
 def logit_normal(n: int, shift: float = 1.0) -> torch.Tensor:
@@ -193,7 +203,7 @@ def train(config: ModelConfig, out: Path, settings: TrainSettings, batches, init
     else:
         groups = [{"params": list(model.parameters()), "lr": settings.lr}]
     optimizer = torch.optim.AdamW(groups, lr=settings.lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, settings.warmup)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, settings))
     start, losses, wall_before = 0, [], 0.0  # losses (one per step) and wall time carry through resumes
     ckpt = out / "checkpoint.pt"
     if resume:

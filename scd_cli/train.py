@@ -28,7 +28,8 @@ def _card(command: str, config: ModelConfig, settings: training.TrainSettings, d
         return (f"# {config.arch} model trained by scd\n\n"
                 f"- data: {data}\n"
                 f"- steps: {settings.steps}, batch {settings.batch_size} clips of {settings.clip_frames} frames, "
-                f"lr {settings.lr} ({settings.warmup} warm-up steps)"
+                f"lr {settings.lr} ({settings.warmup} warm-up steps"
+                f"{f', linear decay to 0 over the last {settings.decay}' if settings.decay else ''})"
                 f"{f', decoder x{settings.decoder_lr_ratio:g}' if config.arch == 'scd' else ''}, EMA {settings.ema_decay}, "
                 f"{f'clean context {settings.clean_context_ratio:g} (else sigma <= {settings.context_sigma_max:g}), ' if config.arch == 'scd' and settings.clean_context_ratio < 1 else ''}"
                 f"context window {config.context_frames} frames\n"
@@ -65,6 +66,7 @@ def train(
     clip_frames: int = typer.Option(8, "--clip-frames"),
     lr: float = typer.Option(3e-4, "--lr"),
     warmup: int = typer.Option(100, "--warmup"),
+    decay: int = typer.Option(0, "--decay", help="Lower the learning rate linearly to 0 over the last N steps (0: constant)."),
     ema_decay: float = typer.Option(0.998, "--ema-decay"),
     decoder_lr_ratio: float = typer.Option(2.0, "--decoder-lr-ratio", help="SCD decoder learning rate / encoder's (the reference: 2)."),
     sigma_shift: float = typer.Option(1.0, "--sigma-shift", help="Shift noise levels toward 1 (SD3-style; 1 = the reference's logit-normal)."),
@@ -83,6 +85,8 @@ def train(
     frame_size: int = typer.Option(32, "--frame-size", help="Square frame size of a new model (the world is 32)."),
 ):
     """Train SCD or its causal baseline; writes an EMA model folder with a model card."""
+    if decay < 0 or decay > steps:
+        raise ConfigError(f"--decay must lie in 0..--steps ({steps}), got {decay}")
     if min(steps, batch_size, checkpoint_every) < 1 or clip_frames < 2:
         raise ConfigError("--steps, --batch-size, --checkpoint-every must be >= 1 and --clip-frames >= 2")
     if not (0.0 <= clean_context_ratio <= 1.0 and 0.0 < context_sigma_max <= 1.0):
@@ -91,7 +95,7 @@ def train(
         raise ConfigError(f"--arch must be scd or baseline, not {arch!r}")
     from scd import world
 
-    settings = training.TrainSettings(steps=steps, batch_size=batch_size, clip_frames=clip_frames, lr=lr, warmup=warmup,
+    settings = training.TrainSettings(steps=steps, batch_size=batch_size, clip_frames=clip_frames, lr=lr, warmup=warmup, decay=decay,
                                       ema_decay=ema_decay, decoder_lr_ratio=decoder_lr_ratio, sigma_shift=sigma_shift,
                                       clean_context_ratio=clean_context_ratio, context_sigma_max=context_sigma_max, seed=seed, checkpoint_every=checkpoint_every)
     loaded = load_model(init) if init else None

@@ -56,6 +56,14 @@ def test_scd_learns_with_noised_context(tmp_path):
     assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:5]) / 5, (losses[:5], losses[-5:])
 
 
+def test_learning_rate_warms_up_holds_and_decays_to_zero():
+    settings = training.TrainSettings(steps=100, warmup=10, decay=20)
+    factors = [training.lr_factor(s, settings) for s in range(100)]
+    assert factors[0] == 0.1 and factors[9] == 1.0 and factors[50] == 1.0
+    assert factors[80] == 1.0 and abs(factors[90] - 0.5) < 1e-9 and abs(factors[99] - 0.05) < 1e-9
+    assert training.lr_factor(99, training.TrainSettings(steps=100, warmup=10)) == 1.0
+
+
 def test_resume_is_bit_identical(tmp_path):
     config = tiny_config(**WORLD)
     make = lambda steps: training.TrainSettings(steps=steps, batch_size=2, clip_frames=3, checkpoint_every=3, warmup=2)
@@ -112,6 +120,8 @@ def test_cli_train_and_bad_options(tmp_path):
     assert load_model_folder(out).config.decoder_layers == 1
     r = runner.invoke(app, ["train", "--out", str(out), "--steps", "0"])
     assert r.exit_code == 2 and "--steps" in r.output
+    r = runner.invoke(app, ["train", "--out", str(tmp_path / "x"), "--steps", "2", "--decay", "5"])
+    assert r.exit_code == 2 and "--decay" in r.output
     r = runner.invoke(app, ["train", "--out", str(tmp_path / "x"), "--clean-context-ratio", "1.5"])
     assert r.exit_code == 2 and "--clean-context-ratio" in r.output
     r = runner.invoke(app, ["train", "--out", str(tmp_path / "x"), "--resume"])
