@@ -231,3 +231,44 @@ def test_mutated_odd_videos_decode_or_are_a_video_error(tmp_path, kind):
         except VideoError:
             continue
         assert clip.frames.ndim == 4 and clip.frames.shape[-1] == 3 and clip.frames.dtype == np.uint8
+
+
+def _mutants(data: bytes, seed: int, count: int, first: int = 0):
+    """`count` copies of data with 1-8 bytes replaced (from byte `first` on) or cut short."""
+    rng = np.random.default_rng(seed)
+    for _ in range(count):
+        mutant = bytearray(data)
+        if rng.random() < 0.25:
+            yield bytes(mutant[: int(rng.integers(0, len(data)))])
+            continue
+        for at in rng.integers(first, len(data), int(rng.integers(1, 9))):
+            mutant[at] = int(rng.integers(0, 256))
+        yield bytes(mutant)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_mutated_weight_files_are_read_or_a_checkpoint_error(tmp_path, suffix):
+    """Byte flips and cuts across a real safetensors file (its header first: the first 600
+    mutants hit the first 200 bytes) and a real torch .pth (a zip of pickles): every one reads as
+    tensors or stops with CheckpointError."""
+    state = random_model(tiny_config()).state_dict()
+    original = tmp_path / f"w{suffix}"
+    if suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in state.items()}, str(original))
+    else:
+        torch.save(state, original)
+    data = original.read_bytes()
+    cases = list(_mutants(data[:200], 1, 600)) if suffix == ".safetensors" else []
+    cases = [c + data[200:] if len(c) == 200 else c for c in cases] + list(_mutants(data, 2, 200))
+    for i, mutant in enumerate(cases):
+        path = tmp_path / f"m{i}{suffix}"
+        path.write_bytes(mutant)
+        try:
+            tensors = read_tensors(path)
+        except CheckpointError:
+            continue
+        finally:
+            path.unlink()
+        assert all(isinstance(v, torch.Tensor) for v in tensors.values())
