@@ -109,8 +109,17 @@ class ModelConfig:
             problems.append(f"an SCD model needs 1 <= decoder_layers < layers, got {self.decoder_layers} of {self.layers}")
         if self.arch == "baseline" and self.decoder_layers != 0:
             problems.append("a baseline model has decoder_layers = 0")
-        if any(s % self.patch_size for s in self.latent_size):
+        for name in ("latent_size", "frame_size"):
+            if len(getattr(self, name)) != 2 or min(getattr(self, name)) < 1:
+                problems.append(f"{name} must be two positive integers, not {getattr(self, name)}")
+        if self.patch_size >= 1 and any(s % self.patch_size for s in self.latent_size):
             problems.append(f"latent size {self.latent_size} is not divisible by patch size {self.patch_size}")
+        if self.default_steps < 1:
+            problems.append("default_steps must be >= 1")
+        if not isinstance(self.fps, (int, float)) or isinstance(self.fps, bool) or not 0 < self.fps <= 1000:
+            problems.append(f"fps must be a number in (0, 1000], not {self.fps!r}")
+        if self.context_frames is not None and (not isinstance(self.context_frames, int) or self.context_frames < 1):
+            problems.append(f"context_frames must be a positive integer or null, not {self.context_frames!r}")
         if self.condition and self.num_classes < 1:
             problems.append("a conditioned model needs num_classes >= 1")
         if problems:

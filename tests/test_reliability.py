@@ -141,7 +141,7 @@ def test_huge_declared_resolution_is_refused_quickly(tmp_path):
 # ----------------------------------------------------------------------------- fuzzed loaders
 
 WORLD_SCD = Path(__file__).resolve().parents[1] / "scd" / "assets" / "world-scd"
-ODD_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-2**40, 2**40), st.floats(allow_nan=True),
+ODD_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-2, 2), st.integers(-2**40, 2**40), st.floats(allow_nan=True),
                        st.text(max_size=12), st.lists(st.integers(-10, 10**6), max_size=4), st.dictionaries(st.text(max_size=4), st.integers(), max_size=2))
 
 
