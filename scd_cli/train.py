@@ -72,7 +72,7 @@ def train(
     sigma_shift: float = typer.Option(1.0, "--sigma-shift", help="Shift noise levels toward 1 (SD3-style; 1 = the reference's logit-normal)."),
     clean_context_ratio: float = typer.Option(1.0, "--clean-context-ratio", help="SCD: share of context frames the encoder sees clean; the others are noised (the reference: 0.1)."),
     context_sigma_max: float = typer.Option(1.0, "--context-sigma-max", help="SCD: noised context frames draw sigma from this times logit-normal."),
-    context_frames: int = typer.Option(8, "--context-frames", help="Context window the new model folder defaults to (keep it < --clip-frames)."),
+    context_frames: Optional[int] = typer.Option(None, "--context-frames", help="Context window the new model folder defaults to (default: --clip-frames - 1, the most any training frame saw)."),
     checkpoint_every: int = typer.Option(200, "--checkpoint-every"),
     seed: int = typer.Option(0, "--seed"),
     heads: int = typer.Option(4, "--heads"),
@@ -109,7 +109,8 @@ def train(
                              decoder_combine=decoder_combine,
                              condition="action", num_classes=len(world.ACTIONS), encoder_noise=0.05 if arch == "scd" else 0.0,
                              latent_size=(frame_size,) * 2, frame_size=(frame_size,) * 2, fps=8.0,
-                             action_names=world.ACTIONS, default_steps=default_steps, context_frames=context_frames,
+                             action_names=world.ACTIONS, default_steps=default_steps,
+                             context_frames=context_frames or clip_frames - 1,
                              demo="world" if data == "world" else None)
     command = _command_line(ctx)
     if data == "world":
