@@ -19,7 +19,8 @@ from scd_cli.common import console, handles_errors, is_interactive, say, state
 
 
 def _card(command: str, config: ModelConfig, settings: training.TrainSettings, data: str):
-    depth = (f"{config.encoder_layers} encoder + {config.decoder_layers} decoder layers" if config.arch == "scd"
+    depth = (f"{config.encoder_layers} encoder + {config.decoder_layers} decoder layers (decoder input: {config.decoder_combine})"
+             if config.arch == "scd"
              else f"{config.layers} layers")
     hardware = f"CUDA {torch.cuda.get_device_name()}" if torch.cuda.is_available() else f"CPU ({platform.machine()})"
 
