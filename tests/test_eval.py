@@ -18,7 +18,10 @@ def test_eval_without_arguments_scores_the_embedded_models(tmp_path):
     assert r.exit_code == 0, r.output
     result = json.loads(out.read_text())
     assert result["scd"]["model"].startswith("embedded") and result["baseline"]["model"].startswith("embedded")
-    assert result["steps"] == result["scd"]["steps"] == 8 and result["frames"] == 2 and result["context"] == 4
+    from scd.checkpoints import load_model
+
+    default = load_model(None, arch="scd").config.default_steps
+    assert result["steps"] == result["scd"]["steps"] == default and result["frames"] == 2 and result["context"] == 4
     for name in ("scd", "baseline", "copy_last_frame"):
         assert len(result[name]["psnr_per_frame"]) == 2 and 5 < result[name]["psnr"] < 60
         assert 0 < result[name]["ssim"] <= 1
