@@ -136,7 +136,7 @@ def model_from_tensors(config: ModelConfig, tensors: dict[str, torch.Tensor], so
             skeleton = build_model(config, init=False)
     except (TypeError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"cannot build the model that {source} is for: {err}") from None
-    _refuse_mismatch(skeleton.state_dict(), tensors, source)
+    _refuse_mismatch(skeleton.state_dict(), tensors, source)  # before anything of the config's size exists
     model = build_model(config, init=False)
     load_state(model, tensors, source)
     return model

@@ -159,15 +159,10 @@ def _check_resumed_config(saved: dict | None, config: ModelConfig, path: Path) -
     if saved is None:  # checkpoints from before configs were stored
         return
     now = dataclasses.asdict(config)
-    differ = [k for k in sorted(set(saved) | set(now)) if k not in GENERATION_DEFAULTS
-              and _plain(saved.get(k)) != _plain(now.get(k))]
+    differ = [k for k in sorted(set(saved) | set(now)) if k not in GENERATION_DEFAULTS and saved.get(k) != now.get(k)]
     if differ:
         shown = ", ".join(f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in differ[:5])
         raise ConfigError(f"{path} was trained with another model config ({shown}): resume with the options it was started with")
-
-
-def _plain(value):
-    return list(value) if isinstance(value, (tuple, list)) else value
 
 
 def _save_losses(path: Path, losses: list[float]) -> None:

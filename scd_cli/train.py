@@ -23,17 +23,21 @@ def _card(command: str, config: ModelConfig, settings: training.TrainSettings, d
              if config.arch == "scd"
              else f"{config.layers} layers")
     hardware = f"CUDA {torch.cuda.get_device_name()}" if torch.cuda.is_available() else f"CPU ({platform.machine()})"
+    decay = f", linear decay to 0 over the last {settings.decay}" if settings.decay else ""
+    recipe = [f"steps: {settings.steps}", f"batch {settings.batch_size} clips of {settings.clip_frames} frames",
+              f"lr {settings.lr} ({settings.warmup} warm-up steps{decay})"]
+    if config.arch == "scd":
+        recipe.append(f"decoder x{settings.decoder_lr_ratio:g}")
+    recipe.append(f"EMA {settings.ema_decay}")
+    if config.arch == "scd" and settings.clean_context_ratio < 1:
+        recipe.append(f"clean context {settings.clean_context_ratio:g} (else sigma <= {settings.context_sigma_max:g})")
+    recipe.append(f"context window {config.context_frames} frames")
 
     def card(losses: list[float], wall_s: float) -> str:
         tail = losses[-50:]
         return (f"# {config.arch} model trained by scd\n\n"
                 f"- data: {data}\n"
-                f"- steps: {settings.steps}, batch {settings.batch_size} clips of {settings.clip_frames} frames, "
-                f"lr {settings.lr} ({settings.warmup} warm-up steps"
-                f"{f', linear decay to 0 over the last {settings.decay}' if settings.decay else ''})"
-                f"{f', decoder x{settings.decoder_lr_ratio:g}' if config.arch == 'scd' else ''}, EMA {settings.ema_decay}, "
-                f"{f'clean context {settings.clean_context_ratio:g} (else sigma <= {settings.context_sigma_max:g}), ' if config.arch == 'scd' and settings.clean_context_ratio < 1 else ''}"
-                f"context window {config.context_frames} frames\n"
+                f"- {', '.join(recipe)}\n"
                 f"- wall time: {wall_s / 60:.1f} min on {hardware}, torch {torch.__version__}\n"
                 f"- final loss (mean of the last {len(tail)} steps): {sum(tail) / max(1, len(tail)):.4f}\n"
                 f"- architecture: width {config.width} ({config.num_heads} x {config.head_dim}), {depth}, "
