@@ -11,8 +11,7 @@ from pathlib import Path
 import torch
 
 from scd.checkpoints import load_model
-from scd.codecs import load_codec
-from scd.generate import parse_actions
+from scd.actions import parse_actions
 from scd.sampling import stream
 from scd.video import fit_frames, frames_to_tensor, read_video, tensor_to_frames, write_video
 
@@ -20,20 +19,19 @@ HERE = Path(__file__).parent
 
 loaded = load_model()  # the embedded model; or load_model("owner/repo@rev"), load_model("path/to/folder")
 config = loaded.config
-codec = load_codec(config.codec, loaded.folder)
 
 clip = read_video(HERE / "world_prompt.mp4")
 prompt_actions = parse_actions(HERE / "world_prompt.actions.txt", config.action_names, config.num_classes)
 next_actions = parse_actions(HERE / "world_next.actions.txt", config.action_names, config.num_classes)
 frames = 12
-context = codec.encode(frames_to_tensor(fit_frames(clip.frames, config.frame_size)))[None]  # (1, F, C, H, W)
+context = loaded.encode(frames_to_tensor(fit_frames(clip.frames, config.frame_size)))[None]  # (1, F, C, H, W)
 actions = torch.tensor(prompt_actions + next_actions[:frames])
 
 generated = []
 for frame in stream(loaded.model, context, frames, config.default_steps, conditions=actions, seed=0):
-    image = tensor_to_frames(codec.decode(frame.latents))[0]  # (H, W, 3) uint8
+    image = tensor_to_frames(loaded.decode(frame.latents))[0]  # (H, W, 3) uint8
     generated.append(image)
     print(f"frame {frame.index}: {frame.latency_ms:6.1f} ms "
-          f"(encoder {frame.encoder_ms:.1f}, decoder {frame.decoder_ms:.1f}), brightness {image.mean():.1f}")
+          f"(context {frame.context_ms:.1f}, denoise {frame.denoise_ms:.1f}), brightness {image.mean():.1f}")
 
 write_video(HERE.parent / "stream_api.mp4", torch.tensor(generated).numpy(), fps=config.fps)

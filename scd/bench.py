@@ -30,7 +30,7 @@ import scd
 from scd.devices import dtype_name, resolve_device, resolve_dtype
 from scd.errors import ConfigError
 from scd.flops import frame_flops, parameter_count
-from scd.model import ModelConfig, SCDModel, build_model, preset
+from scd.model import ModelConfig, build_model, preset
 from scd.sampling import kv_cache_bytes, stream
 
 # The default bench: the paper's structure (8 encoder + 4 decoder blocks against a 12-block
@@ -65,8 +65,7 @@ def random_model(config: ModelConfig, seed: int = 0) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = build_model(config)
-        parts = [model.encoder, model.decoder] if isinstance(model, SCDModel) else [model]
-        for part in parts:
+        for part in model.parts().values():
             zeroed = [m for b in part.transformer_blocks for m in (b.norm1.linear, b.norm2.linear)]
             zeroed += [m for m in (part.norm_out.linear, part.proj_out) if m is not None]
             for module in zeroed:
@@ -246,7 +245,7 @@ def run_interleaved(models: dict[str, nn.Module], contexts: dict[str, torch.Tens
             # the wall time of the frame, whatever the stream's own clock counts: its context pass is
             # what is not denoising
             wall_ms = (time.perf_counter() - start) * 1000.0
-            steady[name].append((wall_ms - frame.decoder_ms, frame.decoder_ms))
+            steady[name].append((wall_ms - frame.denoise_ms, frame.denoise_ms))
     for generator in generators.values():
         next(generator, None)  # let each finish, leaving its inference mode
     return {name: RunTimes(first_ms[name], steady[name], None) for name in models}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,6 +19,7 @@ import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from scd.codecs import load_codec
 from scd.errors import CheckpointError, ConfigError
 from scd.model import ModelConfig, build_model
 
@@ -31,13 +32,41 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024  # a safetensors header larger than this is
 
 @dataclass
 class LoadedModel:
-    """A model ready to run, and where it came from (for reports and model cards)."""
+    """A model ready to run, its codec, and where it came from (for reports and model cards)."""
 
     model: torch.nn.Module
     config: ModelConfig
     source: str
     folder: Path | None = None
     revision: str | None = None
+    _codec: object = field(default=None, repr=False)
+
+    @property
+    def codec(self):
+        """Pixels (N, 3, H, W) in [-1, 1] <-> the model's latents (`scd.codecs`), loaded on first use
+        (a DC-AE from the folder's `codec/`)."""
+        if self._codec is None:
+            self._codec = load_codec(self.config.codec, self.folder)
+        return self._codec
+
+    def to(self, device, dtype) -> "LoadedModel":
+        """Move the model and its codec."""
+        self.model.to(device=device, dtype=dtype)
+        self.codec.to(device, dtype)
+        return self
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Frames (F, 3, H, W) in [-1, 1] at the model's frame size -> latents (F, C, h, w) in the
+        model's device and dtype."""
+        weight = next(self.model.parameters())
+        with torch.inference_mode():
+            return self.codec.encode(pixels.to(device=weight.device, dtype=weight.dtype)).to(weight.dtype)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents (N, C, h, w) -> frames (N, 3, H, W) float32 in [-1, 1]."""
+        weight = next(self.model.parameters())
+        with torch.inference_mode():
+            return self.codec.decode(latents.to(weight.dtype))
 
 
 # ----------------------------------------------------------------------------- raw tensors

@@ -4,16 +4,61 @@ carry an autoencoder in their folder's `codec/` (DC-AE through diffusers)."""
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from scd.errors import CheckpointError
+from scd.errors import CheckpointError, ConfigError
 
 CODEC_DIR = "codec"
 DCAE_CONFIG = "config.json"
 DCAE_WEIGHTS = "diffusion_pytorch_model.safetensors"
 DCAE_SCALING_FACTOR = 0.2889  # FAR's DC-AE latents (its options/model_cfg/dcae/*.json)
+CODEC_TYPES = ("pixel", "dcae")
+
+
+@dataclass(frozen=True)
+class CodecConfig:
+    """How a model's frames become latents: `pixel` (latents are the frames in [-1, 1]) or `dcae`
+    (an autoencoder in the folder's `codec/`, latents times `scaling_factor`, `downsample` pixels
+    per latent along each side). Round-trips through config.json's `codec` entry."""
+
+    type: str = "pixel"
+    scaling_factor: float | None = None
+    downsample: int | None = None
+
+    def __post_init__(self):
+        if self.type not in CODEC_TYPES:
+            raise ConfigError(f"unknown codec type {self.type!r}: this scd knows {', '.join(CODEC_TYPES)}")
+        factor = self.scaling_factor
+        if factor is not None and (isinstance(factor, bool) or not isinstance(factor, (int, float))
+                                   or not math.isfinite(factor) or factor <= 0):
+            raise ConfigError(f"codec scaling_factor must be a positive number, not {factor!r}")
+        down = self.downsample
+        if down is not None and (isinstance(down, bool) or not isinstance(down, int) or not 1 <= down <= 1024):
+            raise ConfigError(f"codec downsample must be an integer in 1..1024, not {down!r}")
+
+    @property
+    def is_pixel(self) -> bool:
+        return self.type == "pixel"
+
+    @classmethod
+    def from_dict(cls, data) -> "CodecConfig":
+        if isinstance(data, CodecConfig):
+            return data
+        if not isinstance(data, dict):
+            raise ConfigError(f"codec must be a mapping such as {{\"type\": \"pixel\"}}, not {data!r}")
+        unknown = sorted(set(data) - {"type", "scaling_factor", "downsample"})
+        if unknown:
+            raise ConfigError(f"unknown codec fields {unknown}: this config was written by a newer scd, upgrade it")
+        return cls(**data)
+
+    def to_dict(self) -> dict:
+        """The config.json entry: only the fields that are set."""
+        return {k: v for k, v in (("type", self.type), ("scaling_factor", self.scaling_factor),
+                                  ("downsample", self.downsample)) if v is not None}
 
 
 class PixelCodec:
@@ -132,17 +177,13 @@ class DCAECodec:
         return self
 
 
-def load_codec(codec: dict, folder: Path | None = None):
-    """The codec a model config names: {"type": "pixel"} or {"type": "dcae", "scaling_factor": f,
-    "downsample": s} with its weights in `folder/codec/`."""
-    kind = codec.get("type", "pixel")
-    if kind == "pixel":
+def load_codec(codec: CodecConfig, folder: Path | None = None):
+    """The codec a model config names; a DC-AE's weights are in `folder/codec/`."""
+    if codec.is_pixel:
         return PixelCodec()
-    if kind == "dcae":
-        if folder is None or not (Path(folder) / CODEC_DIR).is_dir():
-            where = f"{folder}" if folder is not None else "this model"
-            raise CheckpointError(f"{where} works on DC-AE latents but has no {CODEC_DIR}/ folder: attach the "
-                                  "autoencoder with `scd convert MODEL --codec PATH --out NEW`")
-        return DCAECodec.from_folder(Path(folder) / CODEC_DIR, codec.get("scaling_factor", DCAE_SCALING_FACTOR),
-                                     codec.get("downsample"))
-    raise CheckpointError(f"unknown codec type {kind!r} in config.json: this scd knows 'pixel' and 'dcae'")
+    if folder is None or not (Path(folder) / CODEC_DIR).is_dir():
+        where = f"{folder}" if folder is not None else "this model"
+        raise CheckpointError(f"{where} works on DC-AE latents but has no {CODEC_DIR}/ folder: attach the "
+                              "autoencoder with `scd convert MODEL --codec PATH --out NEW`")
+    return DCAECodec.from_folder(Path(folder) / CODEC_DIR, codec.scaling_factor or DCAE_SCALING_FACTOR,
+                                 codec.downsample)

@@ -426,7 +426,7 @@ def model_card(report: ConversionReport, out: Path) -> str:
             ("sizes from", report.options or "-"),
             ("architecture", f"{arch}; width {c.width} ({c.num_heads} heads x {c.head_dim}), patch {c.patch_size}, "
                              f"{c.channels} x {c.latent_size[0]} x {c.latent_size[1]} latents"),
-            ("codec", f"{c.codec.get('type')}" + (f" from `{report.codec}` (sha256 `{report.codec_sha256}`)"
+            ("codec", f"{c.codec.type}" + (f" from `{report.codec}` (sha256 `{report.codec_sha256}`)"
                                                   if report.codec else ""))]
     lines = ["---", "library_name: scd", "tags: [scd, video-generation, causal-diffusion]", "---", "",
              f"# {out.name}", "", f"Converted by `scd convert` (scd {scd.__version__}) from a {report.description}.", "",
@@ -586,7 +586,7 @@ def convert(source: str | Path, out: str | Path, *, options: str | Path | None =
             raise ConfigError(f"--downsample {downsample} contradicts the DC-AE, which downsamples "
                               f"{codec_entry['downsample']}x")
     elif folder_config is not None:
-        codec_entry = dict(folder_config.codec)
+        codec_entry = folder_config.codec.to_dict()
         if scaling_factor is not None or downsample is not None or codec_config is not None:
             raise ConfigError("--scaling-factor, --downsample and --codec-config go with --codec")
     elif config.channels == 3:
@@ -603,7 +603,7 @@ def convert(source: str | Path, out: str | Path, *, options: str | Path | None =
     config = dataclasses.replace(config, codec=codec_entry, frame_size=frame_size,
                                  fps=config.fps if fps is None else fps)
     model.config = config
-    for part in (model.encoder, model.decoder) if config.arch == "scd" else (model,):
+    for part in model.parts().values():
         part.config = config
 
     report = ConversionReport(str(source), kind, sha, src.revision, origin, config, entries + dropped,

@@ -14,7 +14,6 @@ import torch
 
 from scd import world
 from scd.checkpoints import LoadedModel
-from scd.codecs import load_codec
 from scd.errors import ConfigError
 from scd.metrics import PSNR_CAP, psnr, ssim, uint8_to_unit
 from scd.sampling import generate
@@ -39,15 +38,13 @@ def rollout(loaded: LoadedModel, clips, context: int, frames: int, steps: int, g
     config = loaded.config
     if tuple(config.frame_size) != (world.FRAME_SIZE,) * 2:
         raise ConfigError(f"{loaded.source} makes {config.frame_size} frames; the world is {world.FRAME_SIZE}x{world.FRAME_SIZE}")
-    codec = load_codec(config.codec, loaded.folder)
     video = torch.stack([frames_to_tensor(f[:context]) for f, _ in clips])  # (C, F, 3, H, W)
     actions = torch.stack([torch.from_numpy(a[:context + frames]) for _, a in clips])
-    with torch.inference_mode():
-        latents = torch.stack([codec.encode(v) for v in video])
-        out = generate(loaded.model, latents, frames, steps, guidance=guidance,
-                       conditions=actions if config.condition == "action" else None, seed=seed,
-                       window=config.context_frames, clamp=codec.clamp)  # relative frame offsets stay within what training saw
-        pixels = codec.decode(out.flatten(0, 1))
+    latents = torch.stack([loaded.encode(v) for v in video])
+    out = generate(loaded.model, latents, frames, steps, guidance=guidance,
+                   conditions=actions if config.condition == "action" else None, seed=seed,
+                   window=config.context_frames, clamp=loaded.codec.clamp)  # relative frame offsets stay within what training saw
+    pixels = loaded.decode(out.flatten(0, 1))
     return tensor_to_frames(pixels).reshape(len(clips), frames, *pixels.shape[-2:], 3)
 
 

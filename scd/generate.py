@@ -19,53 +19,13 @@ import numpy as np
 import torch
 
 from scd import video
+from scd.actions import read_sidecar
 from scd.checkpoints import LoadedModel
-from scd.codecs import load_codec
 from scd.devices import dtype_name, resolve_device, resolve_dtype
 from scd.errors import ActionError, ConfigError, VideoError
 from scd.sampling import kv_cache_bytes, stream
 
 MAX_FRAMES = 100_000
-
-
-def parse_actions(spec: str | Path | None, names: tuple[str, ...], num_classes: int) -> list[int] | None:
-    """Actions from a comma list ("up,up,left,2") or a file (one per line or comma separated; `#`
-    comments). Names are the model's action names (case-insensitive); indices 0..num_classes, where
-    num_classes itself is the null action ("none" also names it)."""
-    if spec is None:
-        return None
-    text = str(spec)
-    path = Path(text)
-    try:
-        is_file = path.is_file()
-    except (OSError, ValueError):  # not a usable path (e.g. a NUL byte): read it as a list
-        is_file = False
-    if ("," not in text and path.suffix and "\x00" not in text) or is_file:
-        try:
-            text = path.read_text()
-        except (OSError, UnicodeDecodeError, ValueError) as err:
-            raise ActionError(f"cannot read action file {path}: {err}") from None
-    lookup = {name.lower(): i for i, name in enumerate(names)}
-    lookup.update({"none": num_classes, "null": num_classes, "noop": num_classes})
-    actions = []
-    for line in text.splitlines():
-        for item in line.split("#", 1)[0].split(","):
-            item = item.strip().lower()
-            if not item:
-                continue
-            if item.isascii() and item.lstrip("-").isdigit():
-                index = int(item)
-                if not 0 <= index <= num_classes:
-                    raise ActionError(f"action index {index} is out of range 0..{num_classes} ({num_classes} = none)")
-                actions.append(index)
-            elif item in lookup:
-                actions.append(lookup[item])
-            else:
-                known = ", ".join(list(names) + ["none"]) or f"indices 0..{num_classes}"
-                raise ActionError(f"unknown action {item!r}: this model knows {known}")
-    if not actions:
-        raise ActionError(f"no actions found in {spec!r}")
-    return actions
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -123,8 +83,8 @@ class FrameWritten:
     index: int
     frames: int
     latency_ms: float
-    encoder_ms: float
-    decoder_ms: float
+    context_ms: float  # the context pass (SCD's encoder)
+    denoise_ms: float  # the denoising steps (SCD's decoder)
     elapsed_s: float
 
 
@@ -151,10 +111,10 @@ def _prompt(job: Job, config) -> tuple[np.ndarray, list[int] | None, str]:
         return frames, actions.tolist(), f"synthetic world clip (seed {world.HELDOUT_SEED_START + job.seed})"
     clip = video.read_video(job.prompt, last=want)
     actions = job.prompt_actions
-    sidecar = Path(job.prompt).with_suffix(".actions.txt") if Path(job.prompt).is_file() else None
-    if actions is None and sidecar is not None and sidecar.is_file() and config.condition == "action":
+    if actions is None and config.condition == "action":
         # a sidecar lists one action per frame of the clip; the kept frames are the clip's last ones
-        actions = parse_actions(sidecar, config.action_names, config.num_classes)[-len(clip.frames):]
+        listed = read_sidecar(job.prompt, config.action_names, config.num_classes)
+        actions = None if listed is None else listed[-len(clip.frames):]
     return clip.frames, actions, str(job.prompt)
 
 
@@ -190,11 +150,10 @@ def run(job: Job):
     elif job.actions is not None:
         raise ActionError("this model takes no actions: drop --actions")
 
-    model = job.model.model.to(device=device, dtype=dtype)
-    codec = load_codec(config.codec, job.model.folder).to(device, dtype)
+    loaded = job.model.to(device, dtype)
+    model, codec = loaded.model, loaded.codec
     pixels = video.frames_to_tensor(video.fit_frames(prompt, config.frame_size, job.fit))
-    with torch.inference_mode():
-        context = codec.encode(pixels.to(device=device, dtype=dtype))[None].expand(job.batch, -1, -1, -1, -1)
+    context = loaded.encode(pixels)[None].expand(job.batch, -1, -1, -1, -1)
     fps = job.fps or config.fps
     warnings = []
     cached = min(job.window or (len(prompt) + job.frames), len(prompt) + job.frames)
@@ -224,8 +183,7 @@ def run(job: Job):
         for frame in stream(model, context, job.frames, steps, guidance, conditions, seed=job.seed, window=job.window,
                             clamp=codec.clamp):
             t0 = time.perf_counter()
-            with torch.inference_mode():
-                images = video.tensor_to_frames(codec.decode(frame.latents.to(dtype)))  # (B, H, W, 3)
+            images = video.tensor_to_frames(loaded.decode(frame.latents))  # (B, H, W, 3)
             codec_ms = (time.perf_counter() - t0) * 1000.0
             for writer, image in zip(writers, images):
                 writer.write(image)
@@ -237,9 +195,9 @@ def run(job: Job):
             elapsed = time.perf_counter() - started_at
             if first_ms is None:
                 first_ms = elapsed * 1000.0
-            records.append({"index": frame.index, "latency_ms": latency, "encoder_ms": frame.encoder_ms,
-                            "decoder_ms": frame.decoder_ms, "codec_ms": codec_ms})
-            yield FrameWritten(frame.index, job.frames, latency, frame.encoder_ms, frame.decoder_ms, elapsed)
+            records.append({"index": frame.index, "latency_ms": latency, "context_ms": frame.context_ms,
+                            "denoise_ms": frame.denoise_ms, "codec_ms": codec_ms})
+            yield FrameWritten(frame.index, job.frames, latency, frame.context_ms, frame.denoise_ms, elapsed)
         complete = True
     finally:
         for writer in writers:

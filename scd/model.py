@@ -17,7 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scd.codecs import CodecConfig
 from scd.errors import ConfigError
+from scd.flow import add_noise, logit_normal, noised_context
 
 ARCHS = ("scd", "baseline")
 DECODER_COMBINES = ("token_concat", "add", "concat", "token_concat_with_proj")
@@ -54,7 +56,7 @@ class ModelConfig:
     frame_size: tuple[int, int] = (128, 128)
     fps: float = 8.0
     action_names: tuple[str, ...] = ()
-    codec: dict = field(default_factory=lambda: {"type": "pixel"})
+    codec: CodecConfig = field(default_factory=CodecConfig)
     default_steps: int = 50
     default_guidance: float = 1.0
     context_frames: int = 16
@@ -64,6 +66,7 @@ class ModelConfig:
     def __post_init__(self):
         for name in ("rope_axes", "latent_size", "frame_size", "action_names"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
+        object.__setattr__(self, "codec", CodecConfig.from_dict(self.codec))
         self.validate()
 
     @property
@@ -131,8 +134,13 @@ class ModelConfig:
             return dataclasses.replace(self, arch="baseline", decoder_layers=0)
         return dataclasses.replace(self, arch="scd", decoder_layers=max(1, self.layers // 3))
 
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["codec"] = self.codec.to_dict()
+        return data
+
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
+        return json.dumps(self.to_dict(), indent=2) + "\n"
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelConfig":
@@ -238,9 +246,6 @@ class KVCache:
     @property
     def cached_frames(self) -> int:
         return min(self.frames, self.capacity)
-
-    def bytes(self) -> int:
-        return 2 * self.keys.numel() * self.keys.element_size()
 
 
 # ----------------------------------------------------------------------------- the block
@@ -488,7 +493,87 @@ class Decoder(Transformer):
         return cos, sin
 
 
-class SCDModel(nn.Module):
+# ----------------------------------------------------------------------------- one streaming protocol
+
+PREFILL_CHUNK = 16  # context frames per cached pass: bounds the mask and score memory of long prompts
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What a training step asks of a model: noise levels drawn from shift * logit-normal; SCD's
+    decoder denoises `decoder_draws` noise draws per encoder pass, and its encoder sees each context
+    frame clean with probability `clean_context_ratio`, else noised at sigma <= `context_sigma_max`."""
+
+    sigma_shift: float = 1.0
+    decoder_draws: int = 2
+    clean_context_ratio: float = 1.0
+    context_sigma_max: float = 1.0
+
+
+@dataclass
+class StreamState:
+    """What a model keeps between the frames of one stream: its KV cache, the finished frames it was
+    given but has not run yet (SCD's encoder needs the action that follows a frame, so all context
+    work waits for `prepare`), and what the velocity of the frame being denoised needs."""
+
+    cache: KVCache
+    pending: list = field(default_factory=list)  # [(frames (B, F, C, H, W), conditions (B, F) | None)]
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None
+    condition: torch.Tensor | None = None  # (B,) the denoised frame's action or label
+    features: torch.Tensor | None = None  # SCD: encoder features of the previous frame (B, T, D)
+
+
+class StreamingModel:
+    """The protocol both models speak, so one frame loop (`scd.sampling`) runs either:
+
+        state = model.start(batch, capacity)     # an empty KV cache for `capacity` frames
+        model.observe(state, frames, conditions) # finished frames (B, F, C, H, W) and their own actions (B, F)
+        model.prepare(state, condition)          # the context pass for the next frame, given its action (B,)
+        v = model.velocity(state, x, timesteps)  # (B, C, H, W) velocity of the frame being denoised
+        loss = model.loss(video, conditions, objective)
+
+    Conditions are action or label indices, the null index included; a model without conditioning
+    takes None. Action j is the one taken on the way into frame j; where each model reads it (SCD's
+    encoder: frame j with action j + 1; the baseline: frame j with action j) is the model's business.
+    """
+
+    config: ModelConfig
+
+    def parts(self) -> dict[str, nn.Module]:
+        """The separately initialised and counted parts of the model, by name."""
+        raise NotImplementedError
+
+    @property
+    def cached_layers(self) -> int:
+        """Layers whose keys and values the stream caches."""
+        raise NotImplementedError
+
+    def cache_bytes(self, batch: int, frames: int, dtype: torch.dtype) -> int:
+        """Bytes of a KV cache for `frames` frames (and the spare slot) at `batch`."""
+        c = self.config
+        item = torch.empty((), dtype=dtype).element_size()
+        return 2 * self.cached_layers * batch * c.num_heads * c.head_dim * (frames + 1) * c.tokens_per_frame * item
+
+    def start(self, batch: int, capacity: int) -> StreamState:
+        raise NotImplementedError
+
+    def observe(self, state: StreamState, frames: torch.Tensor, conditions: torch.Tensor | None) -> None:
+        """Take in finished frames (B, F, C, H, W) with their own conditions (B, F); they are run by
+        the next `prepare`."""
+        state.pending.append((frames, conditions))
+
+    def _take_pending(self, state: StreamState) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        pending, state.pending = state.pending, []
+        if not pending:
+            return None, None
+        if len(pending) == 1:
+            return pending[0]
+        frames = torch.cat([f for f, _ in pending], 1)
+        conditions = None if pending[0][1] is None else torch.cat([c for _, c in pending], 1)
+        return frames, conditions
+
+
+class SCDModel(nn.Module, StreamingModel):
     """Encoder + decoder; state dict keys `encoder.*` and `decoder.*` as the official trainer's."""
 
     def __init__(self, config: ModelConfig):
@@ -497,13 +582,96 @@ class SCDModel(nn.Module):
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
 
+    def parts(self) -> dict[str, nn.Module]:
+        return {"encoder": self.encoder, "decoder": self.decoder}
 
-class Baseline(Transformer):
+    @property
+    def cached_layers(self) -> int:
+        return self.config.encoder_layers
+
+    def start(self, batch: int, capacity: int) -> StreamState:
+        weight = self.decoder.x_embedder.weight
+        return StreamState(self.encoder.new_cache(batch, capacity), rope=self.decoder.rope_tables(weight.device))
+
+    def prepare(self, state: StreamState, condition: torch.Tensor | None) -> None:
+        """Encode the pending frames, each with the action that follows it (the last one with
+        `condition`, the next frame's): the features of the last are what the decoder reads."""
+        frames, conditions = self._take_pending(state)
+        if frames is not None:
+            if conditions is not None:
+                conditions = torch.cat([conditions[:, 1:], condition[:, None]], 1)
+            for start in range(0, frames.shape[1], PREFILL_CHUNK):
+                chunk = slice(start, start + PREFILL_CHUNK)
+                labels = None if conditions is None else conditions[:, chunk]
+                state.features = self.encoder(frames[:, chunk], labels, state.cache)[:, -1]
+        if state.features is None:
+            raise ConfigError("an SCD model needs at least one context frame before it can denoise")
+        state.condition = condition
+
+    def velocity(self, state: StreamState, x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return self.decoder(x, timesteps, state.features, state.condition, state.rope)
+
+    def loss(self, video: torch.Tensor, conditions: torch.Tensor | None, objective: Objective = Objective()) -> torch.Tensor:
+        """Flow-matching loss of every frame j >= 1 of `video` (B, N, C, H, W) clean latents: the
+        encoder runs once over the (optionally noised) clip, block-causally; the decoder denoises
+        frame j from the features of frame j - 1, `decoder_draws` noise draws each."""
+        enc_conditions = None if conditions is None else torch.cat([conditions[:, 1:], conditions[:, -1:]], dim=1)
+        context, timesteps = noised_context(video, objective.clean_context_ratio, objective.context_sigma_max)
+        features = self.encoder(context, enc_conditions, timesteps=timesteps)[:, :-1]  # (B, N-1, T, D)
+        draws = objective.decoder_draws
+        x0 = video[:, 1:].flatten(0, 1).repeat(draws, 1, 1, 1)
+        features = features.flatten(0, 1).repeat(draws, 1, 1)
+        labels = None if conditions is None else conditions[:, 1:].flatten().repeat(draws)
+        sigma = logit_normal(x0.shape[0], objective.sigma_shift).to(x0.device)
+        noise = torch.randn_like(x0)
+        velocity = self.decoder(add_noise(x0, noise, sigma), sigma * 1000.0, features, labels)
+        return F.mse_loss(velocity.float(), (noise - x0).float())
+
+
+def teacher_forcing_mask(frames: int, tokens_per_frame: int, device) -> torch.Tensor:
+    """Boolean attention mask over [clean frames 0..N-1; noisy frames 1..N-1] ((2N-1) T square):
+    clean queries see clean keys of their own and earlier frames; noisy frame j sees the clean
+    frames before j and itself, exactly what it sees when generated."""
+    n, t = frames, tokens_per_frame
+    index = torch.cat([torch.arange(n), torch.arange(1, n)]).to(device)
+    clean = torch.arange(2 * n - 1, device=device) < n
+    q = k = index.repeat_interleave(t)
+    qc = kc = clean.repeat_interleave(t)
+    same = torch.arange(2 * n - 1, device=device).repeat_interleave(t)
+    mask = (kc[None] & (k[None] <= q[:, None]) & qc[:, None]) | (kc[None] & (k[None] < q[:, None]) & ~qc[:, None])
+    return mask | ((same[None] == same[:, None]) & ~qc[:, None])
+
+
+class Baseline(Transformer, StreamingModel):
     """FAR-style causal diffusion transformer: every denoising step runs all layers on the noisy
     frame against the cached clean context. Frame j is conditioned on action j."""
 
     def __init__(self, config: ModelConfig):
         super().__init__(config, config.layers, head=True)
+
+    def parts(self) -> dict[str, nn.Module]:
+        return {"model": self}
+
+    @property
+    def cached_layers(self) -> int:
+        return self.config.layers
+
+    def start(self, batch: int, capacity: int) -> StreamState:
+        return StreamState(self.new_cache(batch, capacity))
+
+    def prepare(self, state: StreamState, condition: torch.Tensor | None) -> None:
+        """Cache the pending frames as clean context (each with its own action); the next frame's
+        rotary position follows them."""
+        frames, conditions = self._take_pending(state)
+        if frames is not None:
+            for start in range(0, frames.shape[1], PREFILL_CHUNK):
+                chunk = slice(start, start + PREFILL_CHUNK)
+                self.append(frames[:, chunk], None if conditions is None else conditions[:, chunk], state.cache)
+        state.rope = self.rope(state.cache.frames, 1, state.cache.keys.device)
+        state.condition = condition
+
+    def velocity(self, state: StreamState, x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return self(x, timesteps, state.condition, state.cache, state.rope)
 
     def append(self, latents: torch.Tensor, labels: torch.Tensor | None, cache: KVCache) -> None:
         """Add clean frames (B, F, C, H, W) to the context cache."""
@@ -521,6 +689,25 @@ class Baseline(Transformer):
         cached = cache.cached_frames * t
         x = self.norm_out(self.run_blocks(x, emb, rope, None, cache, cached, cached + t), emb)
         return unpatchify(self.proj_out(x), c.patch_size, h, w)[:, 0]
+
+    def loss(self, video: torch.Tensor, conditions: torch.Tensor | None, objective: Objective = Objective()) -> torch.Tensor:
+        """Flow-matching loss of every frame j >= 1 of `video` (B, N, C, H, W), denoised against the
+        clean frames before it, all in one masked pass over [clean; noisy] frames."""
+        c = self.config
+        b, n, _, h, w = video.shape
+        x0 = video[:, 1:]
+        sigma = logit_normal(b * (n - 1), objective.sigma_shift).to(video.device).view(b, n - 1)
+        noise = torch.randn_like(x0)
+        tokens = self.x_embedder(patchify(torch.cat([video, add_noise(x0, noise, sigma)], 1), c.patch_size))
+        timesteps = torch.cat([torch.full((b, n), -1.0, device=video.device), sigma * 1000.0], 1)
+        labels = None if conditions is None else torch.cat([conditions, conditions[:, 1:]], 1)
+        emb = self.conditioning(timesteps, labels)
+        positions = torch.cat([torch.arange(n), torch.arange(1, n)]).to(video.device)
+        rope = rope_tables(positions, h // c.patch_size, w // c.patch_size, c.rope_axes)
+        mask = teacher_forcing_mask(n, c.tokens_per_frame, video.device)
+        hidden = self.norm_out(self.run_blocks(tokens, emb, rope, mask), emb)[:, n:]
+        velocity = unpatchify(self.proj_out(hidden), c.patch_size, h, w)
+        return F.mse_loss(velocity.float(), (noise - x0).float())
 
 
 def init_weights(model: Transformer) -> None:
@@ -549,11 +736,11 @@ def init_weights(model: Transformer) -> None:
             model.decoder_input_proj.bias.zero_()
 
 
-def build_model(config: ModelConfig, init: bool = True) -> nn.Module:
+def build_model(config: ModelConfig, init: bool = True) -> SCDModel | Baseline:
     """A new model of `config`, initialised as the references do (or left as allocated)."""
     model = SCDModel(config) if config.arch == "scd" else Baseline(config)
     if init:
-        for part in ([model.encoder, model.decoder] if config.arch == "scd" else [model]):
+        for part in model.parts().values():
             init_weights(part)
     return model
 

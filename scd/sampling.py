@@ -1,21 +1,22 @@
-"""Flow-matching schedule and the streaming frame loop for SCD and the causal baseline.
+"""The flow-matching schedule and the streaming frame loop, the same for SCD and the causal baseline.
 
-`stream` is an iterator: it yields each generated frame (in the model's latent space) the moment it
-exists, with its timings, so the CLI, the bench and a user's own loop all stream the same way.
+`Rollout` generates one frame per `step(action)`, so the action of each frame can be chosen after
+the previous frame was seen (a live player); `stream` is the all-actions-up-front iterator over it.
+Both speak the models' streaming protocol (`scd.model.StreamingModel`) and never ask which model
+they run.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
 from scd.errors import ActionError, ConfigError
-from scd.model import Baseline, KVCache, SCDModel
-
-PREFILL_CHUNK = 16  # context frames per prefill pass: bounds the mask and score memory of long prompts
+from scd.flow import add_noise
+from scd.model import KVCache, StreamingModel
 
 
 def sigma_schedule(steps: int, device=None) -> torch.Tensor:
@@ -26,174 +27,237 @@ def sigma_schedule(steps: int, device=None) -> torch.Tensor:
     return torch.cat([sigmas, sigmas.new_zeros(1)]).float().to(device)
 
 
-def add_noise(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """x_sigma = (1 - sigma) x0 + sigma noise; sigma broadcasts from the left."""
-    sigma = sigma.view(*sigma.shape, *([1] * (x0.dim() - sigma.dim())))
-    return (1 - sigma) * x0 + sigma * noise
-
-
 @dataclass
 class Frame:
-    """One generated frame. `latents` (B, C, H, W) float32 in model space; times in ms.
-
-    For SCD `encoder_ms` is the encoder pass (the context prefill on the first frame) and
-    `decoder_ms` the K decoder steps; for the baseline they are the clean-context pass and the
-    K full-depth denoising steps."""
+    """One generated frame: `latents` (B, C, H, W) float32 in model space; times in ms. `context_ms`
+    is the context pass that took in the previous frame (SCD's encoder, the baseline's clean pass;
+    the whole prompt on the first frame), `denoise_ms` the K denoising steps (SCD's decoder, the
+    baseline's full depth). Times are 0 when the rollout is not timed."""
 
     index: int
     latents: torch.Tensor
-    encoder_ms: float
-    decoder_ms: float
+    context_ms: float
+    denoise_ms: float
 
     @property
     def latency_ms(self) -> float:
-        return self.encoder_ms + self.decoder_ms
+        return self.context_ms + self.denoise_ms
 
 
-def _timer(device: torch.device):
-    """Milliseconds since the last call; synchronises CUDA/MPS only because timing needs it."""
-    sync = {"cuda": torch.cuda.synchronize, "mps": getattr(torch, "mps", None) and torch.mps.synchronize}.get(device.type)
-    last = [time.perf_counter()]
-
-    def lap() -> float:
-        if sync:
-            sync()
-        now = time.perf_counter()
-        elapsed, last[0] = (now - last[0]) * 1000.0, now
-        return elapsed
-
-    return lap
+def _sync_for(device: torch.device) -> Callable[[], None] | None:
+    """The device synchronisation timing needs (None on the CPU, where work is synchronous)."""
+    if device.type == "cuda":
+        return torch.cuda.synchronize
+    if device.type == "mps":
+        return torch.mps.synchronize
+    return None
 
 
-def _conditions(model_config, conditions, batch: int, total: int, device) -> torch.Tensor | None:
-    """Per-frame condition indices (B, total): actions per frame, or one label per sample broadcast."""
-    if model_config.condition is None:
-        if conditions is not None:
-            raise ActionError("this model takes no actions or labels; drop them")
-        return None
-    if conditions is None:
-        return torch.full((batch, total), model_config.null_class, dtype=torch.long, device=device)
-    conditions = torch.as_tensor(conditions, dtype=torch.long, device=device)
-    if conditions.dim() == 1 and model_config.condition == "label":
-        conditions = conditions[:, None].expand(-1, total)
-    if conditions.dim() == 1:
-        conditions = conditions[None].expand(batch, -1)
-    if conditions.shape != (batch, total):
-        raise ActionError(f"expected {total} actions per sample (context + generated frames), got {tuple(conditions.shape)[-1]}")
-    if conditions.min() < 0 or conditions.max() > model_config.null_class:
-        raise ActionError(f"action indices must lie in 0..{model_config.null_class} ({model_config.null_class} = none)")
-    return conditions
-
-
-def stream(model: SCDModel | Baseline, context: torch.Tensor, frames: int, steps: int,
-           guidance: float = 1.0, conditions: torch.Tensor | None = None, noise: torch.Tensor | None = None,
-           seed: int = 0, window: int | None = None, clamp: float | None = None) -> Iterator[Frame]:
-    """Continue `context` (B, F, C, H, W), in model space, by `frames` frames, one at a time.
-
-    conditions: actions (B, F + frames) or (F + frames,) with `conditions[:, j]` belonging to frame j,
-    or labels (B,) for a class-conditioned model; None means the null action. guidance > 1 batches
-    the null-conditioned pass with the conditioned one. noise (B, frames, C, H, W) fixes the initial
-    noise; otherwise it is drawn on the CPU from `seed`, so a seed gives the same video on any device.
-    window keeps only the last `window` frames of context in the KV cache (flat memory).
-    clamp bounds each generated frame to [-clamp, clamp] before it is yielded and fed back as context
-    (pixel-space models: 1, the range they were trained on; latent models: None).
-    """
-    config = model.config
-    if context.dim() != 5 or context.shape[2:] != (config.channels, *config.latent_size):
-        raise ConfigError(f"context must be (B, F, {config.channels}, {config.latent_size[0]}, {config.latent_size[1]}), "
-                          f"got {tuple(context.shape)}")
-    batch, given = context.shape[:2]
-    if given < 1:
-        raise ConfigError("at least one context frame is needed")
-    if frames < 0:
-        raise ConfigError(f"frames must be >= 0, got {frames}")
-    if window is not None and window < 1:
-        raise ConfigError(f"the context window must be >= 1 frame, got {window}")
-    if noise is not None and noise.shape != (batch, frames, *context.shape[2:]):
-        raise ConfigError(f"noise must be {(batch, frames, *context.shape[2:])}, got {tuple(noise.shape)}")
-    weight = next(model.parameters())
-    device, dtype = weight.device, weight.dtype
-    labels = _conditions(config, conditions, batch, given + frames, device)
-    cfg = guidance != 1.0
-    if cfg and labels is None:
-        raise ConfigError("guidance needs an action- or class-conditioned model; use guidance 1")
-    if cfg:  # batched guidance: [null; conditioned]
-        labels = torch.cat([torch.full_like(labels, config.null_class), labels])
-    keep = min(given, window) if window else given
-    context = context[:, -keep:].to(device=device, dtype=dtype)
-    if cfg:
-        context = torch.cat([context, context])
-    sigmas = sigma_schedule(steps, device)
+def denoise(velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor, sigmas: torch.Tensor,
+            guidance: float = 1.0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Euler steps from noise x (B, C, H, W) float32 along `sigmas` (K + 1,). `velocity(x, t)` takes
+    x in the model's dtype and timesteps (B,) = sigma * 1000; with guidance != 1 it is called on
+    [x; x] and its output is read as [unconditional; conditional]."""
     timesteps = (sigmas[:-1] * 1000.0).to(dtype)
     deltas = (sigmas[1:] - sigmas[:-1]).tolist()
-    generator = torch.Generator().manual_seed(seed)
-    capacity = window or (keep + frames)
-    lap = _timer(device)
+    cfg = guidance != 1.0
+    for k, delta in enumerate(deltas):
+        xin = torch.cat([x, x]) if cfg else x
+        v = velocity(xin.to(dtype), timesteps[k].expand(xin.shape[0])).float()
+        if cfg:
+            uncond, cond = v.chunk(2)
+            v = uncond + guidance * (cond - uncond)
+        x = x + delta * v
+    return x
 
-    def denoise(x: torch.Tensor, velocity) -> torch.Tensor:
-        for k in range(steps):
-            v = velocity(torch.cat([x, x]) if cfg else x, timesteps[k].expand(x.shape[0] * (2 if cfg else 1)))
-            v = v.float()
-            if cfg:
-                uncond, cond = v.chunk(2)
-                v = uncond + guidance * (cond - uncond)
-            x = x + deltas[k] * v
-        return x
 
-    def initial_noise(u: int) -> torch.Tensor:
-        if noise is not None:
-            return noise[:, u].to(device=device, dtype=torch.float32)
-        return torch.randn((batch, *context.shape[2:]), generator=generator).to(device)
+class Rollout:
+    """A stream driven one frame at a time: `step(action)` denoises the next frame and takes it in
+    as context. Start from `context` (B, F, C, H, W) latents in model space.
 
-    def lab(j: int, n: int = 1):  # condition indices of absolute frames j..j+n-1 -> (B', n)
-        return None if labels is None else labels[:, j:j + n]
+    actions: the context frames' own actions, (B, F) or (F,) indices (None: the null action); the
+    action of each new frame is given to `step`. label: a class-conditioned model's class, an index
+    or (B,) indices, for every frame. guidance > 1 batches a null-conditioned pass with the
+    conditioned one. The initial noise of each frame is drawn on the CPU from `seed`, in frame
+    order, so a seed gives the same frames on any device and a replay with the same actions is
+    exact. window keeps the last `window` frames in the KV cache (flat memory); without one the
+    cache is sized for `frames` generated frames. clamp bounds each generated frame to [-clamp,
+    clamp] before it is returned and fed back (pixel models: 1). timed=False skips the device
+    synchronisation that timing needs; the frame times are then 0.
+    """
 
-    first = given - keep  # absolute index of the first kept context frame
-    # each model call runs in inference mode, never the generator as a whole: a mode entered around a
-    # `yield` would stay on in the caller's code between frames
-    no_grad = torch.inference_mode()
-    denoise = no_grad(denoise)
-    if isinstance(model, SCDModel):
-        encoder = no_grad(model.encoder)
-        cache = model.encoder.new_cache(context.shape[0], capacity)
-        rope = model.decoder.rope_tables(device)
-        state = {}
-        for start in range(0, keep, PREFILL_CHUNK):  # the encoder sees action j + 1 for frame j
-            chunk = context[:, start:start + PREFILL_CHUNK]
-            state["features"] = encoder(chunk, lab(first + start + 1, chunk.shape[1]), cache)[:, -1]
+    def __init__(self, model: StreamingModel, context: torch.Tensor, steps: int, guidance: float = 1.0,
+                 actions: torch.Tensor | None = None, label: int | torch.Tensor | None = None, seed: int = 0,
+                 window: int | None = None, frames: int | None = None, clamp: float | None = None, timed: bool = True):
+        config = model.config
+        if context.dim() != 5 or context.shape[2:] != (config.channels, *config.latent_size):
+            raise ConfigError(f"context must be (B, F, {config.channels}, {config.latent_size[0]}, {config.latent_size[1]}), "
+                              f"got {tuple(context.shape)}")
+        batch, given = context.shape[:2]
+        if given < 1:
+            raise ConfigError("at least one context frame is needed")
+        if window is not None and window < 1:
+            raise ConfigError(f"the context window must be >= 1 frame, got {window}")
+        if window is None and frames is None:
+            raise ConfigError("give window (frames kept as context) or frames (the most this rollout generates)")
+        if frames is not None and frames < 0:
+            raise ConfigError(f"frames must be >= 0, got {frames}")
+        weight = next(model.parameters())
+        self.model, self.config = model, config
+        self.device, self.dtype = weight.device, weight.dtype
+        self.batch, self.given, self.index = batch, given, 0
+        self.sigmas = sigma_schedule(steps, self.device)
+        self.guidance = float(guidance)
+        self.cfg = self.guidance != 1.0
+        self.limit = None if window else frames
+        self.clamp = clamp
+        self.generator = torch.Generator().manual_seed(seed)
+        self.sync = _sync_for(self.device) if timed else None
+        self.timed = timed
+        self.label = self._label(label)
+        if self.cfg and config.condition is None:
+            raise ConfigError("guidance needs an action- or class-conditioned model; use guidance 1")
+        keep = min(given, window) if window else given
+        own = self._context_conditions(actions, given)[:, -keep:] if config.condition else None
+        context = context[:, -keep:].to(device=self.device, dtype=self.dtype)
+        with torch.inference_mode():
+            self.state = model.start(batch * (2 if self.cfg else 1), window or (keep + frames))
+            model.observe(self.state, self._doubled(context), self._guided(own))
 
-        def velocity_for(index: int, latest: torch.Tensor | None, step_labels):
-            """Take in the previous frame (the encoder, once); the decoder's velocity for frame `index`."""
-            if latest is not None:
-                state["features"] = encoder(latest[:, None], lab(index), cache)[:, 0]
-            features = state["features"]
-            return lambda x, t: model.decoder(x.to(dtype), t, features, step_labels, rope)
-    else:
-        append = no_grad(model.append)
-        cache = model.new_cache(context.shape[0], capacity)
-        for start in range(0, keep, PREFILL_CHUNK):  # the baseline sees action j for frame j
-            chunk = context[:, start:start + PREFILL_CHUNK]
-            append(chunk, lab(first + start, chunk.shape[1]), cache)
+    # ----------------------------------------------------------------------------- conditions
 
-        def velocity_for(index: int, latest: torch.Tensor | None, step_labels):
-            """Cache the previous frame as clean context; the full-depth velocity for frame `index`."""
-            if latest is not None:
-                append(latest[:, None], lab(index - 1), cache)
-            rope = model.rope(cache.frames, 1, device)
-            return lambda x, t: model(x.to(dtype), t, step_labels, cache, rope)
+    def _label(self, label) -> torch.Tensor | None:
+        if label is None:
+            return None
+        if self.config.condition != "label":
+            raise ActionError("this model takes no class label; drop it")
+        label = torch.as_tensor(label, dtype=torch.long).to(self.device).expand(self.batch).clone()
+        self._check_range(label, "label")
+        return label
 
-    latest = None
+    def _check_range(self, indices: torch.Tensor, what: str) -> None:
+        null = self.config.null_class
+        if indices.numel() and (indices.min() < 0 or indices.max() > null):
+            raise ActionError(f"{what} indices must lie in 0..{null} ({null} = none)")
+
+    def _context_conditions(self, actions, given: int) -> torch.Tensor:
+        """(B, given) conditions of the context frames."""
+        null = self.config.null_class
+        if self.config.condition == "label":
+            if actions is not None:
+                raise ActionError("this model is class-conditioned: give a label, not actions")
+            fill = self.label if self.label is not None else torch.full((self.batch,), null, device=self.device)
+            return fill[:, None].expand(-1, given)
+        if actions is None:
+            return torch.full((self.batch, given), null, dtype=torch.long, device=self.device)
+        actions = torch.as_tensor(actions, dtype=torch.long).to(self.device)
+        if actions.dim() == 1:
+            actions = actions[None].expand(self.batch, -1)
+        if actions.shape != (self.batch, given):
+            raise ActionError(f"expected {given} actions per sample for the context frames, got {tuple(actions.shape)[-1]}")
+        self._check_range(actions, "action")
+        return actions
+
+    def _frame_condition(self, action) -> torch.Tensor | None:
+        """(B,) condition of the frame about to be generated."""
+        config = self.config
+        if config.condition is None:
+            if action is not None:
+                raise ActionError("this model takes no actions or labels; drop them")
+            return None
+        if config.condition == "label":
+            if action is not None:
+                raise ActionError("this model is class-conditioned: give a label, not actions")
+            return self.label if self.label is not None else torch.full((self.batch,), config.null_class, device=self.device)
+        if action is None:
+            return torch.full((self.batch,), config.null_class, dtype=torch.long, device=self.device)
+        action = torch.as_tensor(action, dtype=torch.long).to(self.device)
+        if action.dim() > 1 or (action.dim() == 1 and action.shape[0] != self.batch):
+            raise ActionError(f"give one action, or one per sample ({self.batch}), not {tuple(action.shape)}")
+        self._check_range(action, "action")
+        return action.expand(self.batch)
+
+    def _guided(self, conditions: torch.Tensor | None) -> torch.Tensor | None:
+        """[null; conditions] along the batch when guidance is on."""
+        if conditions is None or not self.cfg:
+            return conditions
+        return torch.cat([torch.full_like(conditions, self.config.null_class), conditions])
+
+    def _doubled(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, x]) if self.cfg else x
+
+    # ----------------------------------------------------------------------------- frames
+
+    def _lap(self) -> float:
+        """Milliseconds since the last lap, synchronising the device only because timing needs it."""
+        if not self.timed:
+            return 0.0
+        if self.sync is not None:
+            self.sync()
+        now = time.perf_counter()
+        elapsed, self._last = (now - self._last) * 1000.0, now
+        return elapsed
+
+    def step(self, action=None, noise: torch.Tensor | None = None) -> Frame:
+        """Generate the next frame, driven by `action` (an index or (B,) indices; None: the null
+        action; ignored by models without actions only when None). noise (B, C, H, W) replaces the
+        frame's initial noise."""
+        if self.limit is not None and self.index >= self.limit:
+            raise ConfigError(f"this rollout was sized for {self.limit} frames: give it a window to go on")
+        condition = self._frame_condition(action)
+        shape = (self.batch, self.config.channels, *self.config.latent_size)
+        if noise is None:
+            noise = torch.randn(shape, generator=self.generator)
+        elif tuple(noise.shape) != shape:
+            raise ConfigError(f"noise must be {shape}, got {tuple(noise.shape)}")
+        self._last = time.perf_counter()
+        # inference mode per call, never around a caller's code between frames
+        with torch.inference_mode():
+            self.model.prepare(self.state, self._guided(condition))
+            context_ms = self._lap()
+            x = denoise(lambda x, t: self.model.velocity(self.state, x, t), noise.to(self.device, torch.float32),
+                        self.sigmas, self.guidance, self.dtype)
+            if self.clamp is not None:
+                x = x.clamp(-self.clamp, self.clamp)
+            denoise_ms = self._lap()
+            self.model.observe(self.state, self._doubled(x.to(self.dtype))[:, None],
+                               None if condition is None else self._guided(condition)[:, None])
+        frame = Frame(self.index, x, context_ms, denoise_ms)
+        self.index += 1
+        return frame
+
+
+def stream(model: StreamingModel, context: torch.Tensor, frames: int, steps: int,
+           guidance: float = 1.0, conditions: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+           seed: int = 0, window: int | None = None, clamp: float | None = None, timed: bool = True) -> Iterator[Frame]:
+    """Continue `context` (B, F, C, H, W), in model space, by `frames` frames: a `Rollout` with every
+    action known up front.
+
+    conditions: actions (B, F + frames) or (F + frames,), `conditions[:, j]` belonging to frame j, or
+    labels (B,) (or one int) for a class-conditioned model; None means the null action. noise
+    (B, frames, C, H, W) fixes each frame's initial noise; otherwise it is drawn from `seed`. The
+    rest as `Rollout`.
+    """
+    config = model.config
+    if frames < 0:
+        raise ConfigError(f"frames must be >= 0, got {frames}")
+    if context.dim() == 5 and noise is not None and noise.shape != (context.shape[0], frames, *context.shape[2:]):
+        raise ConfigError(f"noise must be {(context.shape[0], frames, *context.shape[2:])}, got {tuple(noise.shape)}")
+    given = context.shape[1] if context.dim() == 5 else 0
+    actions = label = None
+    if conditions is not None and config.condition == "label":
+        label = conditions
+    elif conditions is not None and config.condition == "action":
+        actions = torch.as_tensor(conditions, dtype=torch.long)
+        if actions.shape[-1] != given + frames:
+            raise ActionError(f"expected {given + frames} actions per sample (context + generated frames), got {actions.shape[-1]}")
+    elif conditions is not None:
+        raise ActionError("this model takes no actions or labels; drop them")
+    rollout = Rollout(model, context, steps, guidance, None if actions is None else actions[..., :given], label,
+                      seed, window, frames, clamp, timed)
     for u in range(frames):
-        index = given + u
-        velocity = velocity_for(index, latest, None if labels is None else labels[:, index])
-        encoder_ms = lap()
-        x = denoise(initial_noise(u), velocity)
-        if clamp is not None:
-            x = x.clamp(-clamp, clamp)
-        decoder_ms = lap()
-        latest = torch.cat([x, x]).to(dtype) if cfg else x.to(dtype)
-        yield Frame(u, x, encoder_ms, decoder_ms)
-        lap()  # the caller's time between frames belongs to no frame
+        action = None if actions is None else actions[..., given + u]
+        yield rollout.step(action, None if noise is None else noise[:, u])
 
 
 def generate(model, context, frames, steps, **kwargs) -> torch.Tensor:
@@ -204,13 +268,10 @@ def generate(model, context, frames, steps, **kwargs) -> torch.Tensor:
     return torch.stack(out, dim=1)
 
 
-def kv_cache_bytes(model, batch: int, frames: int, guidance: float = 1.0, dtype=None) -> int:
+def kv_cache_bytes(model: StreamingModel, batch: int, frames: int, guidance: float = 1.0, dtype=None) -> int:
     """Bytes the KV cache will take for `frames` cached frames (for memory warnings)."""
-    c = model.config
-    layers = c.encoder_layers if isinstance(model, SCDModel) else c.layers
     b = batch * (2 if guidance != 1.0 else 1)
-    item = torch.tensor([], dtype=dtype or next(model.parameters()).dtype).element_size()
-    return 2 * layers * b * c.num_heads * c.head_dim * (frames + 1) * c.tokens_per_frame * item
+    return model.cache_bytes(b, frames, dtype or next(model.parameters()).dtype)
 
 
-__all__ = ["Frame", "KVCache", "add_noise", "generate", "kv_cache_bytes", "sigma_schedule", "stream"]
+__all__ = ["Frame", "KVCache", "Rollout", "add_noise", "denoise", "generate", "kv_cache_bytes", "sigma_schedule", "stream"]

@@ -1,12 +1,7 @@
 """Training and fine-tuning of SCD and the causal baseline on accelerate.
 
-Both models learn the velocity `noise - x0` of every frame given clean earlier frames, exactly the
-situation they meet when generating:
-- SCD: the encoder runs once, block-causally, over the clean clip (frame j with action j + 1);
-  the decoder denoises frame j from the encoder's features of frame j - 1 (with action j), several
-  noise draws per encoder pass (the reference's `decoder_multi_batch`), sigma logit-normal.
-- Baseline: one pass over [clean frames; noisy frames], where noisy frame j attends to clean
-  frames < j and to itself (frame j with action j), so every frame is a target in one pass.
+Both models learn the velocity `noise - x0` of every frame given the earlier frames, exactly the
+situation they meet when generating; each model owns its loss (`model.loss`, see scd/model.py).
 Actions are dropped to the null index for 10% of clips, so guidance has an unconditional model.
 Checkpoints hold model, EMA, optimizer, step and RNG states, written atomically; `resume`
 continues bit-identically because batch k depends only on (seed, k).
@@ -15,19 +10,16 @@ continues bit-identically because batch k depends only on (seed, k).
 from __future__ import annotations
 
 import copy
-import dataclasses
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from scd.checkpoints import LoadedModel, save_model_folder
 from scd.errors import CheckpointError, ConfigError, DataError
-from scd.model import Baseline, ModelConfig, SCDModel, block_causal_mask, build_model, patchify, rope_tables, unpatchify
-from scd.sampling import add_noise
+from scd.model import ModelConfig, Objective, build_model
 
 
 RANK_STRIDE = 1_000_003  # process r of a multi-process run draws data and noise from seed + r * stride
@@ -72,73 +64,11 @@ def lr_factor(step: int, settings: TrainSettings) -> float:
     return min(warm, max(0.0, (settings.steps - step) / settings.decay))
 
 
-def logit_normal(n: int, shift: float = 1.0) -> torch.Tensor:
-    sigma = torch.sigmoid(torch.randn(n))
-    return sigma if shift == 1.0 else shift * sigma / (1 + (shift - 1) * sigma)
-
-
 def drop_actions(actions: torch.Tensor | None, config: ModelConfig, p: float) -> torch.Tensor | None:
     if actions is None:
         return None
     keep = torch.rand(actions.shape[0], 1) >= p
     return torch.where(keep, actions, torch.full_like(actions, config.null_class))
-
-
-def noised_context(video: torch.Tensor, clean_ratio: float, sigma_max: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The reference's clean-context ratio: each frame stays clean (timestep -1) with probability
-    `clean_ratio`, else it is noised at sigma_max * logit-normal and carries that timestep, so the
-    encoder learns to read imperfect context such as its own generated frames. -> (frames, timesteps)."""
-    if clean_ratio >= 1.0:
-        return video, None
-    b, n = video.shape[:2]
-    sigma = (sigma_max * logit_normal(b * n)).view(b, n).to(video.device)
-    clean = torch.rand(b, n, device=video.device) < clean_ratio
-    sigma = torch.where(clean, torch.zeros_like(sigma), sigma)
-    noisy = add_noise(video, torch.randn_like(video), sigma)
-    return noisy, torch.where(clean, torch.full_like(sigma, -1.0), sigma * 1000.0)
-
-
-def scd_loss(model: SCDModel, video: torch.Tensor, actions: torch.Tensor | None, draws: int,
-             shift: float = 1.0, clean_ratio: float = 1.0, context_sigma_max: float = 1.0) -> torch.Tensor:
-    """video (B, N, C, H, W) clean latents; actions (B, N)."""
-    b, n = video.shape[:2]
-    enc_actions = None if actions is None else torch.cat([actions[:, 1:], actions[:, -1:]], dim=1)
-    context, timesteps = noised_context(video, clean_ratio, context_sigma_max)
-    features = model.encoder(context, enc_actions, timesteps=timesteps)[:, :-1]  # (B, N-1, T, D): features of frame j-1
-    x0 = video[:, 1:].flatten(0, 1).repeat(draws, 1, 1, 1)
-    features = features.flatten(0, 1).repeat(draws, 1, 1)
-    labels = None if actions is None else actions[:, 1:].flatten().repeat(draws)
-    sigma = logit_normal(x0.shape[0], shift).to(x0.device)
-    noise = torch.randn_like(x0)
-    velocity = model.decoder(add_noise(x0, noise, sigma), sigma * 1000.0, features, labels)
-    return F.mse_loss(velocity.float(), (noise - x0).float())
-
-
-def baseline_loss(model: Baseline, video: torch.Tensor, actions: torch.Tensor | None, shift: float = 1.0) -> torch.Tensor:
-    """Every frame j >= 1 denoised against clean frames < j, in one pass."""
-    c = model.config
-    b, n, _, h, w = video.shape
-    t = c.tokens_per_frame
-    x0 = video[:, 1:]
-    sigma = logit_normal(b * (n - 1), shift).to(video.device).view(b, n - 1)
-    noise = torch.randn_like(x0)
-    noisy = add_noise(x0, noise, sigma)
-    tokens = model.x_embedder(patchify(torch.cat([video, noisy], 1), c.patch_size))  # (B, 2N-1, T, D)
-    timesteps = torch.cat([torch.full((b, n), -1.0, device=video.device), sigma * 1000.0], 1)
-    labels = None if actions is None else torch.cat([actions, actions[:, 1:]], 1)
-    emb = model.conditioning(timesteps, labels)
-    frames = torch.cat([torch.arange(n), torch.arange(1, n)]).to(video.device)
-    rope = rope_tables(frames, h // c.patch_size, w // c.patch_size, c.rope_axes)
-    clean = torch.arange(2 * n - 1, device=video.device) < n
-    q, k = frames.repeat_interleave(t), frames.repeat_interleave(t)
-    qc, kc = clean.repeat_interleave(t), clean.repeat_interleave(t)
-    same = torch.arange(2 * n - 1, device=video.device).repeat_interleave(t)
-    # clean queries: clean keys of frames <= theirs; noisy queries: clean keys of earlier frames, and themselves
-    mask = (kc[None] & (k[None] <= q[:, None]) & qc[:, None]) | (kc[None] & (k[None] < q[:, None]) & ~qc[:, None])
-    mask |= (same[None] == same[:, None]) & ~qc[:, None]
-    hidden = model.norm_out(model.run_blocks(tokens, emb, rope, mask), emb)[:, n:]
-    velocity = unpatchify(model.proj_out(hidden), c.patch_size, h, w)
-    return F.mse_loss(velocity.float(), (noise - x0).float())
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
@@ -158,7 +88,7 @@ def _check_resumed_config(saved: dict | None, config: ModelConfig, path: Path) -
     different model, e.g. another decoder combine); generation defaults may change."""
     if saved is None:  # checkpoints from before configs were stored
         return
-    now = dataclasses.asdict(config)
+    now = config.to_dict()
     differ = [k for k in sorted(set(saved) | set(now)) if k not in GENERATION_DEFAULTS and saved.get(k) != now.get(k)]
     if differ:
         shown = ", ".join(f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in differ[:5])
@@ -192,11 +122,9 @@ def train(config: ModelConfig, out: Path, settings: TrainSettings, batches, init
     # No DDP wrapper: the losses reach into submodules, so gradients are averaged across processes by hand.
     model.to(accelerator.device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    if config.arch == "scd":
-        groups = [{"params": list(model.encoder.parameters()), "lr": settings.lr},
-                  {"params": list(model.decoder.parameters()), "lr": settings.lr * settings.decoder_lr_ratio}]
-    else:
-        groups = [{"params": list(model.parameters()), "lr": settings.lr}]
+    # the reference trains SCD's decoder at a multiple of the encoder's rate
+    groups = [{"params": list(part.parameters()), "lr": settings.lr * (settings.decoder_lr_ratio if name == "decoder" else 1.0)}
+              for name, part in model.parts().items()]
     optimizer = torch.optim.AdamW(groups, lr=settings.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, settings))
     start, losses, wall_before = 0, [], 0.0  # losses (one per step) and wall time carry through resumes
@@ -216,6 +144,8 @@ def train(config: ModelConfig, out: Path, settings: TrainSettings, batches, init
         start = int(state["step"])
         losses, wall_before = list(state.get("losses", [])), float(state.get("wall_s", 0.0))
     raw = model
+    objective = Objective(settings.sigma_shift, settings.decoder_draws, settings.clean_context_ratio,
+                          settings.context_sigma_max)
     data = batches(start) if ranks == 1 else batches(start, rank)
     began = time.perf_counter()
     for step in range(start, settings.steps):
@@ -224,11 +154,7 @@ def train(config: ModelConfig, out: Path, settings: TrainSettings, batches, init
         actions = drop_actions(actions, config, settings.action_dropout)
         actions = None if actions is None or config.condition is None else actions.to(accelerator.device)
         with accelerator.autocast():
-            if config.arch == "scd":
-                loss = scd_loss(raw, video, actions, settings.decoder_draws, settings.sigma_shift,
-                                settings.clean_context_ratio, settings.context_sigma_max)
-            else:
-                loss = baseline_loss(raw, video, actions, settings.sigma_shift)
+            loss = raw.loss(video, actions, objective)
         if not torch.isfinite(loss):
             raise DataError(f"the loss became {loss.item()} at step {step}: lower --lr or check the data")
         optimizer.zero_grad(set_to_none=True)
@@ -253,7 +179,7 @@ def train(config: ModelConfig, out: Path, settings: TrainSettings, batches, init
                 _save_checkpoint(ckpt, {"model": raw.state_dict(), "ema": ema.state_dict(),
                                         "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                                         "rng": torch.get_rng_state(), "step": done, "losses": losses,
-                                        "config": dataclasses.asdict(config),
+                                        "config": config.to_dict(),
                                         "cuda_rng": torch.cuda.get_rng_state(accelerator.device) if torch.cuda.is_available() else None,
                                         "wall_s": wall_before + time.perf_counter() - began})
                 _save_losses(out / "losses.csv", losses)
@@ -267,7 +193,7 @@ def train(config: ModelConfig, out: Path, settings: TrainSettings, batches, init
 def world_batches(settings: TrainSettings, config: ModelConfig):
     from scd import world
 
-    if tuple(config.frame_size) != (world.FRAME_SIZE, world.FRAME_SIZE) or config.codec.get("type") != "pixel":
+    if tuple(config.frame_size) != (world.FRAME_SIZE, world.FRAME_SIZE) or not config.codec.is_pixel:
         raise ConfigError(f"the synthetic world is {world.FRAME_SIZE}x{world.FRAME_SIZE} pixels: "
                           "train a pixel-space model of that frame size on it")
     return lambda start, rank=0: world.stream_batches(settings.seed + RANK_STRIDE * rank, settings.batch_size,
@@ -286,12 +212,12 @@ def folder_batches(folder, settings: TrainSettings, config: ModelConfig):
     import numpy as np
 
     from scd import video
-    from scd.generate import parse_actions
+    from scd.actions import parse_actions
 
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"training data folder {folder} does not exist")
-    if config.codec.get("type") != "pixel":
+    if not config.codec.is_pixel:
         raise DataError("training on video folders needs a pixel-space model in this version")
     clips = []
     for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES):

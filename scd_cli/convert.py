@@ -99,7 +99,7 @@ def convert(
     arch = (f"SCD {c.encoder_layers} + {c.decoder_layers} blocks ({c.decoder_combine})" if c.arch == "scd"
             else f"baseline {c.layers} blocks")
     mapped, created, dropped = (report.totals()[a][0] for a in (conversion.MAPPED, conversion.CREATED, conversion.DROPPED))
-    console.print(f"wrote [bold]{report.folder}[/]: {arch}, codec {c.codec.get('type')}, from a {report.description} "
+    console.print(f"wrote [bold]{report.folder}[/]: {arch}, codec {c.codec.type}, from a {report.description} "
                   f"(sha256 {report.sha256[:12]}); {mapped} mapped, {created} created, {dropped} dropped", soft_wrap=True)
     if report.pushed:
         console.print(f"pushed to [bold]{report.pushed}[/]", soft_wrap=True)

@@ -11,6 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from scd import generate as job_lib
+from scd.actions import parse_actions
 from scd.checkpoints import load_model
 from scd_cli.common import console, err_console, handles_errors, is_interactive, say, state
 
@@ -23,7 +24,7 @@ def _live_line(event: job_lib.FrameWritten, first_ms: float) -> Text:
     filled = int(bar_width * done / event.frames)
     return Text.from_markup(
         f"[cyan]{'━' * filled}[/][dim]{'━' * (bar_width - filled)}[/] frame {done}/{event.frames}  "
-        f"[bold]{event.latency_ms:7.1f} ms[/] (encoder {event.encoder_ms:6.1f} + decoder {event.decoder_ms:7.1f})  "
+        f"[bold]{event.latency_ms:7.1f} ms[/] (context {event.context_ms:6.1f} + denoise {event.denoise_ms:7.1f})  "
         f"{fps:5.2f} frames/s  first frame {first_ms:7.1f} ms  ETA {eta:5.1f} s")
 
 
@@ -74,8 +75,8 @@ def generate(
     config = loaded.config
     job = job_lib.Job(
         model=loaded, out=out, prompt=prompt_frames, frames=frames, steps=steps, guidance=guidance,
-        actions=job_lib.parse_actions(actions, config.action_names, config.num_classes),
-        prompt_actions=job_lib.parse_actions(prompt_actions, config.action_names, config.num_classes),
+        actions=parse_actions(actions, config.action_names, config.num_classes),
+        prompt_actions=parse_actions(prompt_actions, config.action_names, config.num_classes),
         seed=seed, batch=batch, window=context_window, context=context, fit=fit, fps=fps,
         include_prompt=include_prompt, upscale=upscale, upscale_mode=upscale_mode, frames_dir=frames_dir,
         report=report, device=device, dtype=dtype)
@@ -100,7 +101,7 @@ def generate(
                     live.update(_live_line(event, first_ms))
                 else:
                     say(f"frame {event.index + 1}/{event.frames} {event.latency_ms:.1f} ms "
-                        f"(encoder {event.encoder_ms:.1f}, decoder {event.decoder_ms:.1f})")
+                        f"(context {event.context_ms:.1f}, denoise {event.denoise_ms:.1f})")
             elif isinstance(event, job_lib.Finished):
                 if live is not None:
                     live.stop()

@@ -10,7 +10,6 @@ from rich.table import Table
 
 from scd.checkpoints import load_model
 from scd.flops import frame_flops, parameter_count
-from scd.model import SCDModel
 from scd_cli.common import console, handles_errors
 
 
@@ -37,12 +36,10 @@ def info(
             ("decoder input", c.decoder_combine if c.arch == "scd" else "-"),
             ("latents", f"{c.channels} x {c.latent_size[0]} x {c.latent_size[1]}, patch {c.patch_size}, {c.tokens_per_frame} tokens/frame"),
             ("rope axes", str(c.rope_axes)), ("condition", f"{c.condition} ({c.num_classes} + null)" if c.condition else "none"),
-            ("frame", f"{c.frame_size[0]} x {c.frame_size[1]} @ {c.fps:g} fps, codec {c.codec.get('type')}")]
-    if isinstance(loaded.model, SCDModel):
-        rows += [("parameters", f"{parameter_count(loaded.model):,} (encoder {parameter_count(loaded.model.encoder):,}, "
-                                f"decoder {parameter_count(loaded.model.decoder):,})")]
-    else:
-        rows += [("parameters", f"{parameter_count(loaded.model):,}")]
+            ("frame", f"{c.frame_size[0]} x {c.frame_size[1]} @ {c.fps:g} fps, codec {c.codec.type}")]
+    parts = loaded.model.parts()
+    split = ", ".join(f"{name} {parameter_count(part):,}" for name, part in parts.items())
+    rows += [("parameters", f"{parameter_count(loaded.model):,}" + (f" ({split})" if len(parts) > 1 else ""))]
     for k, v in rows:
         arch.add_row(f"[dim]{k}[/]", v)
     console.print(arch)

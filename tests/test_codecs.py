@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from conftest import random_model, tiny_config
 from scd.checkpoints import load_model_folder, save_model_folder
-from scd.codecs import DCAECodec, PixelCodec, load_codec
+from scd.codecs import CodecConfig, DCAECodec, PixelCodec, load_codec
 from scd.convert import convert
 from scd.errors import CheckpointError, ConfigError
 from scd.video import read_video, write_video
@@ -109,11 +109,13 @@ def test_dcae_round_trip_through_a_model_folder(tmp_path):
     assert torch.equal(codec.decode(expected), DCAECodec(ae, FACTOR).decode(expected))
 
     with pytest.raises(CheckpointError, match="downsamples 8x but .* is a 4x DC-AE"):
-        load_codec({"type": "dcae", "scaling_factor": FACTOR, "downsample": 8}, folder)
+        load_codec(CodecConfig("dcae", FACTOR, 8), folder)
     with pytest.raises(CheckpointError, match="has no codec/ folder"):
-        load_codec({"type": "dcae"}, tmp_path)
-    with pytest.raises(CheckpointError, match="unknown codec type 'vqgan'"):
-        load_codec({"type": "vqgan"}, folder)
+        load_codec(CodecConfig("dcae"), tmp_path)
+    with pytest.raises(ConfigError, match="unknown codec type 'vqgan'"):
+        CodecConfig.from_dict({"type": "vqgan"})
+    with pytest.raises(ConfigError, match="unknown codec fields"):
+        CodecConfig.from_dict({"type": "dcae", "scale": 2})
     (folder / "codec" / "diffusion_pytorch_model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="has no diffusion_pytorch_model.safetensors"):
         load_codec(loaded.config.codec, folder)
@@ -143,7 +145,7 @@ def test_convert_attaches_a_far_dcae_pth(far_like, tmp_path):
     assert report.codec == str(pth) and report.codec_sha256 == hashlib.sha256(pth.read_bytes()).hexdigest()
     loaded = load_model_folder(tmp_path / "scd")
     c = loaded.config
-    assert c.codec == {"type": "dcae", "scaling_factor": FACTOR, "downsample": 4} and c.frame_size == (16, 16)
+    assert c.codec == CodecConfig("dcae", FACTOR, 4) and c.frame_size == (16, 16)
     assert sorted(p.name for p in (tmp_path / "scd" / "codec").iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
     codec = load_codec(c.codec, loaded.folder)
     x = pixels()
@@ -161,7 +163,7 @@ def test_convert_attaches_a_diffusers_folder_and_checks_it(far_like, tmp_path):
     ae.save_pretrained(tmp_path / "dcae-diffusers")
     report = convert(far_like, tmp_path / "scd", codec=tmp_path / "dcae-diffusers", scaling_factor=0.5)
     loaded = load_model_folder(tmp_path / "scd")
-    assert loaded.config.codec["scaling_factor"] == 0.5 and report.totals()["created"][0] == 2
+    assert loaded.config.codec.scaling_factor == 0.5 and report.totals()["created"][0] == 2
     x = pixels()
     assert torch.equal(load_codec(loaded.config.codec, loaded.folder).encode(x), DCAECodec(ae, 0.5).encode(x))
 

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from conftest import random_model, tiny_config
 from scd.checkpoints import load_model_folder, read_tensors, save_model_folder
 from scd.errors import ActionError, CheckpointError, VideoError
-from scd.generate import parse_actions
+from scd.actions import parse_actions
 from scd.video import read_video, write_video
 
 

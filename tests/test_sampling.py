@@ -6,7 +6,7 @@ import torch
 from conftest import random_model, tiny_config
 from scd.errors import ActionError, ConfigError
 from scd.model import patchify, unpatchify
-from scd.sampling import generate, sigma_schedule, stream
+from scd.sampling import Rollout, generate, sigma_schedule, stream
 
 B, F, U, K = 2, 3, 4, 3
 
@@ -77,7 +77,7 @@ def test_chunked_prefill_equals_single_pass(monkeypatch):
     model = random_model(tiny_config())
     context, actions, noise = inputs(model.config)
     whole = generate(model, context, U, K, conditions=actions, noise=noise)
-    monkeypatch.setattr("scd.sampling.PREFILL_CHUNK", 1)
+    monkeypatch.setattr("scd.model.PREFILL_CHUNK", 1)
     chunked = generate(model, context, U, K, conditions=actions, noise=noise)
     assert (whole - chunked).abs().max() < 1e-5
 
@@ -118,7 +118,7 @@ def test_seed_determinism_and_streaming_timings():
     assert [f.index for f in a] == list(range(U))
     assert torch.equal(torch.stack([f.latents for f in a], 1), b)
     assert (b - c).abs().max() > 1e-3
-    assert all(f.encoder_ms >= 0 and f.decoder_ms > 0 and f.latency_ms >= f.decoder_ms for f in a)
+    assert all(f.context_ms >= 0 and f.denoise_ms > 0 and f.latency_ms >= f.denoise_ms for f in a)
 
 
 @pytest.mark.parametrize("arch", ["scd", "baseline"])
@@ -144,17 +144,80 @@ def test_actions_change_the_output():
     assert (a - b).abs().max() > 1e-3
 
 
+def hidden_with_frame_mask(transformer, frames, timesteps, labels, visible):
+    """Run a transformer's blocks over frames (B, N, C, H, W) where query frame q sees key frame k
+    iff visible[q, k]: the attention a rolling KV cache should amount to."""
+    c, t = transformer.config, transformer.config.tokens_per_frame
+    x = transformer.x_embedder(patchify(frames, c.patch_size))
+    emb = transformer.conditioning(timesteps, labels)
+    rope = transformer.rope(0, frames.shape[1], frames.device)
+    mask = visible.repeat_interleave(t, 0).repeat_interleave(t, 1)
+    return transformer.norm_out(transformer.run_blocks(x, emb, rope, mask), emb)
+
+
+def window_mask(n, w, last_sees_extra=False):
+    """Frame q sees frames q-w+1..q (the ring of w slots); with last_sees_extra the last frame (the
+    baseline's noisy one, in the spare slot) sees the w frames before it and itself."""
+    q, k = torch.arange(n)[:, None], torch.arange(n)[None]
+    visible = (k <= q) & (k > q - w)
+    if last_sees_extra:
+        visible[-1] = (k[0] <= n - 1) & (k[0] >= n - 1 - w)
+    return visible
+
+
 @pytest.mark.parametrize("arch", ["scd", "baseline"])
-def test_rolling_window(arch):
+def test_rolling_window_equals_a_recompute_over_the_last_w_frames(arch):
+    W = 3
     model = random_model(tiny_config(arch=arch))
     context, actions, noise = inputs(model.config)
+    got = generate(model, context, U, K, conditions=actions, noise=noise, window=W)
+    frames = context
+    p = model.config.patch_size
+    with torch.inference_mode():
+        for u in range(U):
+            n = frames.shape[1]
+            if arch == "scd":
+                clean = torch.full((B, n), -1.0)
+                features = hidden_with_frame_mask(model.encoder, frames, clean, actions[:, 1:n + 1], window_mask(n, W))[:, -1]
+                velocity = lambda x, t: model.decoder(x, t, features, actions[:, n])
+            else:
+                def velocity(x, t):
+                    seq = torch.cat([frames, x[:, None]], dim=1)
+                    timesteps = torch.cat([torch.full((B, n), -1.0), t[:, None]], dim=1)
+                    hidden = hidden_with_frame_mask(model, seq, timesteps, actions[:, :n + 1], window_mask(n + 1, W, True))
+                    return unpatchify(model.proj_out(hidden[:, -1:]), p, *x.shape[-2:])[:, 0]
+            x = euler(velocity, noise[:, u], K)
+            frames = torch.cat([frames, x[:, None]], dim=1)
+    assert (got - frames[:, F:]).abs().max() < 1e-5
     full = generate(model, context, U, K, conditions=actions, noise=noise)
-    wide = generate(model, context, U, K, conditions=actions, noise=noise, window=F + U)
-    assert (full - wide).abs().max() < 1e-5  # a window holding everything changes nothing
+    assert (full - got).abs().max() > 1e-4  # the window did forget something
     long = list(stream(model, context, 40, 2, conditions=None, window=2))
     assert len(long) == 40 and all(torch.isfinite(f.latents).all() for f in long)
-    narrow = generate(model, context, U, K, conditions=actions, noise=noise, window=2)
-    assert (full - narrow).abs().max() > 1e-4  # a narrow window forgets
+
+
+@pytest.mark.parametrize("arch", ["scd", "baseline"])
+@pytest.mark.parametrize("guidance", [1.0, 2.5])
+def test_rollout_with_actions_given_frame_by_frame_equals_the_stream(arch, guidance):
+    """A live player chooses each action after seeing the previous frame: the same actions and seed
+    must give the same frames as knowing them all up front."""
+    model = random_model(tiny_config(arch=arch))
+    context, actions, _ = inputs(model.config)
+    expected = generate(model, context, U, K, guidance=guidance, conditions=actions, seed=3, window=5)
+    rollout = Rollout(model, context, K, guidance=guidance, actions=actions[:, :F], seed=3, window=5)
+    got = []
+    for u in range(U):
+        action = actions[:, F + u] if u % 2 else actions[:, F + u].tolist()  # tensor or list of ints
+        got.append(rollout.step(torch.as_tensor(action)).latents)
+    assert torch.equal(torch.stack(got, 1), expected)
+    single = Rollout(model, context[:1], K, actions=actions[0, :F], seed=3, frames=2)
+    assert single.step(int(actions[0, F])).latents.shape == (1, *context.shape[2:])
+    single.step(None)  # the null action
+    with pytest.raises(ConfigError, match="sized for 2 frames"):
+        single.step(0)
+    with pytest.raises(ActionError, match="indices must lie in"):
+        Rollout(model, context, K, window=3).step(model.config.num_classes + 1)
+    with pytest.raises(ConfigError, match="window .* or frames"):
+        Rollout(model, context, K)
 
 
 def test_bad_inputs_are_typed_errors():

@@ -10,7 +10,7 @@ from scd import train as training
 from scd import world
 from scd.checkpoints import load_model_folder
 from scd.model import build_model
-from scd.sampling import add_noise
+from scd.flow import add_noise, noised_context
 from scd_cli.app import app
 
 WORLD = dict(latent_size=(32, 32), frame_size=(32, 32), patch_size=8, demo="world")
@@ -34,9 +34,9 @@ def test_loss_goes_down_for_both_archs(tmp_path):
 def test_noised_context_keeps_the_clean_share_and_labels_the_rest():
     torch.manual_seed(0)
     video = torch.rand(64, 8, 3, 8, 8) * 2 - 1
-    same, timesteps = training.noised_context(video, 1.0, 1.0)
+    same, timesteps = noised_context(video, 1.0, 1.0)
     assert same is video and timesteps is None
-    noisy, timesteps = training.noised_context(video, 0.25, 0.3)
+    noisy, timesteps = noised_context(video, 0.25, 0.3)
     clean = timesteps == -1
     assert 0.15 < clean.float().mean() < 0.35
     assert torch.equal(noisy[clean], video[clean]) and not torch.equal(noisy[~clean], video[~clean])
@@ -95,7 +95,7 @@ def test_baseline_training_pass_matches_streaming_inference():
     video = torch.randn(1, 4, 3, 32, 32)
     actions = torch.randint(0, 4, (1, 4))
     torch.manual_seed(1)
-    loss = training.baseline_loss(model, video, actions)
+    loss = model.loss(video, actions)
     torch.manual_seed(1)
     sigma = torch.sigmoid(torch.randn(3)).view(1, 3)
     noise = torch.randn_like(video[:, 1:])
