@@ -1,12 +1,18 @@
 """Typed errors: one class per kind of user mistake.
 
 The library raises these; the CLI turns them into a one-line message and exit code 2.
-Every message says what went wrong and what to do next.
+Every message says what went wrong and what to do next, in the library's words: a message names
+the *parameter* at fault (`frames must be >= 1`), and `parameter` carries its name so that the CLI
+can say which flag that is.
 """
 
 
 class SCDError(Exception):
     """Base class of every error a user can cause and fix."""
+
+    def __init__(self, message: str = "", parameter: str | None = None):
+        super().__init__(message)
+        self.parameter = parameter
 
 
 class VideoError(SCDError):

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import functools
+import re
 import sys
+from typing import Annotated, Optional
 
+import click
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -14,6 +17,41 @@ from scd.errors import SCDError
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
 state = {"debug": False, "quiet": False}
+
+
+# Options several commands share: one definition each.
+ModelRef = Annotated[Optional[str], typer.Option(
+    "--model", "-m", help="Model folder, Hub repo id[@revision], or a reference checkpoint with --options. "
+                          "Default: the embedded SCD model.")]
+Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
+DType = Annotated[str, typer.Option("--dtype", help="auto (bfloat16 on CUDA, float32 elsewhere), float32, bfloat16, float16.")]
+
+
+# library parameters whose flag is not simply --parameter-name
+FLAGS = {"window": "--context-window", "prompt": "--prompt-frames", "clips": "--clips"}
+
+
+def flag_for(parameter: str) -> str:
+    """The command-line flag of a library parameter in the running command (`steps` -> `--steps`,
+    `window` -> `--context-window`)."""
+    if parameter in FLAGS:
+        return FLAGS[parameter]
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:
+        for param in ctx.command.params:
+            if param.name == parameter:
+                flags = [o for o in param.opts if o.startswith("--")]
+                if flags:
+                    return flags[0]
+    return "--" + parameter.replace("_", "-")
+
+
+def in_cli_words(err: SCDError) -> str:
+    """The library's message with the parameter it names spelled as its flag."""
+    message = str(err)
+    if err.parameter:
+        message = re.sub(rf"(?<![\w-]){re.escape(err.parameter)}(?![\w-])", flag_for(err.parameter), message, count=1)
+    return message
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
@@ -32,7 +70,7 @@ def handles_errors(command):
         except SCDError as err:
             if state["debug"]:
                 raise
-            raise fail(str(err)) from None
+            raise fail(in_cli_words(err)) from None
         except KeyboardInterrupt:
             if state["debug"]:
                 raise
