@@ -38,9 +38,11 @@ def random_actions(seed, n: int) -> np.ndarray:
     return out
 
 
-def render_clip(seed: int, num_frames: int, actions: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def render_clip(seed: int, num_frames: int, actions: np.ndarray | None = None,
+                objects: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Frames (N, 32, 32, 3) uint8 and actions (N,) int64 of the clip `seed`, driven by `actions`
-    (random from the seed if None). The same seed and actions always give the same frames."""
+    (random from the seed if None). The same seed and actions always give the same frames.
+    objects=False leaves out every moving object (balls and agent): the static scene alone."""
     if num_frames < 1:
         raise ConfigError(f"num_frames must be >= 1, got {num_frames}")
     rng = np.random.default_rng(seed)
@@ -70,12 +72,51 @@ def render_clip(seed: int, num_frames: int, actions: np.ndarray | None = None) -
                 vel[low | high, axis] *= -1
             agent = np.clip(agent + MOVES[int(actions[j])], 0, s - AGENT)
         frame = background.copy()
-        for (y, x), color in zip(pos, colors):
-            frame[y:y + BALL, x:x + BALL] = color
-        frame[agent[0]:agent[0] + AGENT, agent[1]:agent[1] + AGENT] = AGENT_COLOR
+        if objects:
+            for (y, x), color in zip(pos, colors):
+                frame[y:y + BALL, x:x + BALL] = color
+            frame[agent[0]:agent[0] + AGENT, agent[1]:agent[1] + AGENT] = AGENT_COLOR
         frame[:, pillar:pillar + 3] = PILLAR_COLOR
         frames[j] = frame
     return frames, actions.copy()
+
+
+# Each moving object by its colour: a pixel belongs to it when every channel lies within TOLERANCE
+# of the object's colour (the background and pillar are far from all three).
+OBJECT_COLORS = {"agent": (250, 250, 250), "red_ball": (230, 60, 50), "green_ball": (60, 200, 80)}
+TOLERANCE = 60
+MIN_PIXELS = 3  # fewer matching pixels than this: the object is not visible in the frame
+
+
+def locate(frames: np.ndarray, color) -> tuple[np.ndarray, np.ndarray]:
+    """Where an object of `color` is in frames (N, H, W, 3) uint8: the centroid (N, 2) as (row,
+    col) of the pixels within TOLERANCE of it, and whether enough of them exist (N,) bool."""
+    near = (np.abs(frames.astype(np.int16) - np.asarray(color, np.int16)) <= TOLERANCE).all(-1)  # (N, H, W)
+    count = near.sum((1, 2))
+    rows, cols = np.arange(frames.shape[1]), np.arange(frames.shape[2])
+    safe = np.maximum(count, 1)
+    centroid = np.stack([(near.sum(2) * rows).sum(1) / safe, (near.sum(1) * cols).sum(1) / safe], -1)
+    return centroid, count >= MIN_PIXELS
+
+
+def track_objects(pred: np.ndarray, truth: np.ndarray, radius: float = 2.0) -> dict:
+    """Per-object tracking of predicted frames against the true ones, (C, U, H, W, 3) uint8 each:
+    for every object and generated frame, the share of clips where the object is visible in both
+    and its predicted centroid lies within `radius` px of the true one (`hit_rate`), and the mean
+    centroid error in px over the clips where it is visible in both (`error_px`, None if none)."""
+    c, u = truth.shape[:2]
+    result = {}
+    for name, color in OBJECT_COLORS.items():
+        p_at, p_seen = locate(pred.reshape(-1, *pred.shape[2:]), color)
+        t_at, t_seen = locate(truth.reshape(-1, *truth.shape[2:]), color)
+        error = np.linalg.norm(p_at - t_at, axis=-1).reshape(c, u)
+        both = (p_seen & t_seen).reshape(c, u)
+        hits = both & (error <= radius)
+        counted = np.where(both, error, 0).sum(0) / np.maximum(both.sum(0), 1)
+        result[name] = {"hit_rate": hits.mean(0).round(4).tolist(),
+                        "error_px": [round(float(e), 3) if n else None for e, n in zip(counted, both.sum(0))],
+                        "visible_in_truth": t_seen.reshape(c, u).mean(0).round(4).tolist()}
+    return result
 
 
 def stream_batches(seed: int, batch_size: int, num_frames: int, start_step: int = 0):
