@@ -32,6 +32,7 @@ from scd.checkpoints import (CONFIG, REFERENCE_PRESETS, WEIGHTS, config_from_opt
 from scd.codecs import (CODEC_DIR, DCAE_CONFIG, DCAE_SCALING_FACTOR, DCAE_WEIGHTS, build_dcae, dcae_downsample,
                         read_dcae_config)
 from scd.errors import CheckpointError, ConfigError
+from scd.model import default_rope_axes as model_rope_axes
 from scd.model import DECODER_COMBINES, ModelConfig, build_model
 
 MAPPED, CREATED, DROPPED = "mapped", "created", "dropped"
@@ -164,10 +165,10 @@ def _hashed(source: Source, path: Path | None = None) -> str:
 # ----------------------------------------------------------------------------- sizes of a bare FAR file
 
 def default_rope_axes(head_dim: int) -> tuple[int, int, int] | None:
-    """FAR's proportions, (16, 24, 24) at head dim 64: 1/4 for time, 3/8 for each spatial axis."""
-    if head_dim % 16:
-        return None
-    return head_dim // 4, 3 * head_dim // 8, 3 * head_dim // 8
+    """FAR's own split (`scd.model.default_rope_axes` where FAR's proportions are whole even
+    numbers, head dims that are multiples of 16), or None: a bare FAR file of another head dim
+    must be told its split, since a guess would silently change the numerics."""
+    return model_rope_axes(head_dim) if head_dim % 16 == 0 else None
 
 
 def infer_far_config(tensors: dict[str, torch.Tensor], source: str, preset: str | None = None,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from scd.errors import ConfigError
 from scd.model import ModelConfig
 
 
@@ -56,6 +57,31 @@ def frame_flops(config: ModelConfig, context_frames: int, steps: int, guidance: 
         step = c.layers * block_flops(d, t, keys + t) + _embed_flops(c, t, head=True)
     scale = 2.0 if guidance != 1.0 else 1.0
     return FrameFlops(scale * context, scale * steps * step)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A model's FLOPs per frame next to its matched counterpart's (same width and total depth)."""
+
+    this: FrameFlops
+    matched: FrameFlops
+    scd_is_this: bool
+
+    @property
+    def predicted_speedup(self) -> float:
+        """Baseline FLOPs / SCD FLOPs per frame: the speed-up SCD should realise."""
+        scd, base = (self.this, self.matched) if self.scd_is_this else (self.matched, self.this)
+        return base.total / scd.total
+
+
+def compare(config: ModelConfig, context_frames: int, steps: int, guidance: float = 1.0) -> Comparison:
+    """FLOPs per frame of `config` and of `config.matched()` at the same context and steps."""
+    if context_frames < 0:
+        raise ConfigError(f"context_frames must be >= 0, got {context_frames}", parameter="context")
+    if steps < 1:
+        raise ConfigError(f"steps must be >= 1, got {steps}", parameter="steps")
+    return Comparison(frame_flops(config, context_frames, steps, guidance),
+                      frame_flops(config.matched(), context_frames, steps, guidance), config.arch == "scd")
 
 
 def parameter_count(module) -> int:

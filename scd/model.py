@@ -169,6 +169,16 @@ class ModelConfig:
         return cls.from_dict(data)
 
 
+def default_rope_axes(head_dim: int) -> tuple[int, int, int]:
+    """Rotary dims per (frame, row, col) axis for a head dim: FAR's proportions, (16, 24, 24) at 64
+    (1/4 for time, 3/8 for each spatial axis), rounded to even numbers for other sizes."""
+    if head_dim % 2 or head_dim < 6:
+        raise ConfigError(f"head_dim must be an even number >= 6 to split among three rotary axes, got {head_dim}",
+                          parameter="head_dim")
+    side = (head_dim - head_dim // 4) // 4 * 2
+    return head_dim - 2 * side, side, side
+
+
 # ----------------------------------------------------------------------------- embedders
 
 def timestep_sinusoid(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:

@@ -19,7 +19,7 @@ import torch
 
 from scd.checkpoints import LoadedModel, save_model_folder
 from scd.errors import CheckpointError, ConfigError, DataError
-from scd.model import ModelConfig, Objective, build_model
+from scd.model import ARCHS, ModelConfig, Objective, build_model, default_rope_axes
 
 
 RANK_STRIDE = 1_000_003  # process r of a multi-process run draws data and noise from seed + r * stride
@@ -43,6 +43,21 @@ class TrainSettings:
     action_dropout: float = 0.1
     seed: int = 0
     checkpoint_every: int = 200
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "checkpoint_every", "decoder_draws"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}", parameter=name)
+        if self.clip_frames < 2:
+            raise ConfigError(f"clip_frames must be >= 2, got {self.clip_frames}", parameter="clip_frames")
+        if not 0 <= self.decay <= self.steps:
+            raise ConfigError(f"decay must lie in 0..steps ({self.steps}), got {self.decay}", parameter="decay")
+        if not 0.0 <= self.clean_context_ratio <= 1.0:
+            raise ConfigError(f"clean_context_ratio must lie in [0, 1], got {self.clean_context_ratio}",
+                              parameter="clean_context_ratio")
+        if not 0.0 < self.context_sigma_max <= 1.0:
+            raise ConfigError(f"context_sigma_max must lie in (0, 1], got {self.context_sigma_max}",
+                              parameter="context_sigma_max")
 
 
 @dataclass
@@ -188,6 +203,25 @@ def train(config: ModelConfig, out: Path, settings: TrainSettings, batches, init
     if accelerator.is_main_process:
         ema.config = config
         save_model_folder(ema, out, card(losses, wall_before + time.perf_counter() - began) if card else None)
+
+
+def new_config(arch: str = "scd", heads: int = 4, head_dim: int = 16, layers: int = 6, decoder_layers: int = 2,
+               decoder_combine: str = "token_concat", patch_size: int = 4, frame_size: int = 32, default_steps: int = 8,
+               context_frames: int = 7, world_demo: bool = True) -> ModelConfig:
+    """The config of a new pixel-space model for the synthetic world's actions (or a video folder
+    with the same action names): square frames of `frame_size`, RoPE split by
+    `scd.model.default_rope_axes`; SCD's encoder adds the reference's feature noise (0.05)."""
+    from scd import world
+
+    if arch not in ARCHS:
+        raise ConfigError(f"arch must be one of {', '.join(ARCHS)}, not {arch!r}", parameter="arch")
+    return ModelConfig(arch=arch, num_heads=heads, head_dim=head_dim, channels=3, patch_size=patch_size,
+                       rope_axes=default_rope_axes(head_dim), layers=layers,
+                       decoder_layers=decoder_layers if arch == "scd" else 0, decoder_combine=decoder_combine,
+                       condition="action", num_classes=len(world.ACTIONS), encoder_noise=0.05 if arch == "scd" else 0.0,
+                       latent_size=(frame_size,) * 2, frame_size=(frame_size,) * 2, fps=8.0,
+                       action_names=world.ACTIONS, default_steps=default_steps, context_frames=context_frames,
+                       demo="world" if world_demo else None)
 
 
 def world_batches(settings: TrainSettings, config: ModelConfig):

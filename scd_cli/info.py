@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from scd.checkpoints import load_model
-from scd.flops import frame_flops, parameter_count
+from scd.flops import compare, parameter_count
 from scd_cli.common import console, handles_errors
 
 
@@ -27,8 +27,8 @@ def info(
     """Architecture, parameter counts and analytic FLOPs per generated frame, next to the matched counterpart."""
     loaded = load_model(model, options)
     c = loaded.config
-    context = context or c.context_frames
-    steps = steps or c.default_steps
+    context = c.context_frames if context is None else context
+    steps = c.default_steps if steps is None else steps
     console.print(f"[bold]{loaded.source}[/]" + (f" @ {loaded.revision}" if loaded.revision else ""))
     arch = Table(show_header=False, box=None, pad_edge=False)
     rows = [("arch", c.arch), ("width", f"{c.width} ({c.num_heads} heads x {c.head_dim})"),
@@ -46,12 +46,11 @@ def info(
     flops = Table(title=f"GFLOPs per generated frame ({context} context frames, {steps} steps, batch 1)")
     for col in ("model", "context pass", "denoising", "total"):
         flops.add_column(col, justify="right" if col != "model" else "left")
-    mine, other = frame_flops(c, context, steps), frame_flops(c.matched(), context, steps)
-    flops.add_row(f"{c.arch} (this)", _gflops(mine.context), _gflops(mine.denoise), _gflops(mine.total))
-    flops.add_row(f"{c.matched().arch} (matched)", _gflops(other.context), _gflops(other.denoise), _gflops(other.total))
+    comparison = compare(c, context, steps)
+    for label, f in ((f"{c.arch} (this)", comparison.this), (f"{c.matched().arch} (matched)", comparison.matched)):
+        flops.add_row(label, _gflops(f.context), _gflops(f.denoise), _gflops(f.total))
     console.print(flops)
-    scd, base = (mine, other) if c.arch == "scd" else (other, mine)
-    console.print(f"predicted SCD speed-up: [bold]{base.total / scd.total:.2f}x[/]")
+    console.print(f"predicted SCD speed-up: [bold]{comparison.predicted_speedup:.2f}x[/]")
 
 
 @handles_errors

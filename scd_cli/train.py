@@ -90,16 +90,6 @@ def train(
     frame_size: int = typer.Option(32, "--frame-size", help="Square frame size of a new model (the world is 32)."),
 ):
     """Train SCD or its causal baseline; writes an EMA model folder with a model card."""
-    if decay < 0 or decay > steps:
-        raise ConfigError(f"--decay must lie in 0..--steps ({steps}), got {decay}")
-    if min(steps, batch_size, checkpoint_every) < 1 or clip_frames < 2:
-        raise ConfigError("--steps, --batch-size, --checkpoint-every must be >= 1 and --clip-frames >= 2")
-    if not (0.0 <= clean_context_ratio <= 1.0 and 0.0 < context_sigma_max <= 1.0):
-        raise ConfigError("--clean-context-ratio must lie in [0, 1] and --context-sigma-max in (0, 1]")
-    if arch not in ("scd", "baseline"):
-        raise ConfigError(f"--arch must be scd or baseline, not {arch!r}")
-    from scd import world
-
     settings = training.TrainSettings(steps=steps, batch_size=batch_size, clip_frames=clip_frames, lr=lr, warmup=warmup, decay=decay,
                                       ema_decay=ema_decay, decoder_lr_ratio=decoder_lr_ratio, sigma_shift=sigma_shift,
                                       clean_context_ratio=clean_context_ratio, context_sigma_max=context_sigma_max, seed=seed, checkpoint_every=checkpoint_every)
@@ -107,16 +97,8 @@ def train(
     if loaded is not None:
         config = loaded.config
     else:
-        side = (head_dim - 2 * (head_dim // 8)) // 2 // 2 * 2  # RoPE: about 1/4 for time, the rest for rows, cols
-        rope = (head_dim - 2 * side, side, side)
-        config = ModelConfig(arch=arch, num_heads=heads, head_dim=head_dim, channels=3, patch_size=patch_size,
-                             rope_axes=rope, layers=layers, decoder_layers=decoder_layers if arch == "scd" else 0,
-                             decoder_combine=decoder_combine,
-                             condition="action", num_classes=len(world.ACTIONS), encoder_noise=0.05 if arch == "scd" else 0.0,
-                             latent_size=(frame_size,) * 2, frame_size=(frame_size,) * 2, fps=8.0,
-                             action_names=world.ACTIONS, default_steps=default_steps,
-                             context_frames=context_frames or clip_frames - 1,
-                             demo="world" if data == "world" else None)
+        config = training.new_config(arch, heads, head_dim, layers, decoder_layers, decoder_combine, patch_size, frame_size,
+                                     default_steps, context_frames or clip_frames - 1, world_demo=data == "world")
     command = _command_line(ctx)
     if data == "world":
         batches, described = training.world_batches(settings, config), "synthetic world (scd.world), seeds < 1e9"

@@ -36,7 +36,7 @@ def tiny():
 @pytest.fixture
 def hub_env(tmp_path, monkeypatch):
     """A clean Hub environment in tmp_path: the cache, HF_HOME, no token, online, no telemetry."""
-    import huggingface_hub
+    import huggingface_hub.constants  # a submodule: not an attribute of the package until imported
 
     for name in ("HF_TOKEN", "HF_TOKEN_PATH", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HUGGINGFACE_HUB_CACHE"):
         monkeypatch.delenv(name, raising=False)
