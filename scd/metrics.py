@@ -20,10 +20,6 @@ def psnr(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) -> t
     return 10.0 * torch.log10(data_range ** 2 / mse)
 
 
-def mean_psnr(pred: torch.Tensor, target: torch.Tensor) -> float:
-    return psnr(pred, target).clamp(max=PSNR_CAP).mean().item()
-
-
 def _gaussian(size: int, sigma: float = 1.5) -> torch.Tensor:
     x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
     g = torch.exp(-x ** 2 / (2 * sigma ** 2))

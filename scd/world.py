@@ -124,12 +124,15 @@ def stream_batches(seed: int, batch_size: int, num_frames: int, start_step: int 
     Batch k depends only on (seed, k), so a run resumed at step k sees what it would have seen."""
     step = start_step
     while True:
-        rng = np.random.default_rng([seed, step])
-        seeds = rng.integers(0, HELDOUT_SEED_START, batch_size)
-        clips = [render_clip(int(s), num_frames) for s in seeds]
+        clips = [render_clip(int(s), num_frames) for s in training_seeds(seed, step, batch_size)]
         video = torch.from_numpy(np.stack([c[0] for c in clips])).permute(0, 1, 4, 2, 3).float() / 127.5 - 1
         yield video, torch.from_numpy(np.stack([c[1] for c in clips]))
         step += 1
+
+
+def training_seeds(seed: int, step: int, batch_size: int) -> np.ndarray:
+    """The clip seeds of training batch `step`: below HELDOUT_SEED_START, never an evaluation clip."""
+    return np.random.default_rng([seed, step]).integers(0, HELDOUT_SEED_START, batch_size)
 
 
 def heldout_clips(num_clips: int, num_frames: int) -> list[tuple[np.ndarray, np.ndarray]]:
