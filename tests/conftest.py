@@ -29,11 +29,6 @@ def random_model(config: ModelConfig, seed: int = 0):
 
 
 @pytest.fixture
-def tiny():
-    return tiny_config
-
-
-@pytest.fixture
 def hub_env(tmp_path, monkeypatch):
     """A clean Hub environment in tmp_path: the cache, HF_HOME, no token, online, no telemetry."""
     import huggingface_hub.constants  # a submodule: not an attribute of the package until imported
