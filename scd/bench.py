@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 import scd
+from scd import reference
 from scd.devices import dtype_name, resolve_device, resolve_dtype
 from scd.errors import ConfigError
 from scd.flops import frame_flops, parameter_count
@@ -40,7 +41,7 @@ DEFAULT_STEPS = 20
 # `--preset`: the reference sizes, meant for GPUs.
 PRESET_CONTEXT = 144
 PRESET_STEPS = 50
-PRESETS = ("B", "M", "L", "XL")
+PRESETS = tuple(reference.PRESETS)
 MATMUL_SIZE = {"cpu": 2048, "mps": 4096, "cuda": 8192}
 REPORT_VERSION = 1
 

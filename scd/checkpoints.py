@@ -1,8 +1,8 @@
-"""Model folders, reference checkpoint formats and model references.
+"""Model folders and model references.
 
-A model folder is `config.json` + `model.safetensors` (+ optional `codec/`, `README.md`). Reference
-checkpoints are the official SCD trainer's `ema.pth` / accelerate `model.safetensors` and FAR's
-`.pth`, each with its options file. Every load is strict: a missing, unexpected or mis-shaped tensor
+A model folder is `config.json` + `model.safetensors` (+ optional `codec/`, `README.md`). A model
+reference is a folder, a Hub repo id, or a reference checkpoint (FAR's, the official SCD trainer's;
+their formats are `scd.reference`). Every load is strict: a missing, unexpected or mis-shaped tensor
 is an error that names it.
 """
 
@@ -12,10 +12,9 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
-import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -40,6 +39,7 @@ class LoadedModel:
     folder: Path | None = None
     revision: str | None = None
     _codec: object = field(default=None, repr=False)
+    notes: list[str] = field(default_factory=list)  # what a user should know about how it was loaded
 
     @property
     def codec(self):
@@ -171,107 +171,6 @@ def model_from_tensors(config: ModelConfig, tensors: dict[str, torch.Tensor], so
     return model
 
 
-# ----------------------------------------------------------------------------- reference options
-
-REFERENCE_PRESETS = {"B": (12, 12), "M": (16, 12), "L": (16, 24), "XL": (18, 28)}
-
-
-def _transformer_options(options: dict) -> dict:
-    node = options
-    for key in ("models", "model_cfg", "transformer"):
-        if isinstance(node, dict) and key in node:
-            node = node[key]
-    if not isinstance(node, dict) or "init_cfg" not in node:
-        raise CheckpointError("the options file has no models.model_cfg.transformer.init_cfg section")
-    return node
-
-
-def _stack_options(cfg: dict) -> tuple[str, dict]:
-    kind = str(cfg.get("type", ""))
-    args = dict(cfg.get("config") or {})
-    for name, (heads, layers) in REFERENCE_PRESETS.items():  # e.g. SCD_M_encoder, FAR_B, FAR_M_Long
-        parts = kind.split("_")
-        if len(parts) > 1 and parts[1] == name:
-            args.setdefault("num_attention_heads", heads)
-            args.setdefault("attention_head_dim", 64)
-            args.setdefault("in_channels", 32)
-            args.setdefault("out_channels", 32)
-            args.setdefault("patch_size", 1)
-            args.setdefault("axes_dims_rope", (16, 24, 24))
-            if not parts[-1] in ("encoder", "decoder"):
-                args.setdefault("num_layers", layers)
-    return kind, args
-
-
-def config_from_options(options: dict, latent_size: tuple[int, int] | None = None, **extra) -> ModelConfig:
-    """A ModelConfig from an official SCD or FAR options file (parsed YAML).
-
-    The latent size is not part of the transformer options: it comes from `latent_size`, or the
-    options' `val.sample_cfg.sample_size`, or the reference default of 8."""
-    node = _transformer_options(options)
-    kind = "model"
-    try:
-        kind, enc = _stack_options(node["init_cfg"])
-        if latent_size is None:
-            size = (options.get("val") or {}).get("sample_cfg", {}).get("sample_size", 8)
-            latent_size = (size, size)
-        if enc.get("in_channels", 32) != enc.get("out_channels", 32):
-            raise CheckpointError("in_channels != out_channels is not supported")
-        cond = enc.get("condition_cfg")
-        condition = None if not cond else cond.get("type")
-        num_classes = 0 if not cond else cond.get("num_action_classes", cond.get("num_classes", 0))
-        common = dict(num_heads=enc["num_attention_heads"], head_dim=enc["attention_head_dim"],
-                      channels=enc["in_channels"], patch_size=enc.get("patch_size", 1),
-                      rope_axes=tuple(enc.get("axes_dims_rope", (16, 24, 24))), condition=condition,
-                      num_classes=num_classes, latent_size=tuple(latent_size))
-        if kind.startswith("FAR"):
-            return ModelConfig(arch="baseline", layers=enc["num_layers"], decoder_layers=0, **common, **extra)
-        if "decoder_cfg" not in node:
-            raise CheckpointError(f"options of type {kind!r} have no decoder_cfg: not an SCD model")
-        _, dec = _stack_options(node["decoder_cfg"])
-        return ModelConfig(arch="scd", layers=enc["num_layers"] + dec["num_layers"], decoder_layers=dec["num_layers"],
-                           decoder_combine=dec.get("decoder_input_combine", "concat"),
-                           encoder_noise=float(enc.get("noise_strength", 0.0)),
-                           encoder_norm_unconditional=bool(enc.get("norm_out_unconditional", False)), **common, **extra)
-    except KeyError as err:
-        raise CheckpointError(f"the options file lacks {err} for a {kind or 'model'} transformer") from None
-    except (TypeError, ValueError, AttributeError) as err:
-        raise CheckpointError(f"the options file has a value of the wrong kind for a {kind or 'model'} transformer: {err}") from None
-    except ConfigError as err:
-        raise CheckpointError(f"the options file describes an impossible model: {err}") from None
-
-
-def read_options(path: Path) -> dict:
-    try:
-        options = yaml.safe_load(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-        raise CheckpointError(f"cannot read options file {path}: {err}") from None
-    if not isinstance(options, dict):
-        raise CheckpointError(f"options file {path} is not a YAML mapping")
-    return options
-
-
-def reference_kind(tensors: dict[str, torch.Tensor]) -> str:
-    """'scd' (official trainer), 'far_long' (FAR_Long) or 'far' by the key layout."""
-    if any(k.startswith("encoder.") for k in tensors):
-        return "scd"
-    if "context_embedder.weight" in tensors:
-        return "far_long"
-    return "far"
-
-
-def load_reference(weights: Path, options: Path, latent_size=None, **extra) -> LoadedModel:
-    """An official SCD or FAR checkpoint with its options file. FAR_Long checkpoints load as
-    their FAR part only through `scd convert`, which reports what it drops."""
-    tensors = read_tensors(weights)
-    config = config_from_options(read_options(options), latent_size, **extra)
-    if reference_kind(tensors) == "far_long":
-        raise CheckpointError(f"{weights} is a FAR_Long checkpoint: its long-context tensors have no place in "
-                              "this model; run `scd convert` to port it (the drop is reported)")
-    model = model_from_tensors(config, tensors, str(weights))
-    return LoadedModel(model.eval(), config, str(weights))
-
-
 # ----------------------------------------------------------------------------- model folders
 
 def _atomic_write(path: Path, write) -> None:
@@ -325,24 +224,31 @@ def load_model_folder(folder: Path) -> LoadedModel:
 def load_model(ref: str | Path | None = None, options: Path | None = None, arch: str = "scd",
                latent_size=None) -> LoadedModel:
     """Resolve a model reference: None (the embedded default of `arch`), a local model folder, a
-    reference checkpoint file with its options, or a Hub repo id with optional @revision."""
+    reference checkpoint file (with its options, or one of FAR's published files by name), or a Hub
+    repo id with optional @revision (`owner/name:path/file.pth` for a checkpoint file in it)."""
     if ref is None or str(ref) in EMBEDDED:
         name = arch if ref is None else str(ref)
         loaded = load_model_folder(EMBEDDED[name])
         loaded.source = f"embedded:{name}"
         return loaded
+    from scd import reference  # deferred: the reference formats build on this module
+
     path = Path(ref)
     if path.is_dir():
         return load_model_folder(path)
     if path.is_file():
-        if options is None:
-            raise CheckpointError(f"{path} is a bare checkpoint: pass its options file with --options")
-        return load_reference(path, options, latent_size)
+        return reference.load_reference(path, options, latent_size)
     from scd import hub  # deferred: huggingface_hub is only needed for Hub references
 
     hub_ref = hub.parse_hub_ref(str(ref))
     if hub_ref is None:
-        raise CheckpointError(f"no model at {ref}: give a model folder, a checkpoint with --options, or a Hub repo id")
+        raise CheckpointError(f"no model at {ref}: give a model folder, a checkpoint with its options file, or a Hub repo id")
+    if hub_ref.path_in_repo and PurePosixPath(hub_ref.path_in_repo).suffix in reference.WEIGHT_SUFFIXES:
+        path, commit = hub.fetch_file(hub_ref)
+        pinned = hub.HubRef(hub_ref.repo_id, commit, hub_ref.path_in_repo)
+        loaded = reference.load_reference(path, options, latent_size, PurePosixPath(hub_ref.path_in_repo).name, pinned)
+        loaded.source, loaded.revision = f"{hub_ref.repo_id}:{hub_ref.path_in_repo}", commit
+        return loaded
     folder, revision = hub.fetch_model_folder(hub_ref)
     loaded = load_model_folder(folder)
     loaded.source, loaded.revision = hub_ref.repo_id, revision

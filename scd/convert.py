@@ -15,7 +15,6 @@ with a `CheckpointError` (or `ConfigError` for impossible options), and no folde
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import re
 import shutil
@@ -26,28 +25,21 @@ from pathlib import Path, PurePosixPath
 import torch
 from safetensors.torch import save_file
 
-import scd
-from scd.checkpoints import (CONFIG, REFERENCE_PRESETS, WEIGHTS, config_from_options, load_state, model_from_tensors,
-                             read_folder_config, tensor_mismatches, read_options, read_tensors, reference_kind, save_model_folder)
+from scd import reference
+from scd.cards import conversion_card
+from scd.checkpoints import (CONFIG, WEIGHTS, load_state, model_from_tensors, read_folder_config, read_tensors,
+                             save_model_folder, tensor_mismatches)
 from scd.codecs import (CODEC_DIR, DCAE_CONFIG, DCAE_SCALING_FACTOR, DCAE_WEIGHTS, build_dcae, dcae_downsample,
                         read_dcae_config)
 from scd.errors import CheckpointError, ConfigError
-from scd.model import default_rope_axes as model_rope_axes
 from scd.model import DECODER_COMBINES, ModelConfig, build_model
+from scd.reference import BLOCK, WEIGHT_SUFFIXES, SizeHints
 
 MAPPED, CREATED, DROPPED = "mapped", "created", "dropped"
 ENCODER_NORMS = ("identity", "copy")
 DEFAULT_ENCODER_NORM = "identity"  # why: docs/convert.md, "The encoder's output norm"
 REFERENCE_ENCODER_NOISE = 0.05  # the official recipe's feature noise (noise_strength), used when fine-tuning
 DEFAULT_DOWNSAMPLE = 8  # DC-AE of FAR's 64 px models; Minecraft (128 px) is 16
-WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
-
-# FAR publishes files as NAME-<first 8 hex digits of the file's sha256>.pth
-FAR_HASHED_NAME = re.compile(r"-([0-9a-f]{8})\.(?:pth|pt|bin|ckpt|safetensors)$")
-# FAR_Long's long-term-context branch: no counterpart in SCD or the FAR baseline
-FAR_LONG_ONLY = re.compile(r"(?:context_embedder|context_proj_out)\.|transformer_blocks\.\d+\.attn\."
-                           r"(?:add_q_proj|add_k_proj|add_v_proj|to_add_out|norm_added_q|norm_added_k)\.")
-BLOCK = re.compile(r"transformer_blocks\.(\d+)\.(.+)")
 EMBEDDERS = ("x_embedder.", "timestep_embedder.", "action_embedder.", "label_embedder.")
 
 KIND_NAMES = {"far": "FAR checkpoint", "far_long": "FAR_Long checkpoint", "scd": "official SCD trainer checkpoint",
@@ -89,7 +81,7 @@ class ConversionReport:
     folder: Path | None = None
     codec: str | None = None  # where the attached autoencoder came from
     codec_sha256: str | None = None
-    pushed: str | None = None  # repo_id@commit after --push-to-hub
+    pushed: str | None = None  # repo_id@commit after push_to_hub
     notes: list[str] = field(default_factory=list)
 
     def totals(self) -> dict[str, tuple[int, int]]:
@@ -137,107 +129,29 @@ def resolve(text: str | Path, what: str = "source") -> Source:
     return Source(text, path, PurePosixPath(ref.path_in_repo or ref.repo_id).name, commit)
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def check_far_name(name: str, sha256: str) -> None:
-    """FAR names its files `NAME-xxxxxxxx.pth`, xxxxxxxx the first 8 hex digits of their sha256:
-    refuse a file whose name carries that pattern and whose content does not match it."""
-    match = FAR_HASHED_NAME.search(name)
-    if match and not sha256.startswith(match[1]):
-        raise CheckpointError(f"{name} is named for sha256 {match[1]}... but its content hashes to {sha256[:8]}...: "
-                              "the file is corrupt, truncated or altered; download it again (if it never came from "
-                              "FAR, rename it so it does not end in -<8 hex digits>)")
-
-
 def _hashed(source: Source, path: Path | None = None) -> str:
     path = path or source.path
-    sha = file_sha256(path)
-    check_far_name(source.name if path == source.path else path.name, sha)
-    return sha
-
-
-# ----------------------------------------------------------------------------- sizes of a bare FAR file
-
-def default_rope_axes(head_dim: int) -> tuple[int, int, int] | None:
-    """FAR's own split (`scd.model.default_rope_axes` where FAR's proportions are whole even
-    numbers, head dims that are multiples of 16), or None: a bare FAR file of another head dim
-    must be told its split, since a guess would silently change the numerics."""
-    return model_rope_axes(head_dim) if head_dim % 16 == 0 else None
-
-
-def infer_far_config(tensors: dict[str, torch.Tensor], source: str, preset: str | None = None,
-                     num_heads: int | None = None, head_dim: int | None = None, layers: int | None = None,
-                     channels: int | None = None, patch_size: int | None = None,
-                     rope_axes: tuple[int, int, int] | None = None,
-                     latent_size: tuple[int, int] | None = None) -> ModelConfig:
-    """The baseline config of a FAR state dict without its options file. Width, head dim, depth and
-    the condition table are read off the tensors; a preset or explicit sizes are checked against
-    them. Not stored in the file: the patch size (default 1, as every FAR preset), the RoPE axes
-    (default FAR's proportions) and the latent size (default 8: FAR's 64 px at 8x and 128 px at 16x)."""
-    needed = ("x_embedder.weight", "transformer_blocks.0.attn.norm_q.weight", "proj_out.weight")
-    absent = [k for k in needed if k not in tensors]
-    if absent:
-        names = ", ".join(list(tensors)[:4]) + (", ..." if len(tensors) > 4 else "")
-        raise CheckpointError(f"{source} is not a FAR, FAR_Long or SCD checkpoint: it lacks {', '.join(absent)} "
-                              f"(its tensors are {names})")
-    width, in_dim = tensors["x_embedder.weight"].shape
-    found_head_dim = tensors["transformer_blocks.0.attn.norm_q.weight"].shape[0]
-    depth = 1 + max(int(m[1]) for k in tensors if (m := BLOCK.match(k)))
-    if width % found_head_dim:
-        raise CheckpointError(f"{source}: width {width} is not a multiple of the head dim {found_head_dim}")
-    found = {"heads": width // found_head_dim, "head dim": found_head_dim, "layers": depth}
-
-    given = {}
-    if preset is not None:
-        if preset.upper() not in REFERENCE_PRESETS:
-            raise ConfigError(f"unknown preset {preset!r}: choose one of {', '.join(REFERENCE_PRESETS)}")
-        p_heads, p_layers = REFERENCE_PRESETS[preset.upper()]
-        given.update({"heads": (p_heads, f"preset {preset}"), "head dim": (64, f"preset {preset}"),
-                      "layers": (p_layers, f"preset {preset}")})
-        channels = 32 if channels is None else channels
-        patch_size = 1 if patch_size is None else patch_size
-    for name, value, flag in (("heads", num_heads, "--heads"), ("head dim", head_dim, "--head-dim"),
-                              ("layers", layers, "--layers")):
-        if value is not None:
-            given[name] = (value, flag)
-    for name, (value, origin) in given.items():
-        if value != found[name]:
-            raise CheckpointError(f"{source} has {found[name]} {name} ({found['heads']} heads x {found['head dim']}, "
-                                  f"{found['layers']} blocks) but {origin} says {value}: fix the size flags")
-
-    patch_size = patch_size or 1
-    if channels is None:
-        if in_dim % (patch_size * patch_size):
-            raise CheckpointError(f"{source}: the token input has {in_dim} features, not a multiple of "
-                                  f"patch {patch_size}^2: fix --patch-size")
-        channels = in_dim // (patch_size * patch_size)
-    elif channels * patch_size * patch_size != in_dim:
-        raise CheckpointError(f"{source}: the token input has {in_dim} features, not {channels} channels x patch "
-                              f"{patch_size}^2: fix --channels / --patch-size")
-    rope_axes = tuple(rope_axes) if rope_axes else default_rope_axes(found_head_dim)
-    if rope_axes is None:
-        raise ConfigError(f"{source} has head dim {found_head_dim}, which has no FAR default RoPE split: pass "
-                          "--rope-axes T,H,W (three even numbers summing to the head dim), or --options")
-    condition, classes = None, 0
-    for name in ("action", "label"):
-        table = tensors.get(f"{name}_embedder.embedding_table.weight")
-        if table is not None:
-            condition, classes = name, table.shape[0] - 1  # the last row is the null index
-    try:
-        return ModelConfig(arch="baseline", num_heads=found["heads"], head_dim=found_head_dim, channels=channels,
-                           patch_size=patch_size, rope_axes=rope_axes, layers=depth, decoder_layers=0,
-                           condition=condition, num_classes=classes, latent_size=tuple(latent_size or (8, 8)))
-    except ConfigError as err:
-        raise ConfigError(f"the sizes of {source} make no valid model: {err}") from None
+    return reference.hashed(path, source.name if path == source.path else path.name)
 
 
 # ----------------------------------------------------------------------------- mapping
+
+@dataclass(frozen=True)
+class Split:
+    """How a baseline becomes SCD. Blocks by count (the first `encoder_layers` to the encoder, the
+    next `decoder_layers` to the decoder; default 2:1) or by index (`encoder_blocks`, `decoder_blocks`:
+    lists or text like "0-24" and "0-4,25-29"; a block may be used twice or not at all)."""
+
+    encoder_layers: int | None = None
+    decoder_layers: int | None = None
+    encoder_blocks: tuple[int, ...] | str | None = None
+    decoder_blocks: tuple[int, ...] | str | None = None
+    decoder_combine: str | None = None
+    encoder_norm: str | None = None
+
+    def given(self) -> list[str]:
+        return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]
+
 
 def split_layers(depth: int, encoder_layers: int | None, decoder_layers: int | None) -> tuple[int, int]:
     """(K, L) for a baseline of `depth` blocks. Default: the reference's 2:1 split (8 + 4 of 12)."""
@@ -248,24 +162,86 @@ def split_layers(depth: int, encoder_layers: int | None, decoder_layers: int | N
     if decoder_layers is None:
         decoder_layers = depth - encoder_layers
     if encoder_layers < 1 or decoder_layers < 1 or encoder_layers + decoder_layers != depth:
-        raise ConfigError(f"--encoder-layers {encoder_layers} and --decoder-layers {decoder_layers} must each be "
-                          f"at least 1 and add up to the baseline's {depth} blocks")
+        raise ConfigError(f"encoder_layers {encoder_layers} and decoder_layers {decoder_layers} must each be at least 1 "
+                          f"and add up to the baseline's {depth} blocks (to use fewer, repeat or skip blocks, choose "
+                          "them by index: encoder_blocks, decoder_blocks)")
     return encoder_layers, decoder_layers
 
 
-def _split_target(key: str, k: int) -> list[tuple[str, str]]:
-    """Where a baseline tensor goes in SCD (target, note). Empty when it has no place."""
-    match = BLOCK.fullmatch(key)
-    if match:
-        i, rest = int(match[1]), match[2]
-        if i < k:
-            return [(f"encoder.transformer_blocks.{i}.{rest}", "")]
-        return [(f"decoder.transformer_blocks.{i - k}.{rest}", "")]
-    if key.startswith(EMBEDDERS):
-        return [(f"encoder.{key}", "embedder: copied to both halves"), (f"decoder.{key}", "embedder: copied to both halves")]
-    if key.startswith(("proj_out.", "norm_out.")):
-        return [(f"decoder.{key}", "output head")]
-    return []
+def parse_blocks(spec, depth: int, name: str) -> tuple[int, ...]:
+    """Block indices from a list or a text of indices and ranges ("0-4,25-29"), each in 0..depth-1."""
+    if isinstance(spec, str):
+        blocks = []
+        for part in filter(None, (p.strip() for p in spec.split(","))):
+            match = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
+            if match is None:
+                raise ConfigError(f"{name} takes block indices and ranges like 0-4,25-29, not {spec!r}")
+            first, last = int(match[1]), int(match[2] or match[1])
+            if last < first:
+                raise ConfigError(f"{name}: the range {part} runs backwards")
+            blocks += range(first, last + 1)
+    else:
+        blocks = [int(b) for b in spec]
+    if not blocks:
+        raise ConfigError(f"{name} selects no block")
+    wrong = [b for b in blocks if not 0 <= b < depth]
+    if wrong:
+        raise ConfigError(f"{name} names block {wrong[0]}, but the baseline has blocks 0-{depth - 1}")
+    return tuple(blocks)
+
+
+def block_plan(split: Split, depth: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(encoder's source blocks, decoder's source blocks) of a split of a `depth`-block baseline."""
+    enc, dec = split.encoder_blocks, split.decoder_blocks
+    if enc is None and dec is None:
+        k, l = split_layers(depth, split.encoder_layers, split.decoder_layers)
+        return tuple(range(k)), tuple(range(k, k + l))
+    enc = parse_blocks(enc, depth, "encoder_blocks") if enc is not None else None
+    dec = parse_blocks(dec, depth, "decoder_blocks") if dec is not None else None
+    if enc is None:  # the rest, in order
+        enc = tuple(b for b in range(depth) if b not in dec)
+    if dec is None:
+        dec = tuple(b for b in range(depth) if b not in enc)
+    if not enc or not dec:
+        raise ConfigError(f"the {'encoder' if not enc else 'decoder'} gets no block: select its blocks too")
+    for name, blocks, count in (("encoder", enc, split.encoder_layers), ("decoder", dec, split.decoder_layers)):
+        if count is not None and count != len(blocks):
+            raise ConfigError(f"{name}_layers {count} contradicts {name}_blocks, which select {len(blocks)}")
+    return enc, dec
+
+
+def _spans(blocks: tuple[int, ...]) -> str:
+    """(0, 1, 2, 3, 7, 7) -> '0-3, 7, 7'."""
+    runs: list[list[int]] = []
+    for b in blocks:
+        if runs and b == runs[-1][1] + 1:
+            runs[-1][1] = b
+        else:
+            runs.append([b, b])
+    return ", ".join(f"{a}" if a == z else f"{a}-{z}" for a, z in runs)
+
+
+def _block_sources(tensors: dict[str, torch.Tensor], enc: tuple[int, ...],
+                   dec: tuple[int, ...]) -> dict[str, tuple[str, str]]:
+    """{SCD tensor name: (baseline tensor name, note)} for the blocks, embedders and head."""
+    by_block: dict[int, list[tuple[str, str]]] = {}
+    sources = {}
+    for key in tensors:
+        match = BLOCK.fullmatch(key)
+        if match:
+            by_block.setdefault(int(match[1]), []).append((match[2], key))
+        elif key.startswith(EMBEDDERS):
+            for half in ("encoder", "decoder"):
+                sources[f"{half}.{key}"] = (key, "embedder: copied to both halves")
+        elif key.startswith(("proj_out.", "norm_out.")):
+            sources[f"decoder.{key}"] = (key, "output head")
+        else:
+            raise CheckpointError(f"baseline tensor {key} has no place in an SCD model")
+    for half, blocks in (("encoder", enc), ("decoder", dec)):
+        for i, b in enumerate(blocks):
+            for rest, key in by_block.get(b, []):
+                sources[f"{half}.transformer_blocks.{i}.{rest}"] = (key, f"{half} block {i} <- block {b}")
+    return sources
 
 
 def _describe_init(tensor: torch.Tensor) -> str:
@@ -309,38 +285,33 @@ def _floating_dtype(tensors: dict[str, torch.Tensor]) -> torch.dtype | None:
     return dtypes.pop() if len(dtypes) == 1 and torch.float32 not in dtypes else None
 
 
-def split_baseline(tensors: dict[str, torch.Tensor], base: ModelConfig, encoder_layers: int | None = None,
-                   decoder_layers: int | None = None, decoder_combine: str = "token_concat",
-                   encoder_norm: str = DEFAULT_ENCODER_NORM) -> tuple[torch.nn.Module, list[TensorEntry]]:
+def split_baseline(tensors: dict[str, torch.Tensor], base: ModelConfig,
+                   split: Split = Split()) -> tuple[torch.nn.Module, list[TensorEntry]]:
     """An SCD model from a baseline state dict (keys as in FAR, already checked against `base`).
 
-    Blocks 0..K-1 become the encoder's, K..K+L-1 the decoder's 0..L-1; the embedders go to both
-    halves; norm_out and proj_out to the decoder. The encoder's norm_out is the baseline's
-    (`copy`) or the reference's zero init, a plain LayerNorm (`identity`). Tensors with no source
-    (the encoder norm under identity, a `concat` input projection, a `token_concat_with_proj`
-    alignment) start as `scd.model.init_weights` starts them."""
-    if decoder_combine not in DECODER_COMBINES:
-        raise ConfigError(f"--decoder-combine must be one of {', '.join(DECODER_COMBINES)}, not {decoder_combine!r}")
-    if encoder_norm not in ENCODER_NORMS:
-        raise ConfigError(f"--encoder-norm must be identity or copy, not {encoder_norm!r}")
-    k, l = split_layers(base.layers, encoder_layers, decoder_layers)
-    config = dataclasses.replace(base, arch="scd", decoder_layers=l, decoder_combine=decoder_combine,
-                                 encoder_norm_unconditional=False, encoder_noise=REFERENCE_ENCODER_NOISE)
+    The encoder's blocks and the decoder's come from the baseline blocks `block_plan` selects (by
+    default 0..K-1 and K..K+L-1); the embedders go to both halves; norm_out and proj_out to the
+    decoder. The encoder's norm_out is the baseline's (`copy`) or the reference's zero init, a plain
+    LayerNorm (`identity`). Tensors with no source (the encoder norm under identity, a `concat` input
+    projection, a `token_concat_with_proj` alignment) start as `scd.model.init_weights` starts
+    them; blocks selected for neither half are reported dropped."""
+    combine, norm = split.decoder_combine or "token_concat", split.encoder_norm or DEFAULT_ENCODER_NORM
+    if combine not in DECODER_COMBINES:
+        raise ConfigError(f"decoder_combine must be one of {', '.join(DECODER_COMBINES)}, not {combine!r}")
+    if norm not in ENCODER_NORMS:
+        raise ConfigError(f"encoder_norm must be identity or copy, not {norm!r}")
+    enc, dec = block_plan(split, base.layers)
+    config = dataclasses.replace(base, arch="scd", layers=len(enc) + len(dec), decoder_layers=len(dec),
+                                 decoder_combine=combine, encoder_norm_unconditional=False,
+                                 encoder_noise=REFERENCE_ENCODER_NOISE)
     model = _fresh(config)
-    state = model.state_dict()
-    sources: dict[str, tuple[str, str]] = {}
-    for key in tensors:
-        targets = _split_target(key, k)
-        if not targets:
-            raise CheckpointError(f"baseline tensor {key} has no place in an SCD model")
-        for target, note in targets:
-            sources[target] = (key, note)
-    if encoder_norm == "copy":
+    sources = _block_sources(tensors, enc, dec)
+    if norm == "copy":
         for key in tensors:
             if key.startswith("norm_out."):
-                sources[f"encoder.{key}"] = (key, "copied from the baseline's output norm (--encoder-norm copy)")
+                sources[f"encoder.{key}"] = (key, "copied from the baseline's output norm (encoder_norm copy)")
     filled, entries = {}, []
-    for target, initial in state.items():
+    for target, initial in model.state_dict().items():
         if target in sources:
             key, note = sources[target]
             filled[target] = tensors[key]
@@ -349,8 +320,11 @@ def split_baseline(tensors: dict[str, torch.Tensor], base: ModelConfig, encoder_
             filled[target] = initial
             note = _describe_init(initial)
             if target.startswith("encoder.norm_out."):
-                note += ": plain LayerNorm (--encoder-norm identity)"
+                note += ": plain LayerNorm (encoder_norm identity)"
             entries.append(TensorEntry(target, None, CREATED, tuple(initial.shape), note))
+    used = {key for key, _ in sources.values()}
+    entries += [TensorEntry(None, k, DROPPED, tuple(v.shape), "block selected for neither half")
+                for k, v in tensors.items() if k not in used]
     load_state(model, filled, "the split baseline")
     return model, entries
 
@@ -363,6 +337,19 @@ def _straight(tensors: dict[str, torch.Tensor], config: ModelConfig) -> tuple[to
 
 # ----------------------------------------------------------------------------- codec
 
+@dataclass(frozen=True)
+class CodecSpec:
+    """The autoencoder to attach: `path` a diffusers AutoencoderDC folder or a DC-AE state dict
+    (`.pth` / `.safetensors`; local or on the Hub) with its diffusers `config` json (not needed for
+    FAR's published DC-AEs, whose configs scd knows). Without a path, `scaling_factor` and
+    `downsample` describe the codec the model expects, to be attached later."""
+
+    path: str | Path | None = None
+    config: str | Path | None = None
+    scaling_factor: float | None = None
+    downsample: int | None = None
+
+
 @dataclass
 class _Codec:
     config: dict
@@ -371,88 +358,44 @@ class _Codec:
     sha256: str
 
 
-def read_codec(codec: str | Path, codec_config: str | Path | None, scaling_factor: float | None,
-               channels: int) -> tuple[_Codec, dict]:
+def read_codec(spec: CodecSpec, channels: int) -> tuple[_Codec, dict]:
     """A DC-AE from a diffusers folder (config.json + diffusion_pytorch_model.safetensors) or from a
-    `.pth`/`.safetensors` state dict (FAR's DC-AE files) with a diffusers config json; loaded into
-    diffusers' AutoencoderDC to prove it is complete. Returns it and the config's `codec` entry."""
-    source = resolve(codec, "codec")
+    state dict (FAR's DC-AE files) with a diffusers config; loaded into diffusers' AutoencoderDC to
+    prove it is complete. Returns it and the config's `codec` entry."""
+    source = resolve(spec.path, "codec")
     if source.path.is_dir():
-        if codec_config is not None:
-            raise ConfigError("--codec-config is for a codec given as a single weights file; this codec is a folder")
+        if spec.config is not None:
+            raise ConfigError("a codec config is for a codec given as a single weights file; this codec is a folder")
         config = read_dcae_config(source.path / DCAE_CONFIG)
         weights = source.path / DCAE_WEIGHTS
         if not weights.is_file():
             raise CheckpointError(f"{source.path} has no {DCAE_WEIGHTS}: give a diffusers AutoencoderDC folder")
-        factor = scaling_factor if scaling_factor is not None else config.get("scaling_factor", DCAE_SCALING_FACTOR)
+        factor = spec.scaling_factor if spec.scaling_factor is not None else config.get("scaling_factor", DCAE_SCALING_FACTOR)
         sha = _hashed(source, weights)
     else:
-        if codec_config is None:
-            raise ConfigError(f"{source.text} is a bare weights file: pass its diffusers config with --codec-config "
-                              "(for FAR's DC-AE: options/model_cfg/dcae/model_*_config.json in the FAR repository)")
-        config = read_dcae_config(resolve(codec_config, "codec config").path)
+        stem = reference.published_stem(source.name)
+        if spec.config is not None:
+            config = read_dcae_config(resolve(spec.config, "codec config").path)
+        elif stem in reference.FAR_DCAES:
+            config = reference.dcae_config(reference.FAR_DCAES[stem].compression)
+        else:
+            raise ConfigError(f"{source.text} is a bare weights file that is not one of FAR's DC-AEs: give its "
+                              "diffusers config (the codec's config)")
         weights = source.path
-        factor = scaling_factor if scaling_factor is not None else DCAE_SCALING_FACTOR  # FAR's latents
+        factor = spec.scaling_factor if spec.scaling_factor is not None else DCAE_SCALING_FACTOR  # FAR's latents
         sha = _hashed(source)
     autoencoder = build_dcae(config, read_tensors(weights), str(source.text))
     latent_channels = autoencoder.config.latent_channels
     if latent_channels != channels:
         raise CheckpointError(f"the DC-AE makes {latent_channels}-channel latents but the model works on {channels} "
                               "channels: attach the autoencoder the model was trained with")
+    if spec.downsample is not None and spec.downsample != dcae_downsample(config):
+        raise ConfigError(f"downsample {spec.downsample} contradicts the DC-AE, which downsamples "
+                          f"{dcae_downsample(config)}x")
     config = {**config, "_class_name": "AutoencoderDC", "scaling_factor": float(factor)}
     state = {k: v.detach().clone().contiguous() for k, v in autoencoder.state_dict().items()}
     return _Codec(config, state, source.text, sha), {"type": "dcae", "scaling_factor": float(factor),
                                                      "downsample": dcae_downsample(config)}
-
-
-# ----------------------------------------------------------------------------- the model card
-
-def _group(key: str | None) -> str:
-    """A tensor's module, with a block's index kept: `decoder.transformer_blocks.2`, `x_embedder`."""
-    if key is None:
-        return "-"
-    parts = key.split(".")
-    for i, part in enumerate(parts):
-        if part == "transformer_blocks" and i + 1 < len(parts):
-            return ".".join(parts[:i + 2])
-    return ".".join(parts[:-1]) or key
-
-
-def model_card(report: ConversionReport, out: Path) -> str:
-    c = report.config
-    arch = (f"SCD, {c.encoder_layers} encoder + {c.decoder_layers} decoder blocks, decoder input {c.decoder_combine}"
-            if c.arch == "scd" else f"causal baseline, {c.layers} blocks")
-    rows = [("source", f"`{report.source}`" + (f" at commit `{report.revision}`" if report.revision else "")),
-            ("kind", report.description), ("source sha256", f"`{report.sha256}`"),
-            ("sizes from", report.options or "-"),
-            ("architecture", f"{arch}; width {c.width} ({c.num_heads} heads x {c.head_dim}), patch {c.patch_size}, "
-                             f"{c.channels} x {c.latent_size[0]} x {c.latent_size[1]} latents"),
-            ("codec", f"{c.codec.type}" + (f" from `{report.codec}` (sha256 `{report.codec_sha256}`)"
-                                                  if report.codec else ""))]
-    lines = ["---", "library_name: scd", "tags: [scd, video-generation, causal-diffusion]", "---", "",
-             f"# {out.name}", "", f"Converted by `scd convert` (scd {scd.__version__}) from a {report.description}.", "",
-             "| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows] + [""]
-    if report.notes:
-        lines += [f"- {note}" for note in report.notes] + [""]
-    totals = report.totals()
-    lines += ["## Totals", "", "| action | tensors | parameters |", "|---|---:|---:|"]
-    lines += [f"| {a} | {n} | {p:,} |" for a, (n, p) in totals.items()] + [""]
-    groups: dict[tuple[str, str, str], list] = {}
-    for e in report.entries:
-        groups.setdefault((_group(e.source), _group(e.target), e.action), []).append(e)
-    lines += ["## Mapping", "", "| source | target | action | tensors | note |", "|---|---|---|---:|---|"]
-    for (src, tgt, action), items in groups.items():
-        notes = sorted({e.note for e in items if e.note})
-        lines.append(f"| `{src}` | `{tgt}` | {action} | {len(items)} | {'; '.join(notes)} |")
-    dropped = [e for e in report.entries if e.action == DROPPED]
-    if dropped:
-        lines += ["", "## Dropped", "", "These tensors of the source have no counterpart here:", ""]
-        lines += [f"- `{e.source}` {list(e.shape)}" for e in dropped]
-    lines += ["", "<details><summary>Every tensor</summary>", "", "| target | source | action | shape |",
-              "|---|---|---|---|"]
-    lines += [f"| {e.target or '-'} | {e.source or '-'} | {e.action} | {list(e.shape)} |" for e in report.entries]
-    lines += ["", "</details>", ""]
-    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- convert
@@ -477,7 +420,7 @@ def _read_source(source: Source) -> tuple[str, dict[str, torch.Tensor], str, Mod
     tensors = read_tensors(path)
     if not tensors:
         raise CheckpointError(f"{source.text} holds no tensors: it is not a checkpoint")
-    return reference_kind(tensors), tensors, sha, None, None
+    return reference.reference_kind(tensors), tensors, sha, None, None
 
 
 def _check_container(path: Path, text: str) -> None:
@@ -494,151 +437,183 @@ def _check_container(path: Path, text: str) -> None:
                               "safetensors; give the weights file itself")
 
 
+@dataclass
+class _Read:
+    """What the source is: its kind, tensors and hash; an scd folder's own config and codec folder."""
+
+    source: Source
+    kind: str
+    tensors: dict[str, torch.Tensor]
+    sha256: str
+    folder_config: ModelConfig | None
+    folder_codec: Path | None
+
+
 def convert(source: str | Path, out: str | Path, *, options: str | Path | None = None, to: str = "scd",
-            encoder_layers: int | None = None, decoder_layers: int | None = None,
-            decoder_combine: str | None = None, encoder_norm: str | None = None,
-            preset: str | None = None, num_heads: int | None = None, head_dim: int | None = None,
-            layers: int | None = None, channels: int | None = None, patch_size: int | None = None,
-            rope_axes: tuple[int, int, int] | None = None, latent_size: tuple[int, int] | None = None,
-            codec: str | Path | None = None, codec_config: str | Path | None = None,
-            scaling_factor: float | None = None, downsample: int | None = None,
-            fps: float | None = None, overwrite: bool = False, push_to_hub: str | None = None,
-            private: bool = False) -> ConversionReport:
+            split: Split = Split(), sizes: SizeHints = SizeHints(), codec: CodecSpec = CodecSpec(),
+            fps: float | None = None, action_names: tuple[str, ...] | None = None, overwrite: bool = False,
+            push_to_hub: str | None = None, private: bool = False) -> ConversionReport:
     """Convert `source` (a path or Hub reference) into the model folder `out`.
 
-    `to="scd"` splits a baseline into encoder + decoder (`encoder_layers` + `decoder_layers` =
-    its depth; default 2:1), or re-saves an SCD source; `to="baseline"` re-saves a baseline
-    (FAR_Long loses its long-context branch). Sizes of a bare FAR file come from `options` or from
-    the tensors and the size arguments. `codec` attaches a DC-AE. Returns the report; raises
-    CheckpointError / ConfigError / HubError before writing anything when the input is not understood.
+    `to="scd"` splits a baseline into encoder + decoder as `split` says, or re-saves an SCD source;
+    `to="baseline"` re-saves a baseline (FAR_Long loses its long-context branch). The sizes of a
+    bare FAR file come from `options` (its options file), or from the tensors checked against
+    `sizes`. `codec` attaches a DC-AE. `action_names` name the model's actions or classes. Returns
+    the report; raises CheckpointError / ConfigError / HubError before writing anything when the
+    input is not understood.
     """
     if to not in ("scd", "baseline"):
-        raise ConfigError(f"--to must be scd or baseline, not {to!r}")
+        raise ConfigError(f"to must be scd or baseline, not {to!r}")
     out = Path(out).expanduser()
-    src = resolve(source)
-    kind, tensors, sha, folder_config, folder_codec = _read_source(src)
-    size_flags = {"--preset": preset, "--heads": num_heads, "--head-dim": head_dim, "--layers": layers,
-                  "--channels": channels, "--patch-size": patch_size, "--rope-axes": rope_axes}
-    given_sizes = [flag for flag, value in size_flags.items() if value is not None]
+    read = _read(resolve(source))
     notes: list[str] = []
-
-    # ---- the source's own config, and its tensors checked against it
-    if folder_config is not None:
-        if options is not None or given_sizes or latent_size is not None:
-            raise ConfigError(f"{src.text} is an scd model folder with its own config.json: drop --options and the size flags")
-        base, origin = folder_config, "config.json of the source folder"
-    elif options is not None:
-        if given_sizes:
-            raise ConfigError(f"the size flags ({', '.join(given_sizes)}) are for a checkpoint without --options")
-        opt = resolve(options, "options file")
-        base = config_from_options(read_options(opt.path), latent_size)
-        origin = f"options file {opt.text}"
-        if (kind == "scd") != (base.arch == "scd"):
-            raise CheckpointError(f"{src.text} is a {KIND_NAMES[kind]} but {opt.text} describes a "
-                                  f"{'SCD' if base.arch == 'scd' else 'FAR'} model: give the options file that goes with it")
-    elif kind == "scd":
-        raise CheckpointError(f"{src.text} is an official SCD trainer checkpoint: pass its options file with --options "
-                              "(the encoder/decoder split and the decoder input mode are not stored in the weights)")
-    else:
-        base = infer_far_config({k: v for k, v in tensors.items() if not FAR_LONG_ONLY.match(k)}, src.text, preset,
-                                num_heads, head_dim, layers, channels, patch_size, rope_axes, latent_size)
-        origin = "the tensor shapes" + (f" and preset {preset}" if preset else "")
-        guessed = [name for name, value in (("patch size 1", patch_size or preset),
-                                            (f"RoPE axes {base.rope_axes}", rope_axes or preset),
-                                            ("latent size 8 x 8", latent_size)) if value is None]
-        if guessed:
-            notes.append(f"not stored in the checkpoint, taken as FAR's defaults: {', '.join(guessed)}")
-
-    dropped: list[TensorEntry] = []
-    if kind == "far_long":
-        for key in [k for k in tensors if FAR_LONG_ONLY.match(k)]:
-            dropped.append(TensorEntry(None, key, DROPPED, tuple(tensors.pop(key).shape), "FAR_Long long-term context"))
-        notes.append(f"FAR_Long's long-term-context branch ({len(dropped)} tensors) has no counterpart and was dropped: "
-                     "the model sees its short-term window only")
-    check_tensors(tensors, base, src.text)
-    dtype = _floating_dtype(tensors)
-
-    # ---- the target model
-    split_args = {"--encoder-layers": encoder_layers, "--decoder-layers": decoder_layers,
-                  "--decoder-combine": decoder_combine, "--encoder-norm": encoder_norm}
-    if base.arch == "scd" or to == "baseline":
-        if base.arch == "scd" and to == "baseline":
-            raise ConfigError(f"{src.text} is already an SCD model: it cannot be turned back into a baseline")
-        extra = [flag for flag, value in split_args.items() if value is not None]
-        if extra:
-            raise ConfigError(f"{', '.join(extra)} split a baseline into SCD; {src.text} is re-saved as it is")
-        model, entries = _straight(tensors, base)
-        config = base
-    else:
-        model, entries = split_baseline(tensors, base, encoder_layers, decoder_layers,
-                                        decoder_combine or "token_concat", encoder_norm or DEFAULT_ENCODER_NORM)
-        config = model.config
-        span = lambda a, b: f"block {a}" if a == b else f"blocks {a}-{b}"
-        notes.append(f"split from a {base.layers}-block baseline: {span(0, config.encoder_layers - 1)} -> encoder, "
-                     f"{span(config.encoder_layers, base.layers - 1)} -> decoder; encoder norm "
-                     f"{encoder_norm or DEFAULT_ENCODER_NORM}. Not yet trained as SCD: fine-tune it "
-                     "(`scd train --init FOLDER`) before judging its frames")
-
-    # ---- the codec, frame size and playback settings
-    new_codec = None
-    if codec is not None:
-        new_codec, codec_entry = read_codec(codec, codec_config, scaling_factor, config.channels)
-        if downsample is not None and downsample != codec_entry["downsample"]:
-            raise ConfigError(f"--downsample {downsample} contradicts the DC-AE, which downsamples "
-                              f"{codec_entry['downsample']}x")
-    elif folder_config is not None:
-        codec_entry = folder_config.codec.to_dict()
-        if scaling_factor is not None or downsample is not None or codec_config is not None:
-            raise ConfigError("--scaling-factor, --downsample and --codec-config go with --codec")
-    elif config.channels == 3:
-        codec_entry = {"type": "pixel"}
-    else:
-        codec_entry = {"type": "dcae", "scaling_factor": float(scaling_factor or DCAE_SCALING_FACTOR),
-                       "downsample": int(downsample or DEFAULT_DOWNSAMPLE)}
-        notes.append(f"the model works on {config.channels}-channel DC-AE latents but no autoencoder is attached: "
-                     "attach it (`scd convert FOLDER --codec PATH --out NEW`) before generating from pixels")
-    if codec_entry.get("type") == "pixel":
-        frame_size = config.frame_size if folder_config is not None else config.latent_size
-    else:
-        frame_size = tuple(s * codec_entry["downsample"] for s in config.latent_size)
-    config = dataclasses.replace(config, codec=codec_entry, frame_size=frame_size,
-                                 fps=config.fps if fps is None else fps)
+    base, origin = _base_config(read, options, sizes, notes)
+    dropped = _drop_far_long(read, notes)
+    check_tensors(read.tensors, base, read.source.text)
+    model, entries, config = _target(read, base, to, split, notes)
+    new_codec, codec_entry = _codec_entry(read, config, codec, notes)
+    config = _finish_config(read, config, codec_entry, fps, action_names)
     model.config = config
     for part in model.parts().values():
         part.config = config
 
-    report = ConversionReport(str(source), kind, sha, src.revision, origin, config, entries + dropped,
-                              notes=notes)
+    report = ConversionReport(str(source), read.kind, read.sha256, read.source.revision, origin, config,
+                              entries + dropped, notes=notes)
     if new_codec is not None:
         report.codec, report.codec_sha256 = new_codec.origin, new_codec.sha256
-    elif folder_codec is not None:
-        report.codec = f"{src.text}/{CODEC_DIR}"
-
-    # ---- write
-    _prepare_out(out, src.path, overwrite)
-    save_model_folder(model, out, model_card(report, out), dtype=dtype)
-    if new_codec is not None:
-        _write_codec(out / CODEC_DIR, new_codec)
-    elif folder_codec is not None:
-        shutil.copytree(folder_codec, out / CODEC_DIR)
-    report.folder = out
+    elif read.folder_codec is not None:
+        report.codec = f"{read.source.text}/{CODEC_DIR}"
+    _write(report, model, out, read, new_codec, overwrite)
     if push_to_hub:
         from scd import hub
 
         commit = hub.push_folder(out, push_to_hub, private=private,
-                                 commit_message=f"scd convert {source} ({KIND_NAMES[kind]})")
+                                 commit_message=f"scd convert {source} ({KIND_NAMES[read.kind]})")
         report.pushed = f"{push_to_hub}@{commit}"
     return report
 
 
+def _read(src: Source) -> _Read:
+    kind, tensors, sha, folder_config, folder_codec = _read_source(src)
+    return _Read(src, kind, tensors, sha, folder_config, folder_codec)
+
+
+def _base_config(read: _Read, options, sizes: SizeHints, notes: list[str]) -> tuple[ModelConfig, str]:
+    """The source's own config (before any split) and where it came from."""
+    text = read.source.text
+    if read.folder_config is not None:
+        if options is not None or sizes.given() or sizes.latent_size is not None:
+            raise ConfigError(f"{text} is an scd model folder with its own config.json: give no options file and no sizes")
+        return read.folder_config, "config.json of the source folder"
+    if options is not None:
+        if sizes.given():
+            raise ConfigError(f"the sizes given ({', '.join(sizes.given())}) are for a checkpoint without an options file")
+        opt = resolve(options, "options file")
+        base = reference.config_from_options(reference.read_options(opt.path), sizes.latent_size)
+        if (read.kind == "scd") != (base.arch == "scd"):
+            raise CheckpointError(f"{text} is a {KIND_NAMES[read.kind]} but {opt.text} describes a "
+                                  f"{'SCD' if base.arch == 'scd' else 'FAR'} model: give the options file that goes with it")
+        return base, f"options file {opt.text}"
+    if read.kind == "scd":
+        raise CheckpointError(f"{text} is an official SCD trainer checkpoint: give its options file (the "
+                              "encoder/decoder split and the decoder input mode are not stored in the weights)")
+    tensors = reference.split_far_long(read.tensors)[0]
+    entry = reference.far_model(read.source.name)
+    if entry is not None and not sizes.given() and sizes.latent_size is None:  # one of FAR's files: its settings
+        base = reference.infer_far_config(tensors, text, SizeHints(latent_size=(entry.latent_size,) * 2))
+        settings = {k: v for k, v in reference.far_settings(entry).items() if k != "codec"}
+        notes.append(f"FAR's published {entry.data} model: {entry.resolution} px, context {entry.context_frames} "
+                     f"frames, guidance {entry.guidance:g}; its DC-AE is {entry.dcae}")
+        return dataclasses.replace(base, **settings), f"the tensor shapes and FAR's published {entry.name}"
+    base = reference.infer_far_config(tensors, text, sizes)
+    guessed = [name for name, value in (("patch size 1", sizes.patch_size or sizes.preset),
+                                        (f"RoPE axes {base.rope_axes}", sizes.rope_axes or sizes.preset),
+                                        ("latent size 8 x 8", sizes.latent_size)) if value is None]
+    if guessed:
+        notes.append(f"not stored in the checkpoint, taken as FAR's defaults: {', '.join(guessed)}")
+    return base, "the tensor shapes" + (f" and preset {sizes.preset}" if sizes.preset else "")
+
+
+def _drop_far_long(read: _Read, notes: list[str]) -> list[TensorEntry]:
+    if read.kind != "far_long":
+        return []
+    read.tensors, long = reference.split_far_long(read.tensors)
+    notes.append(f"FAR_Long's long-term-context branch ({len(long)} tensors) has no counterpart and was dropped: "
+                 "the model sees its short-term window only")
+    return [TensorEntry(None, k, DROPPED, tuple(v.shape), "FAR_Long long-term context") for k, v in long.items()]
+
+
+def _target(read: _Read, base: ModelConfig, to: str, split: Split, notes: list[str]):
+    """(model, tensor entries, config): the source re-saved, or a baseline split into SCD."""
+    if base.arch == "scd" or to == "baseline":
+        if base.arch == "scd" and to == "baseline":
+            raise ConfigError(f"{read.source.text} is already an SCD model: it cannot be turned back into a baseline")
+        if split.given():
+            raise ConfigError(f"{', '.join(split.given())} split a baseline into SCD; {read.source.text} is re-saved as it is")
+        model = model_from_tensors(base, read.tensors, "the checkpoint")
+        return model, [TensorEntry(k, k, MAPPED, tuple(v.shape)) for k, v in model.state_dict().items()], base
+    model, entries = split_baseline(read.tensors, base, split)
+    enc, dec = block_plan(split, base.layers)
+    notes.append(f"split from a {base.layers}-block baseline: encoder blocks 0-{len(enc) - 1} <- baseline blocks "
+                 f"{_spans(enc)}; decoder blocks 0-{len(dec) - 1} <- baseline blocks {_spans(dec)}; encoder norm "
+                 f"{split.encoder_norm or DEFAULT_ENCODER_NORM}. Not yet trained as SCD: fine-tune it "
+                 "from this folder (`scd train`) before judging its frames")
+    return model, entries, model.config
+
+
+def _codec_entry(read: _Read, config: ModelConfig, spec: CodecSpec, notes: list[str]) -> tuple[_Codec | None, dict]:
+    """The autoencoder to write (if one is attached) and the config's `codec` entry."""
+    if spec.path is not None:
+        return read_codec(spec, config.channels)
+    if spec.config is not None:
+        raise ConfigError("a codec config goes with a codec")
+    if read.folder_config is not None:
+        if spec.scaling_factor is not None or spec.downsample is not None:
+            raise ConfigError("scaling_factor and downsample go with a codec for a model folder, which has its own")
+        return None, read.folder_config.codec.to_dict()
+    if config.channels == 3:
+        return None, {"type": "pixel"}
+    entry = reference.far_model(read.source.name)
+    default_downsample = reference.FAR_DCAES[entry.dcae].compression if entry else DEFAULT_DOWNSAMPLE
+    notes.append(f"the model works on {config.channels}-channel DC-AE latents but no autoencoder is attached: "
+                 "convert this folder again with a codec before generating from pixels")
+    return None, {"type": "dcae", "scaling_factor": float(spec.scaling_factor or DCAE_SCALING_FACTOR),
+                  "downsample": int(spec.downsample or default_downsample)}
+
+
+def _finish_config(read: _Read, config: ModelConfig, codec_entry: dict, fps, action_names) -> ModelConfig:
+    """The codec, frame size, playback settings and action names of the new folder."""
+    if codec_entry.get("type") == "pixel":
+        frame_size = config.frame_size if read.folder_config is not None else config.latent_size
+    else:
+        frame_size = tuple(s * codec_entry["downsample"] for s in config.latent_size)
+    names = config.action_names if action_names is None else tuple(str(n) for n in action_names)
+    if action_names is not None and len(names) != config.num_classes:
+        raise ConfigError(f"{len(names)} action names given for a model of {config.num_classes} "
+                          f"{config.condition or 'condition'} classes: give one name per class")
+    return dataclasses.replace(config, codec=codec_entry, frame_size=frame_size, action_names=names,
+                               fps=config.fps if fps is None else fps)
+
+
+def _write(report: ConversionReport, model, out: Path, read: _Read, new_codec: _Codec | None, overwrite: bool) -> None:
+    """The folder: weights in the source's dtype, config, card, and the codec (new, or the source folder's)."""
+    _prepare_out(out, read.source.path, overwrite)
+    save_model_folder(model, out, conversion_card(report, out), dtype=_floating_dtype(read.tensors))
+    if new_codec is not None:
+        _write_codec(out / CODEC_DIR, new_codec)
+    elif read.folder_codec is not None:
+        shutil.copytree(read.folder_codec, out / CODEC_DIR)
+    report.folder = out
+
+
 def _prepare_out(out: Path, source: Path, overwrite: bool) -> None:
     if out.resolve() == source.resolve() or source.resolve() in out.resolve().parents:
-        raise ConfigError(f"--out {out} is inside the source: choose another folder")
+        raise ConfigError(f"the output folder {out} is inside the source: choose another folder")
     if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file: give a folder")
+        raise ConfigError(f"the output {out} is a file: give a folder")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
-            raise ConfigError(f"{out} exists and is not empty: choose another --out, or pass --overwrite")
+            raise ConfigError(f"{out} exists and is not empty: choose another output folder, or allow overwriting it")
         if (out / CODEC_DIR).is_dir():  # a stale autoencoder must not outlive the model it came with
             shutil.rmtree(out / CODEC_DIR)
 

@@ -24,6 +24,9 @@ from scd.flow import add_noise, logit_normal, noised_context
 ARCHS = ("scd", "baseline")
 DECODER_COMBINES = ("token_concat", "add", "concat", "token_concat_with_proj")
 CONDITIONS = (None, "action", "label")
+# Classifier-free guidance: "null" compares with the null action / label; "decoder" (the official SCD
+# evaluation's `cfg_type: decoder`) keeps the condition and noises the encoder features instead.
+GUIDANCE_MODES = ("null", "decoder")
 FORMAT_VERSION = 1
 # Sizes a config may declare (far above any published model): a config beyond them is refused
 # before anything is built, so a corrupt or hostile config.json cannot exhaust memory or time.
@@ -59,7 +62,8 @@ class ModelConfig:
     codec: CodecConfig = field(default_factory=CodecConfig)
     default_steps: int = 50
     default_guidance: float = 1.0
-    context_frames: int = 16
+    guidance_mode: str = "null"
+    context_frames: int = 16  # prompt frames the model is given by default; 0: it generates from pure noise
     demo: str | None = None  # "world": the model's demo prompt is a clip of scd.world
     format_version: int = FORMAT_VERSION
 
@@ -121,8 +125,10 @@ class ModelConfig:
             problems.append("default_steps must be >= 1")
         if not isinstance(self.fps, (int, float)) or isinstance(self.fps, bool) or not 0 < self.fps <= 1000:
             problems.append(f"fps must be a number in (0, 1000], not {self.fps!r}")
-        if self.context_frames is not None and (not isinstance(self.context_frames, int) or self.context_frames < 1):
-            problems.append(f"context_frames must be a positive integer or null, not {self.context_frames!r}")
+        if self.context_frames is not None and (not isinstance(self.context_frames, int) or self.context_frames < 0):
+            problems.append(f"context_frames must be an integer >= 0 or null, not {self.context_frames!r}")
+        if self.guidance_mode not in GUIDANCE_MODES:
+            problems.append(f"guidance_mode must be one of {GUIDANCE_MODES}, not {self.guidance_mode!r}")
         if self.condition and self.num_classes < 1:
             problems.append("a conditioned model needs num_classes >= 1")
         if problems:
@@ -758,14 +764,13 @@ def build_model(config: ModelConfig, init: bool = True) -> SCDModel | Baseline:
 # ----------------------------------------------------------------------------- presets
 
 def preset(name: str, **overrides) -> ModelConfig:
-    """Reference sizes: B 12x64, M 16x64, L 16x64 x 24 layers, XL 18x64 x 28 layers; DC-AE latents
-    (32 channels, patch 1). SCD splits the depth 2:1 between encoder and decoder, as the paper's 8+4."""
-    sizes = {"B": (12, 12), "M": (16, 12), "L": (16, 24), "XL": (18, 28)}
-    if name.upper() not in sizes:
-        raise ConfigError(f"unknown preset {name!r}: choose one of {', '.join(sizes)}")
-    heads, layers = sizes[name.upper()]
-    base = dict(num_heads=heads, head_dim=64, channels=32, patch_size=1, rope_axes=(16, 24, 24),
-                layers=layers, decoder_layers=layers // 3)
+    """Reference sizes (`scd.reference.PRESETS`): B 12x64, M 16x64, L 16x64 x 24 layers, XL 18x64 x 28
+    layers; DC-AE latents (32 channels, patch 1). SCD splits the depth 2:1 between encoder and
+    decoder, as the paper's 8+4."""
+    from scd.reference import preset_sizes  # deferred: the reference formats build on this module
+
+    base = preset_sizes(name)
+    base["decoder_layers"] = base["layers"] // 3
     base.update(overrides)
     if base.get("arch") == "baseline":
         base["decoder_layers"] = 0

@@ -14,6 +14,7 @@ from rich.table import Table
 
 from scd import convert as conversion
 from scd.errors import ConfigError
+from scd.reference import SizeHints
 from scd_cli.common import console, err_console, handles_errors, say, state
 
 ACTION_STYLES = {conversion.MAPPED: "green", conversion.CREATED: "yellow", conversion.DROPPED: "red"}
@@ -58,6 +59,8 @@ def convert(
     to: str = typer.Option("scd", "--to", help="scd: split a baseline into encoder + decoder (SCD sources are re-saved); baseline: re-save a baseline as it is."),
     encoder_layers: Optional[int] = typer.Option(None, "--encoder-layers", help="Baseline blocks 0..K-1 that become the encoder (default: two thirds, 8 of 12)."),
     decoder_layers: Optional[int] = typer.Option(None, "--decoder-layers", help="Baseline blocks K..K+L-1 that become the decoder (default: one third, 4 of 12). K + L = the baseline's depth."),
+    encoder_blocks: Optional[str] = typer.Option(None, "--encoder-blocks", help="Baseline blocks that become the encoder's, by index, like 0-24 (blocks may repeat or be skipped; default: the rest)."),
+    decoder_blocks: Optional[str] = typer.Option(None, "--decoder-blocks", help="Baseline blocks that become the decoder's, like 0-4,25-29 (the paper's recipe for 30 blocks)."),
     decoder_combine: Optional[str] = typer.Option(None, "--decoder-combine", help="How the decoder takes the encoder's features: token_concat (default), add, concat, token_concat_with_proj."),
     encoder_norm: Optional[str] = typer.Option(None, "--encoder-norm", help="The encoder's output norm: identity (default; plain LayerNorm, the reference init) or copy (the baseline's output norm)."),
     preset: Optional[str] = typer.Option(None, "--preset", help="FAR size preset B, M, L or XL, checked against the tensors (without --options)."),
@@ -73,6 +76,7 @@ def convert(
     scaling_factor: Optional[float] = typer.Option(None, "--scaling-factor", help="Latent scaling factor (default: the codec folder's config, else FAR's 0.2889)."),
     downsample: Optional[int] = typer.Option(None, "--downsample", help="Pixels per latent when no codec is attached (default 8; FAR's Minecraft: 16)."),
     fps: Optional[float] = typer.Option(None, "--fps", help="Frame rate recorded in config.json."),
+    action_names: Optional[str] = typer.Option(None, "--action-names", help="Names of the model's actions or classes, comma separated, one per class (for --actions / --label by name)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty --out folder."),
     push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub", help="Upload the folder to this Hub repo (owner/name); needs HF_TOKEN with write access."),
     private: bool = typer.Option(False, "--private", help="Create the Hub repo private."),
@@ -80,12 +84,13 @@ def convert(
 ):
     """Port a causal-diffusion checkpoint (FAR, FAR_Long, official SCD, scd baseline) into an scd model folder."""
     state["quiet"] = quiet
-    kwargs = dict(options=options, to=to, encoder_layers=encoder_layers, decoder_layers=decoder_layers,
-                  decoder_combine=decoder_combine, encoder_norm=encoder_norm, preset=preset, num_heads=heads,
-                  head_dim=head_dim, layers=layers, channels=channels, patch_size=patch_size,
-                  rope_axes=_ints(rope_axes, (3,), "--rope-axes"), latent_size=_ints(latent_size, (1, 2), "--latent-size"),
-                  codec=codec, codec_config=codec_config, scaling_factor=scaling_factor, downsample=downsample, fps=fps,
-                  overwrite=overwrite, push_to_hub=push_to_hub, private=private)
+    split = conversion.Split(encoder_layers, decoder_layers, encoder_blocks, decoder_blocks, decoder_combine, encoder_norm)
+    sizes = SizeHints(preset, heads, head_dim, layers, channels, patch_size, _ints(rope_axes, (3,), "--rope-axes"),
+                      _ints(latent_size, (1, 2), "--latent-size"))
+    names = None if action_names is None else tuple(n.strip() for n in action_names.split(",") if n.strip())
+    kwargs = dict(options=options, to=to, split=split, sizes=sizes,
+                  codec=conversion.CodecSpec(codec, codec_config, scaling_factor, downsample), fps=fps,
+                  action_names=names, overwrite=overwrite, push_to_hub=push_to_hub, private=private)
     with err_console.status(f"converting {source}", spinner="dots") if not quiet else nullcontext():
         report = conversion.convert(source, out, **kwargs)
     if not quiet:

@@ -3,47 +3,18 @@
 from __future__ import annotations
 
 import os
-import platform
 import shlex
 from pathlib import Path
 from typing import Optional
 
-import torch
 import typer
 
 from scd import train as training
+from scd.cards import training_card
 from scd.checkpoints import load_model
 from scd.errors import ConfigError
 from scd.model import ModelConfig
 from scd_cli.common import console, handles_errors, is_interactive, say, state
-
-
-def _card(command: str, config: ModelConfig, settings: training.TrainSettings, data: str):
-    depth = (f"{config.encoder_layers} encoder + {config.decoder_layers} decoder layers (decoder input: {config.decoder_combine})"
-             if config.arch == "scd"
-             else f"{config.layers} layers")
-    hardware = f"CUDA {torch.cuda.get_device_name()}" if torch.cuda.is_available() else f"CPU ({platform.machine()})"
-    decay = f", linear decay to 0 over the last {settings.decay}" if settings.decay else ""
-    recipe = [f"steps: {settings.steps}", f"batch {settings.batch_size} clips of {settings.clip_frames} frames",
-              f"lr {settings.lr} ({settings.warmup} warm-up steps{decay})"]
-    if config.arch == "scd":
-        recipe.append(f"decoder x{settings.decoder_lr_ratio:g}")
-    recipe.append(f"EMA {settings.ema_decay}")
-    if config.arch == "scd" and settings.clean_context_ratio < 1:
-        recipe.append(f"clean context {settings.clean_context_ratio:g} (else sigma <= {settings.context_sigma_max:g})")
-    recipe.append(f"context window {config.context_frames} frames")
-
-    def card(losses: list[float], wall_s: float) -> str:
-        tail = losses[-50:]
-        return (f"# {config.arch} model trained by scd\n\n"
-                f"- data: {data}\n"
-                f"- {', '.join(recipe)}\n"
-                f"- wall time: {wall_s / 60:.1f} min on {hardware}, torch {torch.__version__}\n"
-                f"- final loss (mean of the last {len(tail)} steps): {sum(tail) / max(1, len(tail)):.4f}\n"
-                f"- architecture: width {config.width} ({config.num_heads} x {config.head_dim}), {depth}, "
-                f"patch {config.patch_size}, {config.tokens_per_frame} tokens per frame\n\n"
-                f"Made with:\n\n```\n{command}\n```\n")
-    return card
 
 
 def _command_line(ctx: typer.Context) -> str:
@@ -104,7 +75,7 @@ def train(
         batches, described = training.world_batches(settings, config), "synthetic world (scd.world), seeds < 1e9"
     else:
         batches, described = training.folder_batches(Path(data), settings, config), f"videos in {data}"
-    events = training.train(config, out, settings, batches, loaded, resume, _card(command, config, settings, described))
+    events = training.train(config, out, settings, batches, loaded, resume, training_card(command, config, settings, described))
     if os.environ.get("RANK", "0") != "0":  # another process of `accelerate launch`: the main one draws
         for _ in events:
             pass

@@ -93,6 +93,6 @@ def test_info_on_a_reference_checkpoint():
     assert r.exit_code == 0, r.output
     assert "3 encoder + 2 decoder" in r.output and "predicted SCD speed-up" in r.output
     r = runner.invoke(app, ["info", str(ref / "ema.pth")])
-    assert r.exit_code == 2 and "--options" in r.output
+    assert r.exit_code == 2 and "give its options file" in r.output
     r = runner.invoke(app, ["--version"])
     assert r.exit_code == 0 and "scd 0.1.0" in r.output

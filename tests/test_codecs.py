@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from conftest import random_model, tiny_config
 from scd.checkpoints import load_model_folder, save_model_folder
 from scd.codecs import CodecConfig, DCAECodec, PixelCodec, load_codec
-from scd.convert import convert
+from scd.convert import CodecSpec, convert
 from scd.errors import CheckpointError, ConfigError
 from scd.video import read_video, write_video
 from scd_cli.app import app
@@ -141,7 +141,7 @@ def far_like(tmp_path):
 def test_convert_attaches_a_far_dcae_pth(far_like, tmp_path):
     ae = tiny_autoencoder(seed=5)
     pth, config_json = far_style_pth(ae, tmp_path / "dcae")
-    report = convert(far_like, tmp_path / "scd", codec=pth, codec_config=config_json)
+    report = convert(far_like, tmp_path / 'scd', codec=CodecSpec(path=pth, config=config_json))
     assert report.codec == str(pth) and report.codec_sha256 == hashlib.sha256(pth.read_bytes()).hexdigest()
     loaded = load_model_folder(tmp_path / "scd")
     c = loaded.config
@@ -161,29 +161,29 @@ def test_convert_attaches_a_far_dcae_pth(far_like, tmp_path):
 def test_convert_attaches_a_diffusers_folder_and_checks_it(far_like, tmp_path):
     ae = tiny_autoencoder(seed=6)
     ae.save_pretrained(tmp_path / "dcae-diffusers")
-    report = convert(far_like, tmp_path / "scd", codec=tmp_path / "dcae-diffusers", scaling_factor=0.5)
+    report = convert(far_like, tmp_path / 'scd', codec=CodecSpec(path=tmp_path / 'dcae-diffusers', scaling_factor=0.5))
     loaded = load_model_folder(tmp_path / "scd")
     assert loaded.config.codec.scaling_factor == 0.5 and report.totals()["created"][0] == 2
     x = pixels()
     assert torch.equal(load_codec(loaded.config.codec, loaded.folder).encode(x), DCAECodec(ae, 0.5).encode(x))
 
     pth, config_json = far_style_pth(ae, tmp_path / "dcae")
-    with pytest.raises(ConfigError, match="pass its diffusers config with --codec-config"):
-        convert(far_like, tmp_path / "x", codec=pth)
+    with pytest.raises(ConfigError, match="not one of FAR.s DC-AEs: give its diffusers config"):
+        convert(far_like, tmp_path / 'x', codec=CodecSpec(path=pth))
     renamed = pth.with_name("DCAE_Tiny_Res16-00000000.pth")
     pth.rename(renamed)
     with pytest.raises(CheckpointError, match="content hashes to"):
-        convert(far_like, tmp_path / "x", codec=renamed, codec_config=config_json)
+        convert(far_like, tmp_path / 'x', codec=CodecSpec(path=renamed, config=config_json))
     state = ae.state_dict()
     state.pop("encoder.conv_out.weight")
     torch.save(state, tmp_path / "partial.pth")
     with pytest.raises(CheckpointError, match="1 missing: encoder.conv_out.weight"):
-        convert(far_like, tmp_path / "x", codec=tmp_path / "partial.pth", codec_config=config_json)
+        convert(far_like, tmp_path / 'x', codec=CodecSpec(path=tmp_path / 'partial.pth', config=config_json))
     (tmp_path / "c4.json").write_text(json.dumps({**TINY_DCAE, "latent_channels": 4}))
     torch.save(diffusers.AutoencoderDC.from_config({k: v for k, v in TINY_DCAE.items() if k[0] != "_"} | {"latent_channels": 4}).state_dict(),
                tmp_path / "c4.pth")
     with pytest.raises(CheckpointError, match="makes 4-channel latents but the model works on 8"):
-        convert(far_like, tmp_path / "x", codec=tmp_path / "c4.pth", codec_config=tmp_path / "c4.json")
+        convert(far_like, tmp_path / 'x', codec=CodecSpec(path=tmp_path / 'c4.pth', config=tmp_path / 'c4.json'))
     assert not (tmp_path / "x").exists()
 
 

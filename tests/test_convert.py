@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 from conftest import random_model, tiny_config
 from hub_server import HubServer
 from scd.checkpoints import load_model, load_model_folder, save_model_folder
-from scd.convert import CREATED, DROPPED, MAPPED, check_far_name, convert, split_layers
+from scd.convert import CREATED, DROPPED, MAPPED, Split, convert, split_layers
+from scd.reference import SizeHints, check_far_name
 from scd.errors import CheckpointError, ConfigError, HubError
 from scd.sampling import generate
 from scd_cli.app import app
@@ -99,8 +100,7 @@ def test_far_fixture_splits_into_scd(name, tmp_path):
 @pytest.mark.parametrize("name", ["far0", "far1"])
 def test_far_fixture_resaved_as_baseline_reproduces_the_reference(name, tmp_path):
     folder, weights, settings, t = case(name)
-    report = convert(weights, tmp_path / "base", options=folder / "options.yml", to="baseline",
-                     latent_size=tuple(t["context"].shape[-2:]))
+    report = convert(weights, tmp_path / 'base', options=folder / 'options.yml', to='baseline', sizes=SizeHints(latent_size=tuple(t['context'].shape[-2:])))
     assert report.config.arch == "baseline" and report.totals()[CREATED] == (0, 0)
     assert reproduces(tmp_path / "base", settings, t) < TOL
 
@@ -133,7 +133,7 @@ def test_far_long_fixture_drops_and_reports_its_long_context_branch(name, tmp_pa
 @pytest.mark.parametrize("name", ["case0", "case1", "case2", "case3"])
 def test_official_scd_fixture_resaves_and_reproduces_generation(name, tmp_path):
     folder, weights, settings, t = case(name)
-    report = convert(weights, tmp_path / "scd", options=folder / "options.yml", latent_size=tuple(t["context"].shape[-2:]))
+    report = convert(weights, tmp_path / 'scd', options=folder / 'options.yml', sizes=SizeHints(latent_size=tuple(t['context'].shape[-2:])))
     assert report.kind == "scd" and report.config.decoder_combine == settings["decoder_input_combine"]
     totals = report.totals()
     assert totals[CREATED] == (0, 0) and totals[DROPPED] == (0, 0)
@@ -150,13 +150,13 @@ def test_official_accelerate_safetensors_with_module_prefix(tmp_path):
     save_file({f"module.{k}": v for k, v in raw("case1").items()}, str(trainer / "model.safetensors"))
     for src in (trainer, trainer / "model.safetensors"):
         out = tmp_path / f"out-{src.name}"
-        convert(src, out, options=folder / "options.yml", latent_size=tuple(t["context"].shape[-2:]))
+        convert(src, out, options=folder / 'options.yml', sizes=SizeHints(latent_size=tuple(t['context'].shape[-2:])))
         assert reproduces(out, settings, t) < TOL
 
 
 def test_official_scd_needs_its_options(tmp_path):
     _, weights, _, _ = case("case0")
-    with pytest.raises(CheckpointError, match="pass its options file with --options"):
+    with pytest.raises(CheckpointError, match="give its options file"):
         convert(weights, tmp_path / "x")
     with pytest.raises(CheckpointError, match="describes a FAR model"):
         convert(weights, tmp_path / "x", options=REFERENCE / "far0" / "options.yml")
@@ -173,24 +173,23 @@ def test_bare_far_file_sizes_read_off_the_tensors(tmp_path):
     assert any("RoPE axes (4, 6, 6)" in note for note in bare.notes)
     a, b = saved(tmp_path / "a"), saved(tmp_path / "b")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    flagged = convert(weights, tmp_path / "c", num_heads=2, head_dim=16, layers=4, channels=4, patch_size=1,
-                      rope_axes=(4, 6, 6), latent_size=(8, 8))
+    flagged = convert(weights, tmp_path / 'c', sizes=SizeHints(num_heads=2, head_dim=16, layers=4, channels=4, patch_size=1, rope_axes=(4, 6, 6), latent_size=(8, 8)))
     assert flagged.config == with_options.config and not any("FAR's defaults" in n for n in flagged.notes)
 
 
 def test_bare_far_file_refuses_contradicting_sizes(tmp_path):
     _, weights, _, _ = case("far0")
     with pytest.raises(CheckpointError, match="has 2 heads .* but preset B says 12"):
-        convert(weights, tmp_path / "x", preset="B")
-    with pytest.raises(CheckpointError, match="has 4 layers .* but --layers says 12"):
-        convert(weights, tmp_path / "x", layers=12)
+        convert(weights, tmp_path / 'x', sizes=SizeHints(preset='B'))
+    with pytest.raises(CheckpointError, match="has 4 layers .* but layers is 12"):
+        convert(weights, tmp_path / 'x', sizes=SizeHints(layers=12))
     with pytest.raises(CheckpointError, match="not 3 channels x patch 1"):
-        convert(weights, tmp_path / "x", channels=3)
+        convert(weights, tmp_path / 'x', sizes=SizeHints(channels=3))
     _, far1, _, _ = case("far1")  # head dim 8: no FAR default RoPE split
-    with pytest.raises(ConfigError, match="pass --rope-axes"):
+    with pytest.raises(ConfigError, match="give rope_axes"):
         convert(far1, tmp_path / "x")
-    with pytest.raises(ConfigError, match="size flags .* without --options"):
-        convert(weights, tmp_path / "x", options=REFERENCE / "far0" / "options.yml", num_heads=2)
+    with pytest.raises(ConfigError, match="sizes given .num_heads. are for a checkpoint without an options file"):
+        convert(weights, tmp_path / 'x', options=REFERENCE / 'far0' / 'options.yml', sizes=SizeHints(num_heads=2))
     assert not (tmp_path / "x").exists()
 
 
@@ -225,7 +224,7 @@ def baseline_folder(tmp_path):
 @pytest.mark.parametrize("k,l", [(4, 2), (5, 1), (1, 5)])
 def test_baseline_folder_split_keeps_blocks_tensor_for_tensor(baseline_folder, tmp_path, k, l):
     out = tmp_path / f"scd-{k}-{l}"
-    report = convert(baseline_folder, out, encoder_layers=k, decoder_layers=l)
+    report = convert(baseline_folder, out, split=Split(encoder_layers=k, decoder_layers=l))
     assert report.kind == "baseline-folder"
     assert_split(saved(baseline_folder), saved(out), k, l)
     loaded = load_model(str(out))  # the resolver every command uses
@@ -245,16 +244,16 @@ def test_baseline_split_defaults_and_errors(baseline_folder, tmp_path):
     assert (report.config.encoder_layers, report.config.decoder_layers) == (4, 2)
     for k, l in ((4, 3), (6, 0), (0, 6)):
         with pytest.raises(ConfigError, match="must each be at least 1 and add up to the baseline's 6 blocks"):
-            convert(baseline_folder, tmp_path / "x", encoder_layers=k, decoder_layers=l)
-    with pytest.raises(ConfigError, match="--encoder-norm must be identity or copy"):
-        convert(baseline_folder, tmp_path / "x", encoder_norm="zeros")
-    with pytest.raises(ConfigError, match="--decoder-combine must be one of"):
-        convert(baseline_folder, tmp_path / "x", decoder_combine="stack")
+            convert(baseline_folder, tmp_path / 'x', split=Split(encoder_layers=k, decoder_layers=l))
+    with pytest.raises(ConfigError, match="encoder_norm must be identity or copy"):
+        convert(baseline_folder, tmp_path / 'x', split=Split(encoder_norm='zeros'))
+    with pytest.raises(ConfigError, match="decoder_combine must be one of"):
+        convert(baseline_folder, tmp_path / 'x', split=Split(decoder_combine='stack'))
     with pytest.raises(ConfigError, match="own config.json"):
         convert(baseline_folder, tmp_path / "x", options=REFERENCE / "far0" / "options.yml")
     scd = tmp_path / "default"
     with pytest.raises(ConfigError, match="split a baseline into SCD"):
-        convert(scd, tmp_path / "x", encoder_layers=3)
+        convert(scd, tmp_path / 'x', split=Split(encoder_layers=3))
     with pytest.raises(ConfigError, match="cannot be turned back into a baseline"):
         convert(scd, tmp_path / "x", to="baseline")
     assert not (tmp_path / "x").exists()
@@ -262,11 +261,11 @@ def test_baseline_split_defaults_and_errors(baseline_folder, tmp_path):
 
 def test_encoder_norm_copy_and_decoder_combines(baseline_folder, tmp_path):
     base = saved(baseline_folder)
-    report = convert(baseline_folder, tmp_path / "copy", encoder_norm="copy")
+    report = convert(baseline_folder, tmp_path / 'copy', split=Split(encoder_norm='copy'))
     assert_split(base, saved(tmp_path / "copy"), 4, 2, encoder_norm="copy")
     assert report.totals()[CREATED] == (0, 0)
 
-    report = convert(baseline_folder, tmp_path / "concat", decoder_combine="concat")
+    report = convert(baseline_folder, tmp_path / 'concat', split=Split(decoder_combine='concat'))
     state, d = saved(tmp_path / "concat"), 16
     eye = torch.eye(d)
     assert torch.equal(state["decoder.decoder_input_proj.weight"], torch.cat([eye, eye], dim=1))
@@ -274,7 +273,7 @@ def test_encoder_norm_copy_and_decoder_combines(baseline_folder, tmp_path):
     created = {e.target: e.note for e in report.entries if e.action == CREATED}
     assert created["decoder.decoder_input_proj.weight"].startswith("[I | I]")
 
-    report = convert(baseline_folder, tmp_path / "proj", decoder_combine="token_concat_with_proj")
+    report = convert(baseline_folder, tmp_path / 'proj', split=Split(decoder_combine='token_concat_with_proj'))
     state = saved(tmp_path / "proj")
     assert torch.equal(state["decoder.decoder_alignment.0.weight"], torch.ones(d))
     assert not state["decoder.decoder_alignment.1.weight"].any()
@@ -287,9 +286,9 @@ def test_conversion_leaves_the_callers_rng_alone(baseline_folder, tmp_path):
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
-    convert(baseline_folder, tmp_path / "a", decoder_combine="concat")
+    convert(baseline_folder, tmp_path / 'a', split=Split(decoder_combine='concat'))
     assert torch.equal(torch.rand(3), expected)
-    convert(baseline_folder, tmp_path / "b", decoder_combine="concat")
+    convert(baseline_folder, tmp_path / 'b', split=Split(decoder_combine='concat'))
     a, b = saved(tmp_path / "a"), saved(tmp_path / "b")
     assert all(torch.equal(a[k], b[k]) for k in a)  # deterministic
 
@@ -307,7 +306,7 @@ def test_output_folder_rules(baseline_folder, tmp_path):
     convert(baseline_folder, out)
     with pytest.raises(ConfigError, match="exists and is not empty"):
         convert(baseline_folder, out)
-    convert(baseline_folder, out, overwrite=True, decoder_layers=1)
+    convert(baseline_folder, out, overwrite=True, split=Split(decoder_layers=1))
     assert load_model_folder(out).config.decoder_layers == 1
     with pytest.raises(ConfigError, match="inside the source"):
         convert(baseline_folder, baseline_folder / "sub")

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from scd.checkpoints import load_reference
+from scd.reference import load_reference
 from scd.sampling import generate
 
 REFERENCE = Path(__file__).parent / "fixtures" / "reference"

@@ -180,7 +180,7 @@ def test_mutated_options_files_give_a_config_or_a_clear_error(data):
     """Official options YAML with a value replaced by an odd one, or random text."""
     import yaml
 
-    from scd.checkpoints import config_from_options
+    from scd.reference import config_from_options
     from scd.errors import SCDError
 
     options = yaml.safe_load((Path(__file__).parent / "fixtures/reference/case0/options.yml").read_text())
