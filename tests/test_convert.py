@@ -237,6 +237,38 @@ def test_baseline_folder_split_keeps_blocks_tensor_for_tensor(baseline_folder, t
     assert generate(loaded.model, context, 1, 2).shape == (1, 1, 3, 4, 4)
 
 
+def test_blocks_chosen_by_index_may_repeat_or_be_skipped(baseline_folder, tmp_path):
+    base = saved(baseline_folder)
+    report = convert(baseline_folder, tmp_path / "picked", split=Split(encoder_blocks="0-3", decoder_blocks="0,4"))
+    out = saved(tmp_path / "picked")
+    assert (report.config.encoder_layers, report.config.decoder_layers) == (4, 2)
+    for half, blocks in (("encoder", (0, 1, 2, 3)), ("decoder", (0, 4))):
+        for i, b in enumerate(blocks):
+            for key in (k for k in base if k.startswith(f"transformer_blocks.{b}.")):
+                assert torch.equal(out[f"{half}.transformer_blocks.{i}.{key.split('.', 2)[2]}"], base[key])
+    dropped = {e.source.split(".")[1] for e in report.entries if e.action == DROPPED}
+    assert dropped == {"5"}  # block 5 went nowhere: reported, not silently lost
+    assert any("decoder blocks 0-1 <- baseline blocks 0, 4" in n for n in report.notes)
+    assert any(e.note == "decoder block 1 <- block 4" for e in report.entries)
+    # give one half, the other is the rest
+    rest = convert(baseline_folder, tmp_path / "rest", split=Split(decoder_blocks=[4, 5]))
+    assert (rest.config.encoder_layers, rest.config.decoder_layers) == (4, 2)
+    for spec, message in (("0-9", "names block 6, but the baseline has blocks 0-5"), ("3-1", "runs backwards"),
+                          ("a-b", "takes block indices and ranges")):
+        with pytest.raises(ConfigError, match=message):
+            convert(baseline_folder, tmp_path / "x", split=Split(encoder_blocks=spec))
+    with pytest.raises(ConfigError, match="encoder_layers 3 contradicts encoder_blocks, which select 4"):
+        convert(baseline_folder, tmp_path / "x", split=Split(encoder_layers=3, encoder_blocks="0-3"))
+    r = runner.invoke(app, ["convert", str(baseline_folder), "--out", str(tmp_path / "cli"), "--encoder-blocks",
+                            "0-4", "--decoder-blocks", "0-1,5", "--action-names", "n,s,w,e", "-q"])
+    assert r.exit_code == 0, r.output
+    config = load_model_folder(tmp_path / "cli").config
+    assert (config.encoder_layers, config.decoder_layers, config.action_names) == (5, 3, ("n", "s", "w", "e"))
+    with pytest.raises(ConfigError, match="3 action names given for a model of 4"):
+        convert(baseline_folder, tmp_path / "x", action_names=("a", "b", "c"))
+    assert not (tmp_path / "x").exists()
+
+
 def test_baseline_split_defaults_and_errors(baseline_folder, tmp_path):
     assert split_layers(12, None, None) == (8, 4)  # the reference's split
     assert split_layers(12, 9, None) == (9, 3) and split_layers(12, None, 2) == (10, 2)
