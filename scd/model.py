@@ -129,6 +129,8 @@ class ModelConfig:
             problems.append(f"context_frames must be an integer >= 0 or null, not {self.context_frames!r}")
         if self.guidance_mode not in GUIDANCE_MODES:
             problems.append(f"guidance_mode must be one of {GUIDANCE_MODES}, not {self.guidance_mode!r}")
+        elif self.guidance_mode == "decoder" and self.arch != "scd":
+            problems.append("guidance_mode decoder noises SCD encoder features: a baseline guides by the null condition")
         if self.condition and self.num_classes < 1:
             problems.append("a conditioned model needs num_classes >= 1")
         if problems:
@@ -137,7 +139,7 @@ class ModelConfig:
     def matched(self) -> "ModelConfig":
         """The counterpart of the same width and total depth: SCD <-> baseline."""
         if self.arch == "scd":
-            return dataclasses.replace(self, arch="baseline", decoder_layers=0)
+            return dataclasses.replace(self, arch="baseline", decoder_layers=0, guidance_mode="null")
         return dataclasses.replace(self, arch="scd", decoder_layers=max(1, self.layers // 3))
 
     def to_dict(self) -> dict:
@@ -346,10 +348,14 @@ class OutputNorm(nn.Module):
         self.linear = None if unconditional else nn.Linear(width, 2 * width)
         self.noise = noise  # training-time feature noise (SCD encoder)
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """`noise` (like x) is added after the norm, before the modulation: decoder guidance's
+        unconditional features (the official `cfg_type: decoder`)."""
         x = F.layer_norm(x, x.shape[-1:], eps=1e-6)
         if self.training and self.noise > 0:
             x = x + self.noise * torch.randn_like(x)
+        if noise is not None:
+            x = x + noise.to(x.dtype)
         if self.linear is None:
             return x
         scale, shift = self.linear(F.silu(emb)).unsqueeze(2).chunk(2, dim=-1)
@@ -426,7 +432,7 @@ class Transformer(nn.Module):
                        capacity, device or weight.device, dtype or weight.dtype)
 
     def encode_frames(self, latents: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor | None,
-                      cache: KVCache | None = None) -> torch.Tensor:
+                      cache: KVCache | None = None, feature_noise: torch.Tensor | None = None) -> torch.Tensor:
         """Run frames causally. latents (B, F, C, H, W); timesteps, labels (B, F). Returns the
         normed hidden states (B, F, T, D). With a cache the frames are appended to it (F = 1 may
         wrap the ring; F > 1 must fit in the free slots) and attend to everything cached before."""
@@ -449,7 +455,7 @@ class Transformer(nn.Module):
             mask = block_causal_mask(f, past, t, latents.device)
             x = self.run_blocks(x, emb, rope, mask, cache, past * t, (past + f) * t)
             cache.frames += f
-        return self.norm_out(x, emb)
+        return self.norm_out(x, emb, feature_noise)
 
 
 class Encoder(Transformer):
@@ -460,12 +466,13 @@ class Encoder(Transformer):
         super().__init__(config, config.encoder_layers, head=False, norm_noise=config.encoder_noise,
                          norm_unconditional=config.encoder_norm_unconditional)
 
-    def forward(self, latents, labels=None, cache=None, timesteps=None) -> torch.Tensor:
+    def forward(self, latents, labels=None, cache=None, timesteps=None, feature_noise=None) -> torch.Tensor:
         """latents (B, F, C, H, W), labels (B, F) -> features (B, F, T, D). timesteps (B, F): -1
-        (clean, the default and what generation uses) or sigma * 1000 of noised context in training."""
+        (clean, the default and what generation uses) or sigma * 1000 of noised context in training.
+        feature_noise (B, F, T, D) is added to the normed features before their modulation."""
         if timesteps is None:
             timesteps = torch.full(latents.shape[:2], -1.0, device=latents.device)
-        return self.encode_frames(latents, timesteps, labels, cache)
+        return self.encode_frames(latents, timesteps, labels, cache, feature_noise)
 
 
 class Decoder(Transformer):
@@ -537,6 +544,8 @@ class StreamState:
     rope: tuple[torch.Tensor, torch.Tensor] | None = None
     condition: torch.Tensor | None = None  # (B,) the denoised frame's action or label
     features: torch.Tensor | None = None  # SCD: encoder features of the previous frame (B, T, D)
+    # SCD, decoder guidance: noise (B, T, D) the next `prepare` adds to the newest frame's normed features
+    feature_noise: torch.Tensor | None = None
 
 
 class StreamingModel:
@@ -619,7 +628,14 @@ class SCDModel(nn.Module, StreamingModel):
             for start in range(0, frames.shape[1], PREFILL_CHUNK):
                 chunk = slice(start, start + PREFILL_CHUNK)
                 labels = None if conditions is None else conditions[:, chunk]
-                state.features = self.encoder(frames[:, chunk], labels, state.cache)[:, -1]
+                noise = None
+                if state.feature_noise is not None and start + PREFILL_CHUNK >= frames.shape[1]:
+                    # the decoder reads the newest frame's features only: that frame gets the noise
+                    noise = state.feature_noise.new_zeros((frames.shape[0], frames[:, chunk].shape[1],
+                                                           *state.feature_noise.shape[1:]))
+                    noise[:, -1] = state.feature_noise
+                state.features = self.encoder(frames[:, chunk], labels, state.cache, feature_noise=noise)[:, -1]
+            state.feature_noise = None
         if state.features is None:
             raise ConfigError("an SCD model needs at least one context frame before it can denoise")
         state.condition = condition

@@ -19,6 +19,10 @@ from scd.flow import add_noise
 from scd.model import KVCache, StreamingModel
 
 
+UNCONDITIONAL = -1.0  # the references' guidance scale for unconditional generation
+MIN_FEATURE_NOISE = 0.05  # decoder guidance noises features at least this much (the official pipeline)
+
+
 def sigma_schedule(steps: int, device=None) -> torch.Tensor:
     """Euler noise levels: linspace(1, 0.001, steps) then a terminal 0, float32 (steps + 1,)."""
     if steps < 1:
@@ -77,8 +81,12 @@ class Rollout:
 
     actions: the context frames' own actions, (B, F) or (F,) indices (None: the null action); the
     action of each new frame is given to `step`. label: a class-conditioned model's class, an index
-    or (B,) indices, for every frame. guidance > 1 batches a null-conditioned pass with the
-    conditioned one. The initial noise of each frame is drawn on the CPU from `seed`, in frame
+    or (B,) indices, for every frame. guidance != 1 batches an unconditional pass with the
+    conditioned one: by the null condition, or, for a model whose `guidance_mode` is "decoder"
+    (the official SCD evaluation), by noising the unconditional half's encoder features (strength
+    max(encoder_noise, 0.05)) with the condition kept. guidance -1 (as in the references) generates
+    unconditionally: the null condition everywhere, no second pass. A model trained to start from
+    pure noise (the baseline) takes a context of 0 frames. The initial noise of each frame is drawn on the CPU from `seed`, in frame
     order, so a seed gives the same frames on any device and a replay with the same actions is
     exact. window keeps the last `window` frames in the KV cache (flat memory); without one the
     cache is sized for `frames` generated frames. clamp bounds each generated frame to [-clamp,
@@ -94,8 +102,6 @@ class Rollout:
             raise ConfigError(f"context must be (B, F, {config.channels}, {config.latent_size[0]}, {config.latent_size[1]}), "
                               f"got {tuple(context.shape)}")
         batch, given = context.shape[:2]
-        if given < 1:
-            raise ConfigError("at least one context frame is needed")
         if window is not None and window < 1:
             raise ConfigError(f"the context window must be >= 1 frame, got {window}")
         if window is None and frames is None:
@@ -107,22 +113,26 @@ class Rollout:
         self.device, self.dtype = weight.device, weight.dtype
         self.batch, self.given, self.index = batch, given, 0
         self.sigmas = sigma_schedule(steps, self.device)
-        self.guidance = float(guidance)
+        self.unconditional = float(guidance) == UNCONDITIONAL
+        self.guidance = 1.0 if self.unconditional else float(guidance)
         self.cfg = self.guidance != 1.0
+        self.decoder_guidance = self.cfg and config.guidance_mode == "decoder"
+        self.feature_noise = max(config.encoder_noise, MIN_FEATURE_NOISE)
         self.limit = None if window else frames
         self.clamp = clamp
         self.generator = torch.Generator().manual_seed(seed)
         self.sync = _sync_for(self.device) if timed else None
         self.timed = timed
         self.label = self._label(label)
-        if self.cfg and config.condition is None:
+        if self.cfg and config.condition is None and not self.decoder_guidance:
             raise ConfigError("guidance needs an action- or class-conditioned model; use guidance 1")
         keep = min(given, window) if window else given
         own = self._context_conditions(actions, given)[:, -keep:] if config.condition else None
         context = context[:, -keep:].to(device=self.device, dtype=self.dtype)
         with torch.inference_mode():
             self.state = model.start(batch * (2 if self.cfg else 1), window or (keep + frames))
-            model.observe(self.state, self._doubled(context), self._guided(own))
+            if keep:
+                model.observe(self.state, self._doubled(context), self._guided(own))
 
     # ----------------------------------------------------------------------------- conditions
 
@@ -178,10 +188,16 @@ class Rollout:
         return action.expand(self.batch)
 
     def _guided(self, conditions: torch.Tensor | None) -> torch.Tensor | None:
-        """[null; conditions] along the batch when guidance is on."""
-        if conditions is None or not self.cfg:
+        """[null; conditions] along the batch when guidance is on ([conditions; conditions] under
+        decoder guidance); the null condition alone when generating unconditionally."""
+        if conditions is None:
+            return None
+        null = torch.full_like(conditions, self.config.null_class)
+        if self.unconditional:
+            return null
+        if not self.cfg:
             return conditions
-        return torch.cat([torch.full_like(conditions, self.config.null_class), conditions])
+        return torch.cat([conditions if self.decoder_guidance else null, conditions])
 
     def _doubled(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([x, x]) if self.cfg else x
@@ -198,10 +214,20 @@ class Rollout:
         elapsed, self._last = (now - self._last) * 1000.0, now
         return elapsed
 
-    def step(self, action=None, noise: torch.Tensor | None = None) -> Frame:
+    def _feature_noise(self, given: torch.Tensor | None) -> torch.Tensor:
+        """Decoder guidance: (2B, T, D) noise for the newest encoder features, the unconditional half's."""
+        shape = (self.batch, self.config.tokens_per_frame, self.config.width)
+        if given is None:
+            given = torch.randn(shape, generator=self.generator)
+        elif tuple(given.shape) != shape:
+            raise ConfigError(f"feature_noise must be {shape}, got {tuple(given.shape)}")
+        given = self.feature_noise * given.to(self.device, torch.float32)
+        return torch.cat([given, torch.zeros_like(given)]).to(self.dtype)
+
+    def step(self, action=None, noise: torch.Tensor | None = None, feature_noise: torch.Tensor | None = None) -> Frame:
         """Generate the next frame, driven by `action` (an index or (B,) indices; None: the null
         action; ignored by models without actions only when None). noise (B, C, H, W) replaces the
-        frame's initial noise."""
+        frame's initial noise; feature_noise (B, T, D), standard normal, the draw of decoder guidance."""
         if self.limit is not None and self.index >= self.limit:
             raise ConfigError(f"this rollout was sized for {self.limit} frames: give it a window to go on")
         condition = self._frame_condition(action)
@@ -210,6 +236,8 @@ class Rollout:
             noise = torch.randn(shape, generator=self.generator)
         elif tuple(noise.shape) != shape:
             raise ConfigError(f"noise must be {shape}, got {tuple(noise.shape)}")
+        if self.decoder_guidance:
+            self.state.feature_noise = self._feature_noise(feature_noise)
         self._last = time.perf_counter()
         # inference mode per call, never around a caller's code between frames
         with torch.inference_mode():
@@ -229,14 +257,15 @@ class Rollout:
 
 def stream(model: StreamingModel, context: torch.Tensor, frames: int, steps: int,
            guidance: float = 1.0, conditions: torch.Tensor | None = None, noise: torch.Tensor | None = None,
-           seed: int = 0, window: int | None = None, clamp: float | None = None, timed: bool = True) -> Iterator[Frame]:
+           seed: int = 0, window: int | None = None, clamp: float | None = None, timed: bool = True,
+           feature_noise: torch.Tensor | None = None) -> Iterator[Frame]:
     """Continue `context` (B, F, C, H, W), in model space, by `frames` frames: a `Rollout` with every
     action known up front.
 
     conditions: actions (B, F + frames) or (F + frames,), `conditions[:, j]` belonging to frame j, or
     labels (B,) (or one int) for a class-conditioned model; None means the null action. noise
-    (B, frames, C, H, W) fixes each frame's initial noise; otherwise it is drawn from `seed`. The
-    rest as `Rollout`.
+    (B, frames, C, H, W) fixes each frame's initial noise, feature_noise (B, frames, T, D) the draws
+    of decoder guidance; otherwise they are drawn from `seed`. The rest as `Rollout`.
     """
     config = model.config
     if frames < 0:
@@ -257,7 +286,8 @@ def stream(model: StreamingModel, context: torch.Tensor, frames: int, steps: int
                       seed, window, frames, clamp, timed)
     for u in range(frames):
         action = None if actions is None else actions[..., given + u]
-        yield rollout.step(action, None if noise is None else noise[:, u])
+        yield rollout.step(action, None if noise is None else noise[:, u],
+                           None if feature_noise is None else feature_noise[:, u])
 
 
 def generate(model, context, frames, steps, **kwargs) -> torch.Tensor:
