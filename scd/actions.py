@@ -74,3 +74,26 @@ def format_actions(actions: list[int], names: tuple[str, ...], num_classes: int)
             return "none"
         return names[index] if index < len(names) else str(index)
     return "".join(f"{name(int(a))}\n" for a in actions)
+
+
+def parse_label(spec: str | int | None, names: tuple[str, ...], num_classes: int,
+                condition: str | None) -> int | None:
+    """A class-conditioned model's class: an index 0..num_classes-1 or one of the model's class
+    names (case-insensitive). Refused for a model that takes no class label."""
+    if spec is None:
+        return None
+    if condition != "label":
+        raise ActionError("label is for class-conditioned models and this one has no classes: drop it" +
+                          (" (it is steered by actions)" if condition == "action" else ""), parameter="label")
+    text = str(spec).strip()
+    if text.isascii() and text.lstrip("-").isdigit():
+        index = int(text)
+        if not 0 <= index < num_classes:
+            raise ActionError(f"label {index} is out of range: this model has classes 0..{num_classes - 1}",
+                              parameter="label")
+        return index
+    lookup = {name.lower(): i for i, name in enumerate(names)}
+    if text.lower() not in lookup:
+        known = f"one of {', '.join(names[:8])}{', ...' if len(names) > 8 else ''}" if names else "an index"
+        raise ActionError(f"unknown label {text!r}: give {known} (0..{num_classes - 1})", parameter="label")
+    return lookup[text.lower()]

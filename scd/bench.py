@@ -405,7 +405,8 @@ def _run(spec: BenchSpec):
     scd_side, base_side, named, warnings = _load_pair(spec, device, dtype)
     # unless swept, the context and steps of the named model, else of the random config (default, preset)
     own = named or scd_side.config
-    contexts = tuple(spec.contexts or (own.context_frames,))
+    # a model that generates from pure noise (context 0) is timed at the default context: SCD needs one frame
+    contexts = tuple(spec.contexts or (own.context_frames or DEFAULT_CONTEXT,))
     steps_list = tuple(spec.steps or (own.default_steps,))
     batches = tuple(spec.batches or ((1, 4) if device.type == "cpu" else (1, 8)))
     combos = list(itertools.product(contexts, steps_list, batches))

@@ -384,18 +384,44 @@ def read_codec(spec: CodecSpec, channels: int) -> tuple[_Codec, dict]:
         weights = source.path
         factor = spec.scaling_factor if spec.scaling_factor is not None else DCAE_SCALING_FACTOR  # FAR's latents
         sha = _hashed(source)
-    autoencoder = build_dcae(config, read_tensors(weights), str(source.text))
+    return _attach(config, weights, source.text, sha, factor, channels, spec.downsample)
+
+
+def _attach(config: dict, weights: Path, origin: str, sha: str, factor: float, channels: int,
+            downsample: int | None) -> tuple[_Codec, dict]:
+    """A DC-AE of `config` holding `weights`, checked against the model; and the `codec` entry."""
+    autoencoder = build_dcae(config, read_tensors(weights), origin)
     latent_channels = autoencoder.config.latent_channels
     if latent_channels != channels:
         raise CheckpointError(f"the DC-AE makes {latent_channels}-channel latents but the model works on {channels} "
                               "channels: attach the autoencoder the model was trained with")
-    if spec.downsample is not None and spec.downsample != dcae_downsample(config):
-        raise ConfigError(f"downsample {spec.downsample} contradicts the DC-AE, which downsamples "
-                          f"{dcae_downsample(config)}x")
+    if downsample is not None and downsample != dcae_downsample(config):
+        raise ConfigError(f"downsample {downsample} contradicts the DC-AE, which downsamples "
+                          f"{dcae_downsample(config)}x", parameter="downsample")
     config = {**config, "_class_name": "AutoencoderDC", "scaling_factor": float(factor)}
     state = {k: v.detach().clone().contiguous() for k, v in autoencoder.state_dict().items()}
-    return _Codec(config, state, source.text, sha), {"type": "dcae", "scaling_factor": float(factor),
-                                                     "downsample": dcae_downsample(config)}
+    return _Codec(config, state, origin, sha), {"type": "dcae", "scaling_factor": float(factor),
+                                                "downsample": dcae_downsample(config)}
+
+
+def _far_codec(read: _Read, entry: reference.FarModel, spec: CodecSpec, channels: int,
+               notes: list[str]) -> tuple[_Codec, dict] | None:
+    """The DC-AE of one of FAR's files, found as `scd generate` finds it (beside the file in FAR's
+    layout, or in the Hub repository it came from); None, with a note, when there is none to find."""
+    from scd import hub
+    from scd.errors import HubError
+
+    hub_ref = hub.parse_hub_ref(read.source.text) if read.source.revision else None
+    if hub_ref is not None:
+        hub_ref = hub.HubRef(hub_ref.repo_id, read.source.revision, hub_ref.path_in_repo)
+    try:
+        files = reference.far_codec_files(entry, read.source.path, hub_ref)
+    except (CheckpointError, HubError) as err:
+        notes.append(f"FAR's DC-AE {entry.dcae} was not attached ({err})")
+        return None
+    sha = reference.hashed(files.weights, files.name)
+    factor = spec.scaling_factor or files.config.get("scaling_factor", reference.FAR_SCALING_FACTOR)
+    return _attach(files.config, files.weights, str(files.weights), sha, factor, channels, spec.downsample)
 
 
 # ----------------------------------------------------------------------------- convert
@@ -574,6 +600,10 @@ def _codec_entry(read: _Read, config: ModelConfig, spec: CodecSpec, notes: list[
     if config.channels == 3:
         return None, {"type": "pixel"}
     entry = reference.far_model(read.source.name)
+    if entry is not None:
+        attached = _far_codec(read, entry, spec, config.channels, notes)
+        if attached is not None:
+            return attached
     default_downsample = reference.FAR_DCAES[entry.dcae].compression if entry else DEFAULT_DOWNSAMPLE
     notes.append(f"the model works on {config.channels}-channel DC-AE latents but no autoencoder is attached: "
                  "convert this folder again with a codec before generating from pixels")

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from scd import video
-from scd.actions import read_sidecar
+from scd.actions import parse_label, read_sidecar
 from scd.checkpoints import LoadedModel
 from scd.devices import dtype_name, resolve_device, resolve_dtype
 from scd.errors import ActionError, ConfigError, VideoError
@@ -49,6 +49,7 @@ class Job:
     guidance: float | None = None
     actions: list[int] | None = None
     prompt_actions: list[int] | None = None
+    label: int | None = None  # a class-conditioned model's class
     seed: int = 0
     batch: int = 1
     window: int | None = None
@@ -102,6 +103,11 @@ def output_paths(out: Path, batch: int) -> list[Path]:
 def _prompt(job: Job, config) -> tuple[np.ndarray, list[int] | None, str]:
     """Prompt frames (F, H, W, 3) uint8, their actions if known, and a description."""
     want = job.context or config.context_frames
+    if config.context_frames == 0:  # trained to start from pure noise, as FAR's UCF-101 generators
+        if job.prompt is not None:
+            raise ConfigError("this model generates from pure noise (it was trained with 0 context frames): "
+                              "drop prompt", parameter="prompt")
+        return np.zeros((0, *config.frame_size, 3), np.uint8), None, "none (generated from pure noise)"
     if job.prompt is None:
         if config.demo != "world" and not job.model.source.startswith("embedded:"):
             raise VideoError("this model has no demo prompt: pass --prompt-frames VIDEO")
@@ -149,13 +155,28 @@ def run(job: Job):
         conditions = torch.tensor(before + after)
     elif job.actions is not None:
         raise ActionError("this model takes no actions: drop --actions")
+    warnings = list(job.model.notes)
+    if job.label is not None:
+        parse_label(job.label, config.action_names, config.num_classes, config.condition)  # checks it
+    if config.condition == "label":
+        conditions = None if job.label is None else torch.tensor([job.label] * job.batch)
+    unsteered = conditions is None or not bool((conditions != config.null_class).any())
+    if config.condition and unsteered and guidance not in (1.0, -1.0):
+        # guidance would compare the null condition with itself: generate unconditionally, as -1 does
+        what = "label" if config.condition == "label" else "actions"
+        warnings.append(f"no {what} given: generating unconditionally (guidance -1 instead of {guidance:g}); "
+                        f"give {what} to steer the model")
+        guidance = -1.0
 
     loaded = job.model.to(device, dtype)
     model, codec = loaded.model, loaded.codec
-    pixels = video.frames_to_tensor(video.fit_frames(prompt, config.frame_size, job.fit))
-    context = loaded.encode(pixels)[None].expand(job.batch, -1, -1, -1, -1)
+    if len(prompt):
+        pixels = video.frames_to_tensor(video.fit_frames(prompt, config.frame_size, job.fit))
+        context = loaded.encode(pixels)[None].expand(job.batch, -1, -1, -1, -1)
+    else:
+        weight = next(model.parameters())
+        context = weight.new_zeros((job.batch, 0, config.channels, *config.latent_size))
     fps = job.fps or config.fps
-    warnings = []
     cached = min(job.window or (len(prompt) + job.frames), len(prompt) + job.frames)
     need = kv_cache_bytes(model, job.batch, cached, guidance, dtype)
     if device.type == "cuda":
@@ -175,7 +196,7 @@ def run(job: Job):
     try:
         yield Started(outputs, str(device), dtype_name(dtype), job.model.source, job.model.revision, job.frames,
                       steps, len(prompt), prompt_source, warnings)
-        if job.include_prompt:
+        if job.include_prompt and len(prompt):
             shown = video.fit_frames(prompt, config.frame_size, job.fit)
             for writer in writers:
                 for frame in shown:

@@ -546,10 +546,14 @@ def build_codec(files: CodecFiles, config: ModelConfig, source: str):
     if channels != config.channels:
         raise CheckpointError(f"the DC-AE {files.name} makes {channels}-channel latents but {source} works on "
                               f"{config.channels} channels: give the autoencoder the model was trained with")
-    if (want is not None and compression != want) or (known is not None and known.resolution != config.frame_size[0]):
-        made = f"{known.resolution} px frames" if known is not None else f"{compression}x compression"
-        raise CheckpointError(f"the DC-AE {files.name} is made for {made} but {source} works on "
-                              f"{config.frame_size[0]} px frames ({want}x): give the autoencoder of that resolution")
+    frame = config.frame_size[0]
+    if want is not None and compression != want:
+        raise CheckpointError(f"the DC-AE {files.name} compresses {compression}x but {source} works on {frame} px "
+                              f"frames as {config.latent_size[0]} px latents ({want}x): give the autoencoder of that "
+                              "resolution")
+    if known is not None and known.resolution != frame:
+        raise CheckpointError(f"the DC-AE {files.name} is FAR's for {known.resolution} px frames but {source} works on "
+                              f"{frame} px frames: give the autoencoder of that resolution")
     autoencoder = build_dcae(files.config, read_tensors(files.weights), files.name)
     return DCAECodec(autoencoder, config.codec.scaling_factor or FAR_SCALING_FACTOR, compression)
 

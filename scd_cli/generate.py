@@ -11,7 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from scd import generate as job_lib
-from scd.actions import parse_actions
+from scd.actions import parse_actions, parse_label
 from scd.checkpoints import load_model
 from scd_cli.common import console, err_console, handles_errors, is_interactive, say, state
 
@@ -51,7 +51,8 @@ def generate(
     options: Optional[Path] = typer.Option(None, "--options", help="Options file of an official SCD / FAR checkpoint."),
     frames: int = typer.Option(16, "--frames", "-n", help="Frames to generate."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Denoising steps per frame (default: the model's)."),
-    guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance scale by the null action (1 = off)."),
+    guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance scale (1 = off, -1 = unconditional; default: the model's)."),
+    label: Optional[str] = typer.Option(None, "--label", help="Class of a class-conditioned model (FAR's UCF-101 Cond models): an index or one of the model's class names."),
     actions: Optional[str] = typer.Option(None, "--actions", help="One action per generated frame: a comma list (names or indices) or a file."),
     prompt_actions: Optional[str] = typer.Option(None, "--prompt-actions", help="Actions of the prompt frames (default: PROMPT.actions.txt beside the prompt, else none)."),
     context: Optional[int] = typer.Option(None, "--context", help="Keep the last N prompt frames (default: the model's context length)."),
@@ -77,6 +78,7 @@ def generate(
         model=loaded, out=out, prompt=prompt_frames, frames=frames, steps=steps, guidance=guidance,
         actions=parse_actions(actions, config.action_names, config.num_classes),
         prompt_actions=parse_actions(prompt_actions, config.action_names, config.num_classes),
+        label=parse_label(label, config.action_names, config.num_classes, config.condition),
         seed=seed, batch=batch, window=context_window, context=context, fit=fit, fps=fps,
         include_prompt=include_prompt, upscale=upscale, upscale_mode=upscale_mode, frames_dir=frames_dir,
         report=report, device=device, dtype=dtype)
