@@ -164,7 +164,7 @@ def split_layers(depth: int, encoder_layers: int | None, decoder_layers: int | N
     if encoder_layers < 1 or decoder_layers < 1 or encoder_layers + decoder_layers != depth:
         raise ConfigError(f"encoder_layers {encoder_layers} and decoder_layers {decoder_layers} must each be at least 1 "
                           f"and add up to the baseline's {depth} blocks (to use fewer, repeat or skip blocks, choose "
-                          "them by index: encoder_blocks, decoder_blocks)")
+                          "them by index: encoder_blocks, decoder_blocks)", parameter="encoder_layers")
     return encoder_layers, decoder_layers
 
 
@@ -175,18 +175,18 @@ def parse_blocks(spec, depth: int, name: str) -> tuple[int, ...]:
         for part in filter(None, (p.strip() for p in spec.split(","))):
             match = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
             if match is None:
-                raise ConfigError(f"{name} takes block indices and ranges like 0-4,25-29, not {spec!r}")
+                raise ConfigError(f"{name} takes block indices and ranges like 0-4,25-29, not {spec!r}", parameter=name)
             first, last = int(match[1]), int(match[2] or match[1])
             if last < first:
-                raise ConfigError(f"{name}: the range {part} runs backwards")
+                raise ConfigError(f"{name}: the range {part} runs backwards", parameter=name)
             blocks += range(first, last + 1)
     else:
         blocks = [int(b) for b in spec]
     if not blocks:
-        raise ConfigError(f"{name} selects no block")
+        raise ConfigError(f"{name} selects no block", parameter=name)
     wrong = [b for b in blocks if not 0 <= b < depth]
     if wrong:
-        raise ConfigError(f"{name} names block {wrong[0]}, but the baseline has blocks 0-{depth - 1}")
+        raise ConfigError(f"{name} names block {wrong[0]}, but the baseline has blocks 0-{depth - 1}", parameter=name)
     return tuple(blocks)
 
 
@@ -297,9 +297,10 @@ def split_baseline(tensors: dict[str, torch.Tensor], base: ModelConfig,
     them; blocks selected for neither half are reported dropped."""
     combine, norm = split.decoder_combine or "token_concat", split.encoder_norm or DEFAULT_ENCODER_NORM
     if combine not in DECODER_COMBINES:
-        raise ConfigError(f"decoder_combine must be one of {', '.join(DECODER_COMBINES)}, not {combine!r}")
+        raise ConfigError(f"decoder_combine must be one of {', '.join(DECODER_COMBINES)}, not {combine!r}",
+                          parameter="decoder_combine")
     if norm not in ENCODER_NORMS:
-        raise ConfigError(f"encoder_norm must be identity or copy, not {norm!r}")
+        raise ConfigError(f"encoder_norm must be identity or copy, not {norm!r}", parameter="encoder_norm")
     enc, dec = block_plan(split, base.layers)
     config = dataclasses.replace(base, arch="scd", layers=len(enc) + len(dec), decoder_layers=len(dec),
                                  decoder_combine=combine, encoder_norm_unconditional=False,
@@ -489,7 +490,7 @@ def convert(source: str | Path, out: str | Path, *, options: str | Path | None =
     input is not understood.
     """
     if to not in ("scd", "baseline"):
-        raise ConfigError(f"to must be scd or baseline, not {to!r}")
+        raise ConfigError(f"to must be scd or baseline, not {to!r}", parameter="to")
     out = Path(out).expanduser()
     read = _read(resolve(source))
     notes: list[str] = []
@@ -619,8 +620,8 @@ def _finish_config(read: _Read, config: ModelConfig, codec_entry: dict, fps, act
         frame_size = tuple(s * codec_entry["downsample"] for s in config.latent_size)
     names = config.action_names if action_names is None else tuple(str(n) for n in action_names)
     if action_names is not None and len(names) != config.num_classes:
-        raise ConfigError(f"{len(names)} action names given for a model of {config.num_classes} "
-                          f"{config.condition or 'condition'} classes: give one name per class")
+        raise ConfigError(f"action_names: {len(names)} given for a model of {config.num_classes} "
+                          f"{config.condition or 'condition'} classes: give one name per class", parameter="action_names")
     return dataclasses.replace(config, codec=codec_entry, frame_size=frame_size, action_names=names,
                                fps=config.fps if fps is None else fps)
 

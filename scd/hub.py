@@ -252,8 +252,8 @@ def fetch_model_folder(ref: HubRef, allow_patterns=MODEL_FILES) -> tuple[Path, s
             raise HubError(f"{ref} is not in the local cache and HF_HUB_OFFLINE is set (or there is no network): "
                            f"run `scd download {ref}` on a machine with network access first")
         where = f"{ref.repo_id}@{snapshot.name[:12]}" + (f" under {ref.path_in_repo}" if prefix else "")
-        raise HubError(f"{where} has no config.json, so it is not an scd model folder: check the repo id, "
-                       "the revision and the path")
+        raise HubError(f"{where} has no config.json, so it is not an scd model folder: check the repo id, the "
+                       f"revision and the path; a checkpoint file in it is written {ref.repo_id}:path/to/file.pth")
     return folder, snapshot.name
 
 

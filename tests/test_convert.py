@@ -264,7 +264,7 @@ def test_blocks_chosen_by_index_may_repeat_or_be_skipped(baseline_folder, tmp_pa
     assert r.exit_code == 0, r.output
     config = load_model_folder(tmp_path / "cli").config
     assert (config.encoder_layers, config.decoder_layers, config.action_names) == (5, 3, ("n", "s", "w", "e"))
-    with pytest.raises(ConfigError, match="3 action names given for a model of 4"):
+    with pytest.raises(ConfigError, match="action_names: 3 given for a model of 4"):
         convert(baseline_folder, tmp_path / "x", action_names=("a", "b", "c"))
     assert not (tmp_path / "x").exists()
 

@@ -17,7 +17,7 @@ from conftest import random_model, tiny_config
 from hub_server import HubServer
 from scd.checkpoints import load_model
 from scd.convert import convert
-from scd.errors import ActionError, CheckpointError
+from scd.errors import ActionError, CheckpointError, HubError
 from scd.reference import FAR_DCAES, FAR_MODELS, dcae_config, published_stem
 from scd.video import read_video, write_video
 from scd_cli.app import app
@@ -133,6 +133,8 @@ def test_generate_runs_a_far_file_from_the_hub_then_offline(hub, far_repo, tmp_p
 
 def test_far_file_settings_come_from_the_table(hub, far_repo):
     server, env, commit = hub
+    with pytest.raises(HubError, match="a checkpoint file in it is written guyuchao/FAR_Models:path/to/file.pth"):
+        load_model("guyuchao/FAR_Models")
     loaded = load_model(f"guyuchao/FAR_Models:{path_of(far_repo, UCF_COND)}")
     c = loaded.config
     assert (c.arch, c.condition, c.num_classes, c.context_frames, c.default_guidance) == ("baseline", "label", 101, 0, 2.0)
@@ -221,3 +223,17 @@ def test_no_label_means_unconditional_with_a_warning(far_repo, tmp_path):
     with pytest.raises(ActionError):
         from scd.actions import parse_label
         parse_label("dog", (), 101, "label")
+
+
+def test_an_options_file_with_a_vae_runs_in_pixels(tmp_path):
+    """FAR's options with a vae section: prompt pixels go through the DC-AE and out again; the
+    options' context length and guidance are the defaults."""
+    folder = REFERENCE / "fardcae1"
+    prompt = tmp_path / "prompt.mp4"
+    write_video(prompt, np.random.default_rng(1).integers(0, 255, (4, 64, 64, 3), dtype=np.uint8), fps=8)
+    out = tmp_path / "out.mp4"
+    r = runner.invoke(app, ["generate", "--model", str(folder / "far.pth"), "--options", str(folder / "options.yml"),
+                            "--prompt-frames", str(prompt), "--frames", "2", "--out", str(out), "--include-prompt",
+                            "-q"])
+    assert r.exit_code == 0, r.output
+    assert read_video(out).frames.shape == (2 + 2, 64, 64, 3)  # the options' context: the last 2 prompt frames
