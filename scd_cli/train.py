@@ -12,8 +12,6 @@ import typer
 from scd import train as training
 from scd.cards import training_card
 from scd.checkpoints import load_model
-from scd.errors import ConfigError
-from scd.model import ModelConfig
 from scd_cli.common import console, handles_errors, is_interactive, say, state
 
 
