@@ -161,7 +161,7 @@ def run(job: Job):
     if config.condition == "label":
         conditions = None if job.label is None else torch.tensor([job.label] * job.batch)
     unsteered = conditions is None or not bool((conditions != config.null_class).any())
-    if config.condition and unsteered and guidance not in (1.0, -1.0):
+    if config.condition and config.guidance_mode == "null" and unsteered and guidance not in (1.0, -1.0):
         # guidance would compare the null condition with itself: generate unconditionally, as -1 does
         what = "label" if config.condition == "label" else "actions"
         warnings.append(f"no {what} given: generating unconditionally (guidance -1 instead of {guidance:g}); "

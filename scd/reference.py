@@ -495,6 +495,18 @@ def _dcae_config_for(weights: Path, stem: str) -> dict:
     return dcae_config(FAR_DCAES[stem].compression)
 
 
+class NoCodec:
+    """The codec of a latent model whose autoencoder is unknown: any use says what to add."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+    def _refuse(self, *args, **kwargs):
+        raise CheckpointError(self.message)
+
+    encode = decode = to = _refuse
+
+
 def far_codec_files(entry: FarModel, weights: Path, hub_ref=None) -> CodecFiles:
     """The DC-AE of a FAR transformer: beside the local file (FAR's layout), else from the Hub repo the
     transformer came from (at the same commit), else from FAR's repository."""
@@ -593,9 +605,9 @@ def load_reference(weights: Path, options: Path | None = None, latent_size=None,
         elif config.channels == 3:
             files, config = None, dataclasses.replace(config, frame_size=config.latent_size)
         else:
-            files = None
-            notes.append(f"{options} has no vae section: the model works on {config.channels}-channel latents and "
-                         "cannot take or give pixels without its DC-AE")
+            files = NoCodec(f"{options} has no vae section and the model works on {config.channels}-channel latents: "
+                            "add the section (type MyAutoencoderDC, from_config, from_config_pretrained) so frames "
+                            "can go through its DC-AE")
     elif entry is not None:
         config = infer_far_config(tensors, source, SizeHints(latent_size=latent_size or (entry.latent_size,) * 2))
         if (config.condition, config.num_classes) != (entry.condition, entry.num_classes):
@@ -608,5 +620,5 @@ def load_reference(weights: Path, options: Path | None = None, latent_size=None,
         raise CheckpointError(f"{name} is a bare checkpoint and not one of FAR's {len(FAR_MODELS)} published files "
                               "(known by name): give its options file")
     model = model_from_tensors(config, tensors, source)
-    codec = build_codec(files, config, name) if files is not None else None
+    codec = build_codec(files, config, name) if isinstance(files, CodecFiles) else files
     return LoadedModel(model.eval(), config, source, _codec=codec, notes=notes)

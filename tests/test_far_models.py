@@ -237,3 +237,13 @@ def test_an_options_file_with_a_vae_runs_in_pixels(tmp_path):
                             "-q"])
     assert r.exit_code == 0, r.output
     assert read_video(out).frames.shape == (2 + 2, 64, 64, 3)  # the options' context: the last 2 prompt frames
+
+
+def test_an_options_file_without_a_vae_says_what_to_add(tmp_path):
+    folder = REFERENCE / "far0"  # 4-channel latents, no vae section
+    prompt = tmp_path / "prompt.mp4"
+    write_video(prompt, np.zeros((2, 16, 16, 3), np.uint8), fps=8)
+    r = runner.invoke(app, ["generate", "--model", str(folder / "far.pth"), "--options", str(folder / "options.yml"),
+                            "--frames", "1", "--out", str(tmp_path / "x.mp4"), "--prompt-frames", str(prompt)])
+    assert r.exit_code == 2 and "has no vae section and the model works on 4-channel latents" in r.output, r.output
+    assert r.output.strip().count("\n") == 0
