@@ -166,6 +166,13 @@ def test_a_local_copy_in_fars_layout_runs_with_a_prompt(far_repo, tmp_path):
     assert r.exit_code == 0, r.output
     assert read_video(out).frames.shape == (2, 64, 64, 3)
 
+    generator = tmp_path / "FAR_Models" / path_of(far_repo, UCF_COND)  # context 0: benched at the default context
+    r = runner.invoke(app, ["bench", "--model", str(generator), "--frames", "2", "--reps", "1", "--warmup", "0",
+                            "--steps", "1", "--matmul-size", "128", "--quiet", "--json", str(tmp_path / "bench.json")])
+    assert r.exit_code == 0, r.output
+    bench = json.loads((tmp_path / "bench.json").read_text())
+    assert bench["settings"]["contexts"][0] > 0
+
 
 @pytest.mark.parametrize("case,message", [
     ("renamed", "is named for sha256 00000000... but its content hashes to"),
@@ -247,3 +254,23 @@ def test_an_options_file_without_a_vae_says_what_to_add(tmp_path):
                             "--frames", "1", "--out", str(tmp_path / "x.mp4"), "--prompt-frames", str(prompt)])
     assert r.exit_code == 2 and "has no vae section and the model works on 4-channel latents" in r.output, r.output
     assert r.output.strip().count("\n") == 0
+
+
+def test_labels_by_index_or_name_and_guidance_minus_one_is_unconditional():
+    from scd.actions import parse_label
+    from scd.reference import load_reference
+    from scd.sampling import generate
+
+    names = ("ApplyEyeMakeup", "Archery", "Basketball")
+    assert parse_label("archery", names, 3, "label") == 1 and parse_label(2, names, 3, "label") == 2
+    with pytest.raises(ActionError, match="unknown label 'dog': give one of ApplyEyeMakeup, Archery"):
+        parse_label("dog", names, 3, "label")
+    # guidance -1 (the references' unconditional): the null label everywhere, one pass
+    folder = REFERENCE / "farlabel1"
+    model = load_reference(folder / "far.pth", folder / "options.yml").model
+    context, noise = torch.randn(2, 2, 8, 4, 4), torch.randn(2, 2, 8, 4, 4)
+    labels = torch.tensor([1, 3])
+    uncond = generate(model, context, 2, 2, guidance=-1.0, conditions=labels, noise=noise)
+    null = generate(model, context, 2, 2, guidance=1.0, conditions=torch.full((2,), 5), noise=noise)
+    cond = generate(model, context, 2, 2, guidance=1.0, conditions=labels, noise=noise)
+    assert torch.equal(uncond, null) and not torch.allclose(uncond, cond)
