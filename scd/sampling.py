@@ -86,12 +86,12 @@ class Rollout:
     (the official SCD evaluation), by noising the unconditional half's encoder features (strength
     max(encoder_noise, 0.05)) with the condition kept. guidance -1 (as in the references) generates
     unconditionally: the null condition everywhere, no second pass. A model trained to start from
-    pure noise (the baseline) takes a context of 0 frames. The initial noise of each frame is drawn on the CPU from `seed`, in frame
-    order, so a seed gives the same frames on any device and a replay with the same actions is
-    exact. window keeps the last `window` frames in the KV cache (flat memory); without one the
-    cache is sized for `frames` generated frames. clamp bounds each generated frame to [-clamp,
-    clamp] before it is returned and fed back (pixel models: 1). timed=False skips the device
-    synchronisation that timing needs; the frame times are then 0.
+    pure noise (the baseline) takes a context of 0 frames. The initial noise of each frame is drawn
+    on the CPU from `seed`, in frame order, so a seed gives the same frames on any device and a
+    replay with the same actions is exact. window keeps the last `window` frames in the KV cache
+    (flat memory); without one the cache is sized for `frames` generated frames. clamp bounds each
+    generated frame to [-clamp, clamp] before it is returned and fed back (pixel models: 1).
+    timed=False skips the device synchronisation that timing needs; the frame times are then 0.
     """
 
     def __init__(self, model: StreamingModel, context: torch.Tensor, steps: int, guidance: float = 1.0,
@@ -300,7 +300,7 @@ def generate(model, context, frames, steps, **kwargs) -> torch.Tensor:
 
 def kv_cache_bytes(model: StreamingModel, batch: int, frames: int, guidance: float = 1.0, dtype=None) -> int:
     """Bytes the KV cache will take for `frames` cached frames (for memory warnings)."""
-    b = batch * (2 if guidance != 1.0 else 1)
+    b = batch * (2 if guidance not in (1.0, UNCONDITIONAL) else 1)
     return model.cache_bytes(b, frames, dtype or next(model.parameters()).dtype)
 
 
