@@ -274,3 +274,21 @@ def test_labels_by_index_or_name_and_guidance_minus_one_is_unconditional():
     null = generate(model, context, 2, 2, guidance=1.0, conditions=torch.full((2,), 5), noise=noise)
     cond = generate(model, context, 2, 2, guidance=1.0, conditions=labels, noise=noise)
     assert torch.equal(uncond, null) and not torch.allclose(uncond, cond)
+
+
+def test_official_options_run_decoder_guidance_from_the_cli(tmp_path):
+    """An official SCD checkpoint whose options evaluate with `cfg_type: decoder` (pixel space, 8 px):
+    scd generate uses that mode and guidance by default, with no actions needed, and the frames
+    depend on the seed's feature noise."""
+    folder = REFERENCE / "casecfgdec1"
+    prompt = tmp_path / "prompt.mp4"
+    write_video(prompt, np.random.default_rng(2).integers(0, 255, (3, 8, 8, 3), dtype=np.uint8), fps=8)
+    outs = []
+    for guidance in ("1.5", "1"):
+        out = tmp_path / f"g{guidance}.mp4"
+        r = runner.invoke(app, ["generate", "--model", str(folder / "ema.pth"), "--options", str(folder / "options.yml"),
+                                "--prompt-frames", str(prompt), "--frames", "2", "--out", str(out), "--guidance", guidance])
+        assert r.exit_code == 0, r.output
+        assert "generating unconditionally" not in r.output
+        outs.append(read_video(out).frames)
+    assert outs[0].shape == (2, 8, 8, 3) and not np.array_equal(outs[0], outs[1])
