@@ -172,6 +172,9 @@ def test_a_local_copy_in_fars_layout_runs_with_a_prompt(far_repo, tmp_path):
     assert r.exit_code == 0, r.output
     bench = json.loads((tmp_path / "bench.json").read_text())
     assert bench["settings"]["contexts"][0] > 0
+    r = runner.invoke(app, ["info", str(generator)])
+    assert r.exit_code == 0, r.output
+    assert "label (101 + null)" in r.output and "128 x 128" in r.output
 
 
 @pytest.mark.parametrize("case,message", [
