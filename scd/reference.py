@@ -476,7 +476,8 @@ def _from_hub(repo_id: str, revision: str | None, stem: str, needed_by: str) -> 
     from scd import hub  # deferred: huggingface_hub is only needed for Hub references
 
     folder, commit = hub.fetch_model_folder(hub.HubRef(repo_id, revision), allow_patterns=(f"dcae/{stem}*",))
-    found = sorted(p for p in (folder / "dcae").glob(f"{stem}*") if p.suffix in WEIGHT_SUFFIXES)
+    found = sorted(p for p in (folder / "dcae").glob(f"{stem}*")
+                   if p.suffix in WEIGHT_SUFFIXES and published_stem(p.name) == stem)
     if not found:
         raise CheckpointError(f"{repo_id}@{commit[:12]} has no dcae/{stem}-*.pth, the autoencoder {needed_by} "
                               "needs: put it in a dcae/ folder beside the model's folder, or give an options file "
