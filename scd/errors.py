@@ -41,3 +41,7 @@ class DeviceError(SCDError):
 
 class DataError(SCDError):
     """Training or evaluation data that cannot be used."""
+
+
+class ServerError(SCDError):
+    """A local server that cannot start: a port in use, an address that cannot be listened on."""

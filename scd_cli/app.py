@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 
 import scd
-from scd_cli import bench, common, convert, evaluate, generate, info, train
+from scd_cli import bench, common, convert, evaluate, generate, info, play, train
 
 app = typer.Typer(name="scd", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Streaming video generation with Separable Causal Diffusion.")
@@ -27,7 +27,7 @@ def main_options(
     common.state["debug"] = debug
 
 
-for module in (info, generate, bench, train, evaluate, convert):
+for module in (info, generate, play, bench, train, evaluate, convert):
     module.register(app)
 
 

@@ -1,0 +1,69 @@
+"""`scd play`: drive a world model live from the keyboard, in the browser."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+import webbrowser
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from scd.errors import SCDError
+from scd_cli.common import console, err_console, fail, handles_errors, state
+
+
+def _can_open_browser() -> bool:
+    """A graphical browser is likely: never start a text browser inside this terminal."""
+    if sys.platform in ("darwin", "win32"):
+        return True
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+
+
+@handles_errors
+def play(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model folder or Hub repo id[@revision]. Default: the embedded SCD model."),
+    port: int = typer.Option(8765, "--port", help="Port of the page (0: any free port)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on. Anything but a loopback address lets other machines watch and drive the model."),
+    no_browser: bool = typer.Option(False, "--no-browser", help="Print the URL but do not open a browser."),
+    compare: Optional[bool] = typer.Option(None, "--compare/--no-compare", help="Run the matched baseline beside the model, driven by the same keys (default: on when the model has one: the embedded pair)."),
+    prompt_frames: Optional[Path] = typer.Option(None, "--prompt-frames", "-p", help="Prompt video or image folder. Default: a clip of the synthetic world chosen by --seed."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the noise (and of the world clip that is the default prompt)."),
+    record: Optional[Path] = typer.Option(None, "--record", help="Record the first panel to this MP4, with PATH.actions.txt and PATH.json; `scd generate` replays it."),
+    threads: int = typer.Option(1, "--threads", help="CPU threads per panel."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+):
+    """Play a world model live in the browser: arrows or WASD choose each next frame's action."""
+    from scd.play_server import open_play  # aiohttp and the page load only for this command
+
+    server, warnings = open_play(model, host=host, port=port, compare=compare, prompt=prompt_frames, seed=seed,
+                                 record=record, threads=threads, device=device)
+    for warning in warnings + server.warnings:
+        err_console.print(f"[yellow]warning:[/] {warning}")
+    url = server.start()
+    try:
+        names = " vs ".join(p.loaded.source for p in server.session.panels)
+        console.print(f"[bold]scd play[/] {names} at [link={url}]{url}[/link]  (Ctrl-C to stop)", soft_wrap=True)
+        if not no_browser and _can_open_browser():
+            webbrowser.open(url)
+        if server.wait() and server.session.error is None:
+            console.print("the page was closed: stopping")
+    except KeyboardInterrupt:
+        err_console.print("stopping")
+    finally:
+        recordings = server.stop()
+    for rec in recordings:
+        console.print(f"recorded {rec.frames} frames to {rec.video} (+ {rec.actions.name}, {rec.meta.name}); "
+                      f"replay: {shlex.join(rec.replay)}", soft_wrap=True)
+    err = server.session.error
+    if err is not None:
+        if state["debug"]:
+            raise err
+        message = str(err) if isinstance(err, SCDError) else f"{type(err).__name__}: {err}"
+        raise fail(f"play stopped: {message}", code=2 if isinstance(err, SCDError) else 1)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(play)
