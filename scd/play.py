@@ -25,8 +25,8 @@ import torch
 from PIL import Image
 
 from scd import video
+from scd.actions import format_actions
 from scd.checkpoints import LoadedModel
-from scd.codecs import load_codec
 from scd.devices import resolve_device
 from scd.errors import ConfigError, SCDError
 from scd.sampling import Rollout
@@ -157,12 +157,6 @@ def prompt_frames(loaded: LoadedModel, prompt: Path | None, seed: int) -> tuple[
     return frames, actions
 
 
-def action_name(config, action: int | None) -> str:
-    if action is None or action == config.null_class or not config.action_names:
-        return "none" if action is None or action == config.null_class else str(action)
-    return config.action_names[action]
-
-
 def replay_command(loaded: LoadedModel, prompt: Path | None, seed: int, steps: int, window: int | None,
                    actions: Path, frames: int, out: str) -> list[str]:
     """The `scd generate` arguments that regenerate a recording."""
@@ -201,7 +195,8 @@ class Recorder:
     def add(self, pixels: np.ndarray, action: int | None) -> None:
         self.writer.write(pixels)
         try:
-            self.actions.write(action_name(self.loaded.config, action) + "\n")
+            c = self.loaded.config
+            self.actions.write(format_actions([c.null_class if action is None else action], c.action_names, c.num_classes))
         except OSError as err:
             raise video.VideoError(f"cannot write {self.actions_path}: {err.strerror or err}") from None
         if self.frames_dir is not None:
@@ -251,7 +246,7 @@ class Panel:
         self.index, self.loaded, self.session = index, loaded, session
         self.config = loaded.config
         self.device = session.device
-        self.codec = load_codec(self.config.codec, loaded.folder).to(self.device)
+        self.codec = loaded.codec.to(self.device)
         self.model = loaded.model.to(self.device).eval()
         self.steps = self.config.default_steps
         self.window = self.config.context_frames or DEFAULT_WINDOW
@@ -300,7 +295,7 @@ class Panel:
                     rollout = self._rollout(seed)
                     if self.index == 0 and session.record is not None:
                         recorder = Recorder(episode_path(session.record, episode), self.loaded, session.prompt, seed,
-                                            self.steps, self.window, session.record_frames)
+                                            self.steps, self.window, session.frames_dir(episode))
                     stats.clear()
                     due = None
                 if controls.paused:
@@ -338,7 +333,9 @@ class Panel:
 class Session:
     """A live play: one panel per model (the first is recorded, drives the seed and the prompt),
     the player's controls, and callbacks for each frame (`on_frame(PanelFrame)`) and for a failure
-    (`on_error(Exception)`); callbacks run on the panels' threads and must not block.
+    (`on_error(Exception)`); callbacks run on the panels' threads and must not block. `record`
+    records the first panel (MP4, actions, JSON; `record_frames` also keeps its frames as PNGs);
+    `paused` starts with the panels waiting for `pause(False)`.
 
     Raises ConfigError for a bad seed or thread count, CheckpointError/VideoError while building the
     panels (a prompt that cannot be read, a recording that cannot be written)."""
@@ -346,17 +343,19 @@ class Session:
     def __init__(self, models: list[LoadedModel], prompt: Path | None = None, seed: int = 0, threads: int = 1,
                  device: str = "auto", record: Path | None = None, paced: bool = True,
                  on_frame: Callable[[PanelFrame], None] | None = None,
-                 on_error: Callable[[BaseException], None] | None = None, record_frames: Path | None = None):
+                 on_error: Callable[[BaseException], None] | None = None, record_frames: Path | None = None,
+                 paused: bool = False):
         if not models:
             raise ConfigError("play needs at least one model")
         if not 0 <= seed <= MAX_SEED:
-            raise ConfigError(f"seed must be between 0 and {MAX_SEED}, got {seed}")
+            raise ConfigError(f"seed must be between 0 and {MAX_SEED}, got {seed}", parameter="seed")
         if threads < 1 or threads > 256:
-            raise ConfigError(f"threads must be between 1 and 256, got {threads}")
+            raise ConfigError(f"threads must be between 1 and 256, got {threads}", parameter="threads")
         self.prompt = None if prompt is None else Path(prompt)
         self.threads, self.record, self.record_frames = threads, record, record_frames
         self.device = resolve_device(device)
         self.controls = Controls(len(models), seed, paced)
+        self.controls.paused = paused
         self.on_frame, self.on_error = on_frame, on_error
         self.recordings: list[Recording] = []
         self._lock = threading.Lock()
@@ -366,7 +365,8 @@ class Session:
         if record is not None:
             folder = Path(record).parent
             if not folder.is_dir():
-                raise video.VideoError(f"cannot record to {record}: the folder {folder} does not exist; create it first")
+                raise video.VideoError(f"cannot record to {record}: the folder {folder} does not exist; create it first",
+                                       parameter="record")
 
     # the player
     def press(self, action: int) -> None:
@@ -418,6 +418,10 @@ class Session:
             if panel.thread.is_alive():
                 panel.thread.join(timeout)
         return list(self.recordings)
+
+    def frames_dir(self, episode: int) -> Path | None:
+        """Where the recording's frames also go as PNGs, if asked for (`record_frames/episode-N`)."""
+        return None if self.record_frames is None else Path(self.record_frames) / f"episode-{episode}"
 
     @property
     def error(self) -> BaseException | None:

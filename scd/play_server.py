@@ -88,7 +88,7 @@ class PlayServer:
 
     def __init__(self, session: Session, host: str = "127.0.0.1", port: int = 8765, linger_s: float = LINGER_S):
         if not 0 <= port <= 65535:
-            raise ServerError(f"port must be between 0 and 65535, got {port}")
+            raise ServerError(f"port must be between 0 and 65535, got {port}", parameter="port")
         self.session, self.host, self.port, self.linger_s = session, host, port, linger_s
         self.loopback = is_loopback(host)
         self.url: str | None = None
@@ -187,11 +187,13 @@ class PlayServer:
             await self._runner.cleanup()
             if err.errno == errno.EADDRINUSE:
                 raise ServerError(f"port {self.port} on {self.host} is already in use: choose another port "
-                                  "(0 picks a free one)") from None
+                                  "(0 picks a free one)", parameter="port") from None
             if isinstance(err, socket.gaierror) or err.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
-                raise ServerError(f"cannot listen on host {self.host!r}: it is not an address of this machine") from None
+                raise ServerError(f"cannot listen on host {self.host!r}: it is not an address of this machine",
+                                  parameter="host") from None
             if err.errno == errno.EACCES:
-                raise ServerError(f"no permission to listen on port {self.port}: choose a port above 1023") from None
+                raise ServerError(f"no permission to listen on port {self.port}: choose a port above 1023",
+                                  parameter="port") from None
             raise ServerError(f"cannot listen on {self.host}:{self.port}: {err.strerror or err}") from None
         self.port = self._runner.addresses[0][1]  # the real port when port 0 was asked for
         shown = "127.0.0.1" if self.host in ("0.0.0.0", "") else ("[::1]" if self.host == "::" else self.host)
@@ -332,7 +334,8 @@ def open_play(model: str | None = None, host: str = "127.0.0.1", port: int = 876
     loaded = load_model(model)
     baseline = matched_baseline(loaded) if compare is not False else None
     if compare and baseline is None:
-        raise ConfigError(f"{loaded.source} has no matched baseline to compare with: turn compare off")
+        raise ConfigError(f"{loaded.source} has no matched baseline to compare with: turn compare off",
+                          parameter="compare")
     warnings = []
     if loaded.config.condition != "action":
         warnings.append(f"{loaded.source} takes no actions: the keys do nothing, frames roll forward with the "

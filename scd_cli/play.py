@@ -12,7 +12,7 @@ from typing import Optional
 import typer
 
 from scd.errors import SCDError
-from scd_cli.common import console, err_console, fail, handles_errors, state
+from scd_cli.common import console, err_console, fail, handles_errors, in_cli_words, state
 
 
 def _can_open_browser() -> bool:
@@ -61,7 +61,7 @@ def play(
     if err is not None:
         if state["debug"]:
             raise err
-        message = str(err) if isinstance(err, SCDError) else f"{type(err).__name__}: {err}"
+        message = in_cli_words(err) if isinstance(err, SCDError) else f"{type(err).__name__}: {err}"
         raise fail(f"play stopped: {message}", code=2 if isinstance(err, SCDError) else 1)
 
 
