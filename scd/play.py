@@ -248,7 +248,7 @@ class Panel:
         self.device = session.device
         self.codec = loaded.codec.to(self.device)
         self.model = loaded.model.to(self.device).eval()
-        self.steps = self.config.default_steps
+        self.steps = session.steps or self.config.default_steps
         self.window = self.config.context_frames or DEFAULT_WINDOW
         self.frames = 0  # generated in this session, all episodes
         self.error: BaseException | None = None
@@ -335,12 +335,14 @@ class Session:
     the player's controls, and callbacks for each frame (`on_frame(PanelFrame)`) and for a failure
     (`on_error(Exception)`); callbacks run on the panels' threads and must not block. `record`
     records the first panel (MP4, actions, JSON; `record_frames` also keeps its frames as PNGs);
-    `paused` starts with the panels waiting for `pause(False)`.
+    `paused` starts with the panels waiting for `pause(False)`. `steps` denoising steps per frame for
+    every panel (None: each model's default).
 
     Raises ConfigError for a bad seed or thread count, CheckpointError/VideoError while building the
     panels (a prompt that cannot be read, a recording that cannot be written)."""
 
-    def __init__(self, models: list[LoadedModel], prompt: Path | None = None, seed: int = 0, threads: int = 1,
+    def __init__(self, models: list[LoadedModel], prompt: Path | None = None, seed: int = 0, steps: int | None = None,
+                 threads: int = 1,
                  device: str = "auto", record: Path | None = None, paced: bool = True,
                  on_frame: Callable[[PanelFrame], None] | None = None,
                  on_error: Callable[[BaseException], None] | None = None, record_frames: Path | None = None,
@@ -349,10 +351,12 @@ class Session:
             raise ConfigError("play needs at least one model")
         if not 0 <= seed <= MAX_SEED:
             raise ConfigError(f"seed must be between 0 and {MAX_SEED}, got {seed}", parameter="seed")
+        if steps is not None and not 1 <= steps <= 1000:
+            raise ConfigError(f"steps must be between 1 and 1000, got {steps}", parameter="steps")
         if threads < 1 or threads > 256:
             raise ConfigError(f"threads must be between 1 and 256, got {threads}", parameter="threads")
         self.prompt = None if prompt is None else Path(prompt)
-        self.threads, self.record, self.record_frames = threads, record, record_frames
+        self.steps, self.threads, self.record, self.record_frames = steps, threads, record, record_frames
         self.device = resolve_device(device)
         self.controls = Controls(len(models), seed, paced)
         self.controls.paused = paused
@@ -365,7 +369,7 @@ class Session:
         if record is not None:
             folder = Path(record).parent
             if not folder.is_dir():
-                raise video.VideoError(f"cannot record to {record}: the folder {folder} does not exist; create it first",
+                raise video.VideoError(f"record {record}: its folder {folder} does not exist; create it first",
                                        parameter="record")
 
     # the player

@@ -334,14 +334,15 @@ def open_play(model: str | None = None, host: str = "127.0.0.1", port: int = 876
     loaded = load_model(model)
     baseline = matched_baseline(loaded) if compare is not False else None
     if compare and baseline is None:
-        raise ConfigError(f"{loaded.source} has no matched baseline to compare with: turn compare off",
+        raise ConfigError(f"{loaded.source} has no matched baseline: play it without compare",
                           parameter="compare")
     warnings = []
     if loaded.config.condition != "action":
         warnings.append(f"{loaded.source} takes no actions: the keys do nothing, frames roll forward with the "
                         "null action")
+    # the baseline runs the model's own step count: side by side at equal quality, as `scd bench` compares
     session = Session([loaded] + ([baseline] if baseline is not None else []), prompt=prompt, seed=seed,
-                      threads=threads, device=device, record=record)
+                      steps=loaded.config.default_steps, threads=threads, device=device, record=record)
     return PlayServer(session, host, port), warnings
 
 

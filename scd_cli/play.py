@@ -12,7 +12,7 @@ from typing import Optional
 import typer
 
 from scd.errors import SCDError
-from scd_cli.common import console, err_console, fail, handles_errors, in_cli_words, state
+from scd_cli.common import Device, console, err_console, fail, handles_errors, in_cli_words, state
 
 
 def _can_open_browser() -> bool:
@@ -33,7 +33,7 @@ def play(
     seed: int = typer.Option(0, "--seed", help="Seed of the noise (and of the world clip that is the default prompt)."),
     record: Optional[Path] = typer.Option(None, "--record", help="Record the first panel to this MP4, with PATH.actions.txt and PATH.json; `scd generate` replays it."),
     threads: int = typer.Option(1, "--threads", help="CPU threads per panel."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    device: Device = "auto",
 ):
     """Play a world model live in the browser: arrows or WASD choose each next frame's action."""
     from scd.play_server import open_play  # aiohttp and the page load only for this command
