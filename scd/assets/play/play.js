@@ -13,7 +13,7 @@ const HINTS = { up: "↑ W", down: "↓ S", left: "← A", right: "→ D" };
 const socket = new WebSocket(`ws://${location.host}/ws`);
 socket.binaryType = "arraybuffer";
 const decoder = new TextDecoder();
-const panels = [];        // {root, img, fields, url}
+const panels = [];        // {root, canvas, context, fields, drawn}
 const pending = [];       // newest undisplayed frame per panel
 let state = null;
 let actionNames = [];
@@ -36,7 +36,7 @@ function buildPanels(list) {
     root.className = "panel";
     root.id = `panel-${i}`;
     root.innerHTML = `<figcaption><span class="name"></span><span class="muted steps"></span></figcaption>
-      <img alt="" width="448" height="448">
+      <canvas width="32" height="32"></canvas>
       <div class="stats"><span class="fps">– fps</span><span class="p50">p50 – ms</span>
       <span class="index muted">frame –</span><span class="dropped muted"></span><span class="behind" hidden></span></div>`;
     root.querySelector(".name").textContent = panelTitle(p);
@@ -44,7 +44,8 @@ function buildPanels(list) {
     main.append(root);
     const fields = {};
     for (const k of ["fps", "p50", "index", "dropped", "behind"]) fields[k] = root.querySelector(`.${k}`);
-    panels.push({ root, img: root.querySelector("img"), fields, url: null });
+    const canvas = root.querySelector("canvas");
+    panels.push({ root, canvas, context: canvas.getContext("2d"), fields, drawn: 0 });
   });
 }
 
@@ -99,34 +100,41 @@ function onFrame(buffer) {
   }
 }
 
+let decodes = 0;
+
 function draw() {
   drawScheduled = false;
   pending.forEach((item, i) => {
     if (!item || !panels[i]) return;
     pending[i] = null;
-    const panel = panels[i];
-    const { head, blob } = item;
-    const url = URL.createObjectURL(blob);
-    const img = panel.img;
-    img.onload = () => {
-      if (panel.url) URL.revokeObjectURL(panel.url);
-      panel.url = url;
-      img.dataset.index = head.index;
-      img.dataset.episode = head.episode;
-      send({ type: "ack", panel: i });
-    };
-    img.onerror = () => send({ type: "ack", panel: i });
-    img.src = url;
-    const f = panel.fields;
-    f.fps.textContent = `${head.fps.toFixed(1)} fps`;
-    f.p50.textContent = `p50 ${head.p50_ms.toFixed(1)} ms`;
-    f.index.textContent = `frame ${head.index}`;
-    f.dropped.textContent = head.dropped ? `${head.dropped} skipped` : "";
-    f.behind.hidden = !head.behind;
-    f.behind.textContent = head.behind ? `not keeping up: ${head.fps.toFixed(1)} of ${head.target_fps} fps` : "";
-    panel.root.dataset.fps = head.fps;
-    panel.root.dataset.p50 = head.p50_ms;
+    const ticket = ++decodes;
+    createImageBitmap(item.blob, { colorSpaceConversion: "none", premultiplyAlpha: "none" })
+      .then((bitmap) => { show(panels[i], item.head, bitmap, ticket); })
+      .catch(() => {})  // an undecodable frame is skipped
+      .finally(() => send({ type: "ack", panel: i }));
   });
+}
+
+// the picture, its frame number and its stats change together, in one task
+function show(panel, head, bitmap, ticket) {
+  if (ticket < panel.drawn) { bitmap.close(); return; }  // a newer frame is already on screen
+  panel.drawn = ticket;
+  const canvas = panel.canvas;
+  if (canvas.width !== bitmap.width || canvas.height !== bitmap.height) {
+    canvas.width = bitmap.width;
+    canvas.height = bitmap.height;
+  }
+  panel.context.drawImage(bitmap, 0, 0);
+  bitmap.close();
+  canvas.dataset.index = head.index;
+  canvas.dataset.episode = head.episode;
+  const f = panel.fields;
+  f.fps.textContent = `${head.fps.toFixed(1)} fps`;
+  f.p50.textContent = `p50 ${head.p50_ms.toFixed(1)} ms`;
+  f.index.textContent = `frame ${head.index}`;
+  f.dropped.textContent = head.dropped ? `${head.dropped} skipped` : "";
+  f.behind.hidden = !head.behind;
+  f.behind.textContent = head.behind ? `not keeping up: ${head.fps.toFixed(1)} of ${head.target_fps} fps` : "";
 }
 
 function actionFor(event) {
