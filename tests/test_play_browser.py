@@ -22,7 +22,7 @@ from scd_cli.app import app
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--no-first-run", "--disable-quic", "--disable-sync"]
-SEED = 23  # a held-out clip whose agent the embedded model follows exactly, right or down, for 9 frames
+SEED = 23  # a held-out clip whose agent the embedded model follows within 1 px, right or down, for 8 frames
 RIGHT, DOWN = 3, 1
 
 
@@ -77,12 +77,11 @@ def shown(page, panel: int):
     return got["episode"], got["index"], pixels
 
 
-def agent(frame: np.ndarray) -> tuple[int, int]:
-    """Top-left corner of the brightest 4x4 white block: the agent (white is bright in every channel)."""
-    white = frame.min(axis=2).astype(float)
-    blocks = np.lib.stride_tricks.sliding_window_view(white, (world.AGENT, world.AGENT)).mean(axis=(2, 3))
-    y, x = np.unravel_index(blocks.argmax(), blocks.shape)
-    return int(y), int(x)
+def agent(frame: np.ndarray) -> tuple[float, float]:
+    """The agent's centroid (row, col) in a (H, W, 3) frame, by the world's own tracker; it must be visible."""
+    (at,), (visible,) = world.locate(frame[None], world.OBJECT_COLORS["agent"])
+    assert visible, "no agent in the frame"
+    return float(at[0]), float(at[1])
 
 
 def wait_for_frames(page, episode: int, index: int) -> None:
