@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
 import shlex
 import threading
@@ -36,6 +37,7 @@ FPS_WINDOW_S = 2.0  # seconds over which frames/s is measured
 BEHIND_RATIO = 0.9  # paced and below this share of the model's fps: the page says it is not keeping up
 DEFAULT_WINDOW = 16  # context window of a model that declares no context length
 MAX_SEED = 2**31 - 1
+META_EVERY_S = 1.0  # a recording's JSON (its frame count) is rewritten this often, and at the end
 
 
 @dataclass
@@ -173,7 +175,8 @@ def replay_command(loaded: LoadedModel, prompt: Path | None, seed: int, steps: i
 class Recorder:
     """One episode of the first panel: `path` (MP4, written frame by frame), `path.actions.txt` (the
     action of each generated frame, appended as it is taken) and `path.json` (seed, prompt, steps,
-    replay command). Every file is complete after each frame, so an interrupted play keeps its record."""
+    replay command). The video and the actions are complete after each frame and the JSON is brought up
+    to date every second and at the end, so even a killed play keeps its record."""
 
     def __init__(self, path: Path, loaded: LoadedModel, prompt: Path | None, seed: int, steps: int,
                  window: int | None, frames_dir: Path | None = None):
@@ -183,6 +186,7 @@ class Recorder:
         self.meta_path = self.video_path.with_suffix(".json")
         self.frames_dir = frames_dir
         self.frames = 0
+        self._meta_at = 0.0  # when the JSON was last brought up to date
         self.writer = video.VideoWriter(self.video_path, loaded.config.fps)
         try:
             self.actions = open(self.actions_path, "w", buffering=1)
@@ -202,6 +206,8 @@ class Recorder:
         if self.frames_dir is not None:
             video.write_png_frames(self.frames_dir, pixels[None], start_index=self.frames)
         self.frames += 1
+        if time.monotonic() - self._meta_at >= META_EVERY_S:
+            self._write_meta()
 
     def recording(self) -> Recording:
         replay = replay_command(self.loaded, self.prompt, self.seed, self.steps, self.window, self.actions_path,
@@ -209,13 +215,16 @@ class Recorder:
         return Recording(self.video_path, self.actions_path, self.meta_path, self.frames, replay)
 
     def _write_meta(self) -> None:
+        self._meta_at = time.monotonic()
         r = self.recording()
         meta = {"video": str(r.video), "actions": str(r.actions), "frames": r.frames, "seed": self.seed,
                 "prompt": None if self.prompt is None else str(self.prompt), "model": self.loaded.source,
                 "revision": self.loaded.revision, "steps": self.steps, "context_window": self.window,
                 "fps": self.loaded.config.fps, "replay": shlex.join(r.replay)}
-        try:
-            self.meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+        tmp = self.meta_path.with_name(f".{self.meta_path.name}.tmp")
+        try:  # replaced whole, so a killed play never leaves half a file
+            tmp.write_text(json.dumps(meta, indent=2) + "\n")
+            os.replace(tmp, self.meta_path)
         except OSError as err:
             raise video.VideoError(f"cannot write {self.meta_path}: {err.strerror or err}") from None
 
