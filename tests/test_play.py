@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 from conftest import random_model, tiny_config
 from scd.checkpoints import load_model, save_model_folder
 from scd.errors import ConfigError, ServerError
-from scd.play import Controls, Session
+from scd.play import Controls, PanelFrame, Session
 from scd.play_server import CREDIT, PlayServer, open_play
 from scd.video import write_video
 from scd_cli.app import app
@@ -154,6 +154,15 @@ def test_controls_take_taps_and_held_keys_per_panel():
     assert controls.take_action(1) is None and controls.seed == 9 and controls.episode == 2
 
 
+def test_the_page_is_told_when_a_paced_panel_is_not_keeping_up():
+    def frame(fps, paced, index=20):
+        return PanelFrame(0, 1, index, b"", None, 100.0, 100.0, fps, 8.0, paced)
+
+    assert frame(5.0, paced=True).behind and not frame(7.5, paced=True).behind
+    assert not frame(5.0, paced=False).behind  # flat out there is no rate to keep up with
+    assert not frame(1.0, paced=True, index=3).behind  # too few frames to say
+
+
 def test_a_model_without_actions_still_plays(tmp_path):
     config = tiny_config(condition=None, action_names=(), latent_size=(8, 8), frame_size=(8, 8))
     folder = save_model_folder(random_model(config), tmp_path / "free")
@@ -174,6 +183,9 @@ def test_a_model_without_actions_still_plays(tmp_path):
     assert all(h["action"] is None for h, _ in got) and got[-1][1].shape == (8, 8, 3)
     with pytest.raises(ConfigError, match="no matched baseline"):
         open_play(str(folder), port=0, prompt=tmp_path / "prompt.mp4", compare=True)
+    result = CliRunner().invoke(app, ["play", "--model", str(folder), "--compare", "--no-browser"])
+    assert result.exit_code == 2
+    assert result.output.strip() == f"error: {folder} has no matched baseline: play it without --compare"
 
 
 def test_a_busy_port_is_a_one_line_error():
