@@ -15,7 +15,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
 import platform
 import statistics
 import time
@@ -27,7 +26,7 @@ import torch
 from torch import nn
 
 import scd
-from scd import reference
+from scd import files, reference
 from scd.devices import dtype_name, resolve_device, resolve_dtype
 from scd.errors import ConfigError
 from scd.flops import frame_flops, parameter_count
@@ -520,14 +519,7 @@ def bench(spec: BenchSpec, on_event=None) -> dict:
 
 def write_json(report: dict, path: Path) -> None:
     """Write the report atomically (a finished file or none)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        os.replace(tmp, path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise ConfigError(f"cannot write {path}: {err.strerror or err}") from None
+    files.write_text(path, json.dumps(report, indent=2) + "\n", ConfigError)
 
 
 def require_matplotlib():

@@ -9,8 +9,6 @@ is an error that names it.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -18,6 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from scd import files
 from scd.codecs import load_codec
 from scd.errors import CheckpointError, ConfigError
 from scd.model import ModelConfig, build_model
@@ -173,17 +172,6 @@ def model_from_tensors(config: ModelConfig, tensors: dict[str, torch.Tensor], so
 
 # ----------------------------------------------------------------------------- model folders
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_model_folder(model: torch.nn.Module, folder: Path, card: str | None = None,
                       dtype: torch.dtype | None = None) -> Path:
     """Write config.json, model.safetensors (and README.md) atomically into `folder`."""
@@ -192,10 +180,10 @@ def save_model_folder(model: torch.nn.Module, folder: Path, card: str | None = N
         folder.mkdir(parents=True, exist_ok=True)
         state = {k: (v.to(dtype) if dtype and v.is_floating_point() else v).detach().contiguous().cpu()
                  for k, v in model.state_dict().items()}
-        _atomic_write(folder / WEIGHTS, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-        _atomic_write(folder / CONFIG, lambda tmp: Path(tmp).write_text(model.config.to_json()))
+        files.atomic_write(folder / WEIGHTS, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}), CheckpointError)
+        files.write_text(folder / CONFIG, model.config.to_json(), CheckpointError)
         if card is not None:
-            _atomic_write(folder / "README.md", lambda tmp: Path(tmp).write_text(card))
+            files.write_text(folder / "README.md", card, CheckpointError)
     except OSError as err:
         raise CheckpointError(f"cannot write model folder {folder}: {err.strerror or err}") from None
     return folder

@@ -25,7 +25,7 @@ from pathlib import Path, PurePosixPath
 import torch
 from safetensors.torch import save_file
 
-from scd import reference
+from scd import files, reference
 from scd.cards import conversion_card
 from scd.checkpoints import (CONFIG, WEIGHTS, load_state, model_from_tensors, read_folder_config, read_tensors,
                              save_model_folder, tensor_mismatches)
@@ -652,7 +652,8 @@ def _prepare_out(out: Path, source: Path, overwrite: bool) -> None:
 def _write_codec(folder: Path, codec: _Codec) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        save_file(codec.state, str(folder / DCAE_WEIGHTS), metadata={"format": "pt"})
-        (folder / DCAE_CONFIG).write_text(json.dumps(codec.config, indent=2) + "\n")
+        files.atomic_write(folder / DCAE_WEIGHTS, lambda tmp: save_file(codec.state, str(tmp), metadata={"format": "pt"}),
+                           CheckpointError)
+        files.write_text(folder / DCAE_CONFIG, json.dumps(codec.config, indent=2) + "\n", CheckpointError)
     except OSError as err:
         raise CheckpointError(f"cannot write the codec into {folder}: {err.strerror or err}") from None

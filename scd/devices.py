@@ -1,10 +1,13 @@
-"""Device and dtype choice. `auto` asks accelerate, the project's distributed engine, which device
+"""Device, dtype and CPU thread choice. `auto` asks accelerate, the project's distributed engine, which device
 this process owns (CUDA, MPS or CPU; under `accelerate launch`, this rank's GPU)."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 
+from scd import checks
 from scd.errors import DeviceError
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -47,3 +50,46 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, e.g. a container's or `taskset`'s share)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def default_threads() -> int:
+    """CPU threads when none are asked for: the CPUs left idle by the rest of the machine (available
+    CPUs minus the 1-minute load average), at least 1. torch's own default (one per core) spins every
+    thread at each op; on a busy machine a thread that loses its core stalls them all (measured on 2
+    busy cores: a 32x32 model ran up to 100x slower per frame at 2 threads than at 1). See
+    docs/reliability.md."""
+    cpus = available_cpus()
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return max(1, cpus // 2)
+    return max(1, min(cpus, int(cpus - load)))
+
+
+def use_threads(threads: int | None) -> int:
+    """Set torch's CPU thread count (`threads`, or default_threads() when None) and return it.
+    Raises ConfigError for a count below 1."""
+    if threads is None:
+        threads = default_threads()
+    checks.number("threads", threads, 1, 4096, integer=True)
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return threads
+
+
+def process_age_s() -> float | None:
+    """Seconds since this process started (Linux: from /proc), or None where unknown."""
+    try:
+        ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
+        uptime = float(open("/proc/uptime").read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return max(0.0, uptime - ticks / os.sysconf("SC_CLK_TCK"))

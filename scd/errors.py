@@ -16,7 +16,12 @@ class SCDError(Exception):
 
 
 class VideoError(SCDError):
-    """A video or image input that cannot be read, or an output that cannot be written."""
+    """A video or image input that cannot be read, or a video that cannot be written."""
+
+
+class OutputError(SCDError):
+    """An output path that cannot or must not be written (missing folder, read-only, a device, the
+    input itself, or one another run is writing)."""
 
 
 class CheckpointError(SCDError):

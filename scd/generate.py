@@ -10,19 +10,20 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import av
 import numpy as np
 import torch
 
-from scd import video
+import scd
+from scd import checks, files, mp4, video
 from scd.actions import parse_label, read_sidecar
 from scd.checkpoints import LoadedModel
-from scd.devices import dtype_name, resolve_device, resolve_dtype
-from scd.errors import ActionError, ConfigError, VideoError
+from scd.devices import dtype_name, resolve_device, resolve_dtype, use_threads
+from scd.errors import ActionError, VideoError
 from scd.sampling import kv_cache_bytes, stream
 
 MAX_FRAMES = 100_000
@@ -63,6 +64,10 @@ class Job:
     report: Path | None = None
     device: str = "auto"
     dtype: str = "auto"
+    threads: int | None = None  # CPU threads for torch; None: scd.devices.use_threads chooses
+    started: float | None = None  # time.perf_counter() when the command started (default: when run starts)
+    startup_s: float | None = None  # process start to command start, for the report
+    model_load_s: float | None = None
 
 
 @dataclass
@@ -77,6 +82,7 @@ class Started:
     context_frames: int
     prompt_source: str
     warnings: list[str] = field(default_factory=list)
+    threads: int | None = None
 
 
 @dataclass
@@ -102,7 +108,7 @@ def output_paths(out: Path, batch: int) -> list[Path]:
 
 def _prompt(job: Job, config) -> tuple[np.ndarray, list[int] | None, str]:
     """Prompt frames (F, H, W, 3) uint8, their actions if known, and a description."""
-    want = job.context or config.context_frames
+    want = config.context_frames if job.context is None else job.context
     if config.context_frames == 0:  # trained to start from pure noise, as FAR's UCF-101 generators
         if job.prompt is not None:
             raise ConfigError("this model generates from pure noise (it was trained with 0 context frames): "
@@ -127,22 +133,19 @@ def _prompt(job: Job, config) -> tuple[np.ndarray, list[int] | None, str]:
 def run(job: Job):
     """Generate and write; yields Started, then FrameWritten per frame, then Finished."""
     config = job.model.config
-    if job.frames < 1 or job.frames > MAX_FRAMES:
-        raise ConfigError(f"--frames must be between 1 and {MAX_FRAMES}, got {job.frames}")
-    if job.batch < 1 or job.batch > 64:
-        raise ConfigError(f"--batch must be between 1 and 64, got {job.batch}")
-    if job.upscale < 1 or job.upscale > 32:
-        raise ConfigError(f"--upscale must be between 1 and 32, got {job.upscale}")
-    if job.fps is not None and not 0 < job.fps <= 240:
-        raise ConfigError(f"--fps must be in (0, 240], got {job.fps}")
+    began = time.perf_counter() if job.started is None else job.started
     steps = config.default_steps if job.steps is None else job.steps
     guidance = config.default_guidance if job.guidance is None else job.guidance
-    if steps < 1 or steps > 1000:
-        raise ConfigError(f"--steps must be between 1 and 1000, got {steps}")
+    check_job(job, steps, guidance)
+    outputs = check_outputs(job)
     device = resolve_device(job.device)
     dtype = resolve_dtype(job.dtype, device)
+    threads = use_threads(job.threads)
+    times = {"startup_s": job.startup_s, "model_load_s": job.model_load_s}
 
+    t0 = time.perf_counter()
     prompt, prompt_actions, prompt_source = _prompt(job, config)
+    times["prompt_decode_s"] = time.perf_counter() - t0
     if job.actions is not None and len(job.actions) < job.frames:
         raise ActionError(f"{len(job.actions)} actions given for {job.frames} frames: give one per generated frame")
     conditions = None
@@ -170,12 +173,14 @@ def run(job: Job):
 
     loaded = job.model.to(device, dtype)
     model, codec = loaded.model, loaded.codec
+    t0 = time.perf_counter()
     if len(prompt):
         pixels = video.frames_to_tensor(video.fit_frames(prompt, config.frame_size, job.fit))
         context = loaded.encode(pixels)[None].expand(job.batch, -1, -1, -1, -1)
     else:
         weight = next(model.parameters())
         context = weight.new_zeros((job.batch, 0, config.channels, *config.latent_size))
+    times["prompt_encode_s"] = time.perf_counter() - t0
     fps = job.fps or config.fps
     cached = min(job.window or (len(prompt) + job.frames), len(prompt) + job.frames)
     need = kv_cache_bytes(model, job.batch, cached, guidance, dtype)
@@ -187,15 +192,15 @@ def run(job: Job):
     elif job.window is None and need > 8 * 2**30:
         warnings.append(f"the KV cache will grow to {need / 2**30:.1f} GiB: pass --context-window W to keep memory flat")
 
-    outputs = output_paths(Path(job.out), job.batch)
-    writers = [video.VideoWriter(p, fps, upscale=job.upscale, upscale_mode=job.upscale_mode) for p in outputs]
+    writers = open_writers(outputs, fps, job)
     records: list[dict] = []
     started_at = time.perf_counter()
     complete = False
     first_ms = None
+    write_s = 0.0
     try:
         yield Started(outputs, str(device), dtype_name(dtype), job.model.source, job.model.revision, job.frames,
-                      steps, len(prompt), prompt_source, warnings)
+                      steps, len(prompt), prompt_source, warnings, threads)
         if job.include_prompt and len(prompt):
             shown = video.fit_frames(prompt, config.frame_size, job.fit)
             for writer in writers:
@@ -206,34 +211,101 @@ def run(job: Job):
             t0 = time.perf_counter()
             images = video.tensor_to_frames(loaded.decode(frame.latents))  # (B, H, W, 3)
             codec_ms = (time.perf_counter() - t0) * 1000.0
+            t1 = time.perf_counter()
             for writer, image in zip(writers, images):
                 writer.write(image)
             if job.frames_dir is not None:
                 for b, image in enumerate(images):
                     folder = Path(job.frames_dir) / (f"sample_{b}" if job.batch > 1 else "")
                     video.write_png_frames(folder, image[None], start_index=frame.index)
+            write_s += time.perf_counter() - t1
             latency = frame.latency_ms + codec_ms
             elapsed = time.perf_counter() - started_at
             if first_ms is None:
                 first_ms = elapsed * 1000.0
+                times["first_frame_from_start_ms"] = (time.perf_counter() - began) * 1000.0
             records.append({"index": frame.index, "latency_ms": latency, "context_ms": frame.context_ms,
                             "denoise_ms": frame.denoise_ms, "codec_ms": codec_ms})
             yield FrameWritten(frame.index, job.frames, latency, frame.context_ms, frame.denoise_ms, elapsed)
         complete = True
     finally:
-        for writer in writers:
-            writer.close()
-        summary = summarise(records, time.perf_counter() - started_at, first_ms, complete, job, str(device),
-                            dtype_name(dtype), steps, guidance, outputs)
-        if job.report is not None:
-            write_report(Path(job.report), summary)
+        loop_s = time.perf_counter() - started_at
+        t1 = time.perf_counter()
+        try:
+            for writer in writers:
+                writer.close()
+        finally:
+            times.update(frame_loop_s=loop_s, write_s=write_s + time.perf_counter() - t1,
+                         total_s=time.perf_counter() - began)
+            summary = summarise(records, loop_s, first_ms, complete, job, str(device), dtype_name(dtype), steps,
+                                guidance, outputs, times, threads)
+            if job.report is not None:
+                write_report(Path(job.report), summary)
     yield Finished(summary)
 
 
-def summarise(records, wall_s, first_ms, complete, job, device, dtype, steps, guidance, outputs) -> dict:
+def open_writers(outputs: list[Path], fps: float, job: Job) -> list:
+    """One locked MP4 writer per output (each file replaces what is there only once a frame is in);
+    if one cannot be opened, those already opened are closed, leaving nothing behind."""
+    writers = []
+    try:
+        for path in outputs:
+            writers.append(mp4.VideoWriter(path, fps, upscale=job.upscale, upscale_mode=job.upscale_mode,
+                                           inputs=[job.prompt]))
+    except BaseException:
+        for writer in writers:
+            writer.close()
+        raise
+    return writers
+
+
+def check_job(job: Job, steps: int, guidance: float) -> None:
+    """Every number of the job in range, finite and whole where it must be (ConfigError otherwise)."""
+    checks.number("frames", job.frames, 1, MAX_FRAMES, integer=True)
+    checks.number("batch", job.batch, 1, 64, integer=True)
+    checks.number("upscale", job.upscale, 1, 32, integer=True)
+    checks.number("steps", steps, 1, 1000, integer=True)
+    checks.number("guidance", guidance, 0, 100)
+    checks.seed(job.seed)
+    if job.fps is not None:
+        checks.number("fps", job.fps, 0, 240, above=True)
+    if job.window is not None:
+        checks.number("window", job.window, 1, MAX_FRAMES, integer=True)
+    if job.context is not None:
+        checks.number("context", job.context, 1, MAX_FRAMES, integer=True)
+    if job.threads is not None:
+        checks.number("threads", job.threads, 1, 1024, integer=True)
+
+
+def check_outputs(job: Job) -> list[Path]:
+    """Refuse, before any work, outputs that cannot or must not be written (scd.files): the video
+    paths, the report, the frames folder; none may be the prompt or another output."""
+    outputs = output_paths(Path(job.out), job.batch)
+    for path in outputs:
+        files.check_output(path, "video", inputs=[job.prompt])
+        mp4.check_path(path)
+    if job.report is not None:
+        files.check_output(job.report, "report", inputs=[job.prompt])
+    if job.frames_dir is not None:
+        files.check_output_folder(job.frames_dir, "frames folder")
+    named = {f"video {p.name}": p for p in outputs}
+    files.check_distinct(prompt=job.prompt, **named, report=job.report, frames_folder=job.frames_dir)
+    return outputs
+
+
+REPORT_FORMAT = 2  # 2: per-frame encoder_ms, decoder_ms renamed context_ms, denoise_ms; format_version, times, threads, versions added
+
+
+def summarise(records, wall_s, first_ms, complete, job, device, dtype, steps, guidance, outputs, times=None,
+              threads=None) -> dict:
     latencies = [r["latency_ms"] for r in records]
     steady = latencies[1:] or latencies
+    times = dict(times or {})
+    times["context_s"] = sum(r["context_ms"] for r in records) / 1000.0
+    times["denoise_s"] = sum(r["denoise_ms"] for r in records) / 1000.0
+    times["frame_decode_s"] = sum(r["codec_ms"] for r in records) / 1000.0
     return {
+        "format_version": REPORT_FORMAT,
         "complete": complete,
         "frames": records,
         "frames_generated": len(records),
@@ -253,14 +325,13 @@ def summarise(records, wall_s, first_ms, complete, job, device, dtype, steps, gu
         "seed": job.seed,
         "context_window": job.window,
         "outputs": [str(p) for p in outputs],
+        "threads": threads,
+        "times": times,
+        "time_to_first_frame_from_start_ms": times.get("first_frame_from_start_ms"),
+        "versions": {"scd": scd.__version__, "torch": torch.__version__, "av": av.__version__},
     }
 
 
 def write_report(path: Path, summary: dict) -> None:
     clean = json.loads(json.dumps(summary, default=str).replace("NaN", "null"))
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(json.dumps(clean, indent=2) + "\n")
-        os.replace(tmp, path)
-    except OSError as err:
-        raise VideoError(f"cannot write report {path}: {err.strerror or err}") from None
+    files.write_text(path, json.dumps(clean, indent=2) + "\n", what="report")

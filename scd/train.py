@@ -10,13 +10,14 @@ continues bit-identically because batch k depends only on (seed, k).
 from __future__ import annotations
 
 import copy
-import os
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from scd import files
 from scd.checkpoints import LoadedModel, save_model_folder
 from scd.errors import CheckpointError, ConfigError, DataError
 from scd.model import ARCHS, ModelConfig, Objective, build_model, default_rope_axes
@@ -87,12 +88,7 @@ def drop_actions(actions: torch.Tensor | None, config: ModelConfig, p: float) ->
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except OSError as err:
-        raise CheckpointError(f"cannot write checkpoint {path}: {err.strerror or err}") from None
+    files.atomic_write(path, lambda tmp: torch.save(state, tmp), CheckpointError, "checkpoint")
 
 
 GENERATION_DEFAULTS = ("context_frames", "default_steps", "default_guidance")  # may change on resume
@@ -112,9 +108,8 @@ def _check_resumed_config(saved: dict | None, config: ModelConfig, path: Path) -
 
 def _save_losses(path: Path, losses: list[float]) -> None:
     """The training loss of every step so far as CSV (step,loss), for curves; written atomically."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("step,loss\n" + "".join(f"{i + 1},{v:.6f}\n" for i, v in enumerate(losses)))
-    os.replace(tmp, path)
+    files.write_text(path, "step,loss\n" + "".join(f"{i + 1},{v:.6f}\n" for i, v in enumerate(losses)),
+                     CheckpointError, "losses")
 
 
 def train(config: ModelConfig, out: Path, settings: TrainSettings, batches, init: LoadedModel | None = None,

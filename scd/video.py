@@ -1,20 +1,14 @@
-"""Video in and out through PyAV: decode prompts, fit them to the model, stream frames to MP4.
+"""Video frames in through PyAV: decode prompts, fit them to the model; pixels <-> tensors; PNG frames out.
 
 Frames are uint8 RGB arrays (N, H, W, 3). Reading accepts any container FFmpeg opens (MP4, WebM,
-MKV, MOV, GIF, ...) or a folder of images. Writing produces fragmented H.264 MP4 (yuv420p) with one
-fragment per frame, written as soon as the frame is encoded, so the file plays with every written
-frame even if the process is killed.
+MKV, MOV, GIF, ...) or a folder of images. The streaming MP4 writer is `scd.mp4`.
 """
 
 from __future__ import annotations
 
 import collections
-import io
-import math
 import re
-import struct
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -217,7 +211,7 @@ def tensor_to_frames(tensor: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).contiguous().numpy()
 
 
-def _check_upscale(factor: int, mode: str) -> None:
+def check_upscale(factor: int, mode: str) -> None:
     if mode not in UPSCALE_MODES:
         raise ConfigError(f"unknown upscale mode {mode!r}: use {' or '.join(UPSCALE_MODES)}")
     if int(factor) != factor or factor < 1:
@@ -229,7 +223,7 @@ def upscale_frames(frames: np.ndarray, factor: int, mode: str = "nearest") -> np
 
     nearest repeats pixels (exact); bicubic interpolates. Raises ConfigError for another mode or a
     factor below 1."""
-    _check_upscale(factor, mode)
+    check_upscale(factor, mode)
     factor = int(factor)
     if factor == 1:
         return frames
@@ -241,170 +235,15 @@ def upscale_frames(frames: np.ndarray, factor: int, mode: str = "nearest") -> np
 
 
 # ----------------------------------------------------------------------------- writing
-#
-# FFmpeg's MP4 muxer holds each frame until the next one arrives (a fragment is closed only when the
-# next sample is seen), so a killed process would lose its last frame. FFmpeg therefore writes only
-# the header (ftyp + an empty moov); each encoded frame is then written here as its own fragment
-# (moof + mdat), laid out as FFmpeg lays out a one-sample fragment with movflags default_base_moof.
-
-_TRACK_ID = 1  # FFmpeg numbers the only track 1
-_SYNC, _NON_SYNC = 0x02000000, 0x01010000  # sample flags: depends on no other / non-sync sample
+# MP4 writing lives in scd.mp4; PNG frames are written here.
 
 
-def _box(kind: bytes, *payload: bytes) -> bytes:
-    body = b"".join(payload)
-    return struct.pack(">I4s", 8 + len(body), kind) + body
+def __getattr__(name):  # `from scd.video import write_video` keeps working: the writer moved to scd.mp4
+    if name in ("VideoWriter", "write_video"):
+        from scd import mp4
 
-
-def _full_box(kind: bytes, version: int, flags: int, *payload: bytes) -> bytes:
-    return _box(kind, struct.pack(">I", version << 24 | flags), *payload)
-
-
-def _fragment(sequence: int, decode_time: int, duration: int, sample: bytes, keyframe: bool) -> bytes:
-    """moof + mdat holding one sample: tfhd gives the sample's duration, size and non-sync flags (and
-    says offsets count from the moof), tfdt its decode time, trun the data offset and, for a
-    keyframe, sync flags."""
-    tfhd = _full_box(b"tfhd", 0, 0x020038, struct.pack(">IIII", _TRACK_ID, duration, len(sample), _NON_SYNC))
-    tfdt = _full_box(b"tfdt", 1, 0, struct.pack(">Q", decode_time))
-
-    def moof(data_offset: int) -> bytes:
-        if keyframe:
-            trun = _full_box(b"trun", 0, 0x000005, struct.pack(">IiI", 1, data_offset, _SYNC))
-        else:
-            trun = _full_box(b"trun", 0, 0x000001, struct.pack(">Ii", 1, data_offset))
-        return _box(b"moof", _full_box(b"mfhd", 0, 0, struct.pack(">I", sequence)), _box(b"traf", tfhd, tfdt, trun))
-
-    head = moof(0)
-    return moof(len(head) + 8) + _box(b"mdat", sample)
-
-
-def _random_access_index(keyframes: list[tuple[int, int]]) -> bytes:
-    """mfra: (decode time, moof offset) of every keyframe fragment, for players that seek."""
-    entries = b"".join(struct.pack(">QQBBB", time, offset, 1, 1, 1) for time, offset in keyframes)
-    tfra = _full_box(b"tfra", 1, 0, struct.pack(">III", _TRACK_ID, 0, len(keyframes)), entries)
-    mfro_size = 16
-    return _box(b"mfra", tfra, _full_box(b"mfro", 0, 0, struct.pack(">I", 8 + len(tfra) + mfro_size)))
-
-
-def _length_prefixed(annex_b: bytes) -> bytes:
-    """H.264 Annex B (start-code separated NAL units) -> 4-byte length prefixes, as MP4 stores them."""
-    # emulation prevention keeps 00 00 01 out of NAL units, and none ends in a zero byte
-    units = (unit.rstrip(b"\x00") for unit in annex_b.split(b"\x00\x00\x01"))
-    return b"".join(struct.pack(">I", len(unit)) + unit for unit in units if unit)
-
-
-class VideoWriter:
-    """H.264 MP4 written frame by frame: each frame is encoded and written to the file in write(), so
-    the file plays with every written frame even if the process is killed.
-
-    The file is opened at construction: a missing or unwritable folder raises VideoError before any
-    work. Frames are upscaled by `upscale` (nearest or bicubic); an odd width or height is padded to
-    even by repeating the last column or row, as yuv420p needs. A writer closed before its first
-    frame leaves no file. Keyframes every 2 seconds; no B-frames or lookahead, so nothing is held back.
-    Raises ConfigError for fps outside (0, 1000] or a bad upscale."""
-
-    def __init__(self, path, fps: float, upscale: int = 1, upscale_mode: str = "nearest"):
-        if not (math.isfinite(fps) and 0 < fps <= 1000):
-            raise ConfigError(f"fps must be > 0 and <= 1000, got {fps}")
-        _check_upscale(upscale, upscale_mode)
-        self.path = Path(path)
-        self.fps, self.upscale, self.upscale_mode = fps, int(upscale), upscale_mode
-        self.frames_written = 0
-        self._rate = Fraction(fps).limit_denominator(1001)
-        self._encoder = None  # an in-memory FFmpeg MP4 whose stream encodes; started by the first frame
-        self._stream = None
-        self._keyframes: list[tuple[int, int]] = []  # (decode time, file offset) of keyframe fragments
-        self._offset = 0
-        try:
-            self._file = open(self.path, "wb", buffering=0)  # unbuffered: a write is in the file at once
-        except FileNotFoundError:
-            raise VideoError(f"cannot write {self.path}: the folder {self.path.parent} does not exist; "
-                             "create it first") from None
-        except OSError as err:
-            raise VideoError(f"cannot write {self.path}: {err.strerror or err}; choose another output path") from None
-
-    def _start(self, height: int, width: int) -> None:
-        header = io.BytesIO()
-        self._encoder = av.open(header, "w", format="mp4", container_options={"movflags": "empty_moov+default_base_moof"})
-        self._stream = self._encoder.add_stream("libx264", rate=self._rate)
-        self._stream.width, self._stream.height, self._stream.pix_fmt = width, height, "yuv420p"
-        self._stream.options = {"tune": "zerolatency", "preset": "veryfast", "crf": "12",
-                                "g": str(max(1, round(2 * self.fps)))}
-        self._encoder.start_encoding()  # ftyp + moov
-        self._append(header.getvalue())
-
-    def _append(self, data: bytes) -> None:
-        view = memoryview(data)
-        try:
-            while view:
-                view = view[self._file.write(view):]
-        except OSError as err:
-            self._release()
-            raise VideoError(f"cannot write {self.path}: {err.strerror or err}; is the disk full?") from None
-        self._offset += len(data)
-
-    def _write_packets(self, packets) -> None:
-        tick = 1 / self._rate / self._stream.time_base  # one frame in the track's time scale
-        for packet in packets:
-            index = self.frames_written
-            decode_time = round(index * tick)
-            if packet.is_keyframe:
-                self._keyframes.append((decode_time, self._offset))
-            sample = _length_prefixed(bytes(packet))
-            duration = round((index + 1) * tick) - decode_time
-            self._append(_fragment(index + 1, decode_time, duration, sample, packet.is_keyframe))
-            self.frames_written += 1
-
-    def write(self, frame: np.ndarray) -> None:
-        """Encode one uint8 (H, W, 3) RGB frame and write it to the file. Every frame must have the
-        size of the first. Raises VideoError when the file cannot be written (disk full)."""
-        if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
-            raise ValueError(f"a frame is uint8 (H, W, 3), got {frame.dtype} {frame.shape}")
-        if self._file.closed:
-            raise VideoError(f"{self.path} is closed; no more frames can be written to it")
-        frame = upscale_frames(frame[None], self.upscale, self.upscale_mode)[0]
-        h, w = frame.shape[:2]
-        frame = np.pad(frame, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge")  # (H', W', 3), even
-        if self._encoder is None:
-            self._start(*frame.shape[:2])
-        if frame.shape[:2] != (self._stream.height, self._stream.width):
-            raise VideoError(f"frame {self.frames_written} is {w}x{h}, unlike the first frame of {self.path}")
-        picture = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
-        picture.pts = self.frames_written  # in 1 / fps
-        self._write_packets(self._stream.encode(picture))
-
-    def close(self) -> None:
-        """Flush the encoder and add a seek index (mfra); safe to call twice."""
-        if self._file.closed:
-            return
-        try:
-            if self._encoder is not None:
-                self._write_packets(self._stream.encode(None))
-                self._append(_random_access_index(self._keyframes))
-        finally:
-            self._release()
-
-    def _release(self) -> None:
-        self._file.close()
-        if self._encoder is not None:
-            self._encoder.close()
-            self._encoder = None
-        if self.frames_written == 0:
-            self.path.unlink(missing_ok=True)
-
-    def __enter__(self) -> VideoWriter:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def write_video(path, frames: np.ndarray, fps: float) -> Path:
-    """Write uint8 (N, H, W, 3) frames to an H.264 MP4 at `fps`; returns the path."""
-    with VideoWriter(path, fps) as writer:
-        for frame in frames:
-            writer.write(frame)
-    return Path(path)
+        return getattr(mp4, name)
+    raise AttributeError(f"module 'scd.video' has no attribute {name!r}")
 
 
 def write_png_frames(directory, frames: np.ndarray, start_index: int = 0) -> list[Path]:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import functools
 import re
+import signal
 import sys
+import threading
+import time
 from typing import Annotated, Optional
 
 import click
@@ -16,7 +19,14 @@ from scd.errors import SCDError
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
-state = {"debug": False, "quiet": False}
+state = {"debug": False, "quiet": False, "started": time.perf_counter()}
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (timeout, systemd, job schedulers): handled exactly as Ctrl-C, exit code 143."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
 
 
 # Options several commands share: one definition each.
@@ -25,6 +35,9 @@ ModelRef = Annotated[Optional[str], typer.Option(
                           "Default: the embedded SCD model.")]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
 DType = Annotated[str, typer.Option("--dtype", help="auto (bfloat16 on CUDA, float32 elsewhere), float32, bfloat16, float16.")]
+Threads = Annotated[Optional[int], typer.Option(
+    "--threads", help="CPU threads for torch (default: the CPUs the rest of the machine leaves idle, at least 1; "
+                      "see docs/reliability.md).")]
 
 
 # library parameters whose flag is not simply --parameter-name
@@ -60,13 +73,22 @@ def fail(message: str, code: int = 2) -> typer.Exit:
 
 
 def handles_errors(command):
-    """Turn the library's typed errors into one line and exit code 2; Ctrl-C into exit code 130.
+    """Turn the library's typed errors into one line and exit code 2; Ctrl-C into exit code 130 and
+    SIGTERM, raised as Terminated (a KeyboardInterrupt) so it takes Ctrl-C's path, into 143.
     `scd --debug ...` lets the traceback through instead."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        state["started"] = time.perf_counter()
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _on_sigterm) if main else None
         try:
             return command(*args, **kwargs)
+        except Terminated:
+            if state["debug"]:
+                raise
+            err_console.print("terminated")
+            raise typer.Exit(143) from None
         except SCDError as err:
             if state["debug"]:
                 raise
@@ -78,6 +100,9 @@ def handles_errors(command):
             raise typer.Exit(130) from None
         except MemoryError:
             raise fail("out of memory: use fewer frames, a --context-window, a smaller --batch or another device") from None
+        finally:
+            if main:
+                signal.signal(signal.SIGTERM, previous)
 
     return wrapper
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -13,7 +14,8 @@ from rich.text import Text
 from scd import generate as job_lib
 from scd.actions import parse_actions, parse_label
 from scd.checkpoints import load_model
-from scd_cli.common import console, err_console, handles_errors, is_interactive, say, state
+from scd.devices import process_age_s
+from scd_cli.common import Threads, console, err_console, handles_errors, is_interactive, say, state
 
 
 def _live_line(event: job_lib.FrameWritten, first_ms: float) -> Text:
@@ -66,13 +68,17 @@ def generate(
     seed: int = typer.Option(0, "--seed", help="Noise seed: the same seed gives the same video."),
     batch: int = typer.Option(1, "--batch", help="Continuations generated at once, written as separate files."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    threads: Threads = None,
     dtype: str = typer.Option("auto", "--dtype", help="auto (bfloat16 on CUDA, float32 elsewhere), float32, bfloat16, float16."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write per-frame latencies and a summary as JSON."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors."),
 ):
     """Continue a video frame by frame, writing each frame to OUT the moment it exists."""
     state["quiet"] = quiet
+    age = process_age_s()
+    startup_s = None if age is None else age - (time.perf_counter() - state["started"])
     loaded = load_model(model, options)
+    model_load_s = time.perf_counter() - state["started"]
     config = loaded.config
     job = job_lib.Job(
         model=loaded, out=out, prompt=prompt_frames, frames=frames, steps=steps, guidance=guidance,
@@ -81,7 +87,8 @@ def generate(
         label=parse_label(label, config.action_names, config.num_classes, config.condition),
         seed=seed, batch=batch, window=context_window, context=context, fit=fit, fps=fps,
         include_prompt=include_prompt, upscale=upscale, upscale_mode=upscale_mode, frames_dir=frames_dir,
-        report=report, device=device, dtype=dtype)
+        report=report, device=device, dtype=dtype, threads=threads, started=state["started"], startup_s=startup_s,
+        model_load_s=model_load_s)
     live = None
     first_ms = 0.0
     events = job_lib.run(job)
@@ -110,7 +117,7 @@ def generate(
                     live = None
                 if not quiet:
                     console.print(_summary_table(event.summary, event.summary["steps"]))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM
         events.close()  # closes the writers and writes the report marked incomplete
         raise
     finally:

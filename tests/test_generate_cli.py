@@ -95,9 +95,9 @@ def test_image_folder_prompt_and_fit_modes(model_dir, tmp_path):
     (["--prompt-frames", "missing.mp4"], "missing.mp4"),
     (["--actions", "jump"], "unknown action"),
     (["--actions", "up"], "1 actions given for 2 frames"),
-    (["--frames", "0"], "--frames"),
+    (["--frames", "0"], "frames must be >= 1"),
     (["--fit", "squash"], "squash"),
-    (["--steps", "0"], "--steps"),
+    (["--steps", "0"], "steps must be >= 1"),
     (["--device", "cuda:7"], "CUDA"),
     (["--out", "/nonexistent-dir/x.mp4"], "nonexistent-dir"),
 ])

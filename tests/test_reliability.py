@@ -272,3 +272,111 @@ def test_mutated_weight_files_are_read_or_a_checkpoint_error(tmp_path, suffix):
         finally:
             path.unlink()
         assert all(isinstance(v, torch.Tensor) for v in tensors.values())
+
+
+# ----------------------------------------------------------------------------- never destroy a user's file
+
+
+def _generate_setup(tmp_path):
+    model = save_model_folder(random_model(tiny_config(latent_size=(8, 8), frame_size=(8, 8))), tmp_path / "m")
+    prompt = write_video(tmp_path / "p.mp4", np.stack([np.full((8, 8, 3), 40 * i, np.uint8) for i in range(5)]), fps=4)
+    return model, prompt
+
+
+def _cli(*args):
+    from typer.testing import CliRunner
+
+    from scd_cli.app import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_the_prompt_is_never_the_output(tmp_path, monkeypatch):
+    """Issue 12.1: `-p out.mp4` with the default --out out.mp4, `-p x -o x`, or a link to the prompt."""
+    model, prompt = _generate_setup(tmp_path)
+    before = prompt.read_bytes()
+    (tmp_path / "link.mp4").symlink_to(prompt)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out.mp4").write_bytes(before)
+    for extra in (["-p", "out.mp4"], ["-p", prompt, "-o", prompt], ["-p", prompt, "-o", tmp_path / "link.mp4"],
+                  ["-p", prompt, "-o", tmp_path / "x.mp4", "--report", prompt]):
+        r = _cli("generate", "--model", model, "--frames", 2, *extra)
+        assert r.exit_code == 2 and "is the input" in r.output, r.output
+        assert len(r.output.strip().splitlines()) == 1
+    assert prompt.read_bytes() == before and (tmp_path / "out.mp4").read_bytes() == before
+    assert (tmp_path / "link.mp4").is_symlink()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--context-window", "0"], "window must be >= 1"),
+    (["--seed", str(2**64)], "seed must be"),
+    (["--seed", "-1"], "seed must be"),
+    (["--context", "0"], "context must be >= 1"),
+    (["--guidance", "nan"], "guidance must be a finite number"),
+    (["--guidance", "inf"], "guidance must be a finite number"),
+    (["--fps", "nan"], "fps must be a finite number"),
+    (["--threads", "0"], "threads must be >= 1"),
+    (["--report", "{tmp}/nodir/r.json"], "does not exist"),
+    (["--report", "{tmp}"], "is a folder"),
+    (["--frames-dir", "{tmp}/existing.mp4"], "is a file"),
+    (["--out", "{tmp}/x.gif"], ".mp4"),
+    (["--out", "{tmp}/x.avi"], ".mp4"),
+])
+def test_a_failed_run_leaves_the_output_untouched(tmp_path, args, message):
+    """Issue 12.2 and the options: every bad value is a one-line error before any output is
+    opened; what was at --out (a file, or a symlink and its target) is left as it was."""
+    model, prompt = _generate_setup(tmp_path)
+    target = tmp_path / "target.mp4"
+    target.write_bytes(b"the user's video")
+    (tmp_path / "existing.mp4").write_bytes(b"the user's other video")
+    (tmp_path / "link.mp4").symlink_to(target)
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    for out in (tmp_path / "existing.mp4", tmp_path / "link.mp4"):
+        r = _cli("generate", "--model", model, "-p", prompt, "--frames", 2, "--out", out, "--steps", 1, *args)
+        assert r.exit_code == 2 and message in r.output, r.output
+        assert len(r.output.strip().splitlines()) == 1 and "Traceback" not in r.output
+    assert target.read_bytes() == b"the user's video" and (tmp_path / "link.mp4").is_symlink()
+    assert (tmp_path / "existing.mp4").read_bytes() == b"the user's other video"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["existing.mp4", "link.mp4", "m", "p.mp4", "target.mp4"]
+
+
+@pytest.mark.parametrize("device", ["/dev/null", "/dev/full"])
+def test_devices_as_output_are_refused_and_survive(tmp_path, device):
+    model, prompt = _generate_setup(tmp_path)
+    r = _cli("generate", "--model", model, "-p", prompt, "--frames", 2, "--out", device)
+    assert r.exit_code == 2 and "not a regular file" in r.output, r.output
+    assert Path(device).is_char_device()
+
+
+def test_a_run_stopped_before_its_first_frame_leaves_the_old_file(tmp_path):
+    """Ctrl-C (or any failure) after the outputs are opened and before the first frame."""
+    from scd import generate
+    from scd.checkpoints import load_model_folder
+
+    model, prompt = _generate_setup(tmp_path)
+    out = tmp_path / "out.mp4"
+    out.write_bytes(b"the user's video")
+    events = generate.run(generate.Job(load_model_folder(model), out, prompt, frames=3, report=tmp_path / "r.json"))
+    assert isinstance(next(events), generate.Started)
+    events.close()
+    assert out.read_bytes() == b"the user's video"
+    assert json.loads((tmp_path / "r.json").read_text())["complete"] is False
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "out.mp4", "p.mp4", "r.json"]
+
+
+def test_two_runs_on_one_output_the_second_is_refused(tmp_path):
+    """Issue 12.4: the first run holds a lock on --out until it closes; the second stops at once."""
+    from scd import generate
+    from scd.checkpoints import load_model_folder
+
+    model, prompt = _generate_setup(tmp_path)
+    out = tmp_path / "out.mp4"
+    first = generate.run(generate.Job(load_model_folder(model), out, prompt, frames=3))
+    assert isinstance(next(first), generate.Started)
+    assert isinstance(next(first), generate.FrameWritten)
+    r = _cli("generate", "--model", model, "-p", prompt, "--frames", 2, "--out", out)
+    assert r.exit_code == 2 and "being written by another scd run" in r.output, r.output
+    summary = [e for e in first if isinstance(e, generate.Finished)][0].summary
+    assert summary["complete"] and read_video(out).frames.shape[0] == 3
+    r = _cli("generate", "--model", model, "-p", prompt, "--frames", 2, "--out", out)  # the lock is free again
+    assert r.exit_code == 0 and read_video(out).frames.shape[0] == 2

@@ -1,5 +1,5 @@
-"""scd.video on real files written here with PyAV: formats in, fit modes, the streaming MP4 writer
-(including a writer killed with SIGKILL), and every error a user can cause."""
+"""scd.video on real files written here with PyAV: formats in, fit modes, PNG frames out, and every
+error a user can cause. The MP4 writer: test_mp4.py."""
 
 import os
 import signal
@@ -20,8 +20,9 @@ import torch
 
 from scd import video
 from scd.errors import ConfigError, VideoError
-from scd.video import (Clip, VideoWriter, fit_frames, frames_to_tensor, read_video, tensor_to_frames,
-                       upscale_frames, write_png_frames, write_video)
+from scd.mp4 import write_video
+from scd.video import (Clip, fit_frames, frames_to_tensor, read_video, tensor_to_frames, upscale_frames,
+                       write_png_frames)
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 
@@ -380,130 +381,7 @@ def test_upscale_nearest_and_bicubic():
         upscale_frames(frames, 0)
 
 
-# ----------------------------------------------------------------------------- writing
-
-
-def test_write_video_round_trip(tmp_path):
-    path = write_video(tmp_path / "out.mp4", pattern(8), fps=7.5)
-    clip = read_video(path)
-    assert clip.frames.shape == (8, 24, 32, 3) and clip.fps == pytest.approx(7.5)
-    assert_pattern(clip.frames, 6)
-
-
-def test_odd_sizes_are_padded_to_even_and_upscale_applies(tmp_path):
-    frame = np.zeros((25, 33, 3), np.uint8)
-    frame[:, :16] = GREEN
-    frame[:, 16:] = BLUE
-    with VideoWriter(tmp_path / "odd.mp4", fps=10) as writer:
-        writer.write(frame)
-        writer.write(frame)
-        assert writer.frames_written == 2
-    out = read_video(tmp_path / "odd.mp4").frames
-    assert out.shape == (2, 26, 34, 3)
-    assert np.abs(out[0, 12, 8].astype(int) - GREEN).max() <= 6
-    assert np.abs(out[0, 25, 33].astype(int) - BLUE).max() <= 12  # padding repeats the edge
-    with VideoWriter(tmp_path / "big.mp4", fps=10, upscale=3, upscale_mode="bicubic") as writer:
-        writer.write(frame)
-    assert read_video(tmp_path / "big.mp4").frames.shape == (1, 76, 100, 3)
-
-
-def test_fragments_are_byte_identical_to_ffmpegs_own_fragmented_mp4(tmp_path):
-    # FFmpeg's muxer (which holds back its last frame) is the reference for the fragments we write
-    rng = np.random.default_rng(1)
-    frames = [np.clip(rng.normal(128, 40, (24, 32, 3)) + 8 * i, 0, 255).astype(np.uint8) for i in range(12)]
-    reference = tmp_path / "ffmpeg.mp4"
-    with av.open(str(reference), "w", format="mp4",
-                 container_options={"movflags": "empty_moov+default_base_moof+frag_every_frame"}) as container:
-        stream = container.add_stream("libx264", rate=10)
-        stream.width, stream.height, stream.pix_fmt = 32, 24, "yuv420p"
-        stream.options = {"tune": "zerolatency", "preset": "veryfast", "crf": "12", "g": "20"}
-        for i, frame in enumerate(frames):
-            picture = av.VideoFrame.from_ndarray(frame, format="rgb24")
-            picture.pts = i
-            container.mux(stream.encode(picture))
-        container.mux(stream.encode())
-    ours = write_video(tmp_path / "ours.mp4", np.stack(frames), fps=10)
-
-    def boxes(path):
-        data, offset, out = path.read_bytes(), 0, []
-        while offset < len(data):
-            size, kind = struct.unpack(">I4s", data[offset:offset + 8])
-            out.append((kind, data[offset:offset + size]))
-            offset += size
-        return out
-
-    theirs, mine = boxes(reference), boxes(ours)
-    assert [kind for kind, _ in mine] == [b"ftyp", b"moov"] + [b"moof", b"mdat"] * 12 + [b"mfra"]
-    assert mine[:-1] == theirs[:-1]  # our seek index lists keyframes only; FFmpeg's every fragment
-
-
-KILLED_WRITER = """
-import os, signal, sys
-import numpy as np
-from scd.video import VideoWriter
-path, kill_after = sys.argv[1], int(sys.argv[2])
-writer = VideoWriter(path, fps=10)
-for i in range(8):
-    writer.write(np.full((16, 16, 3), 10 + 20 * i, np.uint8))
-    if writer.frames_written == kill_after:
-        os.kill(os.getpid(), signal.SIGKILL)
-"""
-
-
-def test_a_writer_killed_mid_run_leaves_every_written_frame_playable(tmp_path):
-    path = tmp_path / "killed.mp4"
-    proc = run_python(KILLED_WRITER, path, 5)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr
-    assert b"mfra" not in path.read_bytes()  # close() never ran
-    clip = read_video(path)
-    assert_levels(clip.frames, [10, 30, 50, 70, 90])  # all five, the last one included
-    assert clip.fps == 10
-
-
-def test_writer_refuses_bad_folders_at_construction(tmp_path):
-    with pytest.raises(VideoError, match="does not exist"):
-        VideoWriter(tmp_path / "missing" / "out.mp4", fps=10)
-    (tmp_path / "file").write_text("x")
-    with pytest.raises(VideoError, match="file/out.mp4"):
-        VideoWriter(tmp_path / "file" / "out.mp4", fps=10)
-    if os.geteuid() == 0:  # root writes anywhere but a read-only file system such as /sys
-        locked = Path("/sys")
-    else:
-        locked = tmp_path / "locked"
-        locked.mkdir(mode=0o500)
-    with pytest.raises(VideoError, match="ermission denied"):
-        VideoWriter(locked / "out.mp4", fps=10)
-
-
-@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
-def test_a_full_disk_is_a_video_error(tmp_path):
-    (tmp_path / "out.mp4").symlink_to("/dev/full")  # every write fails with ENOSPC
-    writer = VideoWriter(tmp_path / "out.mp4", fps=10)
-    with pytest.raises(VideoError, match="disk full"):
-        writer.write(np.zeros((8, 8, 3), np.uint8))
-    writer.close()  # after the failure: quiet
-
-
-@pytest.mark.parametrize("fps", [0, -5, float("nan"), float("inf")])
-def test_writer_refuses_bad_fps(tmp_path, fps):
-    with pytest.raises(ConfigError, match="fps"):
-        VideoWriter(tmp_path / "out.mp4", fps=fps)
-    assert not (tmp_path / "out.mp4").exists()
-
-
-def test_writer_closed_without_frames_leaves_no_file_and_refuses_more(tmp_path):
-    with VideoWriter(tmp_path / "none.mp4", fps=10):
-        assert (tmp_path / "none.mp4").exists()  # opened at construction
-    assert not (tmp_path / "none.mp4").exists()
-    writer = VideoWriter(tmp_path / "one.mp4", fps=10)
-    writer.write(np.zeros((8, 8, 3), np.uint8))
-    with pytest.raises(VideoError, match="unlike the first frame"):
-        writer.write(np.zeros((10, 8, 3), np.uint8))
-    writer.close()
-    writer.close()
-    with pytest.raises(VideoError, match="closed"):
-        writer.write(np.zeros((8, 8, 3), np.uint8))
-    assert read_video(tmp_path / "one.mp4").frames.shape == (1, 8, 8, 3)
+# ----------------------------------------------------------------------------- PNG frames (MP4: test_mp4.py)
 
 
 def test_png_frames_round_trip_exactly(tmp_path):
