@@ -420,9 +420,21 @@ def _run(spec: BenchSpec):
                   rows_meta, warnings)
 
     peaks: list[float] = []
-    rows = []
-    total_reps = spec.warmup + spec.reps
+    rows: list[dict] = []
     sides = {"scd": scd_side, "baseline": base_side}
+    try:
+        yield from _measure(spec, combos, rows_meta, sides, device, dtype, matmul_size, peaks, rows)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: report the settings measured so far, then stop
+        if not rows:
+            raise
+        yield Finished(_finish(rows, peaks, sides, device, dtype, settings, warnings, complete=False))
+        raise
+    yield Finished(_finish(rows, peaks, sides, device, dtype, settings, warnings, complete=True))
+
+
+def _measure(spec, combos, rows_meta, sides, device, dtype, matmul_size, peaks: list, rows: list):
+    """Measure every combination, appending to `peaks` and `rows` (which outlive an interruption)."""
+    total_reps = spec.warmup + spec.reps
     for i, (n, k, b) in enumerate(combos):
         setting = rows_meta[i]
         contexts_by_side = {name: _random_context(s.config, b, n, spec.seed, device, dtype) for name, s in sides.items()}
@@ -464,11 +476,15 @@ def _run(spec: BenchSpec):
         rows.append(result)
         yield RowFinished(i, len(combos), result)
 
+
+def _finish(rows, peaks, sides, device, dtype, settings, warnings, complete: bool) -> dict:
     peak = statistics.median(peaks)
     for row in rows:  # rows finished earlier were read against the peak measured up to then
         for name in sides:
             row[name]["fraction_of_matmul_peak"] = row[name]["achieved_flops_per_s"] / peak
-    yield Finished(make_report(rows, device, dtype, peak, settings, scd_side, base_side, warnings))
+    report = make_report(rows, device, dtype, peak, settings, sides["scd"], sides["baseline"], warnings)
+    report["complete"] = complete  # False: interrupted; `rows` holds the settings finished before
+    return report
 
 
 def make_report(rows: list[dict], device, dtype, peak: float, settings: dict, scd_side: _Side,

@@ -30,6 +30,12 @@ def _reason(err: OSError) -> str:
     return err.strerror.lower() if err.strerror else str(err)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
+
+
 def _temporary_beside(path: Path, tag: str) -> tuple[int, Path]:
     """Create a new, empty file next to `path` (same folder, so a rename is atomic), with the mode
     the umask gives; returns its open descriptor and its path."""
@@ -52,6 +58,7 @@ def atomic_write(path, write: Callable[[Path], None], error: type[SCDError] = Ou
         fd, tmp = _temporary_beside(path, "tmp")
         os.close(fd)
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # some writers (safetensors) recreate the file as 0600
         os.replace(tmp, path)
         tmp = None
     except OSError as err:

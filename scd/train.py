@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from scd import files
+from scd import checks, files
 from scd.checkpoints import LoadedModel, save_model_folder
 from scd.errors import CheckpointError, ConfigError, DataError
 from scd.model import ARCHS, ModelConfig, Objective, build_model, default_rope_axes
@@ -46,19 +46,35 @@ class TrainSettings:
     checkpoint_every: int = 200
 
     def __post_init__(self):
+        """Every number in range and finite (ConfigError naming the setting otherwise)."""
+        n = checks.number
         for name in ("steps", "batch_size", "checkpoint_every", "decoder_draws"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}", parameter=name)
-        if self.clip_frames < 2:
-            raise ConfigError(f"clip_frames must be >= 2, got {self.clip_frames}", parameter="clip_frames")
-        if not 0 <= self.decay <= self.steps:
-            raise ConfigError(f"decay must lie in 0..steps ({self.steps}), got {self.decay}", parameter="decay")
-        if not 0.0 <= self.clean_context_ratio <= 1.0:
-            raise ConfigError(f"clean_context_ratio must lie in [0, 1], got {self.clean_context_ratio}",
-                              parameter="clean_context_ratio")
-        if not 0.0 < self.context_sigma_max <= 1.0:
-            raise ConfigError(f"context_sigma_max must lie in (0, 1], got {self.context_sigma_max}",
-                              parameter="context_sigma_max")
+            n(name, getattr(self, name), 1, None, integer=True)
+        n("clip_frames", self.clip_frames, 2, None, integer=True)
+        n("warmup", self.warmup, 0, None, integer=True)
+        n("decay", self.decay, 0, self.steps, integer=True)
+        n("lr", self.lr, 0, 10, above=True)
+        n("ema_decay", self.ema_decay, 0, 1)
+        n("grad_clip", self.grad_clip, 0, None, above=True)
+        n("decoder_lr_ratio", self.decoder_lr_ratio, 0, None, above=True)
+        n("sigma_shift", self.sigma_shift, 0, None, above=True)
+        n("clean_context_ratio", self.clean_context_ratio, 0, 1)
+        n("context_sigma_max", self.context_sigma_max, 0, 1, above=True)
+        n("action_dropout", self.action_dropout, 0, 1)
+        checks.seed(self.seed)
+
+
+EARLIER_RUN = ("checkpoint.pt", "losses.csv", "model.safetensors", "config.json")
+
+
+def check_out(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse, before anything is made: a file or a read-only place at `out`, or an earlier run
+    there (its model, checkpoint or losses) unless it is resumed or overwriting was asked for."""
+    files.check_output_folder(out, "model folder")
+    earlier = [name for name in EARLIER_RUN if (Path(out) / name).exists()]
+    if earlier and not (resume or overwrite):
+        raise ConfigError(f"{out} holds an earlier training run ({', '.join(earlier)}): resume it, allow "
+                          "overwriting it, or choose another out folder", "out")
 
 
 @dataclass
@@ -113,15 +129,25 @@ def _save_losses(path: Path, losses: list[float]) -> None:
 
 
 def train(config: ModelConfig, out: Path, settings: TrainSettings, batches, init: LoadedModel | None = None,
-          resume: bool = False, card=None):
+          resume: bool = False, card=None, overwrite: bool = False):
     """Train, yielding Progress after every step; writes `out/checkpoint.pt` and `out/losses.csv`
     periodically and the EMA model folder at the end. `batches(start_step)` yields (video (B, N, C, H, W), actions);
     under `accelerate launch` with several processes it is called as `batches(start_step, rank)`,
-    each process trains on its own batches and gradients are averaged (the batch is per process)."""
+    each process trains on its own batches and gradients are averaged (the batch is per process).
+    An earlier run in `out` is refused unless `resume` or `overwrite`. Interrupted (Ctrl-C, SIGTERM
+    as KeyboardInterrupt) between steps' updates, it first saves a checkpoint of the last finished
+    step, from which `resume` continues bit-identically."""
     from accelerate import Accelerator
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_out(out, resume, overwrite)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CheckpointError(f"cannot make the model folder {out}: {err.strerror or err}") from None
+    if overwrite and not resume:  # a stale checkpoint must not be resumed as this run's
+        for name in ("checkpoint.pt", "losses.csv"):
+            (out / name).unlink(missing_ok=True)
     accelerator = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no", cpu=not torch.cuda.is_available())
     rank, ranks = accelerator.process_index, accelerator.num_processes
     torch.manual_seed(settings.seed)
@@ -158,7 +184,16 @@ def train(config: ModelConfig, out: Path, settings: TrainSettings, batches, init
                           settings.context_sigma_max)
     data = batches(start) if ranks == 1 else batches(start, rank)
     began = time.perf_counter()
-    for step in range(start, settings.steps):
+
+    def checkpoint(done: int, rng, cuda_rng) -> None:
+        if accelerator.is_main_process:
+            _save_checkpoint(ckpt, {"model": raw.state_dict(), "ema": ema.state_dict(),
+                                    "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                                    "rng": rng, "step": done, "losses": losses, "config": config.to_dict(),
+                                    "cuda_rng": cuda_rng, "wall_s": wall_before + time.perf_counter() - began})
+            _save_losses(out / "losses.csv", losses)
+
+    def forward_backward(step: int) -> torch.Tensor:
         video, actions = next(data)
         video = video.to(accelerator.device)
         actions = drop_actions(actions, config, settings.action_dropout)
@@ -166,7 +201,7 @@ def train(config: ModelConfig, out: Path, settings: TrainSettings, batches, init
         with accelerator.autocast():
             loss = raw.loss(video, actions, objective)
         if not torch.isfinite(loss):
-            raise DataError(f"the loss became {loss.item()} at step {step}: lower --lr or check the data")
+            raise DataError(f"the loss became {loss.item()} at step {step}: lower the learning rate or check the data")
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         if ranks > 1:
@@ -174,6 +209,9 @@ def train(config: ModelConfig, out: Path, settings: TrainSettings, batches, init
                 if p.grad is not None:
                     p.grad = accelerator.reduce(p.grad, reduction="mean")
             loss = accelerator.reduce(loss.detach(), reduction="mean")
+        return loss
+
+    def update(step: int, loss: torch.Tensor) -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
         optimizer.step()
         schedule.step()
@@ -182,19 +220,28 @@ def train(config: ModelConfig, out: Path, settings: TrainSettings, batches, init
             for e, p in zip(ema.parameters(), raw.parameters()):
                 e.lerp_(p.detach().to(e.dtype), 1 - decay)
         losses.append(loss.item())
-        done = step + 1
-        rate = (done - start) / (time.perf_counter() - began)
-        if done % settings.checkpoint_every == 0 or done == settings.steps:
-            if accelerator.is_main_process:
-                _save_checkpoint(ckpt, {"model": raw.state_dict(), "ema": ema.state_dict(),
-                                        "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                                        "rng": torch.get_rng_state(), "step": done, "losses": losses,
-                                        "config": config.to_dict(),
-                                        "cuda_rng": torch.cuda.get_rng_state(accelerator.device) if torch.cuda.is_available() else None,
-                                        "wall_s": wall_before + time.perf_counter() - began})
-                _save_losses(out / "losses.csv", losses)
-        yield Progress(done, settings.steps, loss.item(), rate, (settings.steps - done) / rate if rate else 0.0,
-                       accelerator.is_main_process)
+
+    def rng_states():
+        return torch.get_rng_state(), torch.cuda.get_rng_state(accelerator.device) if torch.cuda.is_available() else None
+
+    safe = None  # (finished steps, RNG states) while the model is exactly that many steps in; None mid-update
+    try:
+        for step in range(start, settings.steps):
+            safe = (step, *rng_states())  # an interrupted step is redone from here on resume
+            loss = forward_backward(step)
+            safe = None
+            update(step, loss)
+            done = step + 1
+            safe = (done, *rng_states())
+            rate = (done - start) / (time.perf_counter() - began)
+            if done % settings.checkpoint_every == 0 or done == settings.steps:
+                checkpoint(*safe)
+            yield Progress(done, settings.steps, losses[-1], rate, (settings.steps - done) / rate if rate else 0.0,
+                           accelerator.is_main_process)
+    except (KeyboardInterrupt, GeneratorExit):  # Ctrl-C, SIGTERM, or the caller stopped early
+        if safe is not None and safe[0] > start and ranks == 1:
+            checkpoint(*safe)
+        raise
     if accelerator.is_main_process:
         ema.config = config
         save_model_folder(ema, out, card(losses, wall_before + time.perf_counter() - began) if card else None)

@@ -140,8 +140,9 @@ def bench(
 
     progress = None
     report = None
+    events = bench_lib.run(spec)
     try:
-        for event in bench_lib.run(spec):
+        for event in events:
             if isinstance(event, bench_lib.Started):
                 for warning in event.warnings:
                     err_console.print(f"[yellow]warning:[/] {warning}")
@@ -165,9 +166,27 @@ def bench(
                     say(f"[dim]{line}[/]")
             elif isinstance(event, bench_lib.Finished):
                 report = event.report
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: keep the settings measured so far
+        if report is None:
+            try:  # interrupted here, between events: the library answers with the rows it has
+                event = events.throw(KeyboardInterrupt())
+                report = event.report if isinstance(event, bench_lib.Finished) else None
+            except KeyboardInterrupt:
+                pass
+        if progress is not None:
+            progress.stop()
+            progress = None
+        if report is not None:
+            _write(report, json_path, plot, quiet)
+            err_console.print(f"interrupted after {len(report['rows'])} setting(s); the report holds those")
+        raise
     finally:
         if progress is not None:
             progress.stop()
+    _write(report, json_path, plot, quiet)
+
+
+def _write(report: dict, json_path: Optional[Path], plot: Optional[Path], quiet: bool) -> None:
     if json_path is not None:
         bench_lib.write_json(report, json_path)
     if plot is not None:

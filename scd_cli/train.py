@@ -12,7 +12,8 @@ import typer
 from scd import train as training
 from scd.cards import training_card
 from scd.checkpoints import load_model
-from scd_cli.common import console, handles_errors, is_interactive, say, state
+from scd.devices import use_threads
+from scd_cli.common import Threads, console, err_console, handles_errors, is_interactive, say, state
 
 
 def _command_line(ctx: typer.Context) -> str:
@@ -35,6 +36,8 @@ def train(
     data: str = typer.Option("world", "--data", help="'world' (the synthetic world stream) or a folder of videos (with optional NAME.actions.txt)."),
     init: Optional[str] = typer.Option(None, "--init", help="Start from this model folder (e.g. a converted baseline)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint.pt exactly."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier run in OUT (refused without this or --resume)."),
+    threads: Threads = None,
     steps: int = typer.Option(1000, "--steps"),
     batch_size: int = typer.Option(8, "--batch-size"),
     clip_frames: int = typer.Option(8, "--clip-frames"),
@@ -73,18 +76,30 @@ def train(
         batches, described = training.world_batches(settings, config), "synthetic world (scd.world), seeds < 1e9"
     else:
         batches, described = training.folder_batches(Path(data), settings, config), f"videos in {data}"
-    events = training.train(config, out, settings, batches, loaded, resume, training_card(command, config, settings, described))
+    use_threads(threads)
+    events = training.train(config, out, settings, batches, loaded, resume, training_card(command, config, settings, described),
+                            overwrite=overwrite)
+    try:
+        _consume(events, settings.steps)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the library saved the last finished step
+        events.close()
+        if (out / "checkpoint.pt").is_file():
+            err_console.print(f"the training so far is saved in {out / 'checkpoint.pt'}: continue it with the same "
+                              "command and --resume", soft_wrap=True)
+        raise
+    console.print(f"wrote {out}")
+
+
+def _consume(events, steps: int) -> None:
     if os.environ.get("RANK", "0") != "0":  # another process of `accelerate launch`: the main one draws
         for _ in events:
             pass
-        return
-    if is_interactive() and not state["quiet"]:
-        _draw_live(events, settings.steps)
+    elif is_interactive() and not state["quiet"]:
+        _draw_live(events, steps)
     else:
         for p in events:
             if p.step % 10 == 0 or p.step == p.steps:
                 say(f"step {p.step}/{p.steps} loss {p.loss:.4f} {p.steps_per_s:.2f} steps/s ETA {p.eta_s / 60:.1f} min")
-    console.print(f"wrote {out}")
 
 
 def _draw_live(events, steps: int) -> None:

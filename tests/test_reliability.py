@@ -382,3 +382,123 @@ def test_two_runs_on_one_output_the_second_is_refused(tmp_path):
     assert summary["complete"] and read_video(out).frames.shape[0] == 3
     r = _cli("generate", "--model", model, "-p", prompt, "--frames", 2, "--out", out)  # the lock is free again
     assert r.exit_code == 0 and read_video(out).frames.shape[0] == 2
+
+
+# ----------------------------------------------------------------------------- signals and partial work
+
+
+def _interrupt_after(cmd, marker: str, count: int, sig=signal.SIGINT):
+    """Run `cmd` (a list after `python -m scd_cli`), send `sig` once `count` output lines start with
+    `marker`; returns (exit code, all output)."""
+    proc = subprocess.Popen([sys.executable, "-m", "scd_cli", *map(str, cmd)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True,
+                            # a shell running this suite in the background ignores SIGINT for its children: undo that
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    seen, lines = 0, []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith(marker):
+            seen += 1
+            if seen == count:
+                proc.send_signal(sig)
+                break
+    rest = proc.communicate(timeout=120)[0]
+    return proc.returncode, "".join(lines) + rest
+
+
+def test_sigterm_mid_generation_is_handled_as_ctrl_c(tmp_path):
+    """What `timeout`, systemd and schedulers send: the video keeps its frames, the report says
+    complete: false, exit code 143."""
+    model, prompt = _generate_setup(tmp_path)
+    out, report = tmp_path / "out.mp4", tmp_path / "r.json"
+    code, output = _interrupt_after(["generate", "--model", model, "--prompt-frames", prompt, "--frames", 5000,
+                                     "--steps", 20, "--out", out, "--report", report], "frame ", 3, signal.SIGTERM)
+    assert code == 143 and "terminated" in output and "Traceback" not in output, output
+    data = json.loads(report.read_text())
+    assert data["complete"] is False and data["frames_generated"] >= 3 and data["format_version"] == 2
+    assert read_video(out).frames.shape[0] == data["frames_generated"]
+
+
+def _tiny_train_args(out):
+    return ["train", "--out", out, "--heads", 2, "--head-dim", 8, "--layers", 2, "--decoder-layers", 1,
+            "--patch-size", 8, "--batch-size", 2, "--clip-frames", 3, "--warmup", 2, "--threads", 1]
+
+
+def test_ctrl_c_in_train_saves_the_last_step_and_says_how_to_resume(tmp_path):
+    """Interrupted, train saves the last finished step and prints the --resume hint; resumed, it
+    ends bit-identical to a run that was never interrupted."""
+    from safetensors.torch import load_file
+
+    code, output = _interrupt_after(_tiny_train_args(tmp_path / "cut") + ["--steps", 500, "--checkpoint-every", 1000],
+                                    "step 10/", 1)
+    assert code == 130 and "--resume" in output and "Traceback" not in output, output
+    saved = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["step"]
+    assert 10 <= saved < 500
+    r = _cli(*_tiny_train_args(tmp_path / "cut"), "--steps", saved + 2, "--resume")
+    assert r.exit_code == 0, r.output
+    r = _cli(*_tiny_train_args(tmp_path / "straight"), "--steps", saved + 2)
+    assert r.exit_code == 0, r.output
+    cut, straight = (load_file(tmp_path / name / "model.safetensors") for name in ("cut", "straight"))
+    assert all(torch.equal(cut[k], straight[k]) for k in straight)
+
+
+def test_train_over_an_earlier_run_is_refused_unless_resumed_or_overwritten(tmp_path):
+    out = tmp_path / "run"
+    assert _cli(*_tiny_train_args(out), "--steps", 2).exit_code == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    r = _cli(*_tiny_train_args(out), "--steps", 2)
+    assert r.exit_code == 2 and "earlier training run" in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    r = _cli(*_tiny_train_args(out), "--steps", 3, "--overwrite", "--seed", 1)
+    assert r.exit_code == 0, r.output
+    assert (out / "model.safetensors").read_bytes() != before["model.safetensors"]
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 3
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--lr", "-1"], "lr must be > 0"), (["--lr", "nan"], "lr must be a finite number"),
+    (["--lr", "inf"], "lr must be a finite number"), (["--ema-decay", "2"], "ema-decay must be"),
+    (["--seed", str(2**64)], "seed must be"), (["--threads", "0"], "threads must be >= 1"),
+])
+def test_train_numbers_are_checked_before_anything_is_made(tmp_path, args, message):
+    r = _cli(*_tiny_train_args(tmp_path / "new"), "--steps", 2, *args)
+    assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output, r.output
+    assert not (tmp_path / "new").exists()
+
+
+def test_train_out_that_is_a_file_or_read_only_is_refused(tmp_path):
+    (tmp_path / "file").write_text("mine")
+    r = _cli(*_tiny_train_args(tmp_path / "file"), "--steps", 2)
+    assert r.exit_code == 2 and "is a file" in r.output, r.output
+    assert (tmp_path / "file").read_text() == "mine"
+    if os.geteuid() == 0:
+        if os.access("/sys", os.W_OK):
+            pytest.skip("no read-only folder for root here")
+        locked = Path("/sys")
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+    r = _cli(*_tiny_train_args(locked / "run"), "--steps", 2)
+    assert r.exit_code == 2 and ("permission denied" in r.output or "read-only" in r.output), r.output
+
+
+def test_train_and_convert_files_respect_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        assert _cli(*_tiny_train_args(tmp_path / "run"), "--steps", 2).exit_code == 0
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "run").iterdir()}
+    assert modes == {name: 0o644 for name in ("checkpoint.pt", "losses.csv", "model.safetensors", "config.json",
+                                             "README.md")}, modes
+
+
+def test_ctrl_c_in_bench_writes_the_rows_measured_so_far(tmp_path):
+    model = save_model_folder(random_model(tiny_config()), tmp_path / "m")
+    report = tmp_path / "bench.json"
+    code, output = _interrupt_after(["bench", "--model", model, "--context", "2,3,4,5,6,7,8,9", "--steps", 2,
+                                     "--batch", 1, "--reps", 20, "--warmup", 0, "--threads", 1, "--json", report],
+                                    "context 4", 1)
+    assert code == 130 and "Traceback" not in output, output
+    data = json.loads(report.read_text())
+    assert data["complete"] is False and [r["context"] for r in data["rows"]] == [2, 3]
