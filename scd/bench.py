@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 import scd
-from scd import files, reference
+from scd import checks, files, reference
 from scd.devices import dtype_name, resolve_device, resolve_dtype
 from scd.errors import ConfigError
 from scd.flops import frame_flops, parameter_count
@@ -115,6 +115,8 @@ class BenchSpec:
             problems.append(f"threads must be >= 1, got {self.threads}")
         if self.warmup < 0:
             problems.append(f"warmup must be >= 0, got {self.warmup}")
+        if not 0 <= self.seed <= checks.MAX_SEED:
+            problems.append(f"seed must be >= 0 and <= {checks.MAX_SEED}, got {self.seed}")
         if self.preset is not None and self.preset.upper() not in PRESETS:
             problems.append(f"unknown preset {self.preset!r}: choose {', '.join(PRESETS)}")
         if self.preset is not None and (self.model is not None or self.baseline is not None or self.config is not None):

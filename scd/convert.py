@@ -25,7 +25,7 @@ from pathlib import Path, PurePosixPath
 import torch
 from safetensors.torch import save_file
 
-from scd import files, reference
+from scd import checks, files, reference
 from scd.cards import conversion_card
 from scd.checkpoints import (CONFIG, WEIGHTS, load_state, model_from_tensors, read_folder_config, read_tensors,
                              save_model_folder, tensor_mismatches)
@@ -491,6 +491,10 @@ def convert(source: str | Path, out: str | Path, *, options: str | Path | None =
     """
     if to not in ("scd", "baseline"):
         raise ConfigError(f"to must be scd or baseline, not {to!r}", parameter="to")
+    for name, value, low, above, integer in (("scaling_factor", scaling_factor, 0, True, False),
+                                             ("downsample", downsample, 1, False, True), ("fps", fps, 0, True, False)):
+        if value is not None:
+            checks.number(name, value, low, 1000 if name == "fps" else None, above=above, integer=integer)
     out = Path(out).expanduser()
     read = _read(resolve(source))
     notes: list[str] = []

@@ -15,7 +15,7 @@ import time
 import numpy as np
 import torch
 
-from scd import world
+from scd import checks, world
 from scd.checkpoints import LoadedModel
 from scd.errors import ConfigError
 from scd.metrics import PSNR_CAP, psnr, ssim, uint8_to_unit
@@ -60,6 +60,11 @@ def evaluate(models: dict[str, LoadedModel], clips: int = 64, context: int = 8, 
     for name, value in (("clips", clips), ("context", context), ("frames", frames)):
         if value < 1:
             raise ConfigError(f"{name} must be >= 1, got {value}", parameter=name)
+    if steps is not None:
+        checks.number("steps", steps, 1, 1000, integer=True)
+    if guidance is not None:
+        checks.number("guidance", guidance, 0, 100)
+    checks.seed(seed)
     data = world.heldout_clips(clips, context + frames)
     truth = np.stack([f[context:] for f, _ in data])
     result = {"clips": clips, "frames": frames, "context": context, "seed": seed}

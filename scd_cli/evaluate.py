@@ -9,10 +9,11 @@ from typing import Optional
 import typer
 from rich.table import Table
 
+from scd import files
 from scd.checkpoints import load_model
-from scd.errors import ConfigError
+from scd.devices import use_threads
 from scd.evaluate import evaluate
-from scd_cli.common import console, handles_errors
+from scd_cli.common import Threads, console, handles_errors
 
 
 @handles_errors
@@ -26,8 +27,12 @@ def eval_command(
     guidance: Optional[float] = typer.Option(None, "--guidance"),
     seed: int = typer.Option(0, "--seed"),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the scores as JSON."),
+    threads: Threads = None,
 ):
     """Score models on held-out clips of the synthetic world."""
+    if json_path is not None:
+        files.check_output(json_path, "JSON report")
+    use_threads(threads)
     models = {"scd": load_model(model, arch="scd"), "baseline": load_model(baseline if baseline else None, arch="baseline")}
     result = evaluate(models, clips, context, frames, steps, guidance, seed)
     table = Table(title=f"{clips} held-out clips, {context} context frames, {frames} generated")
@@ -41,10 +46,7 @@ def eval_command(
     console.print("copy_last_frame repeats the last context frame; object_free is the true static scene with every "
                   "moving object erased (what getting the background right is worth).", style="dim")
     if json_path is not None:
-        try:
-            json_path.write_text(json.dumps(result, indent=2) + "\n")
-        except OSError as err:
-            raise ConfigError(f"cannot write {json_path}: {err.strerror or err}") from None
+        files.write_text(json_path, json.dumps(result, indent=2) + "\n", what="JSON report")
 
 
 def register(app: typer.Typer) -> None:

@@ -497,8 +497,30 @@ def test_ctrl_c_in_bench_writes_the_rows_measured_so_far(tmp_path):
     model = save_model_folder(random_model(tiny_config()), tmp_path / "m")
     report = tmp_path / "bench.json"
     code, output = _interrupt_after(["bench", "--model", model, "--context", "2,3,4,5,6,7,8,9", "--steps", 2,
-                                     "--batch", 1, "--reps", 20, "--warmup", 0, "--threads", 1, "--json", report],
-                                    "context 4", 1)
+                                     "--batch", 1, "--reps", 20, "--warmup", 0, "--threads", 1, "--matmul-size", 32,
+                                     "--json", report], "context 4", 1)
     assert code == 130 and "Traceback" not in output, output
     data = json.loads(report.read_text())
-    assert data["complete"] is False and [r["context"] for r in data["rows"]] == [2, 3]
+    contexts = [r["context"] for r in data["rows"]]
+    assert data["complete"] is False and contexts == list(range(2, 2 + len(contexts))) and 2 <= len(contexts) < 8
+
+
+@pytest.mark.parametrize("args, message", [
+    (["info", "--steps", "-1"], "steps must be >= 1"),
+    (["info", "--context", "-1"], "context must be >= 0"),
+    (["eval", "--clips", "1", "--frames", "1", "--guidance", "nan"], "guidance must be a finite number"),
+    (["eval", "--clips", "1", "--frames", "1", "--seed", str(2**64)], "seed must be"),
+    (["eval", "--clips", "1", "--frames", "1", "--steps", "0"], "steps must be >= 1"),
+    (["eval", "--clips", "1", "--threads", "0"], "threads must be >= 1"),
+    (["eval", "--clips", "1", "--json", "/nonexistent-dir/e.json"], "does not exist"),
+    (["bench", "--seed", str(2**64)], "seed must be"),
+    (["convert", "{model}", "--out", "{tmp}/c", "--fps", "nan"], "fps must be a finite number"),
+    (["convert", "{model}", "--out", "{tmp}/c", "--fps", "inf"], "fps must be a finite number"),
+    (["convert", "{model}", "--out", "{tmp}/c", "--scaling-factor", "-1"], "scaling-factor must be > 0"),
+])
+def test_numbers_of_every_command_are_checked(tmp_path, args, message):
+    """Issue 12, options: range, NaN and infinity give a one-line error (exit 2) naming the flag."""
+    model = save_model_folder(random_model(tiny_config()), tmp_path / "m")
+    r = _cli(*[a.replace("{model}", str(model)).replace("{tmp}", str(tmp_path)) for a in args])
+    assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output, r.output
+    assert not (tmp_path / "c").exists()
