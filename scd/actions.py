@@ -26,11 +26,13 @@ def parse_actions(spec: str | Path | None, names: tuple[str, ...], num_classes: 
         is_file = path.is_file()
     except (OSError, ValueError):  # not a usable path (e.g. a NUL byte): read it as a list
         is_file = False
+    where = ""
     if ("," not in text and path.suffix and "\x00" not in text) or is_file:
         try:
-            text = path.read_text()
+            text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not an action
         except (OSError, UnicodeDecodeError, ValueError) as err:
             raise ActionError(f"cannot read action file {path}: {err}") from None
+        where = f" in {path}"
     lookup = {name.lower(): i for i, name in enumerate(names)}
     lookup.update({"none": num_classes, "null": num_classes, "noop": num_classes})
     actions = []
@@ -42,13 +44,13 @@ def parse_actions(spec: str | Path | None, names: tuple[str, ...], num_classes: 
             if item.isascii() and item.lstrip("-").isdigit():
                 index = int(item)
                 if not 0 <= index <= num_classes:
-                    raise ActionError(f"action index {index} is out of range 0..{num_classes} ({num_classes} = none)")
+                    raise ActionError(f"action index {index}{where} is out of range 0..{num_classes} ({num_classes} = none)")
                 actions.append(index)
             elif item in lookup:
                 actions.append(lookup[item])
             else:
                 known = ", ".join(list(names) + ["none"]) or f"indices 0..{num_classes}"
-                raise ActionError(f"unknown action {item!r}: this model knows {known}")
+                raise ActionError(f"unknown action {item!r}{where}: this model knows {known}")
     if not actions:
         raise ActionError(f"no actions found in {spec!r}")
     return actions

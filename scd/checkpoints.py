@@ -213,9 +213,10 @@ def load_model(ref: str | Path | None = None, options: Path | None = None, arch:
                latent_size=None) -> LoadedModel:
     """Resolve a model reference: None (the embedded default of `arch`), a local model folder, a
     reference checkpoint file (with its options, or one of FAR's published files by name), or a Hub
-    repo id with optional @revision (`owner/name:path/file.pth` for a checkpoint file in it)."""
-    if ref is None or str(ref) in EMBEDDED:
-        name = arch if ref is None else str(ref)
+    repo id with optional @revision (`owner/name:path/file.pth` for a checkpoint file in it). A local
+    path named `scd` or `baseline` is that path; `embedded:scd` always names the embedded model."""
+    name = str(ref).removeprefix("embedded:") if ref is not None else arch
+    if ref is None or (name in EMBEDDED and (str(ref).startswith("embedded:") or not Path(ref).exists())):
         loaded = load_model_folder(EMBEDDED[name])
         loaded.source = f"embedded:{name}"
         return loaded

@@ -149,11 +149,14 @@ def run(job: Job):
     if job.actions is not None and len(job.actions) < job.frames:
         raise ActionError(f"{len(job.actions)} actions given for {job.frames} frames: give one per generated frame")
     conditions = None
+    warnings = []
     if config.condition == "action":
         null = config.null_class
         before = list(prompt_actions) if prompt_actions is not None else [null] * len(prompt)
-        if len(before) != len(prompt):
-            before = (before + [null] * len(prompt))[:len(prompt)]
+        if len(before) < len(prompt):
+            warnings.append(f"{len(before)} prompt actions for {len(prompt)} prompt frames: "
+                            f"the last {len(prompt) - len(before)} are taken as none")
+        before = (before + [null] * len(prompt))[:len(prompt)]
         after = list(job.actions[:job.frames]) if job.actions is not None else [null] * job.frames
         conditions = torch.tensor(before + after)
     elif job.actions is not None:

@@ -9,8 +9,10 @@ import typer
 import scd
 from scd_cli import bench, common, convert, evaluate, generate, info, play, train
 
+# rich_markup_mode=None: help text is shown as written ("repo id[@revision]" is not markup) and
+# flags are not given a "<bool>" value they do not take
 app = typer.Typer(name="scd", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-                  help="Streaming video generation with Separable Causal Diffusion.")
+                  rich_markup_mode=None, help="Streaming video generation with Separable Causal Diffusion.")
 
 
 def _version(value: bool):

@@ -80,6 +80,11 @@ def handles_errors(command):
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         state["started"] = time.perf_counter()
+        for stream in (sys.stdout, sys.stderr):  # an ASCII-only terminal shows a path's "é" as \xe9, not a traceback
+            try:
+                stream.reconfigure(errors="backslashreplace")
+            except (AttributeError, ValueError, OSError):
+                pass
         main = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGTERM, _on_sigterm) if main else None
         try:

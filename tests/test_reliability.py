@@ -524,3 +524,48 @@ def test_numbers_of_every_command_are_checked(tmp_path, args, message):
     r = _cli(*[a.replace("{model}", str(model)).replace("{tmp}", str(tmp_path)) for a in args])
     assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output, r.output
     assert not (tmp_path / "c").exists()
+
+
+# ----------------------------------------------------------------------------- small ones
+
+
+def test_actions_files_with_a_byte_order_mark_and_errors_that_name_the_file(tmp_path):
+    names = ("up", "down", "left", "right")
+    path = tmp_path / "a.actions.txt"
+    path.write_bytes("\ufeffup\nleft\n".encode("utf-8"))
+    assert parse_actions(path, names, 4) == [0, 2]
+    path.write_text("up\njump\n")
+    with pytest.raises(ActionError, match=f"'jump' in {path}"):
+        parse_actions(path, names, 4)
+
+
+def test_a_short_prompt_action_list_warns(tmp_path):
+    model, prompt = _generate_setup(tmp_path)
+    (tmp_path / "p.actions.txt").write_text("up\nup\n")  # 2 actions for 3 kept prompt frames
+    r = _cli("generate", "--model", model, "-p", prompt, "--frames", 1, "--out", tmp_path / "o.mp4")
+    assert r.exit_code == 0 and "2 prompt actions for 3 prompt frames" in r.output, r.output
+
+
+def test_a_local_folder_named_like_an_embedded_model_is_that_folder(tmp_path, monkeypatch):
+    from scd.checkpoints import load_model
+
+    save_model_folder(random_model(tiny_config()), tmp_path / "baseline")
+    monkeypatch.chdir(tmp_path)
+    assert load_model("baseline").source == "baseline" and load_model("baseline").config.arch == "scd"
+    assert load_model("embedded:baseline").source == "embedded:baseline"
+    assert load_model("embedded:baseline").config.arch == "baseline"
+
+
+def test_help_shows_text_as_written_and_flags_without_values():
+    r = _cli("generate", "--help")
+    assert "repo id[@revision]" in r.output and "<bool>" not in r.output
+
+
+def test_a_non_ascii_path_on_an_ascii_terminal(tmp_path):
+    model, prompt = _generate_setup(tmp_path)
+    out = tmp_path / "vidéo.mp4"
+    proc = subprocess.run([sys.executable, "-m", "scd_cli", "generate", "--model", str(model), "-p", str(prompt),
+                           "--frames", "1", "--out", str(out)], capture_output=True,
+                          env={**os.environ, "PYTHONIOENCODING": "ascii", "LC_ALL": "C"}, timeout=120)
+    assert proc.returncode == 0, proc.stderr.decode("ascii", "replace")
+    assert b"vid\\xe9o.mp4" in proc.stdout and read_video(out).frames.shape[0] == 1
