@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -30,18 +31,32 @@ def _live_line(event: job_lib.FrameWritten, first_ms: float) -> Text:
         f"{fps:5.2f} frames/s  first frame {first_ms:7.1f} ms  ETA {eta:5.1f} s")
 
 
+def _where_the_time_went(times: dict) -> str:
+    """startup, model load, prompt, frame loop (context / denoise / frame decode) and writing, in s."""
+    def s(key):
+        value = times.get(key)
+        return "-" if value is None else f"{value:.2f}"
+    return (f"startup {s('startup_s')}, model load {s('model_load_s')}, prompt {s('prompt_decode_s')} + "
+            f"{s('prompt_encode_s')}, frames {s('frame_loop_s')} (context {s('context_s')}, denoise {s('denoise_s')}, "
+            f"decode {s('frame_decode_s')}), video write {s('write_s')}")
+
+
 def _summary_table(summary: dict, steps: int) -> Table:
     table = Table(title="scd generate", show_header=False)
+    first_from_start = summary.get("time_to_first_frame_from_start_ms")
     rows = [("model", summary["model"] + (f" @ {summary['revision']}" if summary.get("revision") else "")),
-            ("device / dtype", f"{summary['device']} / {summary['dtype']}"), ("steps", str(steps)),
+            ("device / dtype / threads", f"{summary['device']} / {summary['dtype']} / {summary.get('threads')}"),
+            ("steps", str(steps)),
             ("frames", f"{summary['frames_generated']} x {summary['batch']}"),
-            ("time to first frame", f"{summary['time_to_first_frame_ms'] or 0:.1f} ms"),
+            ("time to first frame", f"{summary['time_to_first_frame_ms'] or 0:.1f} ms from the loop's start, "
+                                    f"{first_from_start or 0:.0f} ms from the command's"),
+            ("where the time went (s)", _where_the_time_went(summary.get("times", {}))),
             ("latency p50 / p95 / max", f"{summary['latency_ms_p50']:.1f} / {summary['latency_ms_p95']:.1f} / "
                                         f"{summary['latency_ms_max']:.1f} ms"),
             ("throughput", f"{summary['frames_per_second']:.2f} frames/s"),
             ("output", ", ".join(summary["outputs"]))]
     for k, v in rows:
-        table.add_row(f"[dim]{k}[/]", v)
+        table.add_row(f"[dim]{k}[/]", escape(v))
     return table
 
 
@@ -62,7 +77,7 @@ def generate(
     fit: str = typer.Option("crop", "--fit", help="Fit prompt frames to the model's size: crop (resize + center crop), pad or stretch."),
     fps: Optional[float] = typer.Option(None, "--fps", help="Output frame rate (default: the model's)."),
     include_prompt: bool = typer.Option(False, "--include-prompt", help="Put the prompt frames first in the video."),
-    upscale: int = typer.Option(1, "--upscale", help="Enlarge frames N times for viewing."),
+    upscale: int = typer.Option(1, "--upscale", help="Enlarge frames N times for viewing (the 32x32 world models: --upscale 8 gives 256x256)."),
     upscale_mode: str = typer.Option("nearest", "--upscale-mode", help="nearest or bicubic."),
     frames_dir: Optional[Path] = typer.Option(None, "--frames-dir", help="Also write each frame as a PNG here."),
     seed: int = typer.Option(0, "--seed", help="Noise seed: the same seed gives the same video."),
@@ -98,7 +113,7 @@ def generate(
                 for warning in event.warnings:
                     err_console.print(f"[yellow]warning:[/] {warning}")
                 say(f"[bold]{event.model}[/]" + (f" @ {event.revision}" if event.revision else "")
-                    + f" on {event.device} ({event.dtype}), {event.steps} steps; prompt: {event.prompt_source}, "
+                    + f" on {event.device} ({event.dtype}, {event.threads} threads), {event.steps} steps; prompt: {event.prompt_source}, "
                       f"{event.context_frames} frames -> {', '.join(map(str, event.outputs))}")
                 if is_interactive() and not quiet:
                     live = Live(Text("starting..."), console=console, refresh_per_second=8, transient=False)
