@@ -497,7 +497,7 @@ def test_ctrl_c_in_bench_writes_the_rows_measured_so_far(tmp_path):
     model = save_model_folder(random_model(tiny_config()), tmp_path / "m")
     report = tmp_path / "bench.json"
     code, output = _interrupt_after(["bench", "--model", model, "--context", "2,3,4,5,6,7,8,9", "--steps", 2,
-                                     "--batch", 1, "--reps", 20, "--warmup", 0, "--threads", 1, "--matmul-size", 32,
+                                     "--batch", 1, "--reps", 6, "--frames", 2, "--warmup", 0, "--threads", 1, "--matmul-size", 32,
                                      "--json", report], "context 4", 1)
     assert code == 130 and "Traceback" not in output, output
     data = json.loads(report.read_text())
