@@ -507,7 +507,7 @@ def test_ctrl_c_in_bench_writes_the_rows_measured_so_far(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["info", "--steps", "-1"], "steps must be >= 1"),
-    (["info", "--context", "-1"], "context must be >= 0"),
+    (["info", "--context", "-1"], "must be >= 0"),
     (["eval", "--clips", "1", "--frames", "1", "--guidance", "nan"], "guidance must be a finite number"),
     (["eval", "--clips", "1", "--frames", "1", "--seed", str(2**64)], "seed must be"),
     (["eval", "--clips", "1", "--frames", "1", "--steps", "0"], "steps must be >= 1"),
