@@ -53,6 +53,8 @@ def atomic_write(path, write: Callable[[Path], None], error: type[SCDError] = Ou
     temporary file. Raises `error` naming the file when it cannot be written."""
     path = Path(os.path.realpath(path))
     label = f"{what} {path}" if what else str(path)
+    if path.exists() and not path.is_file():  # never replace a folder, a device (/dev/null) or a FIFO
+        raise error(f"cannot write {label}: it is not a regular file")
     tmp = None
     try:
         fd, tmp = _temporary_beside(path, "tmp")
@@ -82,8 +84,8 @@ def check_output(path, what: str = "output", inputs=()) -> Path:
     real = Path(os.path.realpath(given))
     for source in inputs:
         if source is not None and _same_file(real, source):
-            raise OutputError(f"the {what} {given} is the input {source}: writing it would destroy the input; "
-                              f"choose another {what} path")
+            raise OutputError(f"the {what} {given} is the input {source} (the same file): writing it would destroy "
+                              f"the input; choose another {what} path")
     if real.exists():
         if real.is_dir():
             raise OutputError(f"the {what} {given} is a folder: give a file path")

@@ -11,6 +11,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from scd import bench as bench_lib
+from scd import files
 from scd.errors import ConfigError
 from scd_cli.common import console, err_console, handles_errors, is_interactive, say, state
 
@@ -129,13 +130,12 @@ def bench(
         matmul_size=_ints(matmul_size, "--matmul-size", single=True)[0] if matmul_size is not None else None)
     spec.validate()
     # fail now, not after minutes of measuring
-    if json_path is not None and not json_path.parent.is_dir():
-        raise ConfigError(f"cannot write {json_path}: {json_path.parent} is not a directory")
+    if json_path is not None:
+        files.check_output(json_path, "JSON report")
     if plot is not None:
         if plot.suffix.lower() not in PLOT_SUFFIXES:
             raise ConfigError(f"--plot writes {', '.join(PLOT_SUFFIXES)} files, not {plot.name!r}")
-        if not plot.parent.is_dir():
-            raise ConfigError(f"cannot write {plot}: {plot.parent} is not a directory")
+        files.check_output(plot, "plot")
         bench_lib.require_matplotlib()
 
     progress = None

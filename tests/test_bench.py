@@ -209,7 +209,8 @@ def test_cli_baseline_as_model_gets_a_random_matched_scd(folders, tmp_path):
     (["--preset", "B", "--model", "somewhere"], "--preset picks random-weight models"),
     (["--device", "tpu"], "unknown device 'tpu'"),
     (["--dtype", "int8"], "unknown dtype 'int8'"),
-    (["--json", "/nonexistent-dir/b.json"], "nonexistent-dir is not a directory"),
+    (["--json", "/nonexistent-dir/b.json"], "/nonexistent-dir does not exist"),
+    (["--json", "/dev/null"], "not a regular file"),
     (["--plot", "latency.gif"], "--plot writes .png"),
     (["--model", "/nonexistent-model-dir"], "no model at"),
 ])

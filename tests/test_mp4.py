@@ -307,3 +307,17 @@ def test_new_files_respect_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "u.mp4").stat().st_mode & 0o777 == 0o640
+
+
+def test_the_atomic_writer_never_replaces_a_device_or_a_folder(tmp_path):
+    from scd import files
+
+    (tmp_path / "folder").mkdir()
+    for target in ([Path("/dev/null")] if Path("/dev/null").is_char_device() else []) + [tmp_path / "folder"]:
+        with pytest.raises(OutputError, match="not a regular file"):
+            files.write_text(target, "x")
+        assert target.exists() and not target.is_file()
+    (tmp_path / "link").symlink_to(tmp_path / "real.txt")
+    files.write_text(tmp_path / "link", "through the link")
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "real.txt").read_text() == "through the link"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "link", "real.txt"]
