@@ -58,7 +58,7 @@ class Job:
     fit: str = "crop"
     fps: float | None = None
     include_prompt: bool = False
-    upscale: int = 1
+    upscale: int | None = None  # None: default_upscale(config)
     upscale_mode: str = "nearest"
     frames_dir: Path | None = None
     report: Path | None = None
@@ -247,13 +247,25 @@ def run(job: Job):
     yield Finished(summary)
 
 
+VIEWING_SIZE = 256  # pixels: the smallest video side a player shows without squinting
+
+
+def default_upscale(config) -> int:
+    """The world models' frames (32x32) are enlarged to about VIEWING_SIZE pixels for viewing
+    (nearest: each pixel a block, nothing invented); other models keep their size."""
+    if config.demo != "world":
+        return 1
+    return max(1, VIEWING_SIZE // max(config.frame_size))
+
+
 def open_writers(outputs: list[Path], fps: float, job: Job) -> list:
     """One locked MP4 writer per output (each file replaces what is there only once a frame is in);
     if one cannot be opened, those already opened are closed, leaving nothing behind."""
     writers = []
     try:
         for path in outputs:
-            writers.append(mp4.VideoWriter(path, fps, upscale=job.upscale, upscale_mode=job.upscale_mode,
+            upscale = default_upscale(job.model.config) if job.upscale is None else job.upscale
+            writers.append(mp4.VideoWriter(path, fps, upscale=upscale, upscale_mode=job.upscale_mode,
                                            inputs=[job.prompt]))
     except BaseException:
         for writer in writers:
@@ -266,7 +278,8 @@ def check_job(job: Job, steps: int, guidance: float) -> None:
     """Every number of the job in range, finite and whole where it must be (ConfigError otherwise)."""
     checks.number("frames", job.frames, 1, MAX_FRAMES, integer=True)
     checks.number("batch", job.batch, 1, 64, integer=True)
-    checks.number("upscale", job.upscale, 1, 32, integer=True)
+    if job.upscale is not None:
+        checks.number("upscale", job.upscale, 1, 32, integer=True)
     checks.number("steps", steps, 1, 1000, integer=True)
     checks.number("guidance", guidance, 0, 100)
     checks.seed(job.seed)

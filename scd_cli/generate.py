@@ -77,7 +77,7 @@ def generate(
     fit: str = typer.Option("crop", "--fit", help="Fit prompt frames to the model's size: crop (resize + center crop), pad or stretch."),
     fps: Optional[float] = typer.Option(None, "--fps", help="Output frame rate (default: the model's)."),
     include_prompt: bool = typer.Option(False, "--include-prompt", help="Put the prompt frames first in the video."),
-    upscale: int = typer.Option(1, "--upscale", help="Enlarge frames N times for viewing (the 32x32 world models: --upscale 8 gives 256x256)."),
+    upscale: Optional[int] = typer.Option(None, "--upscale", help="Enlarge frames N times for viewing (default: 8 for the 32x32 world models, giving 256x256 video; 1, the model's size, for others)."),
     upscale_mode: str = typer.Option("nearest", "--upscale-mode", help="nearest or bicubic."),
     frames_dir: Optional[Path] = typer.Option(None, "--frames-dir", help="Also write each frame as a PNG here."),
     seed: int = typer.Option(0, "--seed", help="Noise seed: the same seed gives the same video."),

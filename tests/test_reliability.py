@@ -569,3 +569,11 @@ def test_a_non_ascii_path_on_an_ascii_terminal(tmp_path):
                           env={**os.environ, "PYTHONIOENCODING": "ascii", "LC_ALL": "C"}, timeout=120)
     assert proc.returncode == 0, proc.stderr.decode("ascii", "replace")
     assert b"vid\\xe9o.mp4" in proc.stdout and read_video(out).frames.shape[0] == 1
+
+
+def test_world_models_are_enlarged_for_viewing_by_default(tmp_path):
+    r = _cli("generate", "--frames", 1, "--steps", 1, "--out", tmp_path / "w.mp4", "--threads", 1)
+    assert r.exit_code == 0, r.output
+    assert read_video(tmp_path / "w.mp4").frames.shape == (1, 256, 256, 3)
+    r = _cli("generate", "--frames", 1, "--steps", 1, "--out", tmp_path / "s.mp4", "--upscale", 1, "--threads", 1)
+    assert r.exit_code == 0 and read_video(tmp_path / "s.mp4").frames.shape == (1, 32, 32, 3)
