@@ -7,7 +7,7 @@ of the 24 frames that follow (for `scd generate --actions`).
 from pathlib import Path
 
 from scd import world
-from scd.video import write_video
+from scd.mp4 import write_video
 
 HERE = Path(__file__).parent
 PROMPT, NEXT = 8, 24

@@ -309,7 +309,9 @@ def check_outputs(job: Job) -> list[Path]:
     return outputs
 
 
-REPORT_FORMAT = 2  # 2: per-frame encoder_ms, decoder_ms renamed context_ms, denoise_ms; format_version, times, threads, versions added
+# 2: per-frame encoder_ms, decoder_ms renamed context_ms, denoise_ms; format_version, times, threads,
+# versions and time_to_first_frame_from_start_ms added (docs/reliability.md)
+REPORT_FORMAT = 2
 
 
 def summarise(records, wall_s, first_ms, complete, job, device, dtype, steps, guidance, outputs, times=None,
