@@ -491,8 +491,8 @@ def convert(source: str | Path, out: str | Path, *, options: str | Path | None =
     """
     if to not in ("scd", "baseline"):
         raise ConfigError(f"to must be scd or baseline, not {to!r}", parameter="to")
-    for name, value, low, above, integer in (("scaling_factor", scaling_factor, 0, True, False),
-                                             ("downsample", downsample, 1, False, True), ("fps", fps, 0, True, False)):
+    for name, value, low, above, integer in (("scaling_factor", codec.scaling_factor, 0, True, False),
+                                             ("downsample", codec.downsample, 1, False, True), ("fps", fps, 0, True, False)):
         if value is not None:
             checks.number(name, value, low, 1000 if name == "fps" else None, above=above, integer=integer)
     out = Path(out).expanduser()

@@ -63,7 +63,7 @@ def evaluate(models: dict[str, LoadedModel], clips: int = 64, context: int = 8, 
     if steps is not None:
         checks.number("steps", steps, 1, 1000, integer=True)
     if guidance is not None:
-        checks.number("guidance", guidance, 0, 100)
+        checks.number("guidance", guidance, -1, 100)  # -1: unconditional (scd.sampling.UNCONDITIONAL)
     checks.seed(seed)
     data = world.heldout_clips(clips, context + frames)
     truth = np.stack([f[context:] for f, _ in data])

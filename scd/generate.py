@@ -23,7 +23,7 @@ from scd import checks, files, mp4, video
 from scd.actions import parse_label, read_sidecar
 from scd.checkpoints import LoadedModel
 from scd.devices import dtype_name, resolve_device, resolve_dtype, use_threads
-from scd.errors import ActionError, VideoError
+from scd.errors import ActionError, ConfigError, VideoError
 from scd.sampling import kv_cache_bytes, stream
 
 MAX_FRAMES = 100_000
@@ -161,7 +161,7 @@ def run(job: Job):
         conditions = torch.tensor(before + after)
     elif job.actions is not None:
         raise ActionError("this model takes no actions: drop --actions")
-    warnings = list(job.model.notes)
+    warnings.extend(job.model.notes)
     if job.label is not None:
         parse_label(job.label, config.action_names, config.num_classes, config.condition)  # checks it
     if config.condition == "label":
@@ -281,7 +281,7 @@ def check_job(job: Job, steps: int, guidance: float) -> None:
     if job.upscale is not None:
         checks.number("upscale", job.upscale, 1, 32, integer=True)
     checks.number("steps", steps, 1, 1000, integer=True)
-    checks.number("guidance", guidance, 0, 100)
+    checks.number("guidance", guidance, -1, 100)  # -1: unconditional (scd.sampling.UNCONDITIONAL)
     checks.seed(job.seed)
     if job.fps is not None:
         checks.number("fps", job.fps, 0, 240, above=True)
