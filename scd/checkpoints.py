@@ -214,9 +214,10 @@ def load_model(ref: str | Path | None = None, options: Path | None = None, arch:
     """Resolve a model reference: None (the embedded default of `arch`), a local model folder, a
     reference checkpoint file (with its options, or one of FAR's published files by name), or a Hub
     repo id with optional @revision (`owner/name:path/file.pth` for a checkpoint file in it). A local
-    path named `scd` or `baseline` is that path; `embedded:scd` always names the embedded model."""
+    model folder named `scd` or `baseline` is that folder; `embedded:scd` always names the embedded model."""
     name = str(ref).removeprefix("embedded:") if ref is not None else arch
-    if ref is None or (name in EMBEDDED and (str(ref).startswith("embedded:") or not Path(ref).exists())):
+    local = ref is not None and (Path(ref) / CONFIG).is_file()
+    if ref is None or (name in EMBEDDED and (str(ref).startswith("embedded:") or not local)):
         loaded = load_model_folder(EMBEDDED[name])
         loaded.source = f"embedded:{name}"
         return loaded

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import random
 import shlex
 import threading
@@ -25,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from scd import video
+from scd import files, video
 from scd.actions import format_actions
 from scd.checkpoints import LoadedModel
 from scd.devices import resolve_device
@@ -221,12 +220,8 @@ class Recorder:
                 "prompt": None if self.prompt is None else str(self.prompt), "model": self.loaded.source,
                 "revision": self.loaded.revision, "steps": self.steps, "context_window": self.window,
                 "fps": self.loaded.config.fps, "replay": shlex.join(r.replay)}
-        tmp = self.meta_path.with_name(f".{self.meta_path.name}.tmp")
-        try:  # replaced whole, so a killed play never leaves half a file
-            tmp.write_text(json.dumps(meta, indent=2) + "\n")
-            os.replace(tmp, self.meta_path)
-        except OSError as err:
-            raise video.VideoError(f"cannot write {self.meta_path}: {err.strerror or err}") from None
+        # replaced whole, so a killed play never leaves half a file
+        files.write_text(self.meta_path, json.dumps(meta, indent=2) + "\n", video.VideoError)
 
     def close(self) -> Recording:
         self.actions.close()
