@@ -106,28 +106,33 @@ def output_paths(out: Path, batch: int) -> list[Path]:
     return [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(batch)]
 
 
-def _prompt(job: Job, config) -> tuple[np.ndarray, list[int] | None, str]:
-    """Prompt frames (F, H, W, 3) uint8, their actions if known, and a description."""
-    want = config.context_frames if job.context is None else job.context
+def load_prompt(loaded: LoadedModel, prompt: Path | None = None, seed: int = 0, context: int | None = None,
+                prompt_actions: list[int] | None = None) -> tuple[np.ndarray, list[int] | None, str]:
+    """The prompt a model continues: frames (F, H, W, 3) uint8, their actions if known, and a
+    description. `prompt` is a video or image folder (its last `context` frames, the model's context
+    length by default; actions from `prompt_actions` or its sidecar file); without one, a world
+    model's demo clip for `seed`; a model trained from pure noise takes none."""
+    config = loaded.config
+    want = config.context_frames if context is None else context
     if config.context_frames == 0:  # trained to start from pure noise, as FAR's UCF-101 generators
-        if job.prompt is not None:
+        if prompt is not None:
             raise ConfigError("this model generates from pure noise (it was trained with 0 context frames): "
                               "drop prompt", parameter="prompt")
         return np.zeros((0, *config.frame_size, 3), np.uint8), None, "none (generated from pure noise)"
-    if job.prompt is None:
-        if config.demo != "world" and not job.model.source.startswith("embedded:"):
-            raise VideoError("this model has no demo prompt: pass --prompt-frames VIDEO")
+    if prompt is None:
+        if config.demo != "world" and not loaded.source.startswith("embedded:"):
+            raise VideoError("this model has no demo prompt: give prompt, a video", parameter="prompt")
         from scd import world
 
-        frames, actions = world.render_clip(world.HELDOUT_SEED_START + job.seed, want)
-        return frames, actions.tolist(), f"synthetic world clip (seed {world.HELDOUT_SEED_START + job.seed})"
-    clip = video.read_video(job.prompt, last=want)
-    actions = job.prompt_actions
+        frames, actions = world.render_clip(world.HELDOUT_SEED_START + seed, want)
+        return frames, actions.tolist(), f"synthetic world clip (seed {world.HELDOUT_SEED_START + seed})"
+    clip = video.read_video(prompt, last=want)
+    actions = prompt_actions
     if actions is None and config.condition == "action":
         # a sidecar lists one action per frame of the clip; the kept frames are the clip's last ones
-        listed = read_sidecar(job.prompt, config.action_names, config.num_classes)
+        listed = read_sidecar(prompt, config.action_names, config.num_classes)
         actions = None if listed is None else listed[-len(clip.frames):]
-    return clip.frames, actions, str(job.prompt)
+    return clip.frames, actions, str(prompt)
 
 
 def run(job: Job):
@@ -144,7 +149,7 @@ def run(job: Job):
     times = {"startup_s": job.startup_s, "model_load_s": job.model_load_s}
 
     t0 = time.perf_counter()
-    prompt, prompt_actions, prompt_source = _prompt(job, config)
+    prompt, prompt_actions, prompt_source = load_prompt(job.model, job.prompt, job.seed, job.context, job.prompt_actions)
     times["prompt_decode_s"] = time.perf_counter() - t0
     if job.actions is not None and len(job.actions) < job.frames:
         raise ActionError(f"{len(job.actions)} actions given for {job.frames} frames: give one per generated frame")

@@ -151,10 +151,9 @@ class PanelStats:
 def prompt_frames(loaded: LoadedModel, prompt: Path | None, seed: int) -> tuple[np.ndarray, list[int] | None]:
     """The prompt `scd generate` would use for this model, prompt and seed: frames (F, H, W, 3)
     uint8 and their actions if known (so a recording replays from the same context)."""
-    from scd import generate  # the generate job owns the prompt rules; play must not drift from them
+    from scd.generate import load_prompt  # the generate job's prompt rules: play must not drift from them
 
-    job = generate.Job(model=loaded, out=Path("unused.mp4"), prompt=prompt, seed=seed)
-    frames, actions, _ = generate._prompt(job, loaded.config)
+    frames, actions, _ = load_prompt(loaded, prompt, seed)
     return frames, actions
 
 
