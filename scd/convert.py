@@ -359,7 +359,7 @@ class _Codec:
     sha256: str
 
 
-def read_codec(spec: CodecSpec, channels: int) -> tuple[_Codec, dict]:
+def read_codec(spec: CodecSpec, channels: int | None) -> tuple[_Codec, dict]:
     """A DC-AE from a diffusers folder (config.json + diffusion_pytorch_model.safetensors) or from a
     state dict (FAR's DC-AE files) with a diffusers config; loaded into diffusers' AutoencoderDC to
     prove it is complete. Returns it and the config's `codec` entry."""
@@ -388,12 +388,12 @@ def read_codec(spec: CodecSpec, channels: int) -> tuple[_Codec, dict]:
     return _attach(config, weights, source.text, sha, factor, channels, spec.downsample)
 
 
-def _attach(config: dict, weights: Path, origin: str, sha: str, factor: float, channels: int,
+def _attach(config: dict, weights: Path, origin: str, sha: str, factor: float, channels: int | None,
             downsample: int | None) -> tuple[_Codec, dict]:
     """A DC-AE of `config` holding `weights`, checked against the model; and the `codec` entry."""
     autoencoder = build_dcae(config, read_tensors(weights), origin)
     latent_channels = autoencoder.config.latent_channels
-    if latent_channels != channels:
+    if channels is not None and latent_channels != channels:  # None: any (encoding a dataset)
         raise CheckpointError(f"the DC-AE makes {latent_channels}-channel latents but the model works on {channels} "
                               "channels: attach the autoencoder the model was trained with")
     if downsample is not None and downsample != dcae_downsample(config):

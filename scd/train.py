@@ -10,6 +10,8 @@ continues bit-identically because batch k depends only on (seed, k).
 from __future__ import annotations
 
 import copy
+import os
+import shutil
 import dataclasses
 import time
 from dataclasses import dataclass
@@ -19,11 +21,13 @@ import torch
 
 from scd import checks, files
 from scd.checkpoints import LoadedModel, save_model_folder
+from scd.codecs import CODEC_DIR
 from scd.errors import CheckpointError, ConfigError, DataError
 from scd.model import ARCHS, ModelConfig, Objective, build_model, default_rope_axes
 
 
 RANK_STRIDE = 1_000_003  # process r of a multi-process run draws data and noise from seed + r * stride
+MIXED_PRECISION = ("auto", "no", "bf16")
 
 
 @dataclass
@@ -44,6 +48,8 @@ class TrainSettings:
     action_dropout: float = 0.1
     seed: int = 0
     checkpoint_every: int = 200
+    grad_accum: int = 1  # each step's batch runs in this many passes of batch_size / grad_accum clips (less memory)
+    mixed_precision: str = "auto"  # bf16 autocast ("auto": on CUDA), or "no"
 
     def __post_init__(self):
         """Every number in range and finite (ConfigError naming the setting otherwise)."""
@@ -62,6 +68,13 @@ class TrainSettings:
         n("context_sigma_max", self.context_sigma_max, 0, 1, above=True)
         n("action_dropout", self.action_dropout, 0, 1)
         checks.seed(self.seed)
+        n("grad_accum", self.grad_accum, 1, None, integer=True)
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(f"grad_accum must divide the batch size ({self.batch_size}), got {self.grad_accum}",
+                              parameter="grad_accum")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ConfigError(f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, not {self.mixed_precision!r} "
+                              "(fp16 needs loss scaling, which this loop does not do: use bf16)", parameter="mixed_precision")
 
 
 EARLIER_RUN = ("checkpoint.pt", "losses.csv", "model.safetensors", "config.json")
@@ -129,11 +142,12 @@ def _save_losses(path: Path, losses: list[float]) -> None:
 
 
 def train(config: ModelConfig, out: Path, settings: TrainSettings, batches, init: LoadedModel | None = None,
-          resume: bool = False, card=None, overwrite: bool = False):
+          resume: bool = False, card=None, overwrite: bool = False, codec_folder: Path | None = None):
     """Train, yielding Progress after every step; writes `out/checkpoint.pt` and `out/losses.csv`
-    periodically and the EMA model folder at the end. `batches(start_step)` yields (video (B, N, C, H, W), actions);
-    under `accelerate launch` with several processes it is called as `batches(start_step, rank)`,
-    each process trains on its own batches and gradients are averaged (the batch is per process).
+    periodically and the EMA model folder at the end (with a copy of `codec_folder` as its codec/).
+    `batches(start_step, rank, ranks)` yields (video (B, N, C, H, W), actions) (scd.data); under
+    `accelerate launch` each process trains on its own batches and gradients are averaged (the
+    batch is per process); the checkpoint keeps every process's random state.
     An earlier run in `out` is refused unless `resume` or `overwrite`. Interrupted (Ctrl-C, SIGTERM
     as KeyboardInterrupt) between steps' updates, it first saves a checkpoint of the last finished
     step, from which `resume` continues bit-identically."""
@@ -148,7 +162,12 @@ def train(config: ModelConfig, out: Path, settings: TrainSettings, batches, init
     if overwrite and not resume:  # a stale checkpoint must not be resumed as this run's
         for name in ("checkpoint.pt", "losses.csv"):
             (out / name).unlink(missing_ok=True)
-    accelerator = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no", cpu=not torch.cuda.is_available())
+    precision = settings.mixed_precision
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() else "no"
+    # autocast is ours, not accelerate's: its state is one per process and refuses a second precision
+    accelerator = Accelerator(mixed_precision="no", cpu=not torch.cuda.is_available())
+    autocast = lambda: torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     rank, ranks = accelerator.process_index, accelerator.num_processes
     torch.manual_seed(settings.seed)
     model = init.model.train() if init is not None else build_model(config).train()  # the same on every process
@@ -174,7 +193,13 @@ def train(config: ModelConfig, out: Path, settings: TrainSettings, batches, init
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
-        torch.set_rng_state(state["rng"])
+        rngs = state.get("rng_ranks")
+        if rngs is not None and len(rngs) == ranks:  # each process continues its own noise
+            torch.set_rng_state(rngs[rank])
+        elif rank == 0:
+            torch.set_rng_state(state["rng"])
+        else:  # another number of processes than the checkpoint's: fresh noise for this one, from (seed, rank, step)
+            torch.manual_seed(settings.seed + RANK_STRIDE * rank + int(state["step"]))
         if torch.cuda.is_available() and state.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(state["cuda_rng"], accelerator.device)
         start = int(state["step"])
@@ -182,14 +207,16 @@ def train(config: ModelConfig, out: Path, settings: TrainSettings, batches, init
     raw = model
     objective = Objective(settings.sigma_shift, settings.decoder_draws, settings.clean_context_ratio,
                           settings.context_sigma_max)
-    data = batches(start) if ranks == 1 else batches(start, rank)
+    data = batches(start, rank, ranks)
     began = time.perf_counter()
 
     def checkpoint(done: int, rng, cuda_rng) -> None:
+        rngs = accelerator.gather(rng[None]) if ranks > 1 else None  # every process's noise state (all take part)
         if accelerator.is_main_process:
             _save_checkpoint(ckpt, {"model": raw.state_dict(), "ema": ema.state_dict(),
                                     "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                                     "rng": rng, "step": done, "losses": losses, "config": config.to_dict(),
+                                    "rng_ranks": None if rngs is None else [r.clone() for r in rngs.cpu()],
                                     "cuda_rng": cuda_rng, "wall_s": wall_before + time.perf_counter() - began})
             _save_losses(out / "losses.csv", losses)
 
@@ -198,12 +225,16 @@ def train(config: ModelConfig, out: Path, settings: TrainSettings, batches, init
         video = video.to(accelerator.device)
         actions = drop_actions(actions, config, settings.action_dropout)
         actions = None if actions is None or config.condition is None else actions.to(accelerator.device)
-        with accelerator.autocast():
-            loss = raw.loss(video, actions, objective)
-        if not torch.isfinite(loss):
-            raise DataError(f"the loss became {loss.item()} at step {step}: lower the learning rate or check the data")
         optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
+        loss = 0.0
+        for part in range(settings.grad_accum):  # the step's batch in passes; gradients add up
+            piece = slice(part * len(video) // settings.grad_accum, (part + 1) * len(video) // settings.grad_accum)
+            with autocast():
+                pass_loss = raw.loss(video[piece], None if actions is None else actions[piece], objective)
+            if not torch.isfinite(pass_loss):
+                raise DataError(f"the loss became {pass_loss.item()} at step {step}: lower the learning rate or check the data")
+            accelerator.backward(pass_loss / settings.grad_accum)
+            loss = loss + pass_loss.detach() / settings.grad_accum
         if ranks > 1:
             for p in model.parameters():
                 if p.grad is not None:
@@ -245,83 +276,40 @@ def train(config: ModelConfig, out: Path, settings: TrainSettings, batches, init
     if accelerator.is_main_process:
         ema.config = config
         save_model_folder(ema, out, card(losses, wall_before + time.perf_counter() - began) if card else None)
+        if codec_folder is not None:
+            _copy_codec(Path(codec_folder), out / CODEC_DIR)
+
+
+def _copy_codec(source: Path, target: Path) -> None:
+    """The autoencoder into the model folder, replaced whole (a stale one must not stay)."""
+    if source.resolve() == target.resolve():
+        return
+    tmp = target.with_name(f".{target.name}.tmp")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(source, tmp)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    except OSError as err:
+        raise CheckpointError(f"cannot copy the codec into {target}: {err.strerror or err}") from None
 
 
 def new_config(arch: str = "scd", heads: int = 4, head_dim: int = 16, layers: int = 6, decoder_layers: int = 2,
                decoder_combine: str = "token_concat", patch_size: int = 4, frame_size: int = 32, default_steps: int = 8,
-               context_frames: int = 7, world_demo: bool = True) -> ModelConfig:
+               context_frames: int = 7, world_demo: bool = True, data_fields: dict | None = None) -> ModelConfig:
     """The config of a new pixel-space model for the synthetic world's actions (or a video folder
     with the same action names): square frames of `frame_size`, RoPE split by
-    `scd.model.default_rope_axes`; SCD's encoder adds the reference's feature noise (0.05)."""
+    `scd.model.default_rope_axes`; SCD's encoder adds the reference's feature noise (0.05).
+    `data_fields` (scd.data.model_fields of a dataset) replace the world's latent shape, frame
+    size, codec, frame rate and conditioning."""
     from scd import world
 
     if arch not in ARCHS:
         raise ConfigError(f"arch must be one of {', '.join(ARCHS)}, not {arch!r}", parameter="arch")
-    return ModelConfig(arch=arch, num_heads=heads, head_dim=head_dim, channels=3, patch_size=patch_size,
+    fields = dict(channels=3, condition="action", num_classes=len(world.ACTIONS), latent_size=(frame_size,) * 2,
+                  frame_size=(frame_size,) * 2, fps=8.0, action_names=world.ACTIONS)
+    return ModelConfig(arch=arch, num_heads=heads, head_dim=head_dim, patch_size=patch_size,
                        rope_axes=default_rope_axes(head_dim), layers=layers,
                        decoder_layers=decoder_layers if arch == "scd" else 0, decoder_combine=decoder_combine,
-                       condition="action", num_classes=len(world.ACTIONS), encoder_noise=0.05 if arch == "scd" else 0.0,
-                       latent_size=(frame_size,) * 2, frame_size=(frame_size,) * 2, fps=8.0,
-                       action_names=world.ACTIONS, default_steps=default_steps, context_frames=context_frames,
-                       demo="world" if world_demo else None)
-
-
-def world_batches(settings: TrainSettings, config: ModelConfig):
-    from scd import world
-
-    if tuple(config.frame_size) != (world.FRAME_SIZE, world.FRAME_SIZE) or not config.codec.is_pixel:
-        raise ConfigError(f"the synthetic world is {world.FRAME_SIZE}x{world.FRAME_SIZE} pixels: "
-                          "train a pixel-space model of that frame size on it")
-    return lambda start, rank=0: world.stream_batches(settings.seed + RANK_STRIDE * rank, settings.batch_size,
-                                                     settings.clip_frames, start)
-
-
-VIDEO_SUFFIXES = {".mp4", ".webm", ".mkv", ".mov", ".gif", ".avi"}
-
-
-def folder_batches(folder, settings: TrainSettings, config: ModelConfig):
-    """Batches from a folder of videos (decoded once through PyAV, fitted to the model's frame
-    size), with optional `<name>.actions.txt` beside each clip; windows of `clip_frames` frames
-    drawn deterministically from (seed, step). Pixel-space models only."""
-    from pathlib import Path
-
-    import numpy as np
-
-    from scd import video
-    from scd.actions import parse_actions
-
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise DataError(f"training data folder {folder} does not exist")
-    if not config.codec.is_pixel:
-        raise DataError("training on video folders needs a pixel-space model in this version")
-    clips = []
-    for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES):
-        frames = video.read_video(path).frames
-        if len(frames) < settings.clip_frames:
-            continue
-        pixels = video.frames_to_tensor(video.fit_frames(frames, config.frame_size))
-        sidecar = path.with_suffix(".actions.txt")
-        actions = None
-        if sidecar.is_file() and config.condition == "action":
-            listed = parse_actions(sidecar, config.action_names, config.num_classes)
-            actions = torch.tensor((listed + [config.null_class] * len(frames))[:len(frames)])
-        clips.append((pixels, actions))
-    if not clips:
-        raise DataError(f"no video in {folder} has at least {settings.clip_frames} frames")
-
-    def batches(start: int, rank: int = 0):
-        step = start
-        while True:
-            rng = np.random.default_rng([settings.seed, step] + ([rank] if rank else []))
-            video_batch, action_batch = [], []
-            for _ in range(settings.batch_size):
-                pixels, actions = clips[int(rng.integers(len(clips)))]
-                first = int(rng.integers(len(pixels) - settings.clip_frames + 1))
-                video_batch.append(pixels[first:first + settings.clip_frames])
-                action_batch.append(actions[first:first + settings.clip_frames] if actions is not None
-                                    else torch.full((settings.clip_frames,), config.null_class))
-            yield torch.stack(video_batch), torch.stack(action_batch)
-            step += 1
-
-    return batches
+                       encoder_noise=0.05 if arch == "scd" else 0.0, default_steps=default_steps,
+                       context_frames=context_frames, demo="world" if world_demo else None, **{**fields, **(data_fields or {})})

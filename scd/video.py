@@ -7,7 +7,10 @@ MKV, MOV, GIF, ...) or a folder of images. The streaming MP4 writer is `scd.mp4`
 from __future__ import annotations
 
 import collections
+import contextlib
+import io
 import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +35,7 @@ _DECODE_ERRORS = (av.FFmpegError, OSError, ValueError, RuntimeError, EOFError, M
 class Clip:
     frames: np.ndarray  # (N, H, W, 3) uint8 RGB
     fps: float
+    truncated: str | None = None  # what was wrong with a file cut short (its frames before the cut are kept)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -44,7 +48,7 @@ def read_video(path, last: int | None = None, max_frames: int | None = None) -> 
     30 fps and must share one size. `max_frames` decodes at most that many frames from the start;
     `last` then keeps the last N of them while streaming, so a long video never fills memory.
     Alpha is composited on black; grayscale, palette and 10-bit input come out as 8-bit RGB.
-    A truncated file gives the frames before the damage. Raises VideoError for a missing path, no
+    A truncated file gives the frames before the damage and says so in `truncated`. Raises VideoError for a missing path, no
     images, no frames, bytes FFmpeg cannot decode, frames over MAX_PIXELS_PER_FRAME or more than
     MAX_FRAMES kept; ConfigError for `last` or `max_frames` below 1."""
     for name, value in (("last", last), ("max_frames", max_frames)):
@@ -89,53 +93,136 @@ def _rgb(frame: av.VideoFrame, width: int, height: int) -> np.ndarray:
 
 def _read_file(path: Path, last: int | None, max_frames: int | None) -> Clip:
     frames: collections.deque = collections.deque(maxlen=last)  # (H, W, 3) each
-    count, first_time, last_time, rate, is_image = 0, None, None, None, False
     keep = min((n for n in (last, max_frames) if n is not None), default=None)
-    try:
-        # max_pixels also bounds the frames FFmpeg decodes while probing the streams
-        with av.open(str(path), options={"max_pixels": str(MAX_PIXELS_PER_FRAME)}) as container:
-            if not container.streams.video:
-                raise VideoError(f"{path} has no video stream")
-            stream = container.streams.video[0]
-            if stream.codec_context is None:
-                raise VideoError(f"{path}: no decoder here for its video codec; "
-                                 "convert it to H.264 first (e.g. ffmpeg -i IN -c:v libx264 OUT.mp4)")
-            width, height = stream.codec_context.width, stream.codec_context.height
-            _check_size(width, height, path)
-            if keep is None or keep > MAX_FRAMES:
-                _check_count(stream.frames, path)  # as declared by the container; 0 when unknown
-            stream.codec_context.options = {"max_pixels": str(MAX_PIXELS_PER_FRAME)}
-            is_image = container.format.name == "image2" or container.format.name.endswith("_pipe")
-            rate = stream.average_rate
-            for frame in container.decode(stream):
-                frames.append(_rgb(frame, width, height))  # a size change mid-stream is scaled back
-                count += 1
-                _check_count(len(frames), path)
-                if frame.time is not None:
-                    first_time = frame.time if first_time is None else first_time
-                    last_time = frame.time
-                if count == max_frames:
-                    break
-    except VideoError:
-        raise
-    except _DECODE_ERRORS as err:
-        if not frames and isinstance(err, EOFError):
-            raise VideoError(f"{path} ends before its first video frame; is it empty or cut short?") from None
-        if not frames:
+    reader = VideoFrames(path, max_declared=MAX_FRAMES if keep is None or keep > MAX_FRAMES else None)
+    with contextlib.closing(iter(reader)) as decoded:
+        for frame in decoded:
+            frames.append(frame)
+            _check_count(len(frames), path)
+            if reader.count == max_frames:
+                break
+    return Clip(np.stack(frames), reader.fps, reader.truncated)
+
+
+class VideoFrames:
+    """The frames of one video file, decoded one at a time, so a long video never sits in memory.
+
+    Iterate once: yields (H, W, 3) uint8 RGB frames. Raises VideoError (as read_video) when the
+    file has no decodable frame. A file cut short ends at the damage and keeps the frames before
+    it; `truncated` then says what was found (None for a whole file). `fps` and `count` are known
+    as frames arrive; `max_declared` refuses a container that declares more frames up front."""
+
+    def __init__(self, path, max_declared: int | None = None):
+        self.path = Path(path)
+        self.max_declared = max_declared
+        self.count = 0
+        self.fps = IMAGE_FPS
+        self.truncated: str | None = None
+
+    def __iter__(self):
+        path = self.path
+        declared, first_time = 0, None
+        whole = _whole_boxes(path) if path.is_file() else None
+        if whole is not None:
+            self.truncated = "the file ends inside an MP4 box (cut while being written or copied)"
+        try:
+            # max_pixels also bounds the frames FFmpeg decodes while probing the streams
+            with av.open(str(path) if whole is None else _Prefix(path, whole),
+                         options={"max_pixels": str(MAX_PIXELS_PER_FRAME)}) as container:
+                if not container.streams.video:
+                    raise VideoError(f"{path} has no video stream")
+                stream = container.streams.video[0]
+                if stream.codec_context is None:
+                    raise VideoError(f"{path}: no decoder here for its video codec; "
+                                     "convert it to H.264 first (e.g. ffmpeg -i IN -c:v libx264 OUT.mp4)")
+                width, height = stream.codec_context.width, stream.codec_context.height
+                _check_size(width, height, path)
+                declared = stream.frames  # as declared by the container; 0 when unknown
+                if self.max_declared is not None:
+                    _check_count(declared, path)
+                stream.codec_context.options = {"max_pixels": str(MAX_PIXELS_PER_FRAME)}
+                is_image = container.format.name == "image2" or container.format.name.endswith("_pipe")
+                rate = stream.average_rate
+                timed = not is_image and not (rate and 0 < rate <= 1000)  # no declared rate (some GIFs, raw streams)
+                if not is_image and not timed:
+                    self.fps = float(rate)
+                for frame in container.decode(stream):
+                    self.count += 1
+                    if timed and frame.time is not None:
+                        first_time = frame.time if first_time is None else first_time
+                        if self.count > 1 and frame.time > first_time:
+                            self.fps = (self.count - 1) / (frame.time - first_time)
+                    yield _rgb(frame, width, height)  # a size change mid-stream is scaled back
+        except VideoError:
+            if whole is not None and not self.count:
+                raise VideoError(f"{path} is cut short before its first whole frame (it ends inside an MP4 box)") from None
+            raise
+        except _DECODE_ERRORS as err:
+            if whole is not None and not self.count:
+                raise VideoError(f"{path} is cut short before its first whole frame (it ends inside an MP4 box)") from None
+            if not self.count and isinstance(err, EOFError):
+                raise VideoError(f"{path} ends before its first video frame; is it empty or cut short?") from None
             reason = getattr(err, "strerror", None) or str(err).strip() or type(err).__name__
-            raise VideoError(f"cannot decode {path} ({reason}); is it a video or image file?") from None
-        # a truncated file: keep the frames before the damage
-    if not frames:
-        raise VideoError(f"{path} holds no video frames")
-    if is_image:
-        fps = IMAGE_FPS
-    elif rate and 0 < rate <= 1000:
-        fps = float(rate)
-    elif count > 1 and last_time > first_time:  # no declared rate (some GIFs, raw streams)
-        fps = (count - 1) / (last_time - first_time)
-    else:
-        fps = IMAGE_FPS
-    return Clip(np.stack(frames), fps)
+            if not self.count:
+                raise VideoError(f"cannot decode {path} ({reason}); is it a video or image file?") from None
+            self.truncated = self.truncated or f"decoding failed after frame {self.count} ({reason})"
+        if not self.count:
+            raise VideoError(f"{path} is cut short before its first whole frame (it ends inside an MP4 box)"
+                             if whole is not None else f"{path} holds no video frames")
+        if self.truncated is None and declared > self.count:
+            self.truncated = f"it declares {declared} frames but only {self.count} decode"
+
+
+def _whole_boxes(path: Path) -> int | None:
+    """For an MP4/MOV file whose top-level boxes run past its end (cut while being written or
+    copied), the end of its last whole box; None for a whole file or another format."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        if f.read(12)[4:8] not in (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"styp"):
+            return None
+        pos = 0
+        while pos < size:
+            f.seek(pos)
+            head = f.read(16)
+            box = struct.unpack(">I", head[:4])[0] if len(head) >= 8 else 0
+            if box == 1 and len(head) == 16:  # a 64-bit size follows the type
+                box = struct.unpack(">Q", head[8:16])[0]
+            elif box == 0 and len(head) >= 8:  # the box runs to the end of the file
+                return None
+            if box < 8 or pos + box > size:
+                return pos
+            pos += box
+        return None
+
+
+class _Prefix(io.RawIOBase):
+    """The first `end` bytes of a file, for FFmpeg: a cut MP4 read up to its last whole box
+    (FFmpeg refuses some files cut inside a fragment's header)."""
+
+    def __init__(self, path: Path, end: int):
+        super().__init__()
+        self.file, self.end = open(path, "rb"), end
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self.file.read(max(0, min(len(buffer), self.end - self.file.tell())))
+        buffer[:len(data)] = data
+        return len(data)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self.file.seek(self.end + offset) if whence == io.SEEK_END else self.file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.file.tell()
+
+    def close(self) -> None:
+        self.file.close()
+        super().close()
 
 
 def _read_image_folder(folder: Path, last: int | None, max_frames: int | None) -> Clip:

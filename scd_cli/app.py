@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 
 import scd
-from scd_cli import bench, common, convert, evaluate, generate, info, play, train
+from scd_cli import bench, common, convert, encode, evaluate, generate, info, play, train
 
 # rich_markup_mode=None: help text is shown as written ("repo id[@revision]" is not markup) and
 # flags are not given a "<bool>" value they do not take
@@ -29,7 +29,7 @@ def main_options(
     common.state["debug"] = debug
 
 
-for module in (info, generate, play, bench, train, evaluate, convert):
+for module in (info, generate, play, bench, encode, train, evaluate, convert):
     module.register(app)
 
 

@@ -7,13 +7,20 @@ import shlex
 from pathlib import Path
 from typing import Optional
 
+import torch
 import typer
 
+from scd import data as sources
+from scd import dataset
 from scd import train as training
 from scd.cards import training_card
 from scd.checkpoints import load_model
 from scd.devices import use_threads
+from scd.world import ACTIONS as WORLD_ACTIONS
 from scd_cli.common import Threads, console, err_console, handles_errors, is_interactive, say, state
+from scd_cli.encode import draw, summarize
+
+ENCODED = "encoded-data"  # a plain video folder is encoded into OUT/encoded-data-<settings key>
 
 
 def _command_line(ctx: typer.Context) -> str:
@@ -33,7 +40,10 @@ def train(
     ctx: typer.Context,
     out: Path = typer.Option(..., "--out", "-o", help="Model folder to write (checkpoints go there too)."),
     arch: str = typer.Option("scd", "--arch", help="scd or baseline."),
-    data: str = typer.Option("world", "--data", help="'world' (the synthetic world stream) or a folder of videos (with optional NAME.actions.txt)."),
+    data: str = typer.Option("world", "--data", help="'world' (the synthetic world stream), a latent dataset (scd encode), or a folder of videos (with optional NAME.actions.txt; encoded into OUT/encoded-data-KEY first)."),
+    workers: int = typer.Option(2, "--workers", help="DataLoader worker processes reading a dataset (0: in the training process)."),
+    grad_accum: int = typer.Option(1, "--grad-accum", help="Run each step's batch in N passes of --batch-size / N clips (same batch, less memory)."),
+    mixed_precision: str = typer.Option("auto", "--mixed-precision", help="bf16 autocast, or no; auto: bf16 on CUDA, no on CPU."),
     init: Optional[str] = typer.Option(None, "--init", help="Start from this model folder (e.g. a converted baseline)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint.pt exactly."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier run in OUT (refused without this or --resume)."),
@@ -45,6 +55,7 @@ def train(
     warmup: int = typer.Option(100, "--warmup"),
     decay: int = typer.Option(0, "--decay", help="Lower the learning rate linearly to 0 over the last N steps (0: constant)."),
     ema_decay: float = typer.Option(0.998, "--ema-decay"),
+    decoder_draws: int = typer.Option(2, "--decoder-draws", help="SCD: noise draws (decoder targets) per encoder pass (the reference's decoder_multi_batch)."),
     decoder_lr_ratio: float = typer.Option(2.0, "--decoder-lr-ratio", help="SCD decoder learning rate / encoder's (the reference: 2)."),
     sigma_shift: float = typer.Option(1.0, "--sigma-shift", help="Shift noise levels toward 1 (SD3-style; 1 = the reference's logit-normal)."),
     clean_context_ratio: float = typer.Option(1.0, "--clean-context-ratio", help="SCD: share of context frames the encoder sees clean; the others are noised (the reference: 0.1)."),
@@ -64,21 +75,39 @@ def train(
     """Train SCD or its causal baseline; writes an EMA model folder with a model card."""
     settings = training.TrainSettings(steps=steps, batch_size=batch_size, clip_frames=clip_frames, lr=lr, warmup=warmup, decay=decay,
                                       ema_decay=ema_decay, decoder_lr_ratio=decoder_lr_ratio, sigma_shift=sigma_shift,
-                                      clean_context_ratio=clean_context_ratio, context_sigma_max=context_sigma_max, seed=seed, checkpoint_every=checkpoint_every)
+                                      clean_context_ratio=clean_context_ratio, context_sigma_max=context_sigma_max, seed=seed, checkpoint_every=checkpoint_every,
+                                      grad_accum=grad_accum, mixed_precision=mixed_precision, decoder_draws=decoder_draws)
     loaded = load_model(init) if init else None
+    stored = None
+    if data != "world":
+        training.check_out(out, resume, overwrite)  # before a plain folder is encoded into it
+        stored = Path(data)
+        if not dataset.is_dataset(stored):  # a plain folder of videos: encoded once, then read like any dataset
+            encoding = (dataset.model_encoding(loaded) if loaded is not None
+                        else dataset.pixel_encoding((frame_size, frame_size), WORLD_ACTIONS))
+            from accelerate import PartialState
+
+            encoded = out / f"{ENCODED}-{encoding.key()}"
+            with PartialState(cpu=not torch.cuda.is_available()).main_process_first():  # under accelerate launch the others find it done
+                events = dataset.encode_folder(stored, encoded, encoding)
+                summarize(draw(events, f"encode {stored.name}")) if os.environ.get("RANK", "0") == "0" else list(events)
+            stored = encoded
+        stored = dataset.LatentDataset(stored)
     if loaded is not None:
         config = loaded.config
     else:
         config = training.new_config(arch, heads, head_dim, layers, decoder_layers, decoder_combine, patch_size, frame_size,
-                                     default_steps, context_frames or clip_frames - 1, world_demo=data == "world")
+                                     default_steps, context_frames or clip_frames - 1, world_demo=data == "world",
+                                     data_fields=None if stored is None else sources.model_fields(stored))
     command = _command_line(ctx)
-    if data == "world":
-        batches, described = training.world_batches(settings, config), "synthetic world (scd.world), seeds < 1e9"
+    if stored is None:
+        source = sources.world_source(settings, config)
     else:
-        batches, described = training.folder_batches(Path(data), settings, config), f"videos in {data}"
+        source = sources.dataset_source(stored, settings, config, workers, loaded)
     use_threads(threads)
-    events = training.train(config, out, settings, batches, loaded, resume, training_card(command, config, settings, described),
-                            overwrite=overwrite)
+    events = training.train(config, out, settings, source.batches, loaded, resume,
+                            training_card(command, config, settings, source.description), overwrite=overwrite,
+                            codec_folder=source.codec_folder)
     try:
         _consume(events, settings.steps)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the library saved the last finished step
@@ -87,7 +116,8 @@ def train(
             err_console.print(f"the training so far is saved in {out / 'checkpoint.pt'}: continue it with the same "
                               "command and --resume", soft_wrap=True)
         raise
-    console.print(f"wrote {out}")
+    if os.environ.get("RANK", "0") == "0":
+        console.print(f"wrote {out}")
 
 
 def _consume(events, steps: int) -> None:

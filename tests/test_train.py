@@ -6,6 +6,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from conftest import tiny_config
+from scd import data
 from scd import train as training
 from scd import world
 from scd.checkpoints import load_model_folder
@@ -19,7 +20,7 @@ WORLD = dict(latent_size=(32, 32), frame_size=(32, 32), patch_size=8, demo="worl
 def fixed_batches(n=4, frames=4):
     """One batch of world clips, repeated: a loss that can and must go down."""
     batch = next(world.stream_batches(0, n, frames))
-    return lambda start: iter([batch] * 1000)
+    return lambda start, rank=0, ranks=1: iter([batch] * 1000)
 
 
 def test_loss_goes_down_for_both_archs(tmp_path):
@@ -67,7 +68,7 @@ def test_learning_rate_warms_up_holds_and_decays_to_zero():
 def test_resume_is_bit_identical(tmp_path):
     config = tiny_config(**WORLD)
     make = lambda steps: training.TrainSettings(steps=steps, batch_size=2, clip_frames=3, checkpoint_every=3, warmup=2)
-    batches = training.world_batches(make(6), config)
+    batches = data.world_batches(make(6), config)
     straight = [p.loss for p in training.train(config, tmp_path / "a", make(6), batches)]
     first = [p.loss for p in training.train(config, tmp_path / "b", make(3), batches)]
     rest = [p.loss for p in training.train(config, tmp_path / "b", make(6), batches, resume=True)]
@@ -171,3 +172,28 @@ def test_init_from_a_model_folder_and_impossible_sizes(tmp_path):
     assert r.exit_code == 2 and "error" in r.output and len(r.output.strip().splitlines()) == 1, r.output
     r = runner.invoke(app, ["train", "--init", str(tmp_path / "nope"), "--out", str(tmp_path / "d")])
     assert r.exit_code == 2, r.output
+
+
+def test_gradient_accumulation_mixed_precision_and_decoder_draws(tmp_path):
+    """A step's batch in two passes and bf16 autocast train; bad values are refused naming their flag."""
+    config = tiny_config(**WORLD)
+    batch = next(world.stream_batches(0, 4, 4))
+    one = lambda start, rank=0, ranks=1: iter([batch] * 10)
+    plain = training.TrainSettings(steps=1, batch_size=4, warmup=1, action_dropout=0.0, ema_decay=0.0)
+    losses = [p.loss for p in training.train(config, tmp_path / "acc", dataclasses_replace(plain, grad_accum=2, steps=3), one)]
+    assert len(losses) == 3 and all(0 < v < 10 for v in losses)
+    bf16 = [p.loss for p in training.train(config, tmp_path / "bf16", dataclasses_replace(plain, mixed_precision="bf16", steps=2), one)]
+    assert len(bf16) == 2 and all(0 < v < 10 for v in bf16)
+    runner = CliRunner()
+    r = runner.invoke(app, ["train", "--out", str(tmp_path / "x"), "--batch-size", "4", "--grad-accum", "3"])
+    assert r.exit_code == 2 and "--grad-accum must divide the batch size (4)" in r.output, r.output
+    r = runner.invoke(app, ["train", "--out", str(tmp_path / "x"), "--mixed-precision", "fp16"])
+    assert r.exit_code == 2 and "--mixed-precision must be one of auto, no, bf16" in r.output, r.output
+    r = runner.invoke(app, ["train", "--out", str(tmp_path / "x"), "--decoder-draws", "0"])
+    assert r.exit_code == 2 and "--decoder-draws must be >= 1" in r.output, r.output
+
+
+def dataclasses_replace(settings, **changes):
+    import dataclasses
+
+    return dataclasses.replace(settings, **changes)
