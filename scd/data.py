@@ -67,8 +67,8 @@ def model_fields(dataset: LatentDataset) -> dict:
     """The ModelConfig fields a dataset decides for a new model: latent shape, frame size, codec,
     frame rate and conditioning (actions if the clips have them, else class labels, else none)."""
     channels, height, width = dataset.latent_shape
-    if dataset.action_names:
-        condition, classes = "action", len(dataset.action_names)
+    if dataset.num_actions:
+        condition, classes = "action", dataset.num_actions
     elif dataset.labels:
         condition, classes = "label", len(dataset.labels)
     else:
@@ -90,11 +90,14 @@ def check_fits(dataset: LatentDataset, config: ModelConfig, codec=None) -> None:
     shape = (config.channels, *config.latent_size)
     if tuple(dataset.latent_shape) != shape:
         raise DataError(f"the dataset {where} holds latents of shape {tuple(dataset.latent_shape)} but the model takes {shape}")
-    if config.condition == "action" and not dataset.action_names and dataset.labels:
+    if config.condition == "action" and not dataset.num_actions and dataset.labels:
         raise DataError(f"the dataset {where} has class labels, not actions, but the model is conditioned on actions")
-    if config.condition == "label" and not dataset.labels and dataset.action_names:
+    if config.condition == "label" and not dataset.labels and dataset.num_actions:
         raise DataError(f"the dataset {where} has actions, not class labels, but the model is conditioned on class labels")
-    if config.condition == "action" and dataset.action_names and tuple(dataset.action_names) != tuple(config.action_names):
+    if config.condition == "action" and dataset.num_actions and dataset.num_actions != config.num_classes:
+        raise DataError(f"the dataset {where} has {dataset.num_actions} actions but the model has {config.num_classes}")
+    if config.condition == "action" and dataset.action_names and config.action_names and \
+            tuple(dataset.action_names) != tuple(config.action_names):
         raise DataError(f"the dataset {where} has actions {list(dataset.action_names)} but the model's are "
                         f"{list(config.action_names)}")
     if config.condition == "label" and dataset.labels and len(dataset.labels) != config.num_classes:

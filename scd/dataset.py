@@ -46,7 +46,7 @@ FORMAT_VERSION = 1
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".mov", ".m4v", ".gif", ".avi")
 DTYPES = {"uint8": torch.uint8, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # what a dataset was made with: encoding more into it must not change any of these
-SETTINGS = ("codec", "codec_fingerprint", "frame_size", "latent_shape", "dtype", "fit", "action_names", "labels")
+SETTINGS = ("codec", "codec_fingerprint", "frame_size", "latent_shape", "dtype", "fit", "action_names", "num_actions", "labels")
 SKIP_REASONS = ("corrupt", "too short", "bad actions")
 
 
@@ -62,6 +62,7 @@ class Encoding:
     fit: str = "crop"
     dtype: str = "float32"  # storage of DC-AE latents (pixels are stored as uint8)
     codec_folder: Path | None = None  # a model's codec/ folder, copied byte for byte
+    num_actions: int | None = None  # actions 0..num_actions-1 (default: one per name; 0: clips carry no actions)
     device: torch.device = torch.device("cpu")  # where the codec runs
 
     def __post_init__(self):
@@ -78,16 +79,21 @@ class Encoding:
                               f"downsampling ({scale})", "frame_size")
         self.frame_size = tuple(int(s) for s in self.frame_size)
         self.action_names = tuple(self.action_names)
+        if self.num_actions is None:
+            self.num_actions = len(self.action_names)
+        if self.action_names and self.num_actions != len(self.action_names):
+            raise ConfigError(f"{len(self.action_names)} action names for {self.num_actions} actions", "num_actions")
 
     def key(self) -> str:
         """8 hex digits naming these settings: datasets encoded differently get different keys."""
-        settings = [self.config.to_dict(), codec_fingerprint(self.codec), self.frame_size, self.action_names, self.fit, self.dtype]
+        settings = [self.config.to_dict(), codec_fingerprint(self.codec), self.frame_size, self.action_names,
+                    self.num_actions, self.fit, self.dtype]
         return hashlib.sha256(json.dumps(settings, default=str).encode()).hexdigest()[:8]
 
 
-def pixel_encoding(frame_size: tuple[int, int], action_names=(), fit: str = "crop") -> Encoding:
+def pixel_encoding(frame_size: tuple[int, int], action_names=(), fit: str = "crop", num_actions: int | None = None) -> Encoding:
     """Frames stored as they are (pixel-space models)."""
-    return Encoding(PixelCodec(), CodecConfig(), tuple(frame_size), tuple(action_names), fit)
+    return Encoding(PixelCodec(), CodecConfig(), tuple(frame_size), tuple(action_names), fit, num_actions=num_actions)
 
 
 def model_encoding(loaded, frame_size=None, fit: str = "crop", dtype: str = "float32") -> Encoding:
@@ -96,28 +102,32 @@ def model_encoding(loaded, frame_size=None, fit: str = "crop", dtype: str = "flo
     codec = load_codec(config.codec, loaded.folder)
     names = config.action_names if config.condition == "action" else ()
     folder = None if config.codec.is_pixel else Path(loaded.folder) / CODEC_DIR
-    return Encoding(codec, config.codec, tuple(frame_size or config.frame_size), names, fit, dtype, folder)
+    return Encoding(codec, config.codec, tuple(frame_size or config.frame_size), names, fit, dtype, folder,
+                    config.num_classes if config.condition == "action" else 0)
 
 
 def dcae_encoding(codec: str | Path, codec_config=None, scaling_factor: float | None = None, frame_size=(256, 256),
-                  action_names=(), fit: str = "crop", dtype: str = "float32") -> Encoding:
-    """A DC-AE given as a diffusers folder or as a FAR `.pth` with its config json (as `convert` takes it)."""
-    from scd.convert import read_codec
+                  action_names=(), fit: str = "crop", dtype: str = "float32", num_actions: int | None = None) -> Encoding:
+    """A DC-AE given as a diffusers folder or as a state dict with its config json (not needed for
+    FAR's published DC-AEs), as `convert` takes it."""
+    from scd.convert import CodecSpec, read_codec
 
-    read, entry = read_codec(codec, codec_config, scaling_factor, channels=None)
+    read, entry = read_codec(CodecSpec(codec, codec_config, scaling_factor), channels=None)
     autoencoder = build_dcae(read.config, read.state, read.origin)
     config = CodecConfig.from_dict(entry)
     return Encoding(DCAECodec(autoencoder, config.scaling_factor, config.downsample), config, tuple(frame_size),
-                    tuple(action_names), fit, dtype)
+                    tuple(action_names), fit, dtype, num_actions=num_actions)
 
 
 def encoding_for(model: str | Path | None = None, codec: str | Path | None = None, codec_config=None,
                  scaling_factor: float | None = None, frame_size: tuple[int, int] | None = None,
-                 action_names=None, fit: str = "crop", dtype: str = "float32", device: str = "cpu") -> Encoding:
+                 action_names=None, fit: str = "crop", dtype: str = "float32", device: str = "cpu",
+                 num_actions: int | None = None) -> Encoding:
     """What `encode_folder` encodes with: a model's codec (and its frame size and action names), a
     DC-AE (`codec`, as `convert` takes it), or, with neither, pixels at `frame_size`; the codec
-    runs on `device` (auto, cpu, cuda, ...)."""
-    encoding = _encoding_for(model, codec, codec_config, scaling_factor, frame_size, action_names, fit, dtype)
+    runs on `device` (auto, cpu, cuda, ...). Action files hold `action_names` (or indices below
+    `num_actions`, for actions without names)."""
+    encoding = _encoding_for(model, codec, codec_config, scaling_factor, frame_size, action_names, fit, dtype, num_actions)
     from scd.devices import resolve_device
 
     encoding.device = resolve_device(device)
@@ -125,7 +135,7 @@ def encoding_for(model: str | Path | None = None, codec: str | Path | None = Non
     return encoding
 
 
-def _encoding_for(model, codec, codec_config, scaling_factor, frame_size, action_names, fit, dtype) -> Encoding:
+def _encoding_for(model, codec, codec_config, scaling_factor, frame_size, action_names, fit, dtype, num_actions) -> Encoding:
     if model is not None and codec is not None:
         raise ConfigError("give a model or a codec, not both: the model's codec is the one its latents need", "codec")
     if model is not None:
@@ -134,15 +144,17 @@ def _encoding_for(model, codec, codec_config, scaling_factor, frame_size, action
         encoding = model_encoding(load_model(model), frame_size, fit, dtype)
         if action_names is not None and tuple(action_names) != encoding.action_names:
             raise ConfigError(f"the model's actions are {list(encoding.action_names)}: leave action_names out", "action_names")
+        if num_actions is not None and num_actions != encoding.num_actions:
+            raise ConfigError(f"the model has {encoding.num_actions} actions: leave num_actions out", "num_actions")
         return encoding
     if frame_size is None:
         raise ConfigError("frame_size is needed without a model (the size the videos are fitted to)", "frame_size")
     if codec is not None:
-        return dcae_encoding(codec, codec_config, scaling_factor, frame_size, action_names or (), fit, dtype)
+        return dcae_encoding(codec, codec_config, scaling_factor, frame_size, action_names or (), fit, dtype, num_actions)
     if codec_config is not None or scaling_factor is not None:
         raise ConfigError("codec_config goes with a codec", "codec_config") if codec_config is not None else \
             ConfigError("scaling_factor goes with a codec", "scaling_factor")
-    return pixel_encoding(frame_size, action_names or (), fit)
+    return pixel_encoding(frame_size, action_names or (), fit, num_actions)
 
 
 # ----------------------------------------------------------------------------- events
@@ -258,7 +270,8 @@ def _save_codec(out: Path, encoding: Encoding) -> None:
 def _new_index(encoding: Encoding, labels: tuple[str, ...], fingerprint: str | None) -> dict:
     return {"format": FORMAT, "version": FORMAT_VERSION, "codec": encoding.config.to_dict(), "codec_fingerprint": fingerprint,
             "frame_size": list(encoding.frame_size), "latent_shape": None, "dtype": encoding.dtype,
-            "fit": encoding.fit, "action_names": list(encoding.action_names), "labels": list(labels),
+            "fit": encoding.fit, "action_names": list(encoding.action_names),
+            "num_actions": encoding.num_actions, "labels": list(labels),
             "shards": [], "done": {}, "partial": None, "skipped": [], "complete": False}
 
 
@@ -361,11 +374,11 @@ def encode_folder(videos: str | Path, out: str | Path, encoding: Encoding, *, sh
     sources, labels = list_videos(videos)
     if out.resolve() == videos.resolve() or videos.resolve() in out.resolve().parents:
         raise ConfigError(f"out {out} is inside the video folder: choose another folder", "out")
-    if not encoding.action_names:
+    if not encoding.num_actions:
         with_actions = [rel for rel, _ in sources if sidecar_path(videos / rel).is_file()]
         if with_actions:
             raise DataError(f"{sidecar_path(videos / with_actions[0]).name} holds actions but no action names were given "
-                            "(action_names): name the actions, or remove the action files", "action_names")
+                            "(action_names): name the actions (or give num_actions), or remove the action files", "action_names")
     index = _open_out(out, _new_index(encoding, labels, codec_fingerprint(encoding.codec)))
     _save_codec(out, encoding)
     finished = set(index["done"]) | {s["source"] for s in index["skipped"]}
@@ -390,9 +403,9 @@ def _encode_video(writer: _Writer, videos: Path, rel: str, label: int | None, en
     partial = index["partial"] if index["partial"] and index["partial"]["source"] == rel else None
     resume_at, part = (partial["frames"], partial["parts"]) if partial else (0, 0)  # what a killed run stored
     actions = None
-    if encoding.action_names:
+    if encoding.num_actions:
         try:
-            actions = parse_actions(sidecar_path(path), encoding.action_names, len(encoding.action_names)) \
+            actions = parse_actions(sidecar_path(path), encoding.action_names, encoding.num_actions) \
                 if sidecar_path(path).is_file() else []
         except ActionError as err:
             yield writer.skip(rel, "bad actions", str(err))
@@ -405,7 +418,7 @@ def _encode_video(writer: _Writer, videos: Path, rel: str, label: int | None, en
         nonlocal part
         conditions = None
         if actions is not None:  # frames the action file does not cover get the null action
-            null = len(encoding.action_names)
+            null = encoding.num_actions
             conditions = torch.tensor((actions[first:last] + [null] * (last - first))[:last - first], dtype=torch.int64)
         writer.shard.add(segment, conditions, {"source": rel, "part": part, "first_frame": first, "frames": last - first,
                                                "label": label, "fps": reader.fps, "truncated": truncated})
@@ -499,6 +512,7 @@ class LatentDataset:
         self.frame_size = tuple(index["frame_size"])
         self.latent_shape = tuple(index["latent_shape"] or ())
         self.action_names = tuple(index["action_names"])
+        self.num_actions = int(index.get("num_actions", len(self.action_names)))
         self.labels = tuple(index["labels"])
         self.clips = [StoredClip(s["file"], c["key"], c["frames"], c["label"], c["source"])
                       for s in index["shards"] for c in s["clips"]]
@@ -540,7 +554,7 @@ class LatentDataset:
         handle = self._shard(c.shard)
         latents = handle.get_slice(f"{c.key}.latents")[first:first + frames]
         latents = latents.float() / 127.5 - 1.0 if latents.dtype == torch.uint8 else latents.float()
-        if condition == "action" and self.action_names:
+        if condition == "action" and self.num_actions:
             return latents, handle.get_slice(f"{c.key}.actions")[first:first + frames]
         label = c.label if condition == "label" and c.label is not None else null
         return latents, torch.full((frames,), label, dtype=torch.int64)

@@ -21,6 +21,7 @@ def encode(
     scaling_factor: Optional[float] = typer.Option(None, "--scaling-factor", help="Latent scaling of --codec (default: its config's, or FAR's 0.2889)."),
     frame_size: Optional[int] = typer.Option(None, "--frame-size", help="Square size the videos are fitted to (default: the model's)."),
     action_names: Optional[str] = typer.Option(None, "--action-names", help="Comma list of the actions NAME.actions.txt files use (default: the model's)."),
+    num_actions: Optional[int] = typer.Option(None, "--num-actions", help="Actions without names: NAME.actions.txt files hold indices 0..N-1 (default: the model's)."),
     fit: str = typer.Option("crop", "--fit", help="crop, pad or stretch to the frame size."),
     dtype: str = typer.Option("float32", "--dtype", help="Storage of DC-AE latents: float32, bfloat16 or float16 (pixels: uint8)."),
     shard_mb: float = typer.Option(256.0, "--shard-mb", help="Shard size; memory holds about one shard."),
@@ -32,7 +33,7 @@ def encode(
     state["quiet"] = quiet
     names = tuple(n.strip() for n in action_names.split(",") if n.strip()) if action_names else None
     size = (frame_size, frame_size) if frame_size else None
-    encoding = dataset.encoding_for(model, codec, codec_config, scaling_factor, size, names, fit, dtype, device)
+    encoding = dataset.encoding_for(model, codec, codec_config, scaling_factor, size, names, fit, dtype, device, num_actions)
     report = draw(dataset.encode_folder(videos, out, encoding, shard_mb=shard_mb, min_frames=min_frames), f"encode {videos.name}")
     summarize(report)
 

@@ -322,3 +322,26 @@ def test_fine_tuning_needs_the_datasets_codec(videos, tmp_path):
     r = runner.invoke(app, ["train", "--init", str(tmp_path / "m"), "--data", str(tmp_path / "ds"), "--steps", "1",
                             "--batch-size", "1", "--clip-frames", "3", "--workers", "0", "--out", str(tmp_path / "t")])
     assert r.exit_code == 0, r.output
+
+
+def test_actions_without_names_are_indices(tmp_path):
+    """FAR's action models name no actions: action files then hold indices below num_actions."""
+    from conftest import tiny_config
+
+    root = tmp_path / "videos"
+    root.mkdir()
+    write_video(root / "a.mp4", moving_square(5, 0, size=(16, 16)), fps=8)
+    (root / "a.actions.txt").write_text("3\n1\n0\n")
+    (root / "b.mp4").write_bytes((root / "a.mp4").read_bytes())
+    (root / "b.actions.txt").write_text("4\n7\n")  # 7 is no action of 4 (4 itself is the null action)
+    _, report = run(dataset.encode_folder(root, tmp_path / "ds", dataset.pixel_encoding((16, 16), num_actions=4)))
+    assert [s for s, _ in report.skipped["bad actions"]] == ["b.mp4"] and "out of range 0..4" in report.skipped["bad actions"][0][1]
+    assert stored(tmp_path / "ds")[("a.mp4", 0)][1].tolist() == [3, 1, 0, 4, 4]
+    ds = dataset.LatentDataset(tmp_path / "ds")
+    assert data.model_fields(ds)["condition"] == "action" and data.model_fields(ds)["num_classes"] == 4
+    unnamed = tiny_config(latent_size=(16, 16), frame_size=(16, 16), action_names=())
+    data.check_fits(ds, unnamed)
+    with pytest.raises(DataError, match="has 4 actions but the model has 6"):
+        data.check_fits(ds, tiny_config(latent_size=(16, 16), frame_size=(16, 16), action_names=(), num_classes=6))
+    with pytest.raises(ConfigError, match="2 action names for 4 actions"):
+        dataset.pixel_encoding((16, 16), ("up", "down"), num_actions=4)
