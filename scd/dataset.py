@@ -35,7 +35,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from scd import video
+from scd import files, video
 from scd.actions import parse_actions, sidecar_path
 from scd.codecs import CODEC_DIR, DCAE_CONFIG, DCAE_WEIGHTS, CodecConfig, DCAECodec, PixelCodec, build_dcae, load_codec
 from scd.errors import ActionError, ConfigError, DataError, VideoError
@@ -217,16 +217,6 @@ def list_videos(folder: Path) -> tuple[list[tuple[str, int | None]], tuple[str, 
     return [(name, None) for name in flat], ()
 
 
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise DataError(f"cannot write {path}: {err.strerror or err}") from None
-
-
 # ----------------------------------------------------------------------------- writing
 
 def codec_fingerprint(codec) -> str | None:
@@ -350,11 +340,11 @@ class _Writer:
             if index["latent_shape"] is None:
                 index["latent_shape"] = list(shard.tensors[f"{shard.clips[0]['key']}.latents"].shape[1:])
             path = self.out / shard.file
-            _write_atomic(path, lambda tmp: save_file(shard.tensors, str(tmp), metadata={"format": FORMAT}))
+            files.atomic_write(path, lambda tmp: save_file(shard.tensors, str(tmp), metadata={"format": FORMAT}), DataError, "shard")
             index["shards"].append({"file": shard.file, "clips": shard.clips, "bytes": path.stat().st_size})
             written = ShardWritten(shard.file, len(shard.clips), index["shards"][-1]["bytes"])
         index["partial"] = partial
-        _write_atomic(self.out / INDEX, lambda tmp: tmp.write_text(json.dumps(index, indent=1) + "\n"))
+        files.write_text(self.out / INDEX, json.dumps(index, indent=1) + "\n", DataError, "dataset index")
         self.shard = _Shard(len(index["shards"]))
         return written
 

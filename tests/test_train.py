@@ -148,9 +148,10 @@ def test_train_on_a_folder_of_real_videos(tmp_path):
                                  "--decoder-layers", "1", "--patch-size", "8", "--frame-size", "16"])
     assert r.exit_code == 0, r.output
     assert load_model_folder(out).config.frame_size == (16, 16)
-    r = CliRunner().invoke(app, ["train", "--data", str(data), "--out", str(out), "--clip-frames", "50", "--steps", "1"])
+    r = CliRunner().invoke(app, ["train", "--data", str(data), "--out", str(out), "--clip-frames", "50", "--steps", "1",
+                                 "--overwrite"])
     assert r.exit_code == 2 and "at least 50 frames" in r.output
-    r = CliRunner().invoke(app, ["train", "--data", str(tmp_path / "nope"), "--out", str(out)])
+    r = CliRunner().invoke(app, ["train", "--data", str(tmp_path / "nope"), "--out", str(out), "--overwrite"])
     assert r.exit_code == 2 and "does not exist" in r.output
 
 
