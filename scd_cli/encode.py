@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from scd import dataset
-from scd_cli.common import Device, console, handles_errors, is_interactive, say, state
+from scd_cli.common import Device, console, err_console, handles_errors, is_interactive, say, state
 
 
 @handles_errors
@@ -34,7 +34,12 @@ def encode(
     names = tuple(n.strip() for n in action_names.split(",") if n.strip()) if action_names else None
     size = (frame_size, frame_size) if frame_size else None
     encoding = dataset.encoding_for(model, codec, codec_config, scaling_factor, size, names, fit, dtype, device, num_actions)
-    report = draw(dataset.encode_folder(videos, out, encoding, shard_mb=shard_mb, min_frames=min_frames), f"encode {videos.name}")
+    try:
+        report = draw(dataset.encode_folder(videos, out, encoding, shard_mb=shard_mb, min_frames=min_frames),
+                      f"encode {videos.name}")
+    except KeyboardInterrupt:  # every listed shard is whole: the same command continues
+        err_console.print(f"the shards written so far are kept in {out}: run the same command to continue", soft_wrap=True)
+        raise
     summarize(report)
 
 
