@@ -19,7 +19,6 @@ point.
 import argparse
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
