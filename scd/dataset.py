@@ -368,7 +368,8 @@ def encode_folder(videos: str | Path, out: str | Path, encoding: Encoding, *, sh
         with_actions = [rel for rel, _ in sources if sidecar_path(videos / rel).is_file()]
         if with_actions:
             raise DataError(f"{sidecar_path(videos / with_actions[0]).name} holds actions but no action names were given "
-                            "(action_names): name the actions (or give num_actions), or remove the action files", "action_names")
+                            "(action_names): name the actions (or give their number when the files hold indices), "
+                            "or remove the action files", "action_names")
     index = _open_out(out, _new_index(encoding, labels, codec_fingerprint(encoding.codec)))
     _save_codec(out, encoding)
     finished = set(index["done"]) | {s["source"] for s in index["skipped"]}
