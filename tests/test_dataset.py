@@ -163,8 +163,25 @@ def test_encoding_again_continues_after_a_kill(videos, tmp_path):
     assert events[0].already == 6 and again.shards == report.shards
 
 
-def test_scd_encode_survives_kill_9(tmp_path):
-    """A real kill -9 of `scd encode` in the middle: encoding again finishes with every frame once."""
+def interrupt_after_shards(cmd, env, index, shards, sig):
+    """Start `cmd`, send `sig` once the index lists `shards` shards; its exit code and stderr."""
+    child = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while child.poll() is None and time.monotonic() < deadline:
+        try:
+            listed = len(json.loads(index.read_text()).get("shards", []))
+        except (OSError, ValueError):
+            listed = 0
+        if listed >= shards:
+            child.send_signal(sig)
+            break
+        time.sleep(0.01)
+    _, err = child.communicate(timeout=60)
+    return child.returncode, err
+
+
+def test_scd_encode_survives_ctrl_c_and_kill_9(tmp_path):
+    """`scd encode` stopped by Ctrl-C, then by kill -9, in the middle: encoding again finishes with every frame once."""
     root = tmp_path / "videos"
     root.mkdir()
     for i in range(8):
@@ -172,15 +189,12 @@ def test_scd_encode_survives_kill_9(tmp_path):
     cmd = [sys.executable, "-m", "scd_cli.app", "encode", str(root), "--out", str(tmp_path / "ds"), "--frame-size", "32",
            "--shard-mb", "0.01", "-q"]
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    child = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     index = tmp_path / "ds" / "index.json"
-    deadline = time.monotonic() + 60
-    while child.poll() is None and time.monotonic() < deadline:
-        if index.is_file() and json.loads(index.read_text() or "{}").get("shards"):
-            child.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.01)
-    assert child.wait() == -signal.SIGKILL  # killed in the middle, not finished
+    code, err = interrupt_after_shards(cmd, env, index, 1, signal.SIGINT)
+    assert code == 130 and "run the same command to continue" in err, err
+    first = len(json.loads(index.read_text())["shards"])
+    code, _ = interrupt_after_shards(cmd, env, index, first + 2, signal.SIGKILL)
+    assert code == -signal.SIGKILL  # killed in the middle, not finished
     assert not json.loads(index.read_text())["complete"]
     # encoding again (here in this process: the same library call the command makes) finishes it
     _, report = run(dataset.encode_folder(root, tmp_path / "ds", dataset.pixel_encoding((32, 32)), shard_mb=0.01))
