@@ -1,5 +1,6 @@
 import pytest
 import torch
+from hypothesis import strategies as st
 
 from scd.model import ModelConfig, build_model
 
@@ -43,3 +44,8 @@ def hub_env(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_TELEMETRY", True)
     return monkeypatch
+
+
+# odd JSON/YAML values for fuzzing config and options files (hypothesis)
+ODD_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-2, 2), st.integers(-2**40, 2**40), st.floats(allow_nan=True),
+                       st.text(max_size=12), st.lists(st.integers(-10, 10**6), max_size=4), st.dictionaries(st.text(max_size=4), st.integers(), max_size=2))

@@ -2,10 +2,13 @@
 
 import json
 
+import numpy as np
+import pytest
+from conftest import random_model, tiny_config
 from typer.testing import CliRunner
 
-from conftest import tiny_config
 from scd.checkpoints import save_model_folder
+from scd.evaluate import _summary, evaluate
 from scd.model import build_model
 from scd_cli.app import app
 
@@ -38,3 +41,33 @@ def test_eval_refuses_bad_input(tmp_path):
     assert r.exit_code == 2 and "32x32" in r.output, r.output
     r = runner.invoke(app, ["eval", "--model", str(tmp_path / "missing")])
     assert r.exit_code == 2, r.output
+
+
+def test_eval_scores_hand_made_cases():
+    truth = np.random.default_rng(0).integers(0, 256, (2, 3, 8, 8, 3), dtype=np.uint8)
+    same = _summary(truth, truth)
+    assert same["psnr"] == 100.0 and same["ssim"] == pytest.approx(1.0)
+    off = np.clip(truth.astype(int) + 10, 0, 255).astype(np.uint8)
+    mse = ((off.astype(float) - truth) / 255) ** 2
+    expected = np.mean([10 * np.log10(1 / m.mean()) for m in mse.reshape(6, -1)])
+    assert _summary(off, truth)["psnr"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_eval_runs_models_and_copy_last_frame(tmp_path):
+    world = dict(latent_size=(32, 32), frame_size=(32, 32), patch_size=8)
+    models = {}
+    for arch in ("scd", "baseline"):
+        from scd.checkpoints import load_model_folder
+        models[arch] = load_model_folder(save_model_folder(random_model(tiny_config(arch=arch, **world)), tmp_path / arch))
+    result = evaluate(models, clips=2, context=3, frames=2, steps=2)
+    assert result["clips"] == 2 and result["frames"] == 2
+    for name in ("scd", "baseline", "copy_last_frame"):
+        assert len(result[name]["psnr_per_frame"]) == 2 and 0 < result[name]["psnr"] < 100
+    json_path = tmp_path / "e.json"
+    r = runner.invoke(app, ["eval", "--model", str(tmp_path / "scd"), "--baseline", str(tmp_path / "baseline"),
+                            "--clips", "1", "--context", "2", "--frames", "1", "--steps", "1", "--json", str(json_path)])
+    assert r.exit_code == 0, r.output
+    written = json.loads(json_path.read_text())
+    assert set(written) >= {"scd", "baseline", "copy_last_frame", "clips", "frames", "context", "steps"}
+    assert written["clips"] == 1 and written["context"] == 2 and written["steps"] == 1
+    assert len(written["scd"]["psnr_per_frame"]) == 1 and set(written["scd"]) >= {"psnr", "ssim", "psnr_per_frame"}

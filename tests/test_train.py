@@ -2,16 +2,13 @@
 
 import pytest
 import torch
+from conftest import tiny_config
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from conftest import tiny_config
-from scd import data
+from scd import data, world
 from scd import train as training
-from scd import world
 from scd.checkpoints import load_model_folder
-from scd.model import build_model
-from scd.flow import add_noise, noised_context
 from scd_cli.app import app
 
 WORLD = dict(latent_size=(32, 32), frame_size=(32, 32), patch_size=8, demo="world")
@@ -32,21 +29,6 @@ def test_loss_goes_down_for_both_archs(tmp_path):
         assert load_model_folder(tmp_path / arch).config.arch == arch
 
 
-def test_noised_context_keeps_the_clean_share_and_labels_the_rest():
-    torch.manual_seed(0)
-    video = torch.rand(64, 8, 3, 8, 8) * 2 - 1
-    same, timesteps = noised_context(video, 1.0, 1.0)
-    assert same is video and timesteps is None
-    noisy, timesteps = noised_context(video, 0.25, 0.3)
-    clean = timesteps == -1
-    assert 0.15 < clean.float().mean() < 0.35
-    assert torch.equal(noisy[clean], video[clean]) and not torch.equal(noisy[~clean], video[~clean])
-    sigma = timesteps[~clean] / 1000
-    assert sigma.min() > 0 and sigma.max() <= 0.3
-    # each noised frame sits at its labelled level: (x - (1 - s) x0) / s is unit Gaussian noise
-    s = sigma.view(-1, 1, 1, 1)
-    implied = (noisy[~clean] - (1 - s) * video[~clean]) / s
-    assert abs(implied.std().item() - 1) < 0.05
 
 
 def test_scd_learns_with_noised_context(tmp_path):
@@ -85,30 +67,6 @@ def test_resume_is_bit_identical(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_baseline_training_pass_matches_streaming_inference():
-    """The masked one-pass training of the baseline computes what generation computes."""
-    torch.manual_seed(0)
-    config = tiny_config(arch="baseline", **WORLD)
-    model = build_model(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.2)
-    video = torch.randn(1, 4, 3, 32, 32)
-    actions = torch.randint(0, 4, (1, 4))
-    torch.manual_seed(1)
-    loss = model.loss(video, actions)
-    torch.manual_seed(1)
-    sigma = torch.sigmoid(torch.randn(3)).view(1, 3)
-    noise = torch.randn_like(video[:, 1:])
-    noisy = add_noise(video[:, 1:], noise, sigma)
-    total = 0.0
-    with torch.no_grad():
-        for j in range(1, 4):
-            cache = model.new_cache(1, 8)
-            model.append(video[:, :j], actions[:, :j], cache)
-            v = model(noisy[:, j - 1], sigma[:, j - 1] * 1000, actions[:, j], cache)
-            total += ((v - (noise[:, j - 1] - video[:, j])) ** 2).mean()
-    assert abs(loss.item() - total.item() / 3) < 1e-4 * abs(loss.item())
 
 
 def test_cli_train_and_bad_options(tmp_path):

@@ -2,7 +2,6 @@
 error a user can cause. The MP4 writer: test_mp4.py."""
 
 import os
-import signal
 import struct
 import subprocess
 import sys
@@ -21,8 +20,15 @@ import torch
 from scd import video
 from scd.errors import ConfigError, VideoError
 from scd.mp4 import write_video
-from scd.video import (Clip, fit_frames, frames_to_tensor, read_video, tensor_to_frames, upscale_frames,
-                       write_png_frames)
+from scd.video import (
+    Clip,
+    fit_frames,
+    frames_to_tensor,
+    read_video,
+    tensor_to_frames,
+    upscale_frames,
+    write_png_frames,
+)
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 

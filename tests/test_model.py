@@ -1,0 +1,96 @@
+"""The models: configs, the streaming protocol both speak, and the losses each owns."""
+
+import json
+
+import pytest
+import torch
+from conftest import random_model, tiny_config
+
+from scd.codecs import CodecConfig
+from scd.errors import ConfigError
+from scd.flow import add_noise, noised_context
+from scd.model import ModelConfig, build_model, default_rope_axes
+
+WORLD = dict(latent_size=(32, 32), frame_size=(32, 32), patch_size=8, demo="world")
+
+
+def test_noised_context_keeps_the_clean_share_and_labels_the_rest():
+    torch.manual_seed(0)
+    video = torch.rand(64, 8, 3, 8, 8) * 2 - 1
+    same, timesteps = noised_context(video, 1.0, 1.0)
+    assert same is video and timesteps is None
+    noisy, timesteps = noised_context(video, 0.25, 0.3)
+    clean = timesteps == -1
+    assert 0.15 < clean.float().mean() < 0.35
+    assert torch.equal(noisy[clean], video[clean]) and not torch.equal(noisy[~clean], video[~clean])
+    sigma = timesteps[~clean] / 1000
+    assert sigma.min() > 0 and sigma.max() <= 0.3
+    # each noised frame sits at its labelled level: (x - (1 - s) x0) / s is unit Gaussian noise
+    s = sigma.view(-1, 1, 1, 1)
+    implied = (noisy[~clean] - (1 - s) * video[~clean]) / s
+    assert abs(implied.std().item() - 1) < 0.05
+
+
+def test_baseline_training_pass_matches_streaming_inference():
+    """The masked one-pass training of the baseline computes what generation computes."""
+    torch.manual_seed(0)
+    config = tiny_config(arch="baseline", **WORLD)
+    model = build_model(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    video = torch.randn(1, 4, 3, 32, 32)
+    actions = torch.randint(0, 4, (1, 4))
+    torch.manual_seed(1)
+    loss = model.loss(video, actions)
+    torch.manual_seed(1)
+    sigma = torch.sigmoid(torch.randn(3)).view(1, 3)
+    noise = torch.randn_like(video[:, 1:])
+    noisy = add_noise(video[:, 1:], noise, sigma)
+    total = 0.0
+    with torch.no_grad():
+        for j in range(1, 4):
+            cache = model.new_cache(1, 8)
+            model.append(video[:, :j], actions[:, :j], cache)
+            v = model(noisy[:, j - 1], sigma[:, j - 1] * 1000, actions[:, j], cache)
+            total += ((v - (noise[:, j - 1] - video[:, j])) ** 2).mean()
+    assert abs(loss.item() - total.item() / 3) < 1e-4 * abs(loss.item())
+
+
+def test_config_round_trips_through_json_with_a_typed_codec():
+    config = tiny_config(codec={"type": "dcae", "scaling_factor": 0.5, "downsample": 8})
+    assert config.codec == CodecConfig("dcae", 0.5, 8)
+    data = json.loads(config.to_json())
+    assert data["codec"] == {"type": "dcae", "scaling_factor": 0.5, "downsample": 8}
+    assert ModelConfig.from_dict(data) == config
+    assert json.loads(tiny_config().to_json())["codec"] == {"type": "pixel"}  # unset fields stay out
+    with pytest.raises(ConfigError, match="scaling_factor must be a positive number"):
+        tiny_config(codec={"type": "dcae", "scaling_factor": float("nan")})
+
+
+@pytest.mark.parametrize("head_dim, axes", [(64, (16, 24, 24)), (16, (4, 6, 6)), (32, (8, 12, 12)), (24, (8, 8, 8)), (6, (2, 2, 2))])
+def test_one_rope_split_for_every_head_dim(head_dim, axes):
+    assert default_rope_axes(head_dim) == axes and sum(axes) == head_dim and all(a % 2 == 0 for a in axes)
+
+
+def test_rope_split_refuses_odd_or_tiny_head_dims():
+    for bad in (7, 4, 0):
+        with pytest.raises(ConfigError, match="head_dim"):
+            default_rope_axes(bad)
+
+
+@pytest.mark.parametrize("arch", ["scd", "baseline"])
+def test_both_models_speak_the_protocol(arch):
+    model = random_model(tiny_config(arch=arch))
+    state = model.start(batch=2, capacity=5)
+    cache = state.cache
+    assert model.cache_bytes(2, 5, torch.float32) == cache.keys.numel() * 4 * 2
+    assert set(model.parts()) == ({"encoder", "decoder"} if arch == "scd" else {"model"})
+    c = model.config
+    frames = torch.randn(2, 3, c.channels, *c.latent_size)
+    model.observe(state, frames, torch.zeros(2, 3, dtype=torch.long))
+    assert cache.frames == 0  # observed frames wait for the next action
+    model.prepare(state, torch.ones(2, dtype=torch.long))
+    assert cache.frames == 3 and not state.pending
+    v = model.velocity(state, torch.randn(2, c.channels, *c.latent_size), torch.full((2,), 500.0))
+    assert v.shape == (2, c.channels, *c.latent_size) and torch.isfinite(v).all()
