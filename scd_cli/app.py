@@ -29,8 +29,16 @@ def main_options(
     common.state["debug"] = debug
 
 
-for module in (info, generate, play, bench, encode, train, evaluate, convert):
-    module.register(app)
+# the commands, in the order `scd --help` lists them
+app.command()(generate.generate)
+app.command()(play.play)
+app.command()(bench.bench)
+app.command()(info.info)
+app.command()(convert.convert)
+app.command()(encode.encode)
+app.command()(train.train)
+app.command("eval")(evaluate.eval_command)
+app.command()(info.download)
 
 
 def main() -> None:

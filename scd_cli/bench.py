@@ -196,7 +196,3 @@ def _write(report: dict, json_path: Optional[Path], plot: Optional[Path], quiet:
         for path in (json_path, plot):
             if path is not None:
                 say(f"wrote {path}")
-
-
-def register(app: typer.Typer) -> None:
-    app.command()(bench)

@@ -108,7 +108,3 @@ def convert(
                   f"(sha256 {report.sha256[:12]}); {mapped} mapped, {created} created, {dropped} dropped", soft_wrap=True)
     if report.pushed:
         console.print(f"pushed to [bold]{report.pushed}[/]", soft_wrap=True)
-
-
-def register(app: typer.Typer) -> None:
-    app.command()(convert)

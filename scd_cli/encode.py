@@ -77,7 +77,3 @@ def summarize(report: dataset.EncodeReport) -> None:
     console.print(f"wrote {report.out}: {report.clips} clips, {report.frames} frames in {report.shards} shards "
                   f"({report.bytes / 2 ** 20:.1f} MiB); {sum(len(v) for v in report.skipped.values())} skipped, "
                   f"{len(report.truncated)} truncated", soft_wrap=True)
-
-
-def register(app: typer.Typer) -> None:
-    app.command()(encode)

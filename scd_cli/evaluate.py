@@ -47,7 +47,3 @@ def eval_command(
                   "moving object erased (what getting the background right is worth).", style="dim")
     if json_path is not None:
         files.write_text(json_path, json.dumps(result, indent=2) + "\n", what="JSON report")
-
-
-def register(app: typer.Typer) -> None:
-    app.command("eval")(eval_command)

@@ -138,7 +138,3 @@ def generate(
     finally:
         if live is not None:
             live.stop()
-
-
-def register(app: typer.Typer) -> None:
-    app.command()(generate)

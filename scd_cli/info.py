@@ -67,8 +67,3 @@ def download(ref: str = typer.Argument(..., help="Hub repo id[@revision], or rep
     else:
         path, revision = hub.fetch_model_folder(hub_ref)
     console.print(f"{hub_ref.repo_id} @ {revision} -> {path}")
-
-
-def register(app: typer.Typer) -> None:
-    app.command()(info)
-    app.command()(download)

@@ -63,7 +63,3 @@ def play(
             raise err
         message = in_cli_words(err) if isinstance(err, SCDError) else f"{type(err).__name__}: {err}"
         raise fail(f"play stopped: {message}", code=2 if isinstance(err, SCDError) else 1)
-
-
-def register(app: typer.Typer) -> None:
-    app.command()(play)

@@ -148,7 +148,3 @@ def _draw_live(events, steps: int) -> None:
             minutes, seconds = divmod(int(p.eta_s), 60)
             bar.update(task, completed=p.step, loss=f"{sum(recent) / len(recent):.4f}", rate=f"{p.steps_per_s:.2f}",
                        eta=f"{minutes}:{seconds:02d}")
-
-
-def register(app: typer.Typer) -> None:
-    app.command()(train)
