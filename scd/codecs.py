@@ -144,8 +144,8 @@ class DCAECodec:
         folder = Path(folder)
         for name in (DCAE_CONFIG, DCAE_WEIGHTS):
             if not (folder / name).is_file():
-                raise CheckpointError(f"the codec folder {folder} has no {name}: re-attach the autoencoder with "
-                                      "`scd convert MODEL --codec PATH --out NEW`")
+                raise CheckpointError(f"the codec folder {folder} has no {name}: convert the model again "
+                                      "with its codec to re-attach the autoencoder")
         config = read_dcae_config(folder / DCAE_CONFIG)
         actual = dcae_downsample(config)
         if downsample is not None and downsample != actual:
@@ -184,6 +184,6 @@ def load_codec(codec: CodecConfig, folder: Path | None = None):
     if folder is None or not (Path(folder) / CODEC_DIR).is_dir():
         where = f"{folder}" if folder is not None else "this model"
         raise CheckpointError(f"{where} works on DC-AE latents but has no {CODEC_DIR}/ folder: attach the "
-                              "autoencoder with `scd convert MODEL --codec PATH --out NEW`")
+                              "autoencoder by converting the model again with its codec")
     return DCAECodec.from_folder(Path(folder) / CODEC_DIR, codec.scaling_factor or DCAE_SCALING_FACTOR,
                                  codec.downsample)

@@ -24,11 +24,11 @@ def resolve_device(name: str = "auto") -> torch.device:
     except (RuntimeError, ValueError):
         raise DeviceError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise DeviceError("CUDA is not available on this machine: use --device cpu (or auto)")
+        raise DeviceError("CUDA is not available on this machine: use device cpu (or auto)", parameter="device")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise DeviceError(f"there is no {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise DeviceError("MPS is not available on this machine: use --device cpu (or auto)")
+        raise DeviceError("MPS is not available on this machine: use device cpu (or auto)", parameter="device")
     if device.type not in ("cpu", "cuda", "mps"):
         raise DeviceError(f"unsupported device {name!r}: use auto, cpu, cuda or mps")
     return device

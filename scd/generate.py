@@ -165,7 +165,7 @@ def run(job: Job):
         after = list(job.actions[:job.frames]) if job.actions is not None else [null] * job.frames
         conditions = torch.tensor(before + after)
     elif job.actions is not None:
-        raise ActionError("this model takes no actions: drop --actions")
+        raise ActionError("this model takes no actions: drop actions", parameter="actions")
     warnings.extend(job.model.notes)
     if job.label is not None:
         parse_label(job.label, config.action_names, config.num_classes, config.condition)  # checks it
@@ -196,9 +196,9 @@ def run(job: Job):
         free = torch.cuda.mem_get_info(device)[0]
         if need > 0.8 * free:
             warnings.append(f"the KV cache needs {need / 2**30:.1f} GiB of {free / 2**30:.1f} GiB free: "
-                            "pass --context-window W to keep memory flat")
+                            "a context window of W frames keeps memory flat")
     elif job.window is None and need > 8 * 2**30:
-        warnings.append(f"the KV cache will grow to {need / 2**30:.1f} GiB: pass --context-window W to keep memory flat")
+        warnings.append(f"the KV cache will grow to {need / 2**30:.1f} GiB: a context window of W frames keeps memory flat")
 
     writers = open_writers(outputs, fps, job)
     records: list[dict] = []
