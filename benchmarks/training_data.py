@@ -60,7 +60,7 @@ TRAIN = dict(steps=1000, batch_size=8, clip_frames=8, lr=1e-3, warmup=100, check
 def write_world_videos(folder: Path, clips: int, frames: int) -> None:
     from scd import world
     from scd.actions import format_actions
-    from scd.video import write_video
+    from scd.mp4 import write_video
 
     folder.mkdir(parents=True)
     for i in range(clips):

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import torch
 
-from scd.checkpoints import load_model
 from scd.actions import parse_actions
-from scd.sampling import stream
+from scd.checkpoints import load_model
 from scd.mp4 import write_video
+from scd.sampling import stream
 from scd.video import fit_frames, frames_to_tensor, read_video, tensor_to_frames
 
 HERE = Path(__file__).parent

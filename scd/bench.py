@@ -330,7 +330,9 @@ class _Side:
 
 def _load_pair(spec: BenchSpec, device, dtype) -> tuple[_Side, _Side, ModelConfig | None, list[str]]:
     """The two sides, the config of the model the user named (None: random weights) and warnings."""
-    from scd.checkpoints import load_model  # deferred: pulls in the Hub client only when a model is named
+    from scd.checkpoints import (
+        load_model,  # deferred: pulls in the Hub client only when a model is named
+    )
 
     scd_side = base_side = named = None
     if spec.model is not None:

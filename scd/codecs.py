@@ -4,63 +4,18 @@ carry an autoencoder in their folder's `codec/` (DC-AE through diffusers)."""
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from scd.errors import CheckpointError, ConfigError
+from scd.errors import CheckpointError
+from scd.model import CodecConfig
+from scd.weights import load_state, read_tensors
 
 CODEC_DIR = "codec"
 DCAE_CONFIG = "config.json"
 DCAE_WEIGHTS = "diffusion_pytorch_model.safetensors"
 DCAE_SCALING_FACTOR = 0.2889  # FAR's DC-AE latents (its options/model_cfg/dcae/*.json)
-CODEC_TYPES = ("pixel", "dcae")
-
-
-@dataclass(frozen=True)
-class CodecConfig:
-    """How a model's frames become latents: `pixel` (latents are the frames in [-1, 1]) or `dcae`
-    (an autoencoder in the folder's `codec/`, latents times `scaling_factor`, `downsample` pixels
-    per latent along each side). Round-trips through config.json's `codec` entry."""
-
-    type: str = "pixel"
-    scaling_factor: float | None = None
-    downsample: int | None = None
-
-    def __post_init__(self):
-        if self.type not in CODEC_TYPES:
-            raise ConfigError(f"unknown codec type {self.type!r}: this scd knows {', '.join(CODEC_TYPES)}")
-        factor = self.scaling_factor
-        if factor is not None and (isinstance(factor, bool) or not isinstance(factor, (int, float))
-                                   or not math.isfinite(factor) or factor <= 0):
-            raise ConfigError(f"codec scaling_factor must be a positive number, not {factor!r}")
-        down = self.downsample
-        if down is not None and (isinstance(down, bool) or not isinstance(down, int) or not 1 <= down <= 1024):
-            raise ConfigError(f"codec downsample must be an integer in 1..1024, not {down!r}")
-
-    @property
-    def is_pixel(self) -> bool:
-        return self.type == "pixel"
-
-    @classmethod
-    def from_dict(cls, data) -> "CodecConfig":
-        if isinstance(data, CodecConfig):
-            return data
-        if not isinstance(data, dict):
-            raise ConfigError(f"codec must be a mapping such as {{\"type\": \"pixel\"}}, not {data!r}")
-        unknown = sorted(set(data) - {"type", "scaling_factor", "downsample"})
-        if unknown:
-            raise ConfigError(f"unknown codec fields {unknown}: this config was written by a newer scd, upgrade it")
-        return cls(**data)
-
-    def to_dict(self) -> dict:
-        """The config.json entry: only the fields that are set."""
-        return {k: v for k, v in (("type", self.type), ("scaling_factor", self.scaling_factor),
-                                  ("downsample", self.downsample)) if v is not None}
-
-
 class PixelCodec:
     """The identity on [-1, 1] pixels: latents are the frames themselves."""
 
@@ -112,8 +67,6 @@ def read_dcae_config(path: Path) -> dict:
 def build_dcae(config: dict, tensors: dict[str, torch.Tensor], source: str) -> torch.nn.Module:
     """An AutoencoderDC of `config` holding `tensors`, in eval mode; strict: every missing,
     unexpected or mis-shaped tensor is a CheckpointError. FAR's DC-AE `.pth` state dicts load as they are."""
-    from scd.checkpoints import load_state  # deferred: checkpoints imports the model, not the codecs
-
     cls = autoencoder_dc_class()
     try:
         autoencoder = cls.from_config({k: v for k, v in config.items() if not k.startswith("_")})
@@ -139,8 +92,6 @@ class DCAECodec:
     def from_folder(cls, folder: Path, scaling_factor: float = DCAE_SCALING_FACTOR,
                     downsample: int | None = None) -> "DCAECodec":
         """Load `folder/config.json` + `folder/diffusion_pytorch_model.safetensors` (diffusers layout)."""
-        from scd.checkpoints import read_tensors
-
         folder = Path(folder)
         for name in (DCAE_CONFIG, DCAE_WEIGHTS):
             if not (folder / name).is_file():

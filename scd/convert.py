@@ -27,13 +27,20 @@ from safetensors.torch import save_file
 
 from scd import checks, files, reference
 from scd.cards import conversion_card
-from scd.checkpoints import (CONFIG, WEIGHTS, load_state, model_from_tensors, read_folder_config, read_tensors,
-                             save_model_folder, tensor_mismatches)
-from scd.codecs import (CODEC_DIR, DCAE_CONFIG, DCAE_SCALING_FACTOR, DCAE_WEIGHTS, build_dcae, dcae_downsample,
-                        read_dcae_config)
+from scd.checkpoints import CONFIG, WEIGHTS, read_folder_config, save_model_folder
+from scd.codecs import (
+    CODEC_DIR,
+    DCAE_CONFIG,
+    DCAE_SCALING_FACTOR,
+    DCAE_WEIGHTS,
+    build_dcae,
+    dcae_downsample,
+    read_dcae_config,
+)
 from scd.errors import CheckpointError, ConfigError
 from scd.model import DECODER_COMBINES, ModelConfig, build_model
 from scd.reference import BLOCK, WEIGHT_SUFFIXES, SizeHints
+from scd.weights import load_state, model_from_tensors, read_tensors, tensor_mismatches
 
 MAPPED, CREATED, DROPPED = "mapped", "created", "dropped"
 ENCODER_NORMS = ("identity", "copy")

@@ -37,7 +37,16 @@ from safetensors.torch import save_file
 
 from scd import files, video
 from scd.actions import parse_actions, sidecar_path
-from scd.codecs import CODEC_DIR, DCAE_CONFIG, DCAE_WEIGHTS, CodecConfig, DCAECodec, PixelCodec, build_dcae, load_codec
+from scd.codecs import (
+    CODEC_DIR,
+    DCAE_CONFIG,
+    DCAE_WEIGHTS,
+    CodecConfig,
+    DCAECodec,
+    PixelCodec,
+    build_dcae,
+    load_codec,
+)
 from scd.errors import ActionError, ConfigError, DataError, VideoError
 
 INDEX = "index.json"

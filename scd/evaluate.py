@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from scd import checks, world
-from scd.checkpoints import LoadedModel
 from scd.errors import ConfigError
+from scd.loaded import LoadedModel
 from scd.metrics import PSNR_CAP, psnr, ssim, uint8_to_unit
 from scd.sampling import generate
 from scd.video import frames_to_tensor, tensor_to_frames

@@ -21,9 +21,9 @@ import torch
 import scd
 from scd import checks, files, mp4, video
 from scd.actions import parse_label, read_sidecar
-from scd.checkpoints import LoadedModel
 from scd.devices import dtype_name, resolve_device, resolve_dtype, use_threads
 from scd.errors import ActionError, ConfigError, VideoError
+from scd.loaded import LoadedModel
 from scd.sampling import kv_cache_bytes, stream
 
 MAX_FRAMES = 100_000

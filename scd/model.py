@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scd.codecs import CodecConfig
 from scd.errors import ConfigError
 from scd.flow import add_noise, logit_normal, noised_context
 
@@ -32,6 +31,51 @@ FORMAT_VERSION = 1
 # before anything is built, so a corrupt or hostile config.json cannot exhaust memory or time.
 LIMITS = {"num_heads": 256, "head_dim": 1024, "layers": 1024, "channels": 4096, "patch_size": 64,
           "latent_size": 8192, "num_classes": 1_000_000, "default_steps": 10_000}
+
+
+CODEC_TYPES = ("pixel", "dcae")
+
+
+@dataclass(frozen=True)
+class CodecConfig:
+    """How a model's frames become latents: `pixel` (latents are the frames in [-1, 1]) or `dcae`
+    (an autoencoder in the folder's `codec/`, latents times `scaling_factor`, `downsample` pixels
+    per latent along each side). Round-trips through config.json's `codec` entry."""
+
+    type: str = "pixel"
+    scaling_factor: float | None = None
+    downsample: int | None = None
+
+    def __post_init__(self):
+        if self.type not in CODEC_TYPES:
+            raise ConfigError(f"unknown codec type {self.type!r}: this scd knows {', '.join(CODEC_TYPES)}")
+        factor = self.scaling_factor
+        if factor is not None and (isinstance(factor, bool) or not isinstance(factor, (int, float))
+                                   or not math.isfinite(factor) or factor <= 0):
+            raise ConfigError(f"codec scaling_factor must be a positive number, not {factor!r}")
+        down = self.downsample
+        if down is not None and (isinstance(down, bool) or not isinstance(down, int) or not 1 <= down <= 1024):
+            raise ConfigError(f"codec downsample must be an integer in 1..1024, not {down!r}")
+
+    @property
+    def is_pixel(self) -> bool:
+        return self.type == "pixel"
+
+    @classmethod
+    def from_dict(cls, data) -> "CodecConfig":
+        if isinstance(data, CodecConfig):
+            return data
+        if not isinstance(data, dict):
+            raise ConfigError(f"codec must be a mapping such as {{\"type\": \"pixel\"}}, not {data!r}")
+        unknown = sorted(set(data) - {"type", "scaling_factor", "downsample"})
+        if unknown:
+            raise ConfigError(f"unknown codec fields {unknown}: this config was written by a newer scd, upgrade it")
+        return cls(**data)
+
+    def to_dict(self) -> dict:
+        """The config.json entry: only the fields that are set."""
+        return {k: v for k, v in (("type", self.type), ("scaling_factor", self.scaling_factor),
+                                  ("downsample", self.downsample)) if v is not None}
 
 
 @dataclass(frozen=True)
@@ -779,12 +823,23 @@ def build_model(config: ModelConfig, init: bool = True) -> SCDModel | Baseline:
 
 # ----------------------------------------------------------------------------- presets
 
-def preset(name: str, **overrides) -> ModelConfig:
-    """Reference sizes (`scd.reference.PRESETS`): B 12x64, M 16x64, L 16x64 x 24 layers, XL 18x64 x 28
-    layers; DC-AE latents (32 channels, patch 1). SCD splits the depth 2:1 between encoder and
-    decoder, as the paper's 8+4."""
-    from scd.reference import preset_sizes  # deferred: the reference formats build on this module
+# name: (attention heads, blocks); every reference size has head dim 64, 32 latent channels, patch 1
+PRESETS = {"B": (12, 12), "M": (16, 12), "L": (16, 24), "XL": (18, 28)}
+PRESET_HEAD_DIM, PRESET_CHANNELS, PRESET_PATCH, PRESET_ROPE = 64, 32, 1, (16, 24, 24)
 
+
+def preset_sizes(name: str) -> dict:
+    """The ModelConfig fields of a reference size: heads, head dim, channels, patch, RoPE, layers."""
+    if str(name).upper() not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
+    heads, layers = PRESETS[str(name).upper()]
+    return dict(num_heads=heads, head_dim=PRESET_HEAD_DIM, channels=PRESET_CHANNELS, patch_size=PRESET_PATCH,
+                rope_axes=PRESET_ROPE, layers=layers)
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    """Reference sizes: B 12x64, M 16x64, L 16x64 x 24 layers, XL 18x64 x 28 layers; DC-AE latents
+    (32 channels, patch 1). SCD splits the depth 2:1 between encoder and decoder, as the paper's 8+4."""
     base = preset_sizes(name)
     base["decoder_layers"] = base["layers"] // 3
     base.update(overrides)

@@ -24,11 +24,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from scd import files, video
+from scd import files, mp4, video
 from scd.actions import format_actions
-from scd.checkpoints import LoadedModel
 from scd.devices import resolve_device
 from scd.errors import ConfigError, SCDError
+from scd.loaded import LoadedModel
 from scd.sampling import Rollout
 
 STATS_WINDOW = 64  # frames in the p50 latency
@@ -151,7 +151,9 @@ class PanelStats:
 def prompt_frames(loaded: LoadedModel, prompt: Path | None, seed: int) -> tuple[np.ndarray, list[int] | None]:
     """The prompt `scd generate` would use for this model, prompt and seed: frames (F, H, W, 3)
     uint8 and their actions if known (so a recording replays from the same context)."""
-    from scd.generate import load_prompt  # the generate job's prompt rules: play must not drift from them
+    from scd.generate import (
+        load_prompt,  # the generate job's prompt rules: play must not drift from them
+    )
 
     frames, actions, _ = load_prompt(loaded, prompt, seed)
     return frames, actions
@@ -185,7 +187,7 @@ class Recorder:
         self.frames_dir = frames_dir
         self.frames = 0
         self._meta_at = 0.0  # when the JSON was last brought up to date
-        self.writer = video.VideoWriter(self.video_path, loaded.config.fps)
+        self.writer = mp4.VideoWriter(self.video_path, loaded.config.fps)
         try:
             self.actions = open(self.actions_path, "w", buffering=1)
             self.actions.write(f"# scd play: the action of each generated frame of {self.video_path.name} (seed {seed})\n")

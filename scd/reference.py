@@ -22,27 +22,12 @@ from pathlib import Path, PurePosixPath
 import torch
 import yaml
 
-from scd.checkpoints import LoadedModel, model_from_tensors, read_tensors
 from scd.codecs import DCAECodec, build_dcae, dcae_downsample, read_dcae_config
 from scd.errors import CheckpointError, ConfigError
-from scd.model import ModelConfig
+from scd.loaded import LoadedModel
+from scd.model import PRESET_ROPE, PRESETS, ModelConfig, preset_sizes  # noqa: F401 (the reference sizes, read here too)
 from scd.model import default_rope_axes as model_rope_axes
-
-# ----------------------------------------------------------------------------- size presets
-
-# name: (attention heads, blocks); every reference size has head dim 64, 32 latent channels, patch 1
-PRESETS = {"B": (12, 12), "M": (16, 12), "L": (16, 24), "XL": (18, 28)}
-PRESET_HEAD_DIM, PRESET_CHANNELS, PRESET_PATCH, PRESET_ROPE = 64, 32, 1, (16, 24, 24)
-
-
-def preset_sizes(name: str) -> dict:
-    """The ModelConfig fields of a reference size: heads, head dim, channels, patch, RoPE, layers."""
-    if str(name).upper() not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
-    heads, layers = PRESETS[str(name).upper()]
-    return dict(num_heads=heads, head_dim=PRESET_HEAD_DIM, channels=PRESET_CHANNELS, patch_size=PRESET_PATCH,
-                rope_axes=PRESET_ROPE, layers=layers)
-
+from scd.weights import model_from_tensors, read_tensors
 
 # ----------------------------------------------------------------------------- FAR's file names and hashes
 

@@ -18,7 +18,6 @@ from scd.errors import ActionError, ConfigError
 from scd.flow import add_noise
 from scd.model import KVCache, StreamingModel
 
-
 UNCONDITIONAL = -1.0  # the references' guidance scale for unconditional generation
 MIN_FEATURE_NOISE = 0.05  # decoder guidance noises features at least this much (the official pipeline)
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import os
 import shutil
-import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,11 +19,11 @@ from pathlib import Path
 import torch
 
 from scd import checks, files
-from scd.checkpoints import LoadedModel, save_model_folder
+from scd.checkpoints import save_model_folder
 from scd.codecs import CODEC_DIR
 from scd.errors import CheckpointError, ConfigError, DataError
+from scd.loaded import LoadedModel
 from scd.model import ARCHS, ModelConfig, Objective, build_model, default_rope_axes
-
 
 RANK_STRIDE = 1_000_003  # process r of a multi-process run draws data and noise from seed + r * stride
 MIXED_PRECISION = ("auto", "no", "bf16")

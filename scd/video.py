@@ -325,14 +325,6 @@ def upscale_frames(frames: np.ndarray, factor: int, mode: str = "nearest") -> np
 # MP4 writing lives in scd.mp4; PNG frames are written here.
 
 
-def __getattr__(name):  # `from scd.video import write_video` keeps working: the writer moved to scd.mp4
-    if name in ("VideoWriter", "write_video"):
-        from scd import mp4
-
-        return getattr(mp4, name)
-    raise AttributeError(f"module 'scd.video' has no attribute {name!r}")
-
-
 def write_png_frames(directory, frames: np.ndarray, start_index: int = 0) -> list[Path]:
     """Write uint8 (N, H, W, 3) frames as directory/frame_000000.png, ... numbered from start_index,
     creating the directory. Raises VideoError when it cannot be written."""

@@ -7,11 +7,11 @@ import time
 
 import pytest
 import torch
+from conftest import random_model, tiny_config
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 from typer.testing import CliRunner
 
-from conftest import random_model, tiny_config
 from scd import bench as bench_lib
 from scd.checkpoints import save_model_folder
 from scd.flops import frame_flops

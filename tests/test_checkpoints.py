@@ -12,8 +12,9 @@ from conftest import ODD_VALUES, random_model, tiny_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from scd.checkpoints import load_model_folder, read_tensors, save_model_folder
+from scd.checkpoints import load_model_folder, save_model_folder
 from scd.errors import CheckpointError
+from scd.weights import read_tensors
 
 
 def test_malicious_pickle_runs_nothing(tmp_path):

@@ -8,15 +8,16 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import random_model, tiny_config
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from conftest import random_model, tiny_config
 from scd.checkpoints import load_model_folder, save_model_folder
 from scd.codecs import CodecConfig, DCAECodec, PixelCodec, load_codec
 from scd.convert import CodecSpec, convert
 from scd.errors import CheckpointError, ConfigError
-from scd.video import read_video, write_video
+from scd.mp4 import write_video
+from scd.video import read_video
 from scd_cli.app import app
 
 diffusers = pytest.importorskip("diffusers", reason="DC-AE needs the optional extra scd[dcae]")

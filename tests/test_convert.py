@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import random_model, tiny_config
+from hub_server import HubServer
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from conftest import random_model, tiny_config
-from hub_server import HubServer
 from scd.checkpoints import load_model, load_model_folder, save_model_folder
 from scd.convert import CREATED, DROPPED, MAPPED, Split, convert, split_layers
-from scd.reference import SizeHints, check_far_name
 from scd.errors import CheckpointError, ConfigError, HubError
+from scd.reference import SizeHints, check_far_name
 from scd.sampling import generate
 from scd_cli.app import app
 

@@ -17,8 +17,9 @@ from typer.testing import CliRunner
 from scd import data, dataset
 from scd.codecs import DCAECodec
 from scd.errors import ConfigError, DataError
+from scd.mp4 import write_video
 from scd.train import TrainSettings
-from scd.video import fit_frames, frames_to_tensor, read_video, write_video
+from scd.video import fit_frames, frames_to_tensor, read_video
 from scd_cli.app import app
 
 diffusers = pytest.importorskip("diffusers", reason="DC-AE needs the optional extra scd[dcae]")

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from scd import dataset
-from scd.video import write_video
+from scd.mp4 import write_video
 
 
 def accelerate_launch(*args, cwd) -> subprocess.Popen:

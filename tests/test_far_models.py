@@ -11,15 +11,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
-
 from conftest import random_model, tiny_config
 from hub_server import HubServer
+from typer.testing import CliRunner
+
 from scd.checkpoints import load_model
 from scd.convert import convert
 from scd.errors import ActionError, CheckpointError, HubError
+from scd.mp4 import write_video
 from scd.reference import FAR_DCAES, FAR_MODELS, dcae_config, published_stem
-from scd.video import read_video, write_video
+from scd.video import read_video
 from scd_cli.app import app
 
 pytest.importorskip("diffusers", reason="FAR's models run through a DC-AE: the optional extra scd[dcae]")

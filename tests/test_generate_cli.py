@@ -5,11 +5,12 @@ import json
 import av
 import numpy as np
 import pytest
+from conftest import random_model, tiny_config
 from typer.testing import CliRunner
 
-from conftest import random_model, tiny_config
 from scd.checkpoints import save_model_folder
-from scd.video import read_video, write_video
+from scd.mp4 import write_video
+from scd.video import read_video
 from scd_cli.app import app
 
 runner = CliRunner()

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import huggingface_hub.constants
 import pytest
-
 from hub_server import HubServer
+
 from scd.errors import HubError
 from scd.hub import HubRef, fetch_file, fetch_model_folder, parse_hub_ref, push_folder
 
@@ -346,11 +346,12 @@ def test_push_folder_errors(hub, env, tmp_path):
 def test_generate_and_info_with_a_hub_model(hub, env, tmp_path):
     """`scd generate --model owner/name@sha` end to end through the real client, then offline from the cache."""
     import numpy as np
+    from conftest import random_model, tiny_config
     from typer.testing import CliRunner
 
-    from conftest import random_model, tiny_config
     from scd.checkpoints import save_model_folder
-    from scd.video import read_video, write_video
+    from scd.mp4 import write_video
+    from scd.video import read_video
     from scd_cli.app import app
 
     folder = save_model_folder(random_model(tiny_config(latent_size=(8, 8), frame_size=(8, 8))), tmp_path / "m")

@@ -17,11 +17,11 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+from test_video import BLUE, GREEN, assert_levels, assert_pattern, pattern, run_python
 
 from scd.errors import ConfigError, OutputError, VideoError
 from scd.mp4 import VideoWriter, write_video
 from scd.video import read_video
-from test_video import BLUE, GREEN, assert_levels, assert_pattern, pattern, run_python
 
 
 def test_write_video_round_trip(tmp_path):

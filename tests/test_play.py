@@ -19,15 +19,15 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 import pytest
+from conftest import random_model, tiny_config
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import random_model, tiny_config
 from scd.checkpoints import load_model, save_model_folder
 from scd.errors import ConfigError, ServerError
+from scd.mp4 import write_video
 from scd.play import Controls, PanelFrame, Session
 from scd.play_server import CREDIT, PlayServer, open_play
-from scd.video import write_video
 from scd_cli.app import app
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 from scd.actions import parse_actions
 from scd.checkpoints import load_model_folder, save_model_folder
 from scd.errors import ActionError, VideoError
-from scd.video import read_video, write_video
+from scd.mp4 import write_video
+from scd.video import read_video
 
 
 def test_ctrl_c_mid_generation_keeps_a_playable_video_and_an_incomplete_report(tmp_path):

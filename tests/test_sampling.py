@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import random_model, tiny_config
+
 from scd.errors import ActionError, ConfigError
 from scd.model import patchify, unpatchify
 from scd.sampling import Rollout, generate, sigma_schedule, stream

@@ -90,7 +90,7 @@ def test_cli_train_and_bad_options(tmp_path):
 def test_train_on_a_folder_of_real_videos(tmp_path):
     import numpy as np
 
-    from scd.video import write_video
+    from scd.mp4 import write_video
 
     data = tmp_path / "data"
     data.mkdir()
