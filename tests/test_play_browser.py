@@ -110,11 +110,12 @@ def test_keys_drive_the_world_both_panels_advance_and_the_recording_replays(serv
     assert page.inner_text("#panel-1 .name").startswith("causal baseline")
     assert "up" in page.inner_text("#actions") and "right" in page.inner_text("#actions")
 
-    prompt, prompt_actions = world.render_clip(world.HELDOUT_SEED_START + SEED, 7)
+    context = load_model().config.context_frames  # the prompt play starts from: the model's context length
+    prompt, prompt_actions = world.render_clip(world.HELDOUT_SEED_START + SEED, context)
     start = agent(prompt[-1])
 
     def truth(actions: list[int], index: int) -> tuple[int, int]:
-        frames, _ = world.render_clip(world.HELDOUT_SEED_START + SEED, 7 + index + 1,
+        frames, _ = world.render_clip(world.HELDOUT_SEED_START + SEED, context + index + 1,
                                       np.array(prompt_actions.tolist() + actions[:index + 1]))
         return agent(frames[-1])
 
