@@ -5,15 +5,17 @@ Both models stream the same kind of random context through `scd.sampling.stream`
 each, frame 2 of each, ..., the order flipping every frame and every rep. On a shared or throttling
 machine neighbouring frames of the two models see the same load, and the speed-up is the median of
 those neighbours' ratios. Each rep also times a large square matmul in the same dtype: the
-device's matmul peak measured in this run, against which achieved FLOP/s are read.
+device's matmul peak measured in this run, against which achieved FLOP/s are read. With
+`compiled`, a compiled stream of each model joins the lockstep, so compiled against eager is read
+the same way; each compiled model's first run (which compiles it) is timed apart.
 
-`run` yields progress events and finally the report (a JSON-ready dict); it never prints.
+`run` yields progress events and finally the report (a JSON-ready dict, made by
+`scd.bench_report`); it never prints.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import platform
 import statistics
@@ -26,7 +28,9 @@ import torch
 from torch import nn
 
 import scd
-from scd import checks, files, reference
+from scd import checks, reference
+from scd.bench_report import RunTimes, make_report, row_result, summarise_model
+from scd.compiler import BACKENDS, compile_counts, compiler
 from scd.devices import dtype_name, resolve_device, resolve_dtype
 from scd.errors import ConfigError
 from scd.flops import frame_flops, parameter_count
@@ -42,7 +46,6 @@ PRESET_CONTEXT = 144
 PRESET_STEPS = 50
 PRESETS = tuple(reference.PRESETS)
 MATMUL_SIZE = {"cpu": 2048, "mps": 4096, "cuda": 8192}
-REPORT_VERSION = 1
 
 
 def default_config() -> ModelConfig:
@@ -100,6 +103,7 @@ class BenchSpec:
     seed: int = 0
     threads: int | None = None  # CPU threads for torch during the bench (None: torch's default)
     matmul_size: int | None = None  # side of the square matmul timing the device's peak (None: by device)
+    compiled: bool | str = False  # also stream each model compiled (True: inductor; or a torch.compile backend)
 
     def validate(self) -> None:
         problems = []
@@ -117,6 +121,8 @@ class BenchSpec:
             problems.append(f"warmup must be >= 0, got {self.warmup}")
         if not 0 <= self.seed <= checks.MAX_SEED:
             problems.append(f"seed must be >= 0 and <= {checks.MAX_SEED}, got {self.seed}")
+        if self.compiled not in (False, True) and self.compiled not in BACKENDS:
+            problems.append(f"compiled must be a bool or one of {', '.join(BACKENDS)}, not {self.compiled!r}")
         if self.preset is not None and self.preset.upper() not in PRESETS:
             problems.append(f"unknown preset {self.preset!r}: choose {', '.join(PRESETS)}")
         if self.preset is not None and (self.model is not None or self.baseline is not None or self.config is not None):
@@ -147,10 +153,21 @@ class Measured:
     rep: int  # counting warm-up reps from 0
     reps: int  # warm-up + measured
     warmup: bool
-    model: str  # "scd" or "baseline"
+    model: str  # "scd" or "baseline"; with compiled runs also "scd_compiled", "baseline_compiled"
     setting: dict
     latency_ms: float  # median steady-state latency of this run
     time_to_first_frame_ms: float
+
+
+@dataclass
+class CompiledRun:
+    """A compiled model's first run in a row, which compiles it: its wall time, apart from the
+    measured frames."""
+
+    row: int
+    rows: int
+    model: str  # "scd_compiled" or "baseline_compiled"
+    seconds: float
 
 
 @dataclass
@@ -210,33 +227,23 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, size: int | None = Non
     return 2.0 * n ** 3 / best
 
 
-@dataclass
-class RunTimes:
-    """One streamed run: time to first frame and the later frames' (encoder, decoder) ms."""
-
-    time_to_first_frame_ms: float
-    steady: list[tuple[float, float]]
-    peak_memory_bytes: int | None  # allocated during the run (CUDA only)
-
-    @property
-    def latencies(self) -> list[float]:
-        return [e + d for e, d in self.steady]
-
-
 def run_interleaved(models: dict[str, nn.Module], contexts: dict[str, torch.Tensor], frames: int, steps: int,
-                    first: int = 0) -> dict[str, RunTimes]:
+                    first: int = 0, compiled: dict[str, bool | str] | None = None) -> dict[str, RunTimes]:
     """Stream `frames` frames from every model in lockstep: each model's context prefill and first
     frame (timed on the wall clock), then frame 1 of each, frame 2 of each, ..., the order flipping
-    every frame and starting with `models`' entry `first`. Neighbouring frames of the two models are
-    measured seconds apart, so a load that comes and goes on the machine hits both alike."""
+    every frame and starting with `models`' entry `first`. Neighbouring frames of the models are
+    measured seconds apart, so a load that comes and goes on the machine hits them alike.
+    `compiled[name]`: stream that entry compiled (see `scd.sampling.Rollout`)."""
     names = list(models)
     names = names[first:] + names[:first]
+    compiled = compiled or {}
     generators, first_ms = {}, {}
     for name in names:
         device = contexts[name].device
         _sync(device)
         start = time.perf_counter()
-        generators[name] = stream(models[name], contexts[name], frames, steps)
+        options = {"compiled": compiled[name]} if compiled.get(name) else {}
+        generators[name] = stream(models[name], contexts[name], frames, steps, **options)
         next(generators[name])  # stream synchronises before it yields
         first_ms[name] = (time.perf_counter() - start) * 1000.0
     steady = {name: [] for name in names}
@@ -253,23 +260,48 @@ def run_interleaved(models: dict[str, nn.Module], contexts: dict[str, torch.Tens
     return {name: RunTimes(first_ms[name], steady[name], None) for name in models}
 
 
-def cuda_peak_memory(model: nn.Module, context: torch.Tensor, steps: int) -> int:
+def count_ops(model: nn.Module, context: torch.Tensor, steps: int, compiled: bool | str = False) -> dict:
+    """Operators per steady frame (frame 1 of a 2-frame stream, untimed), by torch.profiler:
+    `ops_per_frame` counts the top-level aten operators the frame dispatches (in eager PyTorch,
+    every kernel it runs; a compiled frame's fused kernels are not aten operators, so there it
+    counts what it still dispatches: matmuls, attention, copies), and on CUDA
+    `kernel_launches_per_frame` the kernel and CUDA-graph launches (else None)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if context.device.type == "cuda" else [])
+    generator = stream(model, context, 2, steps, compiled=compiled)
+    next(generator)
+    with profile(activities=activities) as prof:
+        next(generator)
+        _sync(context.device)
+    next(generator, None)
+    events = prof.events()
+    ops = 0
+    for event in events:
+        if event.name.startswith("aten::"):
+            parent = event.cpu_parent
+            while parent is not None and not parent.name.startswith("aten::"):
+                parent = parent.cpu_parent
+            ops += parent is None
+    launches = None
+    if context.device.type == "cuda":
+        launches = sum(e.name in LAUNCHES for e in events)
+    return {"ops_per_frame": ops, "kernel_launches_per_frame": launches}
+
+
+LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx", "cudaGraphLaunch")
+
+
+def _cuda_peak_memory(model: nn.Module, context: torch.Tensor, steps: int, compiled: bool | str = False) -> int:
     """Bytes allocated at the peak of a 2-frame run (prefill included) beyond what was allocated before."""
     device = context.device
     torch.cuda.synchronize(device)
     before = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
-    for _ in stream(model, context, 2, steps):
+    for _ in stream(model, context, 2, steps, compiled=compiled):
         pass
     torch.cuda.synchronize(device)
     return torch.cuda.max_memory_allocated(device) - before
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * q / 100.0
-    lo, hi = math.floor(rank), math.ceil(rank)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (rank - lo)
 
 
 def _random_context(config: ModelConfig, batch: int, frames: int, seed: int, device, dtype) -> torch.Tensor:
@@ -289,34 +321,6 @@ def steady_flops(config: ModelConfig, context: int, frames: int, steps: int) -> 
     return {"flops_per_frame": statistics.fmean(c.total for c in counts),
             "flops_context_pass": statistics.fmean(c.context for c in counts),
             "flops_denoising": statistics.fmean(c.denoise for c in counts)}
-
-
-def _model_summary(runs: list[RunTimes], model: nn.Module, config: ModelConfig, context: int, steps: int,
-                   batch: int, frames: int, device: torch.device, dtype: torch.dtype, peak: float) -> dict:
-    latencies = [x for r in runs for x in r.latencies]
-    per_rep = [statistics.median(r.latencies) for r in runs]
-    out = {
-        "latency_ms_p50": percentile(latencies, 50),
-        "latency_ms_p95": percentile(latencies, 95),
-        "latency_ms_min": min(latencies),
-        "context_pass_ms_p50": percentile([e for r in runs for e, _ in r.steady], 50),
-        "denoising_ms_p50": percentile([d for r in runs for _, d in r.steady], 50),
-        "latency_ms_per_rep": per_rep,
-        "frames_per_second": statistics.median(batch * len(r.steady) * 1000.0 / sum(r.latencies) for r in runs),
-        "time_to_first_frame_ms": statistics.median(r.time_to_first_frame_ms for r in runs),
-        "parameters": parameter_count(model),
-    }
-    params = parameter_bytes(model)
-    if device.type == "cuda":
-        out["peak_memory_bytes"] = params + max(r.peak_memory_bytes for r in runs if r.peak_memory_bytes is not None)
-        out["peak_memory_method"] = "parameters + torch.cuda.max_memory_allocated during the run"
-    else:
-        out["peak_memory_bytes"] = params + kv_cache_bytes(model, batch, context + frames, dtype=dtype)
-        out["peak_memory_method"] = "analytic: parameters + preallocated KV cache (activations not counted)"
-    out.update(steady_flops(config, context, frames, steps))
-    out["achieved_flops_per_s"] = out["flops_per_frame"] * batch / (out["latency_ms_p50"] / 1000.0)
-    out["fraction_of_matmul_peak"] = out["achieved_flops_per_s"] / peak
-    return out
 
 
 # ----------------------------------------------------------------------------- the models
@@ -414,114 +418,112 @@ def _run(spec: BenchSpec):
     batches = tuple(spec.batches or ((1, 4) if device.type == "cpu" else (1, 8)))
     combos = list(itertools.product(contexts, steps_list, batches))
     matmul_size = spec.matmul_size or MATMUL_SIZE.get(device.type, 2048)
+    backend = ("inductor" if spec.compiled is True else spec.compiled) or None
     settings = {"contexts": list(contexts), "steps": list(steps_list), "batches": list(batches),
                 "frames": spec.frames, "reps": spec.reps, "warmup": spec.warmup, "seed": spec.seed,
                 "guidance": 1.0, "dtype": dtype_name(dtype), "preset": spec.preset and spec.preset.upper(),
-                "matmul_size": matmul_size,
+                "matmul_size": matmul_size, "compiled": backend,
                 "context_latents": "random normal", "weights": {"scd": scd_side.source, "baseline": base_side.source}}
     rows_meta = [{"context": n, "steps": k, "batch": b} for n, k, b in combos]
     yield Started(str(device), device_name(device), dtype_name(dtype), scd_side.source, base_side.source,
                   rows_meta, warnings)
 
+    sides = {"scd": scd_side, "baseline": base_side}
+    # each stream measured: a model, eager or compiled (then also a compiled copy of each model)
+    streams = {name: (name, False) for name in sides}
+    if backend:
+        streams.update({f"{name}_compiled": (name, backend) for name in sides})
     peaks: list[float] = []
     rows: list[dict] = []
-    sides = {"scd": scd_side, "baseline": base_side}
+    compile_info: list[dict] = []
+    meta = {"device": str(device), "device_name": device_name(device), "dtype": dtype_name(dtype),
+            "torch": torch.__version__, "scd_version": scd.__version__, "settings": settings,
+            "models": {"scd": {"source": scd_side.source, **_describe(scd_side.config)},
+                       "baseline": {"source": base_side.source, **_describe(base_side.config)}},
+            "warnings": warnings}
+    if backend:
+        meta["compile"] = {"backend": backend, "mode": compiler(device.type, backend).mode, "runs": compile_info}
     try:
-        yield from _measure(spec, combos, rows_meta, sides, device, dtype, matmul_size, peaks, rows)
+        yield from _measure(spec, combos, rows_meta, sides, streams, device, dtype, matmul_size, peaks, rows, compile_info)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: report the settings measured so far, then stop
         if not rows:
             raise
-        yield Finished(_finish(rows, peaks, sides, device, dtype, settings, warnings, complete=False))
+        yield Finished(_finish(rows, peaks, streams, meta, complete=False))
         raise
-    yield Finished(_finish(rows, peaks, sides, device, dtype, settings, warnings, complete=True))
+    yield Finished(_finish(rows, peaks, streams, meta, complete=True))
 
 
-def _measure(spec, combos, rows_meta, sides, device, dtype, matmul_size, peaks: list, rows: list):
-    """Measure every combination, appending to `peaks` and `rows` (which outlive an interruption)."""
+def _measure(spec, combos, rows_meta, sides, streams, device, dtype, matmul_size, peaks: list, rows: list,
+             compile_info: list):
+    """Measure every combination, appending to `peaks`, `rows` and `compile_info` (which outlive an
+    interruption)."""
+    models = {name: sides[side].model for name, (side, _) in streams.items()}
+    compiled = {name: how for name, (_, how) in streams.items()}
+    backend = any(compiled.values())
     total_reps = spec.warmup + spec.reps
     for i, (n, k, b) in enumerate(combos):
         setting = rows_meta[i]
         contexts_by_side = {name: _random_context(s.config, b, n, spec.seed, device, dtype) for name, s in sides.items()}
-        runs: dict[str, list[RunTimes]] = {"scd": [], "baseline": []}
+        contexts_by_stream = {name: contexts_by_side[side] for name, (side, _) in streams.items()}
+        if backend:  # the first compiled run compiles: timed apart, then never counted
+            for name in (x for x in streams if compiled[x]):
+                graphs = compile_counts()["unique_graphs"]
+                start = time.perf_counter()
+                run_interleaved({name: models[name]}, {name: contexts_by_stream[name]}, spec.frames, k, compiled=compiled)
+                seconds = time.perf_counter() - start
+                compile_info.append({**setting, "model": name, "first_run_s": seconds,
+                                     "graphs": compile_counts()["unique_graphs"] - graphs})
+                yield CompiledRun(i, len(combos), name, seconds)
+            graphs_after_compiling = compile_counts()["unique_graphs"]
+        runs: dict[str, list[RunTimes]] = {name: [] for name in streams}
         for rep in range(total_reps):
             warm = rep < spec.warmup
             peak = matmul_peak(device, dtype, matmul_size)
             if not warm:
                 peaks.append(peak)
-            # warm-up needs the prefill and one steady frame, not the full run
-            frames = min(spec.frames, 2) if warm else spec.frames
-            times = run_interleaved({name: side.model for name, side in sides.items()}, contexts_by_side,
-                                    frames, k, first=rep % 2)
-            for name in sides:
+            # warm-up needs the prefill and one steady frame, not the full run (compiled: the same
+            # shapes as the measured runs, a cache of the same size)
+            frames = min(spec.frames, 2) if warm and not backend else spec.frames
+            times = run_interleaved(models, contexts_by_stream, frames, k, first=rep % len(streams), compiled=compiled)
+            for name in streams:
                 if not warm:
                     runs[name].append(times[name])
                 yield Measured(i, len(combos), rep, total_reps, warm, name, setting,
                                statistics.median(times[name].latencies), times[name].time_to_first_frame_ms)
+        if backend:
+            for info in compile_info:
+                if info["context"] == n and info["steps"] == k and info["batch"] == b:
+                    info["recompiles_while_measuring"] = compile_counts()["unique_graphs"] - graphs_after_compiling
         if device.type == "cuda":  # one model at a time, so that each peak is its own
-            for name, side in sides.items():
-                runs[name][0].peak_memory_bytes = cuda_peak_memory(side.model, contexts_by_side[name], k)
-        del contexts_by_side
+            for name, (side, how) in streams.items():
+                runs[name][0].peak_memory_bytes = _cuda_peak_memory(models[name], contexts_by_stream[name], k, how)
         peak = statistics.median(peaks)
-        result = dict(setting)
-        result["settings"] = {**setting, "frames": spec.frames, "reps": spec.reps, "warmup": spec.warmup}
-        for name, side in sides.items():
-            result[name] = _model_summary(runs[name], side.model, side.config, n, k, b, spec.frames, device, dtype, peak)
-        # the same frame of the same rep: measured back to back
-        pairs = [b_ms / s_ms for sc, bl in zip(runs["scd"], runs["baseline"])
-                 for s_ms, b_ms in zip(sc.latencies, bl.latencies)]
-        result["speedup"] = statistics.median(pairs)
-        result["speedup_per_frame"] = pairs
-        result["speedup_per_rep"] = [statistics.median(bl.latencies) / statistics.median(sc.latencies)
-                                     for sc, bl in zip(runs["scd"], runs["baseline"])]
-        result["predicted_speedup"] = result["baseline"]["flops_per_frame"] / result["scd"]["flops_per_frame"]
-        result["realised_fraction"] = result["speedup"] / result["predicted_speedup"]
-        result["time_to_first_frame_speedup"] = (result["baseline"]["time_to_first_frame_ms"]
-                                                 / result["scd"]["time_to_first_frame_ms"])
+        summaries = {}
+        for name, (side, how) in streams.items():
+            config, model = sides[side].config, sides[side].model
+            ops = count_ops(model, contexts_by_stream[name], k, how)
+            if device.type == "cuda":
+                memory = (parameter_bytes(model) + max(r.peak_memory_bytes for r in runs[name] if r.peak_memory_bytes is not None),
+                          "parameters + torch.cuda.max_memory_allocated during the run")
+            else:
+                memory = (parameter_bytes(model) + kv_cache_bytes(model, b, n + spec.frames, dtype=dtype),
+                          "analytic: parameters + preallocated KV cache (activations not counted)")
+            summaries[name] = summarise_model(runs[name], b, steady_flops(config, n, spec.frames, k),
+                                              parameter_count(model), memory, ops, peak)
+        del contexts_by_side, contexts_by_stream
+        result = row_result(setting, summaries, runs, {"frames": spec.frames, "reps": spec.reps, "warmup": spec.warmup})
         rows.append(result)
         yield RowFinished(i, len(combos), result)
 
 
-def _finish(rows, peaks, sides, device, dtype, settings, warnings, complete: bool) -> dict:
+def _finish(rows, peaks, streams, meta: dict, complete: bool) -> dict:
     peak = statistics.median(peaks)
     for row in rows:  # rows finished earlier were read against the peak measured up to then
-        for name in sides:
+        for name in streams:
             row[name]["fraction_of_matmul_peak"] = row[name]["achieved_flops_per_s"] / peak
-    report = make_report(rows, device, dtype, peak, settings, sides["scd"], sides["baseline"], warnings)
+    report = make_report(rows, {**meta, "matmul_peak_flops_per_s": peak})
     report["complete"] = complete  # False: interrupted; `rows` holds the settings finished before
     return report
-
-
-def make_report(rows: list[dict], device, dtype, peak: float, settings: dict, scd_side: _Side,
-                base_side: _Side, warnings: list[str]) -> dict:
-    """The JSON report: the first row (first context and steps, smallest batch) as the headline,
-    with each model's throughput at every batch of that setting, and every row under `rows`."""
-    head = min((r for r in rows if (r["context"], r["steps"]) == (rows[0]["context"], rows[0]["steps"])),
-               key=lambda r: r["batch"])
-    same = [r for r in rows if (r["context"], r["steps"]) == (head["context"], head["steps"])]
-    models = {}
-    for name in ("scd", "baseline"):
-        models[name] = dict(head[name])
-        models[name]["throughput_fps_by_batch"] = {str(r["batch"]): r[name]["frames_per_second"] for r in same}
-    return {
-        "report_version": REPORT_VERSION,
-        "scd": models["scd"],
-        "baseline": models["baseline"],
-        "speedup": head["speedup"],
-        "predicted_speedup": head["predicted_speedup"],
-        "realised_fraction": head["realised_fraction"],
-        "setting": {"context": head["context"], "steps": head["steps"], "batch": head["batch"]},
-        "device": str(device),
-        "device_name": device_name(device),
-        "dtype": dtype_name(dtype),
-        "matmul_peak_flops_per_s": peak,
-        "torch": torch.__version__,
-        "scd_version": scd.__version__,
-        "settings": settings,
-        "models": {"scd": {"source": scd_side.source, **_describe(scd_side.config)},
-                   "baseline": {"source": base_side.source, **_describe(base_side.config)}},
-        "warnings": warnings,
-        "rows": rows,
-    }
 
 
 def bench(spec: BenchSpec, on_event=None) -> dict:
@@ -535,57 +537,5 @@ def bench(spec: BenchSpec, on_event=None) -> dict:
     return report
 
 
-# ----------------------------------------------------------------------------- outputs
-
-def write_json(report: dict, path: Path) -> None:
-    """Write the report atomically (a finished file or none)."""
-    files.write_text(path, json.dumps(report, indent=2) + "\n", ConfigError)
-
-
-def require_matplotlib():
-    """The pyplot module, or a ConfigError saying how to install the optional extra."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ConfigError("--plot needs matplotlib (scd's optional extra 'plot'): pip install matplotlib") from None
-    return plt
-
-
-def plot(report: dict, path: Path) -> None:
-    """Per-frame latency (p50, p95 as the bar) against context length and against steps, both
-    models, at the smallest batch, into an image at `path` (format from its suffix)."""
-    plt = require_matplotlib()
-    rows = report["rows"]
-    batch = min(r["batch"] for r in rows)
-    rows = [r for r in rows if r["batch"] == batch]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
-    for ax, x_key, series_key, label in ((axes[0], "context", "steps", "context frames"),
-                                         (axes[1], "steps", "context", "denoising steps")):
-        for colour, series in enumerate(sorted({r[series_key] for r in rows})):
-            for name, marker in (("scd", "o"), ("baseline", "s")):  # one colour per series, SCD solid
-                points = sorted((r[x_key], r[name]["latency_ms_p50"], r[name]["latency_ms_p95"])
-                                for r in rows if r[series_key] == series)
-                xs, p50, p95 = zip(*points)
-                ax.errorbar(xs, p50, yerr=[[0] * len(xs), [b - a for a, b in zip(p50, p95)]], marker=marker,
-                            capsize=3, color=f"C{colour % 10}", linestyle="-" if name == "scd" else "--",
-                            label=f"{'SCD' if name == 'scd' else 'baseline'}, {series} {series_key}")
-        ax.set_xlabel(label)
-        ax.set_ylabel("latency per frame, ms (p50, bar to p95)")
-        ax.set_yscale("log")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(f"scd bench: {report['device_name']} ({report['dtype']}), batch {batch}")
-    try:
-        fig.savefig(path, dpi=120)
-    except OSError as err:
-        raise ConfigError(f"cannot write {path}: {err.strerror or err}") from None
-    finally:
-        plt.close(fig)
-
-
-__all__ = ["BenchSpec", "Finished", "Measured", "RowFinished", "Started", "bench", "default_config",
-           "matmul_peak", "plot", "preset_config", "random_model", "run", "run_interleaved", "steady_flops",
-           "write_json"]
+__all__ = ["BenchSpec", "CompiledRun", "Finished", "Measured", "RowFinished", "Started", "bench", "count_ops",
+           "default_config", "matmul_peak", "preset_config", "random_model", "run", "run_interleaved", "steady_flops"]

@@ -40,6 +40,7 @@ def _embed_flops(c: ModelConfig, tokens: int, head: bool) -> float:
 def frame_flops(config: ModelConfig, context_frames: int, steps: int, guidance: float = 1.0) -> FrameFlops:
     """FLOPs of one generated frame with `context_frames` frames already in the KV cache."""
     c, t, d = config, config.tokens_per_frame, config.width
+    per_frame = 0.0
     # Streaming, `context_frames` are cached when the previous frame's clean pass starts: that pass
     # appends the previous frame and attends to N + 1 frames; the baseline's noisy frame then sits
     # after them and attends to N + 2 (SCD's decoder attends only inside its 2T tokens).
@@ -51,12 +52,12 @@ def frame_flops(config: ModelConfig, context_frames: int, steps: int, guidance: 
         if c.decoder_combine == "concat":
             step += 2.0 * t * 2 * d * d
         elif c.decoder_combine == "token_concat_with_proj":
-            step += 2.0 * t * d * d
+            per_frame = 2.0 * t * d * d  # the features' alignment: once per frame, read by every step
     else:
         context = c.layers * block_flops(d, t, keys) + _embed_flops(c, t, head=False)
         step = c.layers * block_flops(d, t, keys + t) + _embed_flops(c, t, head=True)
     scale = 2.0 if guidance != 1.0 else 1.0
-    return FrameFlops(scale * context, scale * steps * step)
+    return FrameFlops(scale * context, scale * (steps * step + per_frame))
 
 
 @dataclass(frozen=True)

@@ -68,6 +68,7 @@ class Job:
     started: float | None = None  # time.perf_counter() when the command started (default: when run starts)
     startup_s: float | None = None  # process start to command start, for the report
     model_load_s: float | None = None
+    compiled: bool = False  # torch.compile the frame loop (scd.sampling.Rollout's `compiled`)
 
 
 @dataclass
@@ -215,7 +216,7 @@ def run(job: Job):
                 for frame in shown:
                     writer.write(frame)
         for frame in stream(model, context, job.frames, steps, guidance, conditions, seed=job.seed, window=job.window,
-                            clamp=codec.clamp):
+                            clamp=codec.clamp, compiled=job.compiled):
             t0 = time.perf_counter()
             images = video.tensor_to_frames(loaded.decode(frame.latents))  # (B, H, W, 3)
             codec_ms = (time.perf_counter() - t0) * 1000.0

@@ -12,6 +12,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -265,24 +266,35 @@ class LabelEmbedding(nn.Module):
 
 def rope_tables(frames: torch.Tensor, rows: int, cols: int, axes: tuple[int, int, int],
                 theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotary cos/sin for tokens at (frame, row, col), frame-major: (len(frames)*rows*cols, sum(axes))."""
+    """Rotary tables for tokens at (frame, row, col), frame-major: (cos, signed sin), each
+    (len(frames)*rows*cols, sum(axes)) float32. The sine is negated on the even lanes of each pair,
+    so that `apply_rope` rotates with one swap and two multiplies."""
     device = frames.device
-    grid = torch.stack(torch.meshgrid(frames.double(), torch.arange(rows, dtype=torch.float64, device=device),
-                                      torch.arange(cols, dtype=torch.float64, device=device), indexing="ij"), -1)
-    positions = grid.reshape(-1, 3)
-    angles = []
-    for axis, dim in enumerate(axes):
-        freqs = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim)
-        angles.append(torch.outer(positions[:, axis], freqs).repeat_interleave(2, dim=1))
-    angles = torch.cat(angles, dim=1)
-    return angles.cos().float(), angles.sin().float()
+    spatial = _spatial_angles(rows, cols, axes, theta, device)  # (T, axes[1] + axes[2])
+    time = torch.outer(frames.double(), _frequencies(axes[0], theta, device)).repeat_interleave(2, dim=1)  # (F, axes[0])
+    t = rows * cols
+    angles = torch.cat([time[:, None].expand(-1, t, -1), spatial[None].expand(len(frames), -1, -1)], -1).flatten(0, 1)
+    sign = torch.tensor([-1.0, 1.0], dtype=torch.float32, device=device).repeat(angles.shape[-1] // 2)
+    return angles.cos().float(), angles.sin().float() * sign
+
+
+def _frequencies(dim: int, theta: float, device) -> torch.Tensor:
+    return 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim)
+
+
+def _spatial_angles(rows: int, cols: int, axes: tuple[int, int, int], theta: float, device) -> torch.Tensor:
+    """(rows*cols, axes[1] + axes[2]) float64 angles of the row and column axes, pairs interleaved."""
+    r = torch.arange(rows, dtype=torch.float64, device=device).repeat_interleave(cols)
+    c = torch.arange(cols, dtype=torch.float64, device=device).repeat(rows)
+    return torch.cat([torch.outer(r, _frequencies(axes[1], theta, device)).repeat_interleave(2, dim=1),
+                      torch.outer(c, _frequencies(axes[2], theta, device)).repeat_interleave(2, dim=1)], 1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of x (B, H, S, hd) by the tables (S, hd)."""
-    pairs = x.unflatten(-1, (-1, 2))
-    rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+    """Rotate interleaved pairs of x (B, H, S, hd) by the tables (S, hd) of `rope_tables` (cast to
+    x's dtype once, by whoever made them): (a, b) -> (a cos - b sin, b cos + a sin)."""
+    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (b, a) per pair
+    return torch.addcmul(x * cos, swapped, sin)
 
 
 # ----------------------------------------------------------------------------- KV cache
@@ -298,9 +310,12 @@ class KVCache:
 
     def __init__(self, layers: int, batch: int, heads: int, head_dim: int, tokens_per_frame: int,
                  capacity: int, device, dtype):
-        shape = (layers, batch, heads, (capacity + 1) * tokens_per_frame, head_dim)
-        self.keys = torch.empty(shape, device=device, dtype=dtype)
-        self.values = torch.empty(shape, device=device, dtype=dtype)
+        # one buffer per layer, not views of one: compiled code writes a layer's buffer in place
+        # only when no other input aliases it. Zeros, not empty: a masked attention weighs the
+        # slots not yet written by 0, and 0 * NaN (old memory) would still be NaN.
+        shape = (batch, heads, (capacity + 1) * tokens_per_frame, head_dim)
+        self.keys = tuple(torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers))
+        self.values = tuple(torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers))
         self.tokens_per_frame = tokens_per_frame
         self.capacity = capacity
         self.frames = 0  # frames written so far, including overwritten ones
@@ -308,6 +323,11 @@ class KVCache:
     @property
     def cached_frames(self) -> int:
         return min(self.frames, self.capacity)
+
+    @property
+    def buffers(self) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """(keys, values): per layer, (B, H, (capacity + 1) T, hd)."""
+        return self.keys, self.values
 
 
 # ----------------------------------------------------------------------------- the block
@@ -319,39 +339,80 @@ class AdaNormZero(nn.Module):
         super().__init__()
         self.linear = nn.Linear(width, 3 * width)
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # x (B, F, T, D), emb (B, F, D): modulation is computed per frame, broadcast over its tokens
-        shift, scale, gate = self.linear(F.silu(emb)).unsqueeze(2).chunk(3, dim=-1)
-        x = F.layer_norm(x, x.shape[-1:], eps=1e-6) * (1 + scale) + shift
-        return x, gate
+    def modulation(self, act: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """silu(emb) (..., F, D) -> (shift, 1 + scale, gate), each (..., F, 1, D): per frame,
+        broadcast over its tokens."""
+        shift, scale, gate = self.linear(act).unsqueeze(-2).chunk(3, dim=-1)
+        return shift, 1 + scale, gate
+
+    def forward(self, x: torch.Tensor, modulation) -> torch.Tensor:
+        shift, scale, _ = modulation
+        return torch.addcmul(shift, F.layer_norm(x, x.shape[-1:], eps=1e-6), scale)
+
+
+class FusedLinear(nn.Linear):
+    """`parts` linear layers of the same input stacked into one matmul. Initialised part by part
+    as `parts` separate nn.Linear layers would be, in their order (same random draws)."""
+
+    def __init__(self, width: int, out: int, parts: int):
+        self.parts = parts
+        super().__init__(width, parts * out)
+
+    def reset_parameters(self) -> None:
+        for weight, bias in zip(self.weight.chunk(self.parts), self.bias.chunk(self.parts)):
+            nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+            bound = 1 / math.sqrt(weight.shape[1])
+            nn.init.uniform_(bias, -bound, bound)
 
 
 class Attention(nn.Module):
+    """Multi-head attention with qk RMSNorm and RoPE. q, k and v are one matmul (`to_qkv`); the
+    state dict keeps the references' `to_q`, `to_k`, `to_v` entries, split on save, fused on load."""
+
     def __init__(self, width: int, heads: int, head_dim: int):
         super().__init__()
         self.heads, self.head_dim = heads, head_dim
-        self.to_q = nn.Linear(width, heads * head_dim)
-        self.to_k = nn.Linear(width, heads * head_dim)
-        self.to_v = nn.Linear(width, heads * head_dim)
+        self.to_qkv = FusedLinear(width, heads * head_dim, 3)
         self.norm_q = nn.RMSNorm(head_dim, eps=1e-6)
         self.norm_k = nn.RMSNorm(head_dim, eps=1e-6)
         self.to_out = nn.ModuleList([nn.Linear(heads * head_dim, width)])
+        self.register_state_dict_post_hook(_split_qkv)
+        self.register_load_state_dict_pre_hook(_fuse_qkv)
 
-    def forward(self, x, rope, mask=None, cache: KVCache | None = None, layer: int = 0,
-                write_at: int | None = None, attend: int | None = None) -> torch.Tensor:
-        """x (B, S, D). Without a cache: attend within x. With one: write this chunk's keys at token
-        offset `write_at` and attend to the cache's first `attend` tokens."""
-        heads = lambda t: t.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)  # (B, H, S, hd)
+    def forward(self, x, rope, mask=None, cache: tuple[torch.Tensor, torch.Tensor] | None = None, layer: int = 0,
+                write_at: int | torch.Tensor | None = None, attend: int | None = None) -> torch.Tensor:
+        """x (B, S, D). Without a cache (keys, values of every layer): attend within x. With one: write this chunk's keys at token
+        offset `write_at` (an int, or a (S,) index tensor: static shapes) and attend to the cache's
+        first `attend` tokens (None: all of it, `mask` saying which to see)."""
+        q, k, v = self.to_qkv(x).unflatten(-1, (3, self.heads, self.head_dim)).permute(2, 0, 3, 1, 4)  # (B, H, S, hd)
         cos, sin = rope
-        q = apply_rope(self.norm_q(heads(self.to_q(x))), cos, sin)
-        k = apply_rope(self.norm_k(heads(self.to_k(x))), cos, sin)
-        v = heads(self.to_v(x))
+        q = apply_rope(self.norm_q(q), cos, sin)
+        k = apply_rope(self.norm_k(k), cos, sin)
         if cache is not None:
-            cache.keys[layer, :, :, write_at:write_at + k.shape[2]] = k
-            cache.values[layer, :, :, write_at:write_at + k.shape[2]] = v
-            k, v = cache.keys[layer, :, :, :attend], cache.values[layer, :, :, :attend]
+            keys, values = cache[0][layer], cache[1][layer]
+            if isinstance(write_at, torch.Tensor):
+                keys.index_copy_(2, write_at, k)
+                values.index_copy_(2, write_at, v)
+            else:
+                keys[:, :, write_at:write_at + k.shape[2]] = k
+                values[:, :, write_at:write_at + k.shape[2]] = v
+            k, v = (keys, values) if attend is None else (keys[:, :, :attend], values[:, :, :attend])
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.to_out[0](out.transpose(1, 2).flatten(2))
+
+
+def _split_qkv(module: Attention, state: dict, prefix: str, local_metadata) -> None:
+    for name in ("weight", "bias"):
+        fused = state.pop(prefix + "to_qkv." + name)
+        for part, tensor in zip(("to_q", "to_k", "to_v"), fused.chunk(3)):
+            state[f"{prefix}{part}.{name}"] = tensor.clone()  # its own storage: safetensors refuses shared ones
+
+
+def _fuse_qkv(module: Attention, state: dict, prefix: str, *args) -> None:
+    for name in ("weight", "bias"):
+        parts = [f"{prefix}{part}.{name}" for part in ("to_q", "to_k", "to_v")]
+        if all(key in state for key in parts):
+            state[prefix + "to_qkv." + name] = torch.cat([state.pop(key) for key in parts])
 
 
 class FeedForward(nn.Module):
@@ -375,13 +436,16 @@ class Block(nn.Module):
         self.norm2 = AdaNormZero(width)
         self.mlp = FeedForward(width)
 
-    def forward(self, x, emb, rope, mask=None, cache=None, layer=0, write_at=None, attend=None):
-        # x (B, F, T, D), emb (B, F, D)
-        h, gate = self.norm1(x, emb)
-        h = self.attn(h.flatten(1, 2), rope, mask, cache, layer, write_at, attend).view_as(x)
-        x = x + gate * h
-        h, gate = self.norm2(x, emb)
-        return x + gate * self.mlp(h)
+    def modulation(self, act: torch.Tensor) -> tuple:
+        """silu(emb) (..., F, D) -> the six (..., F, 1, D) modulation tensors of this block."""
+        return self.norm1.modulation(act) + self.norm2.modulation(act)
+
+    def forward(self, x, modulation, rope, mask=None, cache=None, layer=0, write_at=None, attend=None):
+        # x (B, F, T, D); modulation: this block's six tensors (B, F, 1, D)
+        h = self.attn(self.norm1(x, modulation[:3]).flatten(1, 2), rope, mask, cache, layer, write_at, attend)
+        x = torch.addcmul(x, modulation[2], h.view_as(x))
+        h = self.mlp(self.norm2(x, modulation[3:]))
+        return torch.addcmul(x, modulation[5], h)
 
 
 class OutputNorm(nn.Module):
@@ -392,18 +456,51 @@ class OutputNorm(nn.Module):
         self.linear = None if unconditional else nn.Linear(width, 2 * width)
         self.noise = noise  # training-time feature noise (SCD encoder)
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """`noise` (like x) is added after the norm, before the modulation: decoder guidance's
-        unconditional features (the official `cfg_type: decoder`)."""
+    def modulation(self, act: torch.Tensor) -> tuple:
+        """silu(emb) (..., F, D) -> (1 + scale, shift), each (..., F, 1, D); () when unconditional."""
+        if self.linear is None:
+            return ()
+        scale, shift = self.linear(act).unsqueeze(-2).chunk(2, dim=-1)
+        return 1 + scale, shift
+
+    def forward(self, x: torch.Tensor, emb, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, F, T, D); emb: the conditioning (B, F, D) or its `Modulation`. `noise` (like x) is
+        added after the norm, before the modulation: decoder guidance's unconditional features (the
+        official `cfg_type: decoder`)."""
+        modulation = emb.output if isinstance(emb, Modulation) else self.modulation(F.silu(emb))
         x = F.layer_norm(x, x.shape[-1:], eps=1e-6)
         if self.training and self.noise > 0:
             x = x + self.noise * torch.randn_like(x)
         if noise is not None:
             x = x + noise.to(x.dtype)
-        if self.linear is None:
+        if not modulation:
             return x
-        scale, shift = self.linear(F.silu(emb)).unsqueeze(2).chunk(2, dim=-1)
-        return x * (1 + scale) + shift
+        scale, shift = modulation
+        return torch.addcmul(shift, x, scale)
+
+
+class Modulation(NamedTuple):
+    """Every adaLN projection of a transformer for one conditioning: `blocks[i]` the six tensors of
+    block i, `output` those of the output norm; each (..., F, 1, D). Computed once per frame for
+    all its denoising steps, and per step only indexed. A tuple, so compiled code takes it as such."""
+
+    blocks: tuple
+    output: tuple
+
+    def at(self, k: int) -> "Modulation":
+        """Step k of one made with a leading steps dimension (what compiled code indexes)."""
+        return Modulation(tuple(tuple(t[k] for t in block) for block in self.blocks), tuple(t[k] for t in self.output))
+
+    def steps(self) -> list["Modulation"]:
+        """One made with a leading steps dimension, split into one per step (views)."""
+        blocks = [[t.unbind(0) for t in block] for block in self.blocks]
+        output = [t.unbind(0) for t in self.output]
+        count = len(blocks[0][0]) if blocks else len(output[0])
+        return [Modulation(tuple(tuple(t[k] for t in block) for block in blocks), tuple(t[k] for t in output))
+                for k in range(count)]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for block in self.blocks for t in block] + list(self.output)
 
 
 # ----------------------------------------------------------------------------- the models
@@ -451,22 +548,44 @@ class Transformer(nn.Module):
     def conditioning(self, timesteps: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         """timesteps (B, F) in the model's units (sigma * 1000, -1 for clean); labels (B, F) or None -> (B, F, D)."""
         emb = self.timestep_embedder(timesteps.flatten()).view(*timesteps.shape, -1)
+        return self._add_labels(emb, labels, timesteps.shape)
+
+    def _add_labels(self, emb: torch.Tensor, labels: torch.Tensor | None, shape) -> torch.Tensor:
         if self.config.condition and labels is None:  # no actions / labels given: the null index
-            labels = torch.full(timesteps.shape, self.config.null_class, dtype=torch.long, device=timesteps.device)
+            labels = torch.full(shape, self.config.null_class, dtype=torch.long, device=emb.device)
         if self.config.condition == "action":
             emb = emb + self.action_embedder(labels)
         elif self.config.condition == "label":
             emb = emb + self.label_embedder(labels)
         return emb
 
+    def step_modulations(self, timesteps: torch.Tensor, labels: torch.Tensor | None, batch: int) -> Modulation:
+        """The modulation of each of K denoising steps of one frame: timesteps (K,), labels (B,) or
+        None -> a `Modulation` of (K, B, 1, 1, D) tensors, in one matmul per projection."""
+        emb = self.timestep_embedder(timesteps)[:, None]  # (K, 1, D): the same for every sample
+        shape = (timesteps.shape[0], batch)
+        emb = self._add_labels(emb, None if labels is None else labels[None].expand(shape), shape)
+        return self.modulate(emb.expand(*shape, -1)[:, :, None])  # (K, B, F = 1, D)
+
+    def modulate(self, emb: torch.Tensor) -> Modulation:
+        """The adaLN projections of every block and the output norm for conditioning emb (..., F, D)."""
+        act = F.silu(emb)
+        return Modulation(tuple(block.modulation(act) for block in self.transformer_blocks),
+                          self.norm_out.modulation(act))
+
     def rope(self, first_frame: int, frames: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotary tables of `frames` frames from `first_frame`, in the model's dtype."""
         c = self.config
         positions = torch.arange(first_frame, first_frame + frames, device=device)
-        return rope_tables(positions, c.latent_size[0] // c.patch_size, c.latent_size[1] // c.patch_size, c.rope_axes)
+        dtype = self.x_embedder.weight.dtype
+        cos, sin = rope_tables(positions, c.latent_size[0] // c.patch_size, c.latent_size[1] // c.patch_size, c.rope_axes)
+        return cos.to(dtype), sin.to(dtype)
 
     def run_blocks(self, x, emb, rope, mask=None, cache=None, write_at=None, attend=None):
+        """x (B, F, T, D) through every block; emb: the conditioning (B, F, D) or its `Modulation`."""
+        modulation = emb if isinstance(emb, Modulation) else self.modulate(emb)
         for i, block in enumerate(self.transformer_blocks):
-            x = block(x, emb, rope, mask, cache, i, write_at, attend)
+            x = block(x, modulation.blocks[i], rope, mask, cache, i, write_at, attend)
         return x
 
     def new_cache(self, batch: int, capacity: int, device=None, dtype=None) -> KVCache:
@@ -483,23 +602,46 @@ class Transformer(nn.Module):
         b, f = latents.shape[:2]
         t = self.config.tokens_per_frame
         x = self.x_embedder(patchify(latents, self.config.patch_size))  # (B, F, T, D)
-        emb = self.conditioning(timesteps, labels)
+        modulation = self.modulate(self.conditioning(timesteps, labels))
         past = 0 if cache is None else cache.frames
         rope = self.rope(past, f, latents.device)
         if cache is None:
             mask = block_causal_mask(f, 0, t, latents.device) if f > 1 else None
-            x = self.run_blocks(x, emb, rope, mask)
+            x = self.run_blocks(x, modulation, rope, mask)
         elif f == 1:
             slot = cache.frames % cache.capacity
-            x = self.run_blocks(x, emb, rope, None, cache, slot * t, min(cache.frames + 1, cache.capacity) * t)
+            x = self.run_blocks(x, modulation, rope, None, cache.buffers, slot * t, min(cache.frames + 1, cache.capacity) * t)
             cache.frames += 1
         else:
             if cache.frames + f > cache.capacity:
                 raise ConfigError(f"{f} frames do not fit a KV cache of {cache.capacity} holding {cache.frames}")
             mask = block_causal_mask(f, past, t, latents.device)
-            x = self.run_blocks(x, emb, rope, mask, cache, past * t, (past + f) * t)
+            x = self.run_blocks(x, modulation, rope, mask, cache.buffers, past * t, (past + f) * t)
             cache.frames += f
-        return self.norm_out(x, emb, feature_noise)
+        return self.norm_out(x, modulation, feature_noise)
+
+    def append_frame(self, latents, modulation, rope, keys, values, index, mask, noise=None) -> torch.Tensor:
+        """Static shapes (what a compiled stream runs): one frame (B, 1, C, H, W) written into the
+        cache at token indices `index` (T,), attending to the cache tokens `mask` (1, S) allows.
+        Returns the normed hidden states (B, 1, T, D), `noise` (B, 1, T, D) added as in `OutputNorm`."""
+        x = self.x_embedder(patchify(latents, self.config.patch_size))
+        x = self.run_blocks(x, modulation, rope, mask, (keys, values), index, None)
+        return self.norm_out(x, modulation, noise)
+
+    def append_static(self, state: "StreamState", latents: torch.Tensor, timesteps: torch.Tensor,
+                      labels: torch.Tensor | None, feature_noise: torch.Tensor | None = None) -> torch.Tensor:
+        """`encode_frames` of one frame into `state`'s cache through `append_frame`."""
+        cache, t = state.cache, self.config.tokens_per_frame
+        slot = cache.frames % cache.capacity
+        index = torch.arange(slot * t, (slot + 1) * t, device=latents.device)
+        latents = latents.clone(memory_format=torch.contiguous_format)  # prompt frames: strided, not inference tensors
+        modulation = self.modulate(self.conditioning(timesteps, labels))
+        rope = self.rope(cache.frames, 1, latents.device)
+        state.slots[slot] = True
+        out = state.run("append_frame", latents, modulation, rope, *cache.buffers, index, state.mask(t, spare=False),
+                        feature_noise)
+        cache.frames += 1
+        return out
 
 
 class Encoder(Transformer):
@@ -535,21 +677,27 @@ class Decoder(Transformer):
                 labels: torch.Tensor | None = None, rope=None) -> torch.Tensor:
         """noisy (B, C, H, W); timesteps (B,) = sigma * 1000; features (B, T, D); labels (B,).
         Returns the velocity (B, C, H, W). `rope` may be passed in to reuse precomputed tables."""
+        rope = rope if rope is not None else self.rope_tables(noisy.device)
+        modulation = self.modulate(self.conditioning(timesteps[:, None], None if labels is None else labels[:, None]))
+        return self.step(noisy, self.read(features), modulation, rope)
+
+    def read(self, features: torch.Tensor) -> torch.Tensor:
+        """Encoder features (B, T, D) -> what every step of a frame combines with its tokens (B, 1, T, D)."""
+        features = features[:, None]
+        return self.decoder_alignment(features) if self.decoder_alignment is not None else features
+
+    def step(self, noisy: torch.Tensor, features: torch.Tensor, modulation: Modulation, rope) -> torch.Tensor:
+        """One denoising step: noisy (B, C, H, W), `read` features (B, 1, T, D) -> velocity (B, C, H, W)."""
         c = self.config
         h, w = noisy.shape[-2:]
         x = self.x_embedder(patchify(noisy[:, None], c.patch_size))  # (B, 1, T, D)
-        features = features[:, None]
         if c.decoder_combine == "add":
             x = x + features
         elif c.decoder_combine == "concat":
             x = self.decoder_input_proj(torch.cat([x, features], dim=-1))
         else:
-            if self.decoder_alignment is not None:
-                features = self.decoder_alignment(features)
             x = torch.cat([features, x], dim=2)  # (B, 1, 2T, D)
-        rope = rope if rope is not None else self.rope_tables(noisy.device)
-        emb = self.conditioning(timesteps[:, None], None if labels is None else labels[:, None])
-        x = self.norm_out(self.run_blocks(x, emb, rope), emb)
+        x = self.norm_out(self.run_blocks(x, modulation, rope), modulation)
         x = x[:, :, -c.tokens_per_frame:]
         return unpatchify(self.proj_out(x), c.patch_size, h, w)[:, 0]
 
@@ -581,7 +729,11 @@ class Objective:
 class StreamState:
     """What a model keeps between the frames of one stream: its KV cache, the finished frames it was
     given but has not run yet (SCD's encoder needs the action that follows a frame, so all context
-    work waits for `prepare`), and what the velocity of the frame being denoised needs."""
+    work waits for `prepare`), and what the velocity of the frame being denoised needs.
+
+    With a `compiler` (a function that compiles a callable, such as torch.compile with its options)
+    the stream has static shapes: every attention reads the whole preallocated cache, `slots`
+    saying which frames it holds, and the per-frame and per-step calls run compiled."""
 
     cache: KVCache
     pending: list = field(default_factory=list)  # [(frames (B, F, C, H, W), conditions (B, F) | None)]
@@ -590,6 +742,30 @@ class StreamState:
     features: torch.Tensor | None = None  # SCD: encoder features of the previous frame (B, T, D)
     # SCD, decoder guidance: noise (B, T, D) the next `prepare` adds to the newest frame's normed features
     feature_noise: torch.Tensor | None = None
+    decoder_input: torch.Tensor | None = None  # SCD: those features as every decoder step reads them
+    modulations: list | None = None  # per denoising step of this frame, when `prepare` was given its timesteps
+    modulation_table: "Modulation | None" = None  # the same stacked (K, ...), as compiled code reads them
+    owner: nn.Module | None = None
+    compiler: Callable | None = None
+    slots: torch.Tensor | None = None  # static: (capacity + 1,) bool, which cache slots hold a frame (the last: spare)
+    step_mask: torch.Tensor | None = None  # static baseline: (1, S) the cache tokens a denoising step sees
+
+    @property
+    def static(self) -> bool:
+        return self.compiler is not None
+
+    def mask(self, tokens_per_frame: int, spare: bool) -> torch.Tensor:
+        """(1, (capacity + 1) T) bool: the cached frames' tokens, and the spare slot's if `spare`."""
+        self.slots[-1] = spare
+        return self.slots.repeat_interleave(tokens_per_frame)[None]
+
+    def run(self, name: str, *args):
+        """`owner.name(*args)` through the compiler, compiled once per (model part, compiler)."""
+        compiled = self.owner.__dict__.setdefault("_compiled", {})
+        key = (name, self.compiler)
+        if key not in compiled:
+            compiled[key] = self.compiler(getattr(self.owner, name))
+        return compiled[key](*args)
 
 
 class StreamingModel:
@@ -604,6 +780,11 @@ class StreamingModel:
     Conditions are action or label indices, the null index included; a model without conditioning
     takes None. Action j is the one taken on the way into frame j; where each model reads it (SCD's
     encoder: frame j with action j + 1; the baseline: frame j with action j) is the model's business.
+
+    Two additions make the frame loop cheap: `prepare(state, condition, timesteps)` with the frame's
+    K denoising timesteps computes their conditioning once, and `velocity(..., step=k)` then reads
+    step k's; `start(..., compiler=torch.compile)` gives a stream of static shapes whose per-frame
+    and per-step calls run compiled.
     """
 
     config: ModelConfig
@@ -623,8 +804,12 @@ class StreamingModel:
         item = torch.empty((), dtype=dtype).element_size()
         return 2 * self.cached_layers * batch * c.num_heads * c.head_dim * (frames + 1) * c.tokens_per_frame * item
 
-    def start(self, batch: int, capacity: int) -> StreamState:
+    def start(self, batch: int, capacity: int, compiler: Callable | None = None) -> StreamState:
         raise NotImplementedError
+
+    def _state(self, cache: KVCache, owner: nn.Module, compiler: Callable | None, **fields) -> StreamState:
+        slots = None if compiler is None else torch.zeros(cache.capacity + 1, dtype=torch.bool, device=cache.keys[0].device)
+        return StreamState(cache, owner=owner, compiler=compiler, slots=slots, **fields)
 
     def observe(self, state: StreamState, frames: torch.Tensor, conditions: torch.Tensor | None) -> None:
         """Take in finished frames (B, F, C, H, W) with their own conditions (B, F); they are run by
@@ -640,6 +825,40 @@ class StreamingModel:
         frames = torch.cat([f for f, _ in pending], 1)
         conditions = None if pending[0][1] is None else torch.cat([c for _, c in pending], 1)
         return frames, conditions
+
+
+def _append(model: Transformer, state: StreamState, frames: torch.Tensor, conditions: torch.Tensor | None,
+            feature_noise: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Run clean frames (B, F, C, H, W) into `state`'s cache in prefill chunks (one frame at a time,
+    compiled, in a static stream); returns the hidden states of the last frame (B, T, D), with
+    `feature_noise` (B, T, D) added to them as `OutputNorm` does (decoder guidance)."""
+    out = None
+    chunk_size = 1 if state.static else PREFILL_CHUNK
+    for start in range(0, frames.shape[1], chunk_size):
+        chunk = slice(start, start + chunk_size)
+        latents = frames[:, chunk]
+        labels = None if conditions is None else conditions[:, chunk]
+        timesteps = torch.full(latents.shape[:2], -1.0, device=latents.device)
+        noise = None
+        if feature_noise is not None and start + chunk_size >= frames.shape[1]:
+            # the decoder reads the newest frame's features only: that frame gets the noise
+            noise = feature_noise.new_zeros((frames.shape[0], latents.shape[1], *feature_noise.shape[1:]))
+            noise[:, -1] = feature_noise
+        if state.static:
+            out = model.append_static(state, latents, timesteps, labels, noise)
+        else:
+            out = model.encode_frames(latents, timesteps, labels, state.cache, noise)
+    return None if out is None else out[:, -1]
+
+
+def _step(state: StreamState, k: int) -> Modulation:
+    return state.modulation_table.at(k) if state.modulations is None else state.modulations[k]
+
+
+def _tabulate(state: StreamState, table: Modulation | None) -> None:
+    """Keep a frame's step modulations: stacked for compiled code, split per step for eager."""
+    state.modulation_table = table
+    state.modulations = None if table is None or state.static else table.steps()
 
 
 class SCDModel(nn.Module, StreamingModel):
@@ -658,34 +877,44 @@ class SCDModel(nn.Module, StreamingModel):
     def cached_layers(self) -> int:
         return self.config.encoder_layers
 
-    def start(self, batch: int, capacity: int) -> StreamState:
+    def start(self, batch: int, capacity: int, compiler: Callable | None = None) -> StreamState:
         weight = self.decoder.x_embedder.weight
-        return StreamState(self.encoder.new_cache(batch, capacity), rope=self.decoder.rope_tables(weight.device))
+        return self._state(self.encoder.new_cache(batch, capacity), self, compiler,
+                           rope=self.decoder.rope_tables(weight.device))
 
-    def prepare(self, state: StreamState, condition: torch.Tensor | None) -> None:
+    def prepare(self, state: StreamState, condition: torch.Tensor | None, timesteps: torch.Tensor | None = None) -> None:
         """Encode the pending frames, each with the action that follows it (the last one with
-        `condition`, the next frame's): the features of the last are what the decoder reads."""
+        `condition`, the next frame's): the features of the last are what the decoder reads. With
+        the frame's denoising timesteps (K,), the decoder's conditioning for each step is made now."""
         frames, conditions = self._take_pending(state)
         if frames is not None:
             if conditions is not None:
                 conditions = torch.cat([conditions[:, 1:], condition[:, None]], 1)
-            for start in range(0, frames.shape[1], PREFILL_CHUNK):
-                chunk = slice(start, start + PREFILL_CHUNK)
-                labels = None if conditions is None else conditions[:, chunk]
-                noise = None
-                if state.feature_noise is not None and start + PREFILL_CHUNK >= frames.shape[1]:
-                    # the decoder reads the newest frame's features only: that frame gets the noise
-                    noise = state.feature_noise.new_zeros((frames.shape[0], frames[:, chunk].shape[1],
-                                                           *state.feature_noise.shape[1:]))
-                    noise[:, -1] = state.feature_noise
-                state.features = self.encoder(frames[:, chunk], labels, state.cache, feature_noise=noise)[:, -1]
+            state.features = _append(self.encoder, state, frames, conditions, state.feature_noise)
             state.feature_noise = None
+            state.decoder_input = self.decoder.read(state.features)
         if state.features is None:
             raise ConfigError("an SCD model needs at least one context frame before it can denoise")
         state.condition = condition
+        _tabulate(state, None if timesteps is None else self.decoder.step_modulations(timesteps, condition, state.features.shape[0]))
 
-    def velocity(self, state: StreamState, x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        return self.decoder(x, timesteps, state.features, state.condition, state.rope)
+    def velocity(self, state: StreamState, x: torch.Tensor, timesteps: torch.Tensor, step: int | None = None) -> torch.Tensor:
+        """The velocity (B, C, H, W) of x at `timesteps` (B,); `step` k reads the conditioning that
+        `prepare` made for its k-th timestep (then `timesteps` is not read)."""
+        if step is None or state.modulation_table is None:
+            return self.decoder(x, timesteps, state.features, state.condition, state.rope)
+        return self.decoder.step(x, state.decoder_input, _step(state, step), state.rope)
+
+    def step_function(self, state: StreamState) -> tuple[Callable, tuple]:
+        """The velocity of a step as a function of tensors only, `fn(x, modulation, *inputs)`, for
+        compiling a frame's whole denoising loop (`scd.sampling.denoise_steps`); after `prepare`."""
+        return self.step_velocity, (state.decoder_input, state.rope)
+
+    def step_velocity(self, x, modulation, features, rope) -> torch.Tensor:
+        return self.decoder.step(x, features, modulation, rope)
+
+    def append_frame(self, *args) -> torch.Tensor:
+        return self.encoder.append_frame(*args)
 
     def loss(self, video: torch.Tensor, conditions: torch.Tensor | None, objective: Objective = Objective()) -> torch.Tensor:
         """Flow-matching loss of every frame j >= 1 of `video` (B, N, C, H, W) clean latents: the
@@ -732,22 +961,40 @@ class Baseline(Transformer, StreamingModel):
     def cached_layers(self) -> int:
         return self.config.layers
 
-    def start(self, batch: int, capacity: int) -> StreamState:
-        return StreamState(self.new_cache(batch, capacity))
+    def start(self, batch: int, capacity: int, compiler: Callable | None = None) -> StreamState:
+        return self._state(self.new_cache(batch, capacity), self, compiler)
 
-    def prepare(self, state: StreamState, condition: torch.Tensor | None) -> None:
+    def prepare(self, state: StreamState, condition: torch.Tensor | None, timesteps: torch.Tensor | None = None) -> None:
         """Cache the pending frames as clean context (each with its own action); the next frame's
-        rotary position follows them."""
+        rotary position follows them. With the frame's denoising timesteps (K,), the conditioning
+        of each step is made now."""
         frames, conditions = self._take_pending(state)
         if frames is not None:
-            for start in range(0, frames.shape[1], PREFILL_CHUNK):
-                chunk = slice(start, start + PREFILL_CHUNK)
-                self.append(frames[:, chunk], None if conditions is None else conditions[:, chunk], state.cache)
-        state.rope = self.rope(state.cache.frames, 1, state.cache.keys.device)
+            _append(self, state, frames, conditions)
+        state.rope = self.rope(state.cache.frames, 1, state.cache.keys[0].device)
         state.condition = condition
+        batch = state.cache.keys[0].shape[0]
+        _tabulate(state, None if timesteps is None else self.step_modulations(timesteps, condition, batch))
+        if state.static:
+            state.step_mask = state.mask(self.config.tokens_per_frame, spare=True)  # what every step attends to
 
-    def velocity(self, state: StreamState, x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        return self(x, timesteps, state.condition, state.cache, state.rope)
+    def velocity(self, state: StreamState, x: torch.Tensor, timesteps: torch.Tensor, step: int | None = None) -> torch.Tensor:
+        """As `SCDModel.velocity`."""
+        if step is None or state.modulation_table is None:
+            return self(x, timesteps, state.condition, state.cache, state.rope)
+        cache = state.cache
+        if state.static:
+            return self.step_velocity(x, _step(state, step), state.rope, *cache.buffers, state.step_mask)
+        cached = cache.cached_frames * self.config.tokens_per_frame
+        return self.step(x, _step(state, step), state.rope, *cache.buffers, cached, None)
+
+    def step_function(self, state: StreamState) -> tuple[Callable, tuple]:
+        """As `SCDModel.step_function`; a static stream's only (the mask says what a step sees)."""
+        return self.step_velocity, (state.rope, *state.cache.buffers, state.step_mask)
+
+    def step_velocity(self, x, modulation, rope, keys, values, mask) -> torch.Tensor:
+        """`step` with the noisy frame's keys in the spare slot, the last frame of the cache."""
+        return self.step(x, modulation, rope, keys, values, keys[0].shape[2] - self.config.tokens_per_frame, mask)
 
     def append(self, latents: torch.Tensor, labels: torch.Tensor | None, cache: KVCache) -> None:
         """Add clean frames (B, F, C, H, W) to the context cache."""
@@ -757,13 +1004,19 @@ class Baseline(Transformer, StreamingModel):
     def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor | None,
                 cache: KVCache, rope=None) -> torch.Tensor:
         """noisy (B, C, H, W) -> velocity (B, C, H, W), attending to the cache; the cache is unchanged."""
+        modulation = self.modulate(self.conditioning(timesteps[:, None], None if labels is None else labels[:, None]))
+        rope = rope if rope is not None else self.rope(cache.frames, 1, noisy.device)
+        return self.step(noisy, modulation, rope, *cache.buffers, cache.cached_frames * self.config.tokens_per_frame, None)
+
+    def step(self, noisy, modulation, rope, keys, values, write_at: int, mask) -> torch.Tensor:
+        """One denoising step of noisy (B, C, H, W): its keys go to the cache from token `write_at`
+        (just past the cached frames, or the spare slot); it attends to the tokens before them and
+        itself, or (mask (1, S) given: static shapes) to what the mask allows."""
         c, t = self.config, self.config.tokens_per_frame
         h, w = noisy.shape[-2:]
         x = self.x_embedder(patchify(noisy[:, None], c.patch_size))
-        emb = self.conditioning(timesteps[:, None], None if labels is None else labels[:, None])
-        rope = rope if rope is not None else self.rope(cache.frames, 1, noisy.device)
-        cached = cache.cached_frames * t
-        x = self.norm_out(self.run_blocks(x, emb, rope, None, cache, cached, cached + t), emb)
+        attend = None if mask is not None else write_at + t
+        x = self.norm_out(self.run_blocks(x, modulation, rope, mask, (keys, values), write_at, attend), modulation)
         return unpatchify(self.proj_out(x), c.patch_size, h, w)[:, 0]
 
     def loss(self, video: torch.Tensor, conditions: torch.Tensor | None, objective: Objective = Objective()) -> torch.Tensor:
@@ -777,11 +1030,11 @@ class Baseline(Transformer, StreamingModel):
         tokens = self.x_embedder(patchify(torch.cat([video, add_noise(x0, noise, sigma)], 1), c.patch_size))
         timesteps = torch.cat([torch.full((b, n), -1.0, device=video.device), sigma * 1000.0], 1)
         labels = None if conditions is None else torch.cat([conditions, conditions[:, 1:]], 1)
-        emb = self.conditioning(timesteps, labels)
+        modulation = self.modulate(self.conditioning(timesteps, labels))
         positions = torch.cat([torch.arange(n), torch.arange(1, n)]).to(video.device)
         rope = rope_tables(positions, h // c.patch_size, w // c.patch_size, c.rope_axes)
         mask = teacher_forcing_mask(n, c.tokens_per_frame, video.device)
-        hidden = self.norm_out(self.run_blocks(tokens, emb, rope, mask), emb)[:, n:]
+        hidden = self.norm_out(self.run_blocks(tokens, modulation, rope, mask), modulation)[:, n:]
         velocity = unpatchify(self.proj_out(hidden), c.patch_size, h, w)
         return F.mse_loss(velocity.float(), (noise - x0).float())
 
@@ -791,7 +1044,8 @@ def init_weights(model: Transformer) -> None:
     output layers (each block starts as the identity), `concat` input projection as [I | I]."""
     for module in model.modules():
         if isinstance(module, nn.Linear):
-            nn.init.xavier_uniform_(module.weight)
+            for weight in module.weight.chunk(getattr(module, "parts", 1)):  # a fused layer as its parts
+                nn.init.xavier_uniform_(weight)
             nn.init.zeros_(module.bias)
     for module in model.modules():
         if isinstance(module, LabelEmbedding):

@@ -14,6 +14,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from scd.compiler import compiled_call, compiler
 from scd.errors import ActionError, ConfigError
 from scd.flow import add_noise
 from scd.model import KVCache, StreamingModel
@@ -56,21 +57,40 @@ def _sync_for(device: torch.device) -> Callable[[], None] | None:
     return None
 
 
-def denoise(velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor, sigmas: torch.Tensor,
+def denoise(velocity: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor], x: torch.Tensor, sigmas: torch.Tensor,
             guidance: float = 1.0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Euler steps from noise x (B, C, H, W) float32 along `sigmas` (K + 1,). `velocity(x, t)` takes
-    x in the model's dtype and timesteps (B,) = sigma * 1000; with guidance != 1 it is called on
-    [x; x] and its output is read as [unconditional; conditional]."""
-    timesteps = (sigmas[:-1] * 1000.0).to(dtype)
-    deltas = (sigmas[1:] - sigmas[:-1]).tolist()
+    """Euler steps from noise x (B, C, H, W) float32 along `sigmas` (K + 1,) (best on the CPU: the
+    step sizes are read as numbers). `velocity(x, t, k)` takes x in the model's dtype, timesteps
+    (B,) = sigma * 1000 and the step's index k; with guidance != 1 it is called on [x; x] and its
+    output is read as [unconditional; conditional]. x itself is not modified."""
     cfg = guidance != 1.0
+    batch = x.shape[0] * (2 if cfg else 1)
+    timesteps = (sigmas[:-1] * 1000.0).to(device=x.device, dtype=dtype)[:, None].expand(-1, batch).unbind(0)
+    deltas = (sigmas[1:] - sigmas[:-1]).tolist()
     for k, delta in enumerate(deltas):
         xin = torch.cat([x, x]) if cfg else x
-        v = velocity(xin.to(dtype), timesteps[k].expand(xin.shape[0])).float()
+        v = velocity(xin.to(dtype), timesteps[k], k).float()
         if cfg:
             uncond, cond = v.chunk(2)
-            v = uncond + guidance * (cond - uncond)
-        x = x + delta * v
+            v = torch.lerp(uncond, cond, guidance)
+        x = torch.add(x, v, alpha=delta) if k == 0 else x.add_(v, alpha=delta)  # the first step leaves the caller's x
+    return x
+
+
+def denoise_steps(step: Callable, x: torch.Tensor, deltas: torch.Tensor, table, inputs: tuple,
+                  guidance: float = 1.0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """`denoise` over a velocity of tensors only, `step(x, table.at(k), *inputs)` (a model's
+    `step_function` and the frame's `modulation_table`), with the step sizes as a tensor `deltas`
+    (K,): what a compiled stream compiles whole, one graph per frame (on CUDA, one CUDA graph for
+    the K steps)."""
+    cfg = guidance != 1.0
+    for k in range(deltas.shape[0]):
+        xin = torch.cat([x, x]) if cfg else x
+        v = step(xin.to(dtype), table.at(k), *inputs).float()
+        if cfg:
+            uncond, cond = v.chunk(2)
+            v = torch.lerp(uncond, cond, guidance)
+        x = x + deltas[k] * v
     return x
 
 
@@ -91,11 +111,17 @@ class Rollout:
     (flat memory); without one the cache is sized for `frames` generated frames. clamp bounds each
     generated frame to [-clamp, clamp] before it is returned and fed back (pixel models: 1).
     timed=False skips the device synchronisation that timing needs; the frame times are then 0.
+
+    compiled: run the models' per-frame and per-step calls through torch.compile with static
+    shapes (True: inductor, on CUDA with CUDA graphs; or a backend name, "eager" and "aot_eager"
+    for tests). The first frames compile, later ones never recompile; results match the eager
+    stream to float rounding. A call that fails to compile runs eagerly (`compile_fallbacks`).
     """
 
     def __init__(self, model: StreamingModel, context: torch.Tensor, steps: int, guidance: float = 1.0,
                  actions: torch.Tensor | None = None, label: int | torch.Tensor | None = None, seed: int = 0,
-                 window: int | None = None, frames: int | None = None, clamp: float | None = None, timed: bool = True):
+                 window: int | None = None, frames: int | None = None, clamp: float | None = None, timed: bool = True,
+                 compiled: bool | str = False):
         config = model.config
         if context.dim() != 5 or context.shape[2:] != (config.channels, *config.latent_size):
             raise ConfigError(f"context must be (B, F, {config.channels}, {config.latent_size[0]}, {config.latent_size[1]}), "
@@ -111,7 +137,8 @@ class Rollout:
         self.model, self.config = model, config
         self.device, self.dtype = weight.device, weight.dtype
         self.batch, self.given, self.index = batch, given, 0
-        self.sigmas = sigma_schedule(steps, self.device)
+        self.sigmas = sigma_schedule(steps)  # on the CPU: denoise reads its step sizes as numbers
+        self.timesteps = (self.sigmas[:-1] * 1000.0).to(device=self.device, dtype=self.dtype)
         self.unconditional = float(guidance) == UNCONDITIONAL
         self.guidance = 1.0 if self.unconditional else float(guidance)
         self.cfg = self.guidance != 1.0
@@ -128,8 +155,14 @@ class Rollout:
         keep = min(given, window) if window else given
         own = self._context_conditions(actions, given)[:, -keep:] if config.condition else None
         context = context[:, -keep:].to(device=self.device, dtype=self.dtype)
+        self.compiler, self.cuda_graphs = None, False
+        if compiled:
+            self.compiler = compiler(self.device.type, "inductor" if compiled is True else compiled)
+            self._denoise_steps = compiled_call(denoise_steps, self.compiler)
+            self.deltas = (self.sigmas[1:] - self.sigmas[:-1]).to(self.device)
+            self.cuda_graphs = self.compiler.mode == "reduce-overhead"
         with torch.inference_mode():
-            self.state = model.start(batch * (2 if self.cfg else 1), window or (keep + frames))
+            self.state = model.start(batch * (2 if self.cfg else 1), window or (keep + frames), compiler=self.compiler)
             if keep:
                 model.observe(self.state, self._doubled(context), self._guided(own))
 
@@ -223,6 +256,15 @@ class Rollout:
         given = self.feature_noise * given.to(self.device, torch.float32)
         return torch.cat([given, torch.zeros_like(given)]).to(self.dtype)
 
+    @property
+    def compile_fallbacks(self) -> dict[str, str]:
+        """Compiled calls that run eagerly instead, by name: why they failed to compile."""
+        if self.compiler is None:
+            return {}
+        calls = {name: call for (name, _), call in getattr(self.model, "_compiled", {}).items()}
+        calls["denoise_steps"] = self._denoise_steps
+        return {name: call.fallback for name, call in calls.items() if call.fallback is not None}
+
     def step(self, action=None, noise: torch.Tensor | None = None, feature_noise: torch.Tensor | None = None) -> Frame:
         """Generate the next frame, driven by `action` (an index or (B,) indices; None: the null
         action; ignored by models without actions only when None). noise (B, C, H, W) replaces the
@@ -231,21 +273,31 @@ class Rollout:
             raise ConfigError(f"this rollout was sized for {self.limit} frames: give it a window to go on")
         condition = self._frame_condition(action)
         shape = (self.batch, self.config.channels, *self.config.latent_size)
-        if noise is None:
-            noise = torch.randn(shape, generator=self.generator)
-        elif tuple(noise.shape) != shape:
+        if noise is not None and tuple(noise.shape) != shape:
             raise ConfigError(f"noise must be {shape}, got {tuple(noise.shape)}")
-        if self.decoder_guidance:
-            self.state.feature_noise = self._feature_noise(feature_noise)
         self._last = time.perf_counter()
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()  # a new frame: the graphs may reuse their memory
         # inference mode per call, never around a caller's code between frames
         with torch.inference_mode():
-            self.model.prepare(self.state, self._guided(condition))
+            if noise is None:  # from the CPU generator: a seed gives the same frames on any device
+                noise = torch.randn(shape, generator=self.generator)
+            if self.decoder_guidance:  # drawn after the frame's noise, from the same generator
+                self.state.feature_noise = self._feature_noise(feature_noise)
+            # a contiguous inference tensor, whatever the caller's noise is: one compiled graph for every frame
+            x = torch.empty(shape, device=self.device).copy_(noise, non_blocking=True)
+            self.model.prepare(self.state, self._guided(condition), self.timesteps)
             context_ms = self._lap()
-            x = denoise(lambda x, t: self.model.velocity(self.state, x, t), noise.to(self.device, torch.float32),
-                        self.sigmas, self.guidance, self.dtype)
+            if self.compiler is not None:
+                step, inputs = self.model.step_function(self.state)
+                x = self._denoise_steps(step, x, self.deltas, self.state.modulation_table, inputs, self.guidance, self.dtype)
+                if self.cuda_graphs:  # a graph's output lives in its memory pool, which the next frame's replay reuses
+                    x = x.clone()
+            else:
+                x = denoise(lambda x, t, k: self.model.velocity(self.state, x, t, step=k), x, self.sigmas,
+                            self.guidance, self.dtype)
             if self.clamp is not None:
-                x = x.clamp(-self.clamp, self.clamp)
+                x = x.clamp_(-self.clamp, self.clamp)
             denoise_ms = self._lap()
             self.model.observe(self.state, self._doubled(x.to(self.dtype))[:, None],
                                None if condition is None else self._guided(condition)[:, None])
@@ -257,7 +309,7 @@ class Rollout:
 def stream(model: StreamingModel, context: torch.Tensor, frames: int, steps: int,
            guidance: float = 1.0, conditions: torch.Tensor | None = None, noise: torch.Tensor | None = None,
            seed: int = 0, window: int | None = None, clamp: float | None = None, timed: bool = True,
-           feature_noise: torch.Tensor | None = None) -> Iterator[Frame]:
+           feature_noise: torch.Tensor | None = None, compiled: bool | str = False) -> Iterator[Frame]:
     """Continue `context` (B, F, C, H, W), in model space, by `frames` frames: a `Rollout` with every
     action known up front.
 
@@ -282,7 +334,7 @@ def stream(model: StreamingModel, context: torch.Tensor, frames: int, steps: int
     elif conditions is not None:
         raise ActionError("this model takes no actions or labels; drop them")
     rollout = Rollout(model, context, steps, guidance, None if actions is None else actions[..., :given], label,
-                      seed, window, frames, clamp, timed)
+                      seed, window, frames, clamp, timed, compiled)
     for u in range(frames):
         action = None if actions is None else actions[..., given + u]
         yield rollout.step(action, None if noise is None else noise[:, u],

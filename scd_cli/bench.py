@@ -11,7 +11,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from scd import bench as bench_lib
-from scd import files
+from scd import bench_report, files
 from scd.errors import ConfigError
 from scd_cli.common import console, err_console, handles_errors, is_interactive, say, state
 
@@ -53,14 +53,17 @@ def _headline(report: dict) -> Table:
 
     add("latency per frame, p50 ms", "latency_ms_p50", "{:,.1f}".format)
     add("latency per frame, p95 ms", "latency_ms_p95", "{:,.1f}".format)
-    add("  context pass, p50 ms", "context_pass_ms_p50", "{:,.1f}".format)
-    add("  denoising steps, p50 ms", "denoising_ms_p50", "{:,.1f}".format)
+    add("  context pass, p50 ms", "context_ms_p50", "{:,.1f}".format)
+    add("  denoising steps, p50 ms", "denoise_ms_p50", "{:,.1f}".format)
     for batch in s["throughput_fps_by_batch"]:
         x, y = s["throughput_fps_by_batch"][batch], b["throughput_fps_by_batch"][batch]
         table.add_row(f"throughput at batch {batch}, frames/s", f"{x:,.2f}", f"{y:,.2f}", f"{x / y:.2f}x" if y else "")
     add("time to first frame, ms", "time_to_first_frame_ms", "{:,.0f}".format)
     add("peak memory, MiB", "peak_memory_bytes", lambda v: f"{v / 2 ** 20:,.1f}", ratio=False)
     add("GFLOP per frame", "flops_per_frame", _gflops)
+    add("ops per frame (aten, top level)", "ops_per_frame", "{:,}".format)
+    if s.get("kernel_launches_per_frame") is not None:
+        add("kernel launches per frame", "kernel_launches_per_frame", "{:,}".format)
     table.add_row("achieved GFLOP/s", _gflops(s["achieved_flops_per_s"]), _gflops(b["achieved_flops_per_s"]), "")
     table.add_row(f"  of matmul peak ({peak / 1e9:,.1f})", f"{100 * s['fraction_of_matmul_peak']:.0f}%",
                   f"{100 * b['fraction_of_matmul_peak']:.0f}%", "")
@@ -80,10 +83,33 @@ def _sweep(report: dict) -> Table:
     return table
 
 
+def _compiled(report: dict) -> Table:
+    """Compiled against eager, both models, at the headline setting."""
+    s, b = report["scd_compiled"], report["baseline_compiled"]
+    table = Table(title=f"compiled ({report['compile']['backend']}"
+                        f"{', ' + report['compile']['mode'] if report['compile']['mode'] else ''}) against eager",
+                  box=box.SIMPLE_HEAD)
+    for col in ("", "SCD", "baseline", "baseline / SCD"):
+        table.add_column(col, justify="left" if not col else "right")
+    table.add_row("latency per frame, p50 ms", f"{s['latency_ms_p50']:,.1f}", f"{b['latency_ms_p50']:,.1f}",
+                  f"{report['compiled_pair']['speedup']:.2f}x")
+    table.add_row("compiled over eager", f"{report['compiled_speedup']['scd']:.2f}x",
+                  f"{report['compiled_speedup']['baseline']:.2f}x", "")
+    table.add_row("ops per frame (aten, top level)", f"{s['ops_per_frame']:,}", f"{b['ops_per_frame']:,}", "")
+    first = {r["model"]: r for r in report["compile"]["runs"]}
+    table.add_row("first run (compiling), s", f"{first['scd_compiled']['first_run_s']:,.1f}",
+                  f"{first['baseline_compiled']['first_run_s']:,.1f}", "")
+    recompiles = sum(r.get("recompiles_while_measuring", 0) for r in report["compile"]["runs"]) // 2
+    table.add_row("graphs compiled while measuring", str(recompiles), "", "")
+    return table
+
+
 def _show(report: dict) -> None:
     console.print(f"[bold]scd bench[/] on {report['device_name']} ({report['device']}, {report['dtype']}), "
                   f"torch {report['torch']}", soft_wrap=True)
     console.print(_headline(report))
+    if "compiled_pair" in report:
+        console.print(_compiled(report))
     if len(report["rows"]) > 1:
         console.print(_sweep(report))
     console.print(
@@ -114,6 +140,7 @@ def bench(
     matmul_size: Optional[str] = typer.Option(None, "--matmul-size", metavar="N", help="Side of the square matmul that measures the device's peak (default 2048 on CPU, 4096 MPS, 8192 CUDA)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the full report as JSON."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Latency against context and steps, both models, as PNG/SVG/PDF (needs matplotlib)."),
+    compile: bool = typer.Option(False, "--compile", help="Also stream each model through torch.compile (static shapes; CUDA graphs on CUDA), interleaved with eager: compiled vs eager in one run. The first compiled run (compiling) is timed apart."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors (use with --json)."),
 ):
     """Measure SCD against its matched causal baseline: latency, throughput, first frame, memory, FLOPs, speed-up."""
@@ -127,7 +154,8 @@ def bench(
         warmup=_ints(warmup, "--warmup", single=True, minimum=0)[0], device=device, dtype=dtype,
         seed=_ints(seed, "--seed", single=True, minimum=0)[0],
         threads=_ints(threads, "--threads", single=True)[0] if threads is not None else None,
-        matmul_size=_ints(matmul_size, "--matmul-size", single=True)[0] if matmul_size is not None else None)
+        matmul_size=_ints(matmul_size, "--matmul-size", single=True)[0] if matmul_size is not None else None,
+        compiled=compile)
     spec.validate()
     # fail now, not after minutes of measuring
     if json_path is not None:
@@ -136,7 +164,7 @@ def bench(
         if plot.suffix.lower() not in PLOT_SUFFIXES:
             raise ConfigError(f"--plot writes {', '.join(PLOT_SUFFIXES)} files, not {plot.name!r}")
         files.check_output(plot, "plot")
-        bench_lib.require_matplotlib()
+        bench_report.require_matplotlib()
 
     progress = None
     report = None
@@ -149,7 +177,7 @@ def bench(
                 say(f"[bold]scd bench[/] on {event.device_name} ({event.device}, {event.dtype}): "
                     f"SCD {event.scd} vs baseline {event.baseline}; {len(event.rows)} setting(s)")
                 if is_interactive() and not quiet:
-                    total = len(event.rows) * (spec.warmup + spec.reps) * 2
+                    total = len(event.rows) * (spec.warmup + spec.reps) * (4 if compile else 2)
                     progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                                         TimeElapsedColumn(), console=console, transient=True)
                     progress.start()
@@ -162,6 +190,12 @@ def bench(
                         f"{event.latency_ms:,.1f} ms/frame, first frame {event.time_to_first_frame_ms:,.0f} ms")
                 if progress is not None:
                     progress.update(task, advance=1, description=line)
+                else:
+                    say(f"[dim]{line}[/]")
+            elif isinstance(event, bench_lib.CompiledRun):
+                line = f"{event.model}: first run (compiling) {event.seconds:,.1f} s"
+                if progress is not None:
+                    progress.update(task, description=line)
                 else:
                     say(f"[dim]{line}[/]")
             elif isinstance(event, bench_lib.Finished):
@@ -188,9 +222,9 @@ def bench(
 
 def _write(report: dict, json_path: Optional[Path], plot: Optional[Path], quiet: bool) -> None:
     if json_path is not None:
-        bench_lib.write_json(report, json_path)
+        bench_report.write_json(report, json_path)
     if plot is not None:
-        bench_lib.plot(report, plot)
+        bench_report.plot(report, plot)
     if not quiet:
         _show(report)
         for path in (json_path, plot):

@@ -86,6 +86,7 @@ def generate(
     threads: Threads = None,
     dtype: str = typer.Option("auto", "--dtype", help="auto (bfloat16 on CUDA, float32 elsewhere), float32, bfloat16, float16."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write per-frame latencies and a summary as JSON."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the frame loop (static shapes; CUDA graphs on CUDA): the first frames compile (seconds to minutes), later ones run faster."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors."),
 ):
     """Continue a video frame by frame, writing each frame to OUT the moment it exists."""
@@ -103,7 +104,7 @@ def generate(
         seed=seed, batch=batch, window=context_window, context=context, fit=fit, fps=fps,
         include_prompt=include_prompt, upscale=upscale, upscale_mode=upscale_mode, frames_dir=frames_dir,
         report=report, device=device, dtype=dtype, threads=threads, started=state["started"], startup_s=startup_s,
-        model_load_s=model_load_s)
+        model_load_s=model_load_s, compiled=compile)
     live = None
     first_ms = 0.0
     events = job_lib.run(job)

@@ -13,6 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from typer.testing import CliRunner
 
 from scd import bench as bench_lib
+from scd import bench_report
 from scd.checkpoints import save_model_folder
 from scd.flops import frame_flops
 from scd.sampling import Frame, kv_cache_bytes, stream
@@ -129,7 +130,7 @@ def test_report_structure_and_arithmetic():
 def test_run_interleaved_measures_the_models_frame_by_frame(monkeypatch):
     calls = []
 
-    def fake_stream(model, context, frames, steps):
+    def fake_stream(model, context, frames, steps, **options):
         for u in range(frames):
             calls.append((model, u))
             time.sleep(0.004 if model == "b" else 0.002)
@@ -237,5 +238,34 @@ def test_plot_writes_a_png(tmp_path):
     pytest.importorskip("matplotlib")
     report = bench_lib.bench(tiny_spec(contexts=(2, 3), steps=(1, 2), batches=(1,), frames=2, reps=1, warmup=0))
     path = tmp_path / "latency.png"
-    bench_lib.plot(report, path)
+    bench_report.plot(report, path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+
+
+def test_ops_per_frame_grow_by_one_step_of_ops_per_step():
+    """count_ops counts what a frame dispatches: each extra denoising step adds the same number,
+    fewer for SCD (a 1-block decoder) than for its baseline (3 blocks against the cache)."""
+    config = tiny_config()
+    context = torch.randn(1, 2, 3, 4, 4)
+    scd = [bench_lib.count_ops(random_model(config), context, k) for k in (1, 2, 3)]
+    ops = [c["ops_per_frame"] for c in scd]
+    assert ops[2] - ops[1] == ops[1] - ops[0] > 0, ops
+    assert scd[0]["kernel_launches_per_frame"] is None  # no CUDA here
+    base = [bench_lib.count_ops(random_model(config.matched()), context, k)["ops_per_frame"] for k in (1, 2)]
+    assert 2 * (ops[1] - ops[0]) < base[1] - base[0]
+
+
+def test_compiled_bench_reports_compiled_against_eager():
+    report = bench_lib.bench(tiny_spec(contexts=(2,), batches=(1,), frames=2, reps=1, warmup=0, compiled="eager"))
+    assert report["report_version"] == 2 and report["settings"]["compiled"] == "eager"
+    for name in ("scd", "baseline", "scd_compiled", "baseline_compiled"):
+        m = report[name]
+        assert m["latency_ms_p50"] > 0 and m["ops_per_frame"] > 0 and m["context_ms_p50"] >= 0 and m["denoise_ms_p50"] > 0
+    row = report["rows"][0]
+    assert set(report["compiled_speedup"]) == {"scd", "baseline"}
+    assert row["compiled_speedup"] == report["compiled_speedup"] and all(v > 0 for v in row["compiled_speedup"].values())
+    assert report["compiled_pair"]["realised_fraction"] == pytest.approx(
+        report["compiled_pair"]["speedup"] / report["predicted_speedup"])
+    runs = {r["model"]: r for r in report["compile"]["runs"]}
+    assert set(runs) == {"scd_compiled", "baseline_compiled"} and report["compile"]["backend"] == "eager"
+    assert all(r["first_run_s"] > 0 and r["recompiles_while_measuring"] == 0 for r in runs.values())
