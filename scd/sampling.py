@@ -355,4 +355,4 @@ def kv_cache_bytes(model: StreamingModel, batch: int, frames: int, guidance: flo
     return model.cache_bytes(b, frames, dtype or next(model.parameters()).dtype)
 
 
-__all__ = ["Frame", "KVCache", "Rollout", "add_noise", "denoise", "generate", "kv_cache_bytes", "sigma_schedule", "stream"]
+__all__ = ["Frame", "KVCache", "Rollout", "add_noise", "denoise", "denoise_steps", "generate", "kv_cache_bytes", "sigma_schedule", "stream"]
