@@ -620,10 +620,12 @@ class Transformer(nn.Module):
             cache.frames += f
         return self.norm_out(x, modulation, feature_noise)
 
-    def append_frame(self, latents, modulation, rope, keys, values, index, mask, noise=None) -> torch.Tensor:
-        """Static shapes (what a compiled stream runs): one frame (B, 1, C, H, W) written into the
-        cache at token indices `index` (T,), attending to the cache tokens `mask` (1, S) allows.
-        Returns the normed hidden states (B, 1, T, D), `noise` (B, 1, T, D) added as in `OutputNorm`."""
+    def append_frame(self, latents, timesteps, labels, rope, keys, values, index, mask, noise=None) -> torch.Tensor:
+        """Static shapes (what a compiled stream runs): one frame (B, 1, C, H, W) with its timesteps
+        and labels (B, 1) written into the cache at token indices `index` (T,), attending to the
+        cache tokens `mask` (1, S) allows. Returns the normed hidden states (B, 1, T, D), `noise`
+        (B, 1, T, D) added as in `OutputNorm`."""
+        modulation = self.modulate(self.conditioning(timesteps, labels))
         x = self.x_embedder(patchify(latents, self.config.patch_size))
         x = self.run_blocks(x, modulation, rope, mask, (keys, values), index, None)
         return self.norm_out(x, modulation, noise)
@@ -635,11 +637,10 @@ class Transformer(nn.Module):
         slot = cache.frames % cache.capacity
         index = torch.arange(slot * t, (slot + 1) * t, device=latents.device)
         latents = latents.clone(memory_format=torch.contiguous_format)  # prompt frames: strided, not inference tensors
-        modulation = self.modulate(self.conditioning(timesteps, labels))
         rope = self.rope(cache.frames, 1, latents.device)
         state.slots[slot] = True
-        out = state.run("append_frame", latents, modulation, rope, *cache.buffers, index, state.mask(t, spare=False),
-                        feature_noise)
+        out = state.run("append_frame", latents, timesteps, labels, rope, *cache.buffers, index,
+                        state.mask(t, spare=False), feature_noise)
         cache.frames += 1
         return out
 
@@ -745,6 +746,7 @@ class StreamState:
     decoder_input: torch.Tensor | None = None  # SCD: those features as every decoder step reads them
     modulations: list | None = None  # per denoising step of this frame, when `prepare` was given its timesteps
     modulation_table: "Modulation | None" = None  # the same stacked (K, ...), as compiled code reads them
+    tabulation: tuple | None = None  # (function, args) that make `modulation_table`, for compiled code
     owner: nn.Module | None = None
     compiler: Callable | None = None
     slots: torch.Tensor | None = None  # static: (capacity + 1,) bool, which cache slots hold a frame (the last: spare)
@@ -852,13 +854,22 @@ def _append(model: Transformer, state: StreamState, frames: torch.Tensor, condit
 
 
 def _step(state: StreamState, k: int) -> Modulation:
-    return state.modulation_table.at(k) if state.modulations is None else state.modulations[k]
+    if state.modulations is not None:
+        return state.modulations[k]
+    if state.modulation_table is None:  # a static stream tabulates in its compiled loop; made here on demand
+        tabulate, args = state.tabulation
+        state.modulation_table = tabulate(*args)
+    return state.modulation_table.at(k)
 
 
-def _tabulate(state: StreamState, table: Modulation | None) -> None:
-    """Keep a frame's step modulations: stacked for compiled code, split per step for eager."""
-    state.modulation_table = table
-    state.modulations = None if table is None or state.static else table.steps()
+def _tabulate(state: StreamState, tabulate: Callable, args: tuple | None) -> None:
+    """A frame's step modulations, `tabulate(*args)`: made now and split per step (eager), or left
+    to the compiled denoising loop (static; `state.tabulation`). args None: no timesteps given."""
+    state.modulations = state.modulation_table = None
+    state.tabulation = None if args is None else (tabulate, args)
+    if args is not None and not state.static:
+        state.modulation_table = tabulate(*args)
+        state.modulations = state.modulation_table.steps()
 
 
 class SCDModel(nn.Module, StreamingModel):
@@ -896,18 +907,20 @@ class SCDModel(nn.Module, StreamingModel):
         if state.features is None:
             raise ConfigError("an SCD model needs at least one context frame before it can denoise")
         state.condition = condition
-        _tabulate(state, None if timesteps is None else self.decoder.step_modulations(timesteps, condition, state.features.shape[0]))
+        _tabulate(state, self.decoder.step_modulations,
+                  None if timesteps is None else (timesteps, condition, state.features.shape[0]))
 
     def velocity(self, state: StreamState, x: torch.Tensor, timesteps: torch.Tensor, step: int | None = None) -> torch.Tensor:
         """The velocity (B, C, H, W) of x at `timesteps` (B,); `step` k reads the conditioning that
         `prepare` made for its k-th timestep (then `timesteps` is not read)."""
-        if step is None or state.modulation_table is None:
+        if step is None or state.tabulation is None:
             return self.decoder(x, timesteps, state.features, state.condition, state.rope)
         return self.decoder.step(x, state.decoder_input, _step(state, step), state.rope)
 
     def step_function(self, state: StreamState) -> tuple[Callable, tuple]:
         """The velocity of a step as a function of tensors only, `fn(x, modulation, *inputs)`, for
-        compiling a frame's whole denoising loop (`scd.sampling.denoise_steps`); after `prepare`."""
+        compiling a frame's whole denoising loop (`scd.sampling.denoise_steps`, which makes the
+        modulations from `state.tabulation`); after `prepare` with timesteps."""
         return self.step_velocity, (state.decoder_input, state.rope)
 
     def step_velocity(self, x, modulation, features, rope) -> torch.Tensor:
@@ -974,13 +987,13 @@ class Baseline(Transformer, StreamingModel):
         state.rope = self.rope(state.cache.frames, 1, state.cache.keys[0].device)
         state.condition = condition
         batch = state.cache.keys[0].shape[0]
-        _tabulate(state, None if timesteps is None else self.step_modulations(timesteps, condition, batch))
+        _tabulate(state, self.step_modulations, None if timesteps is None else (timesteps, condition, batch))
         if state.static:
             state.step_mask = state.mask(self.config.tokens_per_frame, spare=True)  # what every step attends to
 
     def velocity(self, state: StreamState, x: torch.Tensor, timesteps: torch.Tensor, step: int | None = None) -> torch.Tensor:
         """As `SCDModel.velocity`."""
-        if step is None or state.modulation_table is None:
+        if step is None or state.tabulation is None:
             return self(x, timesteps, state.condition, state.cache, state.rope)
         cache = state.cache
         if state.static:

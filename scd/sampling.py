@@ -77,12 +77,15 @@ def denoise(velocity: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor],
     return x
 
 
-def denoise_steps(step: Callable, x: torch.Tensor, deltas: torch.Tensor, table, inputs: tuple,
+def denoise_steps(step: Callable, tabulation: tuple, x: torch.Tensor, deltas: torch.Tensor, inputs: tuple,
                   guidance: float = 1.0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """`denoise` over a velocity of tensors only, `step(x, table.at(k), *inputs)` (a model's
-    `step_function` and the frame's `modulation_table`), with the step sizes as a tensor `deltas`
-    (K,): what a compiled stream compiles whole, one graph per frame (on CUDA, one CUDA graph for
-    the K steps)."""
+    `step_function`), with the frame's conditioning made first, `table = tabulate(*args)` from
+    `tabulation` (the model's `state.tabulation`), and the step sizes as a tensor `deltas` (K,):
+    what a compiled stream compiles whole, one graph per frame (on CUDA, one CUDA graph for the K
+    steps)."""
+    tabulate, args = tabulation
+    table = tabulate(*args)
     cfg = guidance != 1.0
     for k in range(deltas.shape[0]):
         xin = torch.cat([x, x]) if cfg else x
@@ -290,7 +293,7 @@ class Rollout:
             context_ms = self._lap()
             if self.compiler is not None:
                 step, inputs = self.model.step_function(self.state)
-                x = self._denoise_steps(step, x, self.deltas, self.state.modulation_table, inputs, self.guidance, self.dtype)
+                x = self._denoise_steps(step, self.state.tabulation, x, self.deltas, inputs, self.guidance, self.dtype)
                 if self.cuda_graphs:  # a graph's output lives in its memory pool, which the next frame's replay reuses
                     x = x.clone()
             else:
