@@ -260,8 +260,9 @@ def run_interleaved(models: dict[str, nn.Module], contexts: dict[str, torch.Tens
     return {name: RunTimes(first_ms[name], steady[name], None) for name in models}
 
 
-def count_ops(model: nn.Module, context: torch.Tensor, steps: int, compiled: bool | str = False) -> dict:
-    """Operators per steady frame (frame 1 of a 2-frame stream, untimed), by torch.profiler:
+def count_ops(model: nn.Module, context: torch.Tensor, steps: int, compiled: bool | str = False, frames: int = 2) -> dict:
+    """Operators per steady frame (the last of a `frames`-frame stream, untimed; compiled, the same
+    shapes as the measured runs, so nothing compiles in it), by torch.profiler:
     `ops_per_frame` counts the top-level aten operators the frame dispatches (in eager PyTorch,
     every kernel it runs; a compiled frame's fused kernels are not aten operators, so there it
     counts what it still dispatches: matmuls, attention, copies), and on CUDA
@@ -269,8 +270,9 @@ def count_ops(model: nn.Module, context: torch.Tensor, steps: int, compiled: boo
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if context.device.type == "cuda" else [])
-    generator = stream(model, context, 2, steps, compiled=compiled)
-    next(generator)
+    generator = stream(model, context, frames, steps, compiled=compiled)
+    for _ in range(frames - 1):
+        next(generator)
     with profile(activities=activities) as prof:
         next(generator)
         _sync(context.device)
@@ -501,7 +503,7 @@ def _measure(spec, combos, rows_meta, sides, streams, device, dtype, matmul_size
         summaries = {}
         for name, (side, how) in streams.items():
             config, model = sides[side].config, sides[side].model
-            ops = count_ops(model, contexts_by_stream[name], k, how)
+            ops = count_ops(model, contexts_by_stream[name], k, how, spec.frames)
             if device.type == "cuda":
                 memory = (parameter_bytes(model) + max(r.peak_memory_bytes for r in runs[name] if r.peak_memory_bytes is not None),
                           "parameters + torch.cuda.max_memory_allocated during the run")

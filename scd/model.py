@@ -636,7 +636,9 @@ class Transformer(nn.Module):
         cache, t = state.cache, self.config.tokens_per_frame
         slot = cache.frames % cache.capacity
         index = torch.arange(slot * t, (slot + 1) * t, device=latents.device)
-        latents = latents.clone(memory_format=torch.contiguous_format)  # prompt frames: strided, not inference tensors
+        # prompt frames and their labels are strided views, not inference tensors: copies of one layout, one graph
+        latents = latents.clone(memory_format=torch.contiguous_format)
+        labels = None if labels is None else labels.clone(memory_format=torch.contiguous_format)
         rope = self.rope(cache.frames, 1, latents.device)
         state.slots[slot] = True
         out = state.run("append_frame", latents, timesteps, labels, rope, *cache.buffers, index,
