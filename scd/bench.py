@@ -125,10 +125,10 @@ class BenchSpec:
             problems.append(f"compiled must be a bool or one of {', '.join(BACKENDS)}, not {self.compiled!r}")
         if self.preset is not None and self.preset.upper() not in PRESETS:
             problems.append(f"unknown preset {self.preset!r}: choose {', '.join(PRESETS)}")
-        if self.preset is not None and (self.model is not None or self.baseline is not None or self.config is not None):
-            problems.append("--preset picks random-weight models: drop --model/--baseline, or drop --preset")
         if problems:
             raise ConfigError("; ".join(problems))
+        if self.preset is not None and (self.model is not None or self.baseline is not None or self.config is not None):
+            raise ConfigError("preset picks random-weight models: drop model/baseline, or drop preset", parameter="preset")
 
 
 # ----------------------------------------------------------------------------- progress events
@@ -352,9 +352,10 @@ def _load_pair(spec: BenchSpec, device, dtype) -> tuple[_Side, _Side, ModelConfi
     if spec.baseline is not None:
         loaded = load_model(spec.baseline, arch="baseline")
         if loaded.config.arch != "baseline":
-            raise ConfigError(f"--baseline {spec.baseline} is an SCD model: give a baseline (FAR-style) model")
+            raise ConfigError(f"baseline {spec.baseline} is an SCD model: give a baseline (FAR-style) model",
+                              parameter="baseline")
         if base_side is not None:
-            raise ConfigError(f"--model {spec.model} is already a baseline: give an SCD model with --model")
+            raise ConfigError(f"model {spec.model} is already a baseline: give an SCD model as model", parameter="model")
         base_side = _Side(loaded.model, loaded.config, loaded.source)
         named = named or loaded.config
     if scd_side is None and base_side is None:

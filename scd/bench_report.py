@@ -132,7 +132,8 @@ def require_matplotlib():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise ConfigError("--plot needs matplotlib (scd's optional extra 'plot'): pip install matplotlib") from None
+        raise ConfigError("plot needs matplotlib (scd's optional extra 'plot'): pip install matplotlib",
+                          parameter="plot") from None
     return plt
 
 

@@ -207,7 +207,7 @@ def test_cli_baseline_as_model_gets_a_random_matched_scd(folders, tmp_path):
     (["--threads", "0"], "--threads must be >= 1"),
     (["--matmul-size", "1.5"], "--matmul-size takes an integer"),
     (["--preset", "Q"], "unknown preset 'Q'"),
-    (["--preset", "B", "--model", "somewhere"], "--preset picks random-weight models"),
+    (["--preset", "B", "--model", "somewhere"], "--preset picks random-weight models: drop model/baseline"),
     (["--device", "tpu"], "unknown device 'tpu'"),
     (["--dtype", "int8"], "unknown dtype 'int8'"),
     (["--json", "/nonexistent-dir/b.json"], "/nonexistent-dir does not exist"),
