@@ -49,3 +49,13 @@ def hub_env(tmp_path, monkeypatch):
 # odd JSON/YAML values for fuzzing config and options files (hypothesis)
 ODD_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-2, 2), st.integers(-2**40, 2**40), st.floats(allow_nan=True),
                        st.text(max_size=12), st.lists(st.integers(-10, 10**6), max_size=4), st.dictionaries(st.text(max_size=4), st.integers(), max_size=2))
+
+
+def stream_inputs(config, batch: int, context: int, frames: int, seed: int = 1):
+    """Random context latents (B, F, C, H, W), actions for context + generated frames (B, F + U) and
+    initial noise (B, U, C, H, W) for a model of `config`, from `seed`."""
+    g = torch.Generator().manual_seed(seed)
+    latents = torch.randn(batch, context, config.channels, *config.latent_size, generator=g)
+    actions = torch.randint(0, config.num_classes, (batch, context + frames), generator=g)
+    noise = torch.randn(batch, frames, config.channels, *config.latent_size, generator=g)
+    return latents, actions, noise

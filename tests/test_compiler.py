@@ -7,8 +7,8 @@ before any backend runs, so the count is the same as inductor's at a fraction of
 
 import pytest
 import torch
+from conftest import random_model, stream_inputs, tiny_config
 
-from conftest import random_model, tiny_config
 from scd import compiler as compiler_lib
 from scd.compiler import Guarded, compile_counts, compile_mode, compiler
 from scd.errors import ConfigError
@@ -18,11 +18,7 @@ B, F, U, K = 2, 2, 12, 2
 
 
 def inputs(config, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    context = torch.randn(B, F, config.channels, *config.latent_size, generator=g)
-    actions = torch.randint(0, config.num_classes, (B, F + U), generator=g)
-    noise = torch.randn(B, U, config.channels, *config.latent_size, generator=g)
-    return context, actions, noise
+    return stream_inputs(config, B, F, U, seed)
 
 
 @pytest.mark.parametrize("arch, guidance", [("scd", 1.0), ("baseline", 2.0)])

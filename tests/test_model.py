@@ -8,10 +8,10 @@ import torch
 from conftest import random_model, tiny_config
 from safetensors.torch import load_file
 
+from scd.checkpoints import load_model, save_model_folder
 from scd.codecs import CodecConfig
 from scd.errors import ConfigError
 from scd.flow import add_noise, noised_context
-from scd.checkpoints import load_model, save_model_folder
 from scd.model import ModelConfig, Objective, build_model, default_rope_axes
 from scd.sampling import sigma_schedule
 

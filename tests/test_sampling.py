@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import random_model, tiny_config
+from conftest import random_model, stream_inputs, tiny_config
 
 from scd.errors import ActionError, ConfigError
 from scd.model import patchify, unpatchify
@@ -12,11 +12,7 @@ B, F, U, K = 2, 3, 4, 3
 
 
 def inputs(config, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    context = torch.randn(B, F, config.channels, *config.latent_size, generator=g)
-    actions = torch.randint(0, config.num_classes, (B, F + U), generator=g)
-    noise = torch.randn(B, U, config.channels, *config.latent_size, generator=g)
-    return context, actions, noise
+    return stream_inputs(config, B, F, U, seed)
 
 
 def euler(velocity, x, steps):
