@@ -385,11 +385,9 @@ def _load_pair(spec: BenchSpec, device, dtype) -> tuple[_Side, _Side, ModelConfi
 
 
 def _describe(config: ModelConfig) -> dict:
-    layers = (f"{config.encoder_layers} encoder + {config.decoder_layers} decoder" if config.arch == "scd"
-              else f"{config.layers}")
-    return {"arch": config.arch, "width": config.width, "heads": config.num_heads, "layers": layers,
+    return {"arch": config.arch, "width": config.width, "heads": config.num_heads, "layers": config.depth,
             "tokens_per_frame": config.tokens_per_frame, "latents": [config.channels, *config.latent_size],
-            "decoder_combine": config.decoder_combine if config.arch == "scd" else None}
+            "decoder_combine": config.decoder_input}
 
 
 # ----------------------------------------------------------------------------- the bench

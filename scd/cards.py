@@ -83,8 +83,7 @@ def training_card(command: str, config: ModelConfig, settings, data: str):
     if config.arch == "scd" and settings.clean_context_ratio < 1:
         recipe.append(f"clean context {settings.clean_context_ratio:g} (else sigma <= {settings.context_sigma_max:g})")
     recipe.append(f"context window {config.context_frames} frames")
-    depth = (f"{config.encoder_layers} encoder + {config.decoder_layers} decoder layers (decoder input: "
-             f"{config.decoder_combine})" if config.arch == "scd" else f"{config.layers} layers")
+    depth = f"{config.depth} layers" + (f" (decoder input: {config.decoder_input})" if config.decoder_input else "")
 
     def card(losses: list[float], wall_s: float) -> str:
         tail = losses[-50:]

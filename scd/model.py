@@ -127,6 +127,16 @@ class ModelConfig:
         return self.layers - self.decoder_layers
 
     @property
+    def depth(self) -> str:
+        """The layers in words: "4 encoder + 2 decoder" (SCD) or "6" (baseline)."""
+        return f"{self.encoder_layers} encoder + {self.decoder_layers} decoder" if self.arch == "scd" else f"{self.layers}"
+
+    @property
+    def decoder_input(self) -> str | None:
+        """How SCD's decoder takes the encoder's features (None for the baseline, which has no decoder)."""
+        return self.decoder_combine if self.arch == "scd" else None
+
+    @property
     def tokens_per_frame(self) -> int:
         return (self.latent_size[0] // self.patch_size) * (self.latent_size[1] // self.patch_size)
 

@@ -32,8 +32,7 @@ def info(
     console.print(f"[bold]{loaded.source}[/]" + (f" @ {loaded.revision}" if loaded.revision else ""))
     arch = Table(show_header=False, box=None, pad_edge=False)
     rows = [("arch", c.arch), ("width", f"{c.width} ({c.num_heads} heads x {c.head_dim})"),
-            ("layers", f"{c.encoder_layers} encoder + {c.decoder_layers} decoder" if c.arch == "scd" else f"{c.layers}"),
-            ("decoder input", c.decoder_combine if c.arch == "scd" else "-"),
+            ("layers", c.depth), ("decoder input", c.decoder_input or "-"),
             ("latents", f"{c.channels} x {c.latent_size[0]} x {c.latent_size[1]}, patch {c.patch_size}, {c.tokens_per_frame} tokens/frame"),
             ("rope axes", str(c.rope_axes)), ("condition", f"{c.condition} ({c.num_classes} + null)" if c.condition else "none"),
             ("frame", f"{c.frame_size[0]} x {c.frame_size[1]} @ {c.fps:g} fps, codec {c.codec.type}")]
