@@ -267,7 +267,7 @@ class Panel:
         if self.config.condition != "action":
             actions = None
         return Rollout(self.model, context, self.steps, guidance=self.config.default_guidance, actions=actions,
-                       seed=seed, window=self.window, clamp=self.codec.clamp)
+                       seed=seed, window=self.window, clamp=self.codec.clamp, compiled=self.session.compiled)
 
     def _wait(self, controls: Controls, until: float | None, episode: int) -> None:
         """Sleep while paused, or until `until` (pacing), waking at once for a stop or a new episode."""
@@ -351,7 +351,7 @@ class Session:
                  device: str = "auto", record: Path | None = None, paced: bool = True,
                  on_frame: Callable[[PanelFrame], None] | None = None,
                  on_error: Callable[[BaseException], None] | None = None, record_frames: Path | None = None,
-                 paused: bool = False):
+                 paused: bool = False, compiled: bool | str = False):
         if not models:
             raise ConfigError("play needs at least one model")
         if not 0 <= seed <= MAX_SEED:
@@ -362,6 +362,7 @@ class Session:
             raise ConfigError(f"threads must be between 1 and 256, got {threads}", parameter="threads")
         self.prompt = None if prompt is None else Path(prompt)
         self.steps, self.threads, self.record, self.record_frames = steps, threads, record, record_frames
+        self.compiled = compiled  # torch.compile each panel's stream (scd.sampling.Rollout's `compiled`)
         self.device = resolve_device(device)
         self.controls = Controls(len(models), seed, paced)
         self.controls.paused = paused

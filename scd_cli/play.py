@@ -33,13 +33,14 @@ def play(
     seed: int = typer.Option(0, "--seed", help="Seed of the noise (and of the world clip that is the default prompt)."),
     record: Optional[Path] = typer.Option(None, "--record", help="Record the first panel to this MP4, with PATH.actions.txt and PATH.json; `scd generate` replays it."),
     threads: int = typer.Option(1, "--threads", help="CPU threads per panel."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile each panel's frame loop (static shapes; the first frames wait for the compiler)."),
     device: Device = "auto",
 ):
     """Play a world model live in the browser: arrows or WASD choose each next frame's action."""
     from scd.play_server import open_play  # aiohttp and the page load only for this command
 
     server, warnings = open_play(model, host=host, port=port, compare=compare, prompt=prompt_frames, seed=seed,
-                                 record=record, threads=threads, device=device)
+                                 record=record, threads=threads, device=device, compiled=compile)
     for warning in warnings + server.warnings:
         err_console.print(f"[yellow]warning:[/] {warning}")
     url = server.start()

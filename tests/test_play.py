@@ -231,3 +231,31 @@ def test_scd_play_serves_records_and_stops_cleanly_on_ctrl_c(tmp_path):
                               f"{record.with_suffix('.actions.txt')} --frames {frames} --out {tmp_path / 'run-replay.mp4'}")
     lines = [l for l in record.with_suffix(".actions.txt").read_text().splitlines() if not l.startswith("#")]
     assert lines == ["none"] * frames  # nobody pressed a key
+
+
+def test_a_compiled_session_plays_the_frames_an_eager_one_plays():
+    """`scd play --compile`: each panel's stream goes through torch.compile (aot_eager here, quick to
+    compile) and shows the same frames as the eager stream, to PNG rounding."""
+    import io
+    import threading
+
+    from PIL import Image
+
+    from scd.play import Session
+
+    shown = {}
+    for compiled in (False, "aot_eager"):
+        got, done = [], threading.Event()
+
+        def on_frame(frame, got=got, done=done):
+            got.append(np.asarray(Image.open(io.BytesIO(frame.png))).astype(int))
+            if len(got) >= 3:
+                done.set()
+
+        session = Session([load_model()], seed=3, paced=False, on_frame=on_frame, compiled=compiled)
+        session.start()
+        assert done.wait(120)
+        session.stop()
+        shown[compiled] = got[:3]
+    for eager, compiled in zip(shown[False], shown["aot_eager"]):
+        assert eager.shape == compiled.shape and np.abs(eager - compiled).max() <= 1
