@@ -8,6 +8,7 @@ moment it exists (here: prints its latency and mean brightness, and keeps it).
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from scd.actions import parse_actions
@@ -35,4 +36,4 @@ for frame in stream(loaded.model, context, frames, config.default_steps, conditi
     print(f"frame {frame.index}: {frame.latency_ms:6.1f} ms "
           f"(context {frame.context_ms:.1f}, denoise {frame.denoise_ms:.1f}), brightness {image.mean():.1f}")
 
-write_video(HERE.parent / "stream_api.mp4", torch.tensor(generated).numpy(), fps=config.fps)
+write_video(HERE.parent / "stream_api.mp4", np.stack(generated), fps=config.fps)
