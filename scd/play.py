@@ -67,7 +67,8 @@ class Recording:
     actions: Path
     meta: Path
     frames: int
-    replay: list[str]
+    replay: list[str]  # the command line that replays it, when the session was given a format_replay
+    parameters: dict | None = None  # the generate parameters that replay it
 
 
 # ----------------------------------------------------------------------------- the player's input
@@ -159,17 +160,12 @@ def prompt_frames(loaded: LoadedModel, prompt: Path | None, seed: int) -> tuple[
     return frames, actions
 
 
-def replay_command(loaded: LoadedModel, prompt: Path | None, seed: int, steps: int, window: int | None,
-                   actions: Path, frames: int, out: str) -> list[str]:
-    """The `scd generate` arguments that regenerate a recording."""
+def replay_parameters(loaded: LoadedModel, prompt: Path | None, seed: int, steps: int, window: int | None,
+                      actions: Path, frames: int, out: str) -> dict:
+    """The generate parameters that regenerate a recording (`scd.generate.Job`'s names; None: unset)."""
     model = loaded.source.removeprefix("embedded:") + (f"@{loaded.revision}" if loaded.revision else "")
-    args = ["scd", "generate", "--model", model]
-    if prompt is not None:
-        args += ["--prompt-frames", str(prompt)]
-    args += ["--seed", str(seed), "--steps", str(steps)]
-    if window is not None:
-        args += ["--context-window", str(window)]
-    return args + ["--actions", str(actions), "--frames", str(frames), "--out", out]
+    return {"model": model, "prompt": None if prompt is None else str(prompt), "seed": seed, "steps": steps,
+            "window": window, "actions": str(actions), "frames": frames, "out": out}
 
 
 class Recorder:
@@ -179,8 +175,10 @@ class Recorder:
     to date every second and at the end, so even a killed play keeps its record."""
 
     def __init__(self, path: Path, loaded: LoadedModel, prompt: Path | None, seed: int, steps: int,
-                 window: int | None, frames_dir: Path | None = None):
+                 window: int | None, frames_dir: Path | None = None,
+                 format_replay: Callable[[dict], list[str]] | None = None):
         self.loaded, self.prompt, self.seed, self.steps, self.window = loaded, prompt, seed, steps, window
+        self.format_replay = format_replay  # replay parameters -> a command line (the CLI's words)
         self.video_path = Path(path)
         self.actions_path = self.video_path.with_suffix(".actions.txt")
         self.meta_path = self.video_path.with_suffix(".json")
@@ -210,9 +208,10 @@ class Recorder:
             self._write_meta()
 
     def recording(self) -> Recording:
-        replay = replay_command(self.loaded, self.prompt, self.seed, self.steps, self.window, self.actions_path,
-                                self.frames, str(self.video_path.with_name(self.video_path.stem + "-replay.mp4")))
-        return Recording(self.video_path, self.actions_path, self.meta_path, self.frames, replay)
+        parameters = replay_parameters(self.loaded, self.prompt, self.seed, self.steps, self.window, self.actions_path,
+                                       self.frames, str(self.video_path.with_name(self.video_path.stem + "-replay.mp4")))
+        replay = self.format_replay(parameters) if self.format_replay is not None else []
+        return Recording(self.video_path, self.actions_path, self.meta_path, self.frames, replay, parameters)
 
     def _write_meta(self) -> None:
         self._meta_at = time.monotonic()
@@ -220,7 +219,9 @@ class Recorder:
         meta = {"video": str(r.video), "actions": str(r.actions), "frames": r.frames, "seed": self.seed,
                 "prompt": None if self.prompt is None else str(self.prompt), "model": self.loaded.source,
                 "revision": self.loaded.revision, "steps": self.steps, "context_window": self.window,
-                "fps": self.loaded.config.fps, "replay": shlex.join(r.replay)}
+                "fps": self.loaded.config.fps, "replay_parameters": r.parameters}
+        if r.replay:
+            meta["replay"] = shlex.join(r.replay)
         # replaced whole, so a killed play never leaves half a file
         files.write_text(self.meta_path, json.dumps(meta, indent=2) + "\n", video.VideoError)
 
@@ -300,7 +301,8 @@ class Panel:
                     rollout = self._rollout(seed)
                     if self.index == 0 and session.record is not None:
                         recorder = Recorder(episode_path(session.record, episode), self.loaded, session.prompt, seed,
-                                            self.steps, self.window, session.frames_dir(episode))
+                                            self.steps, self.window, session.frames_dir(episode),
+                                            session.format_replay)
                     stats.clear()
                     due = None
                 if controls.paused:
@@ -351,7 +353,8 @@ class Session:
                  device: str = "auto", record: Path | None = None, paced: bool = True,
                  on_frame: Callable[[PanelFrame], None] | None = None,
                  on_error: Callable[[BaseException], None] | None = None, record_frames: Path | None = None,
-                 paused: bool = False, compiled: bool | str = False):
+                 paused: bool = False, compiled: bool | str = False,
+                 format_replay: Callable[[dict], list[str]] | None = None):
         if not models:
             raise ConfigError("play needs at least one model")
         if not 0 <= seed <= MAX_SEED:
@@ -363,6 +366,7 @@ class Session:
         self.prompt = None if prompt is None else Path(prompt)
         self.steps, self.threads, self.record, self.record_frames = steps, threads, record, record_frames
         self.compiled = compiled  # torch.compile each panel's stream (scd.sampling.Rollout's `compiled`)
+        self.format_replay = format_replay  # a recording's replay parameters -> its command line
         self.device = resolve_device(device)
         self.controls = Controls(len(models), seed, paced)
         self.controls.paused = paused
@@ -461,4 +465,4 @@ def matched_baseline(loaded: LoadedModel) -> LoadedModel | None:
 
 
 __all__ = ["Controls", "PanelFrame", "Recorder", "Recording", "Session", "encode_png", "matched_baseline",
-           "prompt_frames", "replay_command"]
+           "prompt_frames", "replay_parameters"]

@@ -7,7 +7,17 @@ from typing import Optional
 import typer
 
 import scd
-from scd_cli import bench, common, convert, encode, evaluate, generate, info, play, train
+from scd_cli import (
+    bench,
+    common,
+    convert,
+    encode,
+    evaluate,
+    generate,
+    info,
+    play,
+    train,
+)
 
 # rich_markup_mode=None: help text is shown as written ("repo id[@revision]" is not markup) and
 # flags are not given a "<bool>" value they do not take

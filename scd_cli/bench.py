@@ -13,7 +13,14 @@ from rich.table import Table
 from scd import bench as bench_lib
 from scd import bench_report, files
 from scd.errors import ConfigError
-from scd_cli.common import console, err_console, handles_errors, is_interactive, say, state
+from scd_cli.common import (
+    console,
+    err_console,
+    handles_errors,
+    is_interactive,
+    say,
+    state,
+)
 
 PLOT_SUFFIXES = (".png", ".svg", ".pdf")
 

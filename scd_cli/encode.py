@@ -8,7 +8,15 @@ from typing import Optional
 import typer
 
 from scd import dataset
-from scd_cli.common import Device, console, err_console, handles_errors, is_interactive, say, state
+from scd_cli.common import (
+    Device,
+    console,
+    err_console,
+    handles_errors,
+    is_interactive,
+    say,
+    state,
+)
 
 
 @handles_errors
@@ -45,7 +53,13 @@ def encode(
 
 def draw(events, title: str) -> dataset.EncodeReport:
     """A bar over the videos (or a line per shard when not a terminal); returns the report."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     live = is_interactive() and not state["quiet"]
     bar = Progress(TextColumn(title), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[note]}"),

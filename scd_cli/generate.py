@@ -16,7 +16,15 @@ from scd import generate as job_lib
 from scd.actions import parse_actions, parse_label
 from scd.checkpoints import load_model
 from scd.devices import process_age_s
-from scd_cli.common import Threads, console, err_console, handles_errors, is_interactive, say, state
+from scd_cli.common import (
+    Threads,
+    console,
+    err_console,
+    handles_errors,
+    is_interactive,
+    say,
+    state,
+)
 
 
 def _live_line(event: job_lib.FrameWritten, first_ms: float) -> Text:

@@ -12,7 +12,15 @@ from typing import Optional
 import typer
 
 from scd.errors import SCDError
-from scd_cli.common import Device, console, err_console, fail, handles_errors, in_cli_words, state
+from scd_cli.common import (
+    Device,
+    console,
+    err_console,
+    fail,
+    handles_errors,
+    in_cli_words,
+    state,
+)
 
 
 def _can_open_browser() -> bool:
@@ -20,6 +28,17 @@ def _can_open_browser() -> bool:
     if sys.platform in ("darwin", "win32"):
         return True
     return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+
+
+def replay_command(parameters: dict) -> list[str]:
+    """The `scd generate` command line of a recording's replay parameters."""
+    flags = (("model", "--model"), ("prompt", "--prompt-frames"), ("seed", "--seed"), ("steps", "--steps"),
+             ("window", "--context-window"), ("actions", "--actions"), ("frames", "--frames"), ("out", "--out"))
+    args = ["scd", "generate"]
+    for name, flag in flags:
+        if parameters.get(name) is not None:
+            args += [flag, str(parameters[name])]
+    return args
 
 
 @handles_errors
@@ -37,10 +56,13 @@ def play(
     device: Device = "auto",
 ):
     """Play a world model live in the browser: arrows or WASD choose each next frame's action."""
-    from scd.play_server import open_play  # aiohttp and the page load only for this command
+    from scd.play_server import (
+        open_play,  # aiohttp and the page load only for this command
+    )
 
     server, warnings = open_play(model, host=host, port=port, compare=compare, prompt=prompt_frames, seed=seed,
-                                 record=record, threads=threads, device=device, compiled=compile)
+                                 record=record, threads=threads, device=device, compiled=compile,
+                                 format_replay=replay_command)
     for warning in warnings + server.warnings:
         err_console.print(f"[yellow]warning:[/] {warning}")
     url = server.start()

@@ -17,7 +17,15 @@ from scd.cards import training_card
 from scd.checkpoints import load_model
 from scd.devices import use_threads
 from scd.world import ACTIONS as WORLD_ACTIONS
-from scd_cli.common import Threads, console, err_console, handles_errors, is_interactive, say, state
+from scd_cli.common import (
+    Threads,
+    console,
+    err_console,
+    handles_errors,
+    is_interactive,
+    say,
+    state,
+)
 from scd_cli.encode import draw, summarize
 
 ENCODED = "encoded-data"  # a plain video folder is encoded into OUT/encoded-data-<settings key>
@@ -134,7 +142,13 @@ def _consume(events, steps: int) -> None:
 
 def _draw_live(events, steps: int) -> None:
     """A live bar with the step, the loss (mean of the last 10 steps), steps/s and the ETA."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     columns = (TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
                TextColumn("{task.fields[rate]} steps/s"), TextColumn("ETA {task.fields[eta]}"), TimeElapsedColumn())

@@ -18,6 +18,7 @@ from scd.checkpoints import load_model
 from scd.play import Session
 from scd.play_server import PlayServer
 from scd_cli.app import app
+from scd_cli.play import replay_command
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -55,7 +56,7 @@ def page():
 @pytest.fixture
 def server(tmp_path):
     session = Session([load_model(), load_model("baseline")], seed=SEED, record=tmp_path / "play.mp4",
-                      record_frames=tmp_path / "shown", paused=True)
+                      record_frames=tmp_path / "shown", paused=True, format_replay=replay_command)
     server = PlayServer(session, port=0, linger_s=0.5)
     server.start()
     yield server
