@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
 import shlex
 import threading
@@ -186,13 +187,15 @@ class Recorder:
         self.frames = 0
         self._meta_at = 0.0  # when the JSON was last brought up to date
         self.writer = mp4.VideoWriter(self.video_path, loaded.config.fps)
+        # the actions are written beside their place and take it with the first frame (as the video
+        # does), so a play stopped before its first frame leaves an earlier recording's files as they were
+        self._actions_tmp = self.actions_path.with_name(f".{self.actions_path.name}.{os.getpid()}.tmp")
         try:
-            self.actions = open(self.actions_path, "w", buffering=1)
+            self.actions = open(self._actions_tmp, "w", buffering=1)
             self.actions.write(f"# scd play: the action of each generated frame of {self.video_path.name} (seed {seed})\n")
         except OSError as err:
             self.writer.close()
             raise video.VideoError(f"cannot write {self.actions_path}: {err.strerror or err}") from None
-        self._write_meta()
 
     def add(self, pixels: np.ndarray, action: int | None) -> None:
         self.writer.write(pixels)
@@ -204,7 +207,9 @@ class Recorder:
         if self.frames_dir is not None:
             video.write_png_frames(self.frames_dir, pixels[None], start_index=self.frames)
         self.frames += 1
-        if time.monotonic() - self._meta_at >= META_EVERY_S:
+        if self.frames == 1:  # the open file keeps writing under its new name
+            os.replace(self._actions_tmp, self.actions_path)
+        if self.frames == 1 or time.monotonic() - self._meta_at >= META_EVERY_S:
             self._write_meta()
 
     def recording(self) -> Recording:
@@ -228,7 +233,10 @@ class Recorder:
     def close(self) -> Recording:
         self.actions.close()
         self.writer.close()
-        self._write_meta()
+        if self.frames:
+            self._write_meta()
+        else:  # nothing recorded: leave whatever was at the recording's paths
+            self._actions_tmp.unlink(missing_ok=True)
         return self.recording()
 
 

@@ -259,3 +259,21 @@ def test_a_compiled_session_plays_the_frames_an_eager_one_plays():
         shown[compiled] = got[:3]
     for eager, compiled in zip(shown[False], shown["aot_eager"]):
         assert eager.shape == compiled.shape and np.abs(eager - compiled).max() <= 1
+
+
+def test_a_recording_replaces_an_earlier_one_only_once_it_holds_a_frame(tmp_path):
+    from scd.play import Recorder
+
+    loaded = load_model()
+    path = tmp_path / "run.mp4"
+    earlier = {path.with_suffix(s): f"earlier {s}".encode() for s in (".mp4", ".actions.txt", ".json")}
+    for p, data in earlier.items():
+        p.write_bytes(data)
+    Recorder(path, loaded, None, 0, 4, 3).close()  # stopped before its first frame
+    assert all(p.read_bytes() == data for p, data in earlier.items())
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in earlier)  # no temporary left
+    recorder = Recorder(path, loaded, None, 0, 4, 3)
+    recorder.add(np.zeros((32, 32, 3), np.uint8), 2)
+    recording = recorder.close()
+    assert recording.frames == 1 and path.with_suffix(".actions.txt").read_text().splitlines()[-1] == "left"
+    assert json.loads(path.with_suffix(".json").read_text())["frames"] == 1
