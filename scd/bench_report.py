@@ -14,10 +14,9 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from scd import files
 from scd.errors import ConfigError
+from scd.metrics import percentile
 
 REPORT_VERSION = 2
 
@@ -33,11 +32,6 @@ class RunTimes:
     @property
     def latencies(self) -> list[float]:
         return [e + d for e, d in self.steady]
-
-
-def percentile(values: list[float], q: float) -> float:
-    """The q-th percentile (0..100) of values, linearly interpolated."""
-    return float(np.percentile(np.asarray(values, dtype=np.float64), q))
 
 
 def summarise_model(runs: list[RunTimes], batch: int, flops: dict, parameters: int, memory: tuple[int, str],

@@ -9,7 +9,6 @@ report says whether the run completed.
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,18 +23,10 @@ from scd.actions import parse_label, read_sidecar
 from scd.devices import dtype_name, resolve_device, resolve_dtype, use_threads
 from scd.errors import ActionError, ConfigError, VideoError
 from scd.loaded import LoadedModel
+from scd.metrics import percentile
 from scd.sampling import kv_cache_bytes, stream
 
 MAX_FRAMES = 100_000
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * q / 100.0
-    lo, hi = math.floor(rank), math.ceil(rank)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (rank - lo)
 
 
 @dataclass
