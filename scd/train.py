@@ -127,6 +127,10 @@ def _check_resumed_config(saved: dict | None, config: ModelConfig, path: Path) -
     different model, e.g. another decoder combine); generation defaults may change."""
     if saved is None:  # checkpoints from before configs were stored
         return
+    try:  # fields added since the checkpoint was written take their defaults, as a config.json's do
+        saved = ModelConfig.from_dict(saved).to_dict()
+    except ConfigError as err:
+        raise ConfigError(f"{path} holds a model config this scd cannot read: {err}") from None
     now = config.to_dict()
     differ = [k for k in sorted(set(saved) | set(now)) if k not in GENERATION_DEFAULTS and saved.get(k) != now.get(k)]
     if differ:

@@ -65,6 +65,12 @@ def test_resume_is_bit_identical(tmp_path):
     assert rows[0] == "step,loss" and [float(r.split(",")[1]) for r in rows[1:]] == [round(v, 6) for v in straight]
     a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # a checkpoint written before a config field existed (guidance_mode came later) resumes with its default
+    ckpt = tmp_path / "b" / "checkpoint.pt"
+    state = torch.load(ckpt, weights_only=True)
+    del state["config"]["guidance_mode"]
+    torch.save(state, ckpt)
+    assert len([p.loss for p in training.train(config, tmp_path / "b", make(7), batches, resume=True)]) == 1
 
 
 
