@@ -119,6 +119,50 @@ def _save_checkpoint(path: Path, state: dict) -> None:
     files.atomic_write(path, lambda tmp: torch.save(state, tmp), CheckpointError, "checkpoint")
 
 
+def _optimizer_state(saved: dict, model, path: Path) -> dict:
+    """The checkpoint's optimizer state for this model's parameter groups. One written before q, k
+    and v became one fused matmul keeps a state per part: their moments are joined into the fused
+    parameter's, in the fused order, so the run continues exactly as it would have."""
+    groups = [list(part.named_parameters()) for part in model.parts().values()]
+    sizes = [len(g["params"]) for g in saved["param_groups"]]
+    if sizes == [len(g) for g in groups]:
+        return saved
+    unfused = [[old for name, _ in g for old in _unfused_order(name)] for g in groups]
+    if sizes != [len(names) for names in unfused]:
+        raise CheckpointError(f"{path}: its optimizer state has {sizes} tensors per parameter group, this model "
+                              f"{[len(g) for g in groups]}: it was written for another model")
+    state, param_groups, index = {}, [], 0
+    for group, names, saved_group in zip(groups, unfused, saved["param_groups"]):
+        saved_index = dict(zip(names, saved_group["params"]))
+        ids = []
+        for name, param in group:
+            parts = [saved["state"].get(saved_index[part]) for part in _qkv_parts(name)]
+            if all(p is not None for p in parts):  # AdamW's moments, and its step count (a scalar, shared)
+                joined = {k: torch.cat([p[k] for p in parts]) if parts[0][k].dim() else parts[0][k] for k in parts[0]}
+                if any(v.dim() and v.shape != param.shape for v in joined.values()):
+                    raise CheckpointError(f"{path}: its optimizer state for {name} does not fit this model")
+                state[index] = joined
+            ids.append(index)
+            index += 1
+        param_groups.append({**saved_group, "params": ids})
+    return {"state": state, "param_groups": param_groups}
+
+
+def _qkv_parts(name: str) -> list[str]:
+    """The unfused parameters a fused q/k/v parameter joins (the name itself for any other)."""
+    head, fused, leaf = name.rpartition("to_qkv.")
+    return [f"{head}to_{part}.{leaf}" for part in "qkv"] if fused else [name]
+
+
+def _unfused_order(name: str) -> list[str]:
+    """Where the unfused layers' parameters stood in `parameters()`: q's weight and bias, then k's,
+    then v's, in the fused weight's place."""
+    head, fused, leaf = name.rpartition("to_qkv.")
+    if not fused:
+        return [name]
+    return [f"{head}to_{part}.{kind}" for part in "qkv" for kind in ("weight", "bias")] if leaf == "weight" else []
+
+
 GENERATION_DEFAULTS = ("context_frames", "default_steps", "default_guidance")  # may change on resume
 
 
@@ -194,7 +238,7 @@ def train(config: ModelConfig, out: Path, settings: TrainSettings, batches, init
         _check_resumed_config(state.get("config"), config, ckpt)
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
+        optimizer.load_state_dict(_optimizer_state(state["optimizer"], model, ckpt))
         schedule.load_state_dict(state["schedule"])
         rngs = state.get("rng_ranks")
         if rngs is not None and len(rngs) == ranks:  # each process continues its own noise

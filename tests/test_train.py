@@ -73,6 +73,42 @@ def test_resume_is_bit_identical(tmp_path):
     assert len([p.loss for p in training.train(config, tmp_path / "b", make(7), batches, resume=True)]) == 1
 
 
+def test_resume_a_checkpoint_from_before_qkv_fusion(tmp_path):
+    """Checkpoints of earlier versions hold AdamW's moments for separate to_q, to_k, to_v layers:
+    resumed, they continue exactly as the fused run does; a state for another model is refused."""
+    from scd.errors import CheckpointError
+    from scd.model import build_model
+
+    config = tiny_config(**WORLD)
+    make = lambda steps: training.TrainSettings(steps=steps, batch_size=2, clip_frames=3, checkpoint_every=2, warmup=1)
+    batches = data.world_batches(make(4), config)
+    straight = [p.loss for p in training.train(config, tmp_path / "a", make(4), batches)]
+    list(training.train(config, tmp_path / "b", make(2), batches))
+    ckpt = tmp_path / "b" / "checkpoint.pt"
+    state = torch.load(ckpt, weights_only=True)
+    optim = state["optimizer"]
+    chunk = lambda moments, i: {k: v.chunk(3)[i].clone() if v.dim() else v for k, v in moments.items()}
+    old_state, old_groups = {}, []  # the earlier layout: q.weight, q.bias, k.weight, k.bias, v.weight, v.bias
+    for group, part in zip(optim["param_groups"], build_model(config).parts().values()):
+        moments = dict(zip([n for n, _ in part.named_parameters()], [optim["state"][i] for i in group["params"]]))
+        pieces = []
+        for name, m in moments.items():
+            if name.endswith("to_qkv.weight"):
+                bias = moments[name.replace(".weight", ".bias")]
+                pieces += [p for i in range(3) for p in (chunk(m, i), chunk(bias, i))]
+            elif not name.endswith("to_qkv.bias"):
+                pieces.append(m)
+        ids = list(range(len(old_state), len(old_state) + len(pieces)))
+        old_state.update(zip(ids, pieces))
+        old_groups.append({**group, "params": ids})
+    state["optimizer"] = {"state": old_state, "param_groups": old_groups}
+    torch.save(state, ckpt)
+    assert [p.loss for p in training.train(config, tmp_path / "b", make(4), batches, resume=True)] == straight[2:]
+    del old_groups[0]["params"][-1]  # a state that fits neither layout
+    (tmp_path / "b" / "checkpoint.pt").unlink()
+    torch.save(state, ckpt)
+    with pytest.raises(CheckpointError, match="another model"):
+        list(training.train(config, tmp_path / "b", make(6), batches, resume=True))
 
 
 def test_cli_train_and_bad_options(tmp_path):
