@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from scd.errors import ConfigError
-from scd.model import ModelConfig
+from scd.model import ModelConfig, table_fits
 
 
 @dataclass(frozen=True)
@@ -29,33 +29,41 @@ def block_flops(width: int, queries: int, keys: int, conditionings: int = 1) -> 
     return 24.0 * queries * width ** 2 + 4.0 * queries * keys * width + 12.0 * conditionings * width ** 2
 
 
-def _embed_flops(c: ModelConfig, tokens: int, head: bool) -> float:
+def _embed_flops(c: ModelConfig, tokens: int, head: bool, conditioned: bool = True) -> float:
+    """Patch embedding, the output head, and (`conditioned`) the timestep MLP and output norm's adaLN."""
     patch = c.channels * c.patch_size ** 2
-    timestep_mlp = 2.0 * (256 * c.width + c.width ** 2)
-    norm_out = 0.0 if (not head and c.encoder_norm_unconditional) else 4.0 * c.width ** 2
+    timestep_mlp = 2.0 * (256 * c.width + c.width ** 2) if conditioned else 0.0
+    norm_out = 0.0 if (not head and c.encoder_norm_unconditional) or not conditioned else 4.0 * c.width ** 2
     out = 2.0 * tokens * c.width * patch + norm_out if head else norm_out
     return 2.0 * tokens * c.width * patch + timestep_mlp + out
 
 
-def frame_flops(config: ModelConfig, context_frames: int, steps: int, guidance: float = 1.0) -> FrameFlops:
-    """FLOPs of one generated frame with `context_frames` frames already in the KV cache."""
+def frame_flops(config: ModelConfig, context_frames: int, steps: int, guidance: float = 1.0,
+                tabulated: bool = True) -> FrameFlops:
+    """FLOPs of one generated frame with `context_frames` frames already in the KV cache.
+    `tabulated`: conditioning comes from the stream's tables wherever they fit
+    (`scd.model.ConditionTable`, an eager stream), so a frame makes none of it; else per frame."""
     c, t, d = config, config.tokens_per_frame, config.width
+    clean_layers = c.encoder_layers if c.arch == "scd" else c.layers
+    step_layers = c.decoder_layers if c.arch == "scd" else c.layers
+    per_clean = not (tabulated and table_fits(c, clean_layers, 1))  # conditioning vectors made per frame
+    per_step = not (tabulated and table_fits(c, step_layers, steps))
     per_frame = 0.0
     # Streaming, `context_frames` are cached when the previous frame's clean pass starts: that pass
     # appends the previous frame and attends to N + 1 frames; the baseline's noisy frame then sits
     # after them and attends to N + 2 (SCD's decoder attends only inside its 2T tokens).
     keys = (context_frames + 1) * t
     if c.arch == "scd":
-        context = c.encoder_layers * block_flops(d, t, keys) + _embed_flops(c, t, head=False)
+        context = c.encoder_layers * block_flops(d, t, keys, per_clean) + _embed_flops(c, t, False, per_clean)
         tokens = 2 * t if c.decoder_combine.startswith("token_concat") else t
-        step = c.decoder_layers * block_flops(d, tokens, tokens) + _embed_flops(c, t, head=True)
+        step = c.decoder_layers * block_flops(d, tokens, tokens, per_step) + _embed_flops(c, t, True, per_step)
         if c.decoder_combine == "concat":
             step += 2.0 * t * 2 * d * d
         elif c.decoder_combine == "token_concat_with_proj":
             per_frame = 2.0 * t * d * d  # the features' alignment: once per frame, read by every step
     else:
-        context = c.layers * block_flops(d, t, keys) + _embed_flops(c, t, head=False)
-        step = c.layers * block_flops(d, t, keys + t) + _embed_flops(c, t, head=True)
+        context = c.layers * block_flops(d, t, keys, per_clean) + _embed_flops(c, t, False, per_clean)
+        step = c.layers * block_flops(d, t, keys + t, per_step) + _embed_flops(c, t, True, per_step)
     scale = 2.0 if guidance != 1.0 else 1.0
     return FrameFlops(scale * context, scale * (steps * step + per_frame))
 

@@ -301,8 +301,8 @@ def _spatial_angles(rows: int, cols: int, axes: tuple[int, int, int], theta: flo
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of x (B, H, S, hd) by the tables (S, hd) of `rope_tables` (cast to
-    x's dtype once, by whoever made them): (a, b) -> (a cos - b sin, b cos + a sin)."""
+    """Rotate interleaved pairs of x (..., hd) by the tables of `rope_tables` (cast to x's dtype
+    once, by whoever made them), shaped to broadcast against x: (a, b) -> (a cos - b sin, b cos + a sin)."""
     swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (b, a) per pair
     return torch.addcmul(x * cos, swapped, sin)
 
@@ -394,10 +394,13 @@ class Attention(nn.Module):
         """x (B, S, D). Without a cache (keys, values of every layer): attend within x. With one: write this chunk's keys at token
         offset `write_at` (an int, or a (S,) index tensor: static shapes) and attend to the cache's
         first `attend` tokens (None: all of it, `mask` saying which to see)."""
-        q, k, v = self.to_qkv(x).unflatten(-1, (3, self.heads, self.head_dim)).permute(2, 0, 3, 1, 4)  # (B, H, S, hd)
+        qkv = self.to_qkv(x).unflatten(-1, (3, self.heads, self.head_dim))  # (B, S, 3, H, hd)
+        # q and k normed and rotated as one tensor: half the small ops of doing each apart
+        weight = torch.stack([self.norm_q.weight, self.norm_k.weight])[:, None]  # (2, 1, hd)
+        qk = F.rms_norm(qkv[:, :, :2], (self.head_dim,), eps=self.norm_q.eps) * weight
         cos, sin = rope
-        q = apply_rope(self.norm_q(q), cos, sin)
-        k = apply_rope(self.norm_k(k), cos, sin)
+        q, k = apply_rope(qk, cos[:, None, None], sin[:, None, None]).permute(2, 0, 3, 1, 4)  # (B, H, S, hd) each
+        v = qkv[:, :, 2].transpose(1, 2)
         if cache is not None:
             keys, values = cache[0][layer], cache[1][layer]
             if isinstance(write_at, torch.Tensor):
@@ -513,6 +516,66 @@ class Modulation(NamedTuple):
         return [t for block in self.blocks for t in block] + list(self.output)
 
 
+class ConditionTable:
+    """A transformer's modulation for every condition index (the null one included) at fixed
+    timesteps (K,), made once per stream: a frame's conditioning is then one gather instead of the
+    embedders and 2L + 1 projections. None from `make` where the table would exceed TABLE_BYTES
+    (many classes and many steps: a class-conditioned model computes its conditioning per frame)."""
+
+    def __init__(self, timesteps: torch.Tensor, rows: torch.Tensor, counts: tuple[int, int]):
+        self.timesteps = timesteps  # the tensor it was made for: a stream passes the same one every frame
+        self.rows = rows  # (A, K, N, D): N = every block's six tensors, then the output norm's
+        self.counts = counts  # (tensors per block, tensors of the output norm)
+
+    @classmethod
+    def make(cls, model: "Transformer", timesteps: torch.Tensor) -> "ConditionTable | None":
+        c = model.config
+        blocks, k = len(model.transformer_blocks), timesteps.shape[0]
+        if not table_fits(c, blocks, k, timesteps.element_size()):
+            return None
+        count = c.null_class + 1 if c.condition else 1
+        outputs = 0 if model.norm_out.linear is None else 2
+        emb = model.timestep_embedder(timesteps)[:, None]  # (K, 1, D)
+        labels = torch.arange(count, device=timesteps.device)[None].expand(k, -1) if c.condition else None
+        emb = model._add_labels(emb, labels, (k, count)).expand(k, count, -1)
+        tensors = model.modulate(emb).tensors()  # each (K, A, 1, D)
+        rows = torch.stack([t.squeeze(-2) for t in tensors], 2).transpose(0, 1).contiguous()  # (A, K, N, D)
+        return cls(timesteps, rows, (6 if blocks else 0, outputs))
+
+    def select(self, conditions: torch.Tensor | None, shape: tuple[int, int]) -> Modulation:
+        """The modulation of conditions (B, F) = `shape` (None: the null condition) at a table made
+        for one timestep: tensors (B, F, 1, D), as `Transformer.modulate` gives them."""
+        rows = self.rows[self._indices(conditions, shape).flatten(), 0].view(*shape, *self.rows.shape[2:])  # (B, F, N, D)
+        return self._split(rows.unsqueeze(-2).movedim(-3, 0).unbind(0))
+
+    def steps(self, conditions: torch.Tensor | None, batch: int) -> list[Modulation]:
+        """The modulation of each of K steps for conditions (B,) (None: the null condition): one
+        Modulation of (B, 1, 1, D) tensors per step, as `Modulation.steps` gives them."""
+        rows = self.rows[self._indices(conditions, (batch,))]  # (B, K, N, D)
+        return [self._split(step.unbind(0)) for step in rows[:, :, :, None, None].movedim(0, 2).unbind(0)]
+
+    def _indices(self, conditions: torch.Tensor | None, shape: tuple) -> torch.Tensor:
+        if conditions is not None:
+            return conditions
+        return torch.full(shape, self.rows.shape[0] - 1, dtype=torch.long, device=self.rows.device)  # null (or the only row)
+
+    def _split(self, tensors: tuple) -> Modulation:
+        per_block, outputs = self.counts
+        blocks = len(tensors) - outputs
+        return Modulation(tuple(tuple(tensors[i:i + per_block]) for i in range(0, blocks, per_block) if per_block),
+                          tuple(tensors[blocks:]))
+
+
+TABLE_BYTES = 32 << 20  # the largest per-stream conditioning table; beyond it, conditioning is made per frame
+
+
+def table_fits(config: ModelConfig, layers: int, steps: int, itemsize: int = 4) -> bool:
+    """Whether a stream tabulates the conditioning of a part of `layers` blocks at `steps`
+    timesteps (`ConditionTable`): every condition index's modulations within TABLE_BYTES."""
+    count = config.null_class + 1 if config.condition else 1
+    return count * steps * (6 * layers + 2) * config.width * itemsize <= TABLE_BYTES
+
+
 # ----------------------------------------------------------------------------- the models
 
 def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
@@ -605,14 +668,17 @@ class Transformer(nn.Module):
                        capacity, device or weight.device, dtype or weight.dtype)
 
     def encode_frames(self, latents: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor | None,
-                      cache: KVCache | None = None, feature_noise: torch.Tensor | None = None) -> torch.Tensor:
+                      cache: KVCache | None = None, feature_noise: torch.Tensor | None = None,
+                      modulation: Modulation | None = None) -> torch.Tensor:
         """Run frames causally. latents (B, F, C, H, W); timesteps, labels (B, F). Returns the
         normed hidden states (B, F, T, D). With a cache the frames are appended to it (F = 1 may
-        wrap the ring; F > 1 must fit in the free slots) and attend to everything cached before."""
+        wrap the ring; F > 1 must fit in the free slots) and attend to everything cached before.
+        `modulation`: that of (timesteps, labels), where the caller has it already."""
         b, f = latents.shape[:2]
         t = self.config.tokens_per_frame
         x = self.x_embedder(patchify(latents, self.config.patch_size))  # (B, F, T, D)
-        modulation = self.modulate(self.conditioning(timesteps, labels))
+        if modulation is None:
+            modulation = self.modulate(self.conditioning(timesteps, labels))
         past = 0 if cache is None else cache.frames
         rope = self.rope(past, f, latents.device)
         if cache is None:
@@ -763,6 +829,7 @@ class StreamState:
     compiler: Callable | None = None
     slots: torch.Tensor | None = None  # static: (capacity + 1,) bool, which cache slots hold a frame (the last: spare)
     step_mask: torch.Tensor | None = None  # static baseline: (1, S) the cache tokens a denoising step sees
+    tables: dict = field(default_factory=dict)  # eager: each part's `ConditionTable`s, made on first use
 
     @property
     def static(self) -> bool:
@@ -861,7 +928,9 @@ def _append(model: Transformer, state: StreamState, frames: torch.Tensor, condit
         if state.static:
             out = model.append_static(state, latents, timesteps, labels, noise)
         else:
-            out = model.encode_frames(latents, timesteps, labels, state.cache, noise)
+            table = _table(state, model, None)
+            modulation = None if table is None else table.select(labels, latents.shape[:2])
+            out = model.encode_frames(latents, timesteps, labels, state.cache, noise, modulation)
     return None if out is None else out[:, -1]
 
 
@@ -874,14 +943,32 @@ def _step(state: StreamState, k: int) -> Modulation:
     return state.modulation_table.at(k)
 
 
-def _tabulate(state: StreamState, tabulate: Callable, args: tuple | None) -> None:
-    """A frame's step modulations, `tabulate(*args)`: made now and split per step (eager), or left
-    to the compiled denoising loop (static; `state.tabulation`). args None: no timesteps given."""
+def _tabulate(state: StreamState, model: Transformer, timesteps: torch.Tensor | None, condition: torch.Tensor | None,
+              batch: int) -> None:
+    """A frame's step modulations for `model` at timesteps (K,) and condition (B,): split per step
+    (eager: from the stream's conditioning table, or made now where there is none), or left to the
+    compiled denoising loop (static; `state.tabulation`). No timesteps given: none made."""
     state.modulations = state.modulation_table = None
-    state.tabulation = None if args is None else (tabulate, args)
-    if args is not None and not state.static:
-        state.modulation_table = tabulate(*args)
+    state.tabulation = None if timesteps is None else (model.step_modulations, (timesteps, condition, batch))
+    if timesteps is None or state.static:
+        return
+    table = _table(state, model, timesteps)
+    if table is not None:
+        state.modulations = table.steps(condition, batch)
+    else:
+        state.modulation_table = model.step_modulations(timesteps, condition, batch)
         state.modulations = state.modulation_table.steps()
+
+
+def _table(state: StreamState, model: Transformer, timesteps: torch.Tensor | None) -> ConditionTable | None:
+    """The stream's conditioning table of `model` at timesteps (K,) (None: clean frames, -1), made
+    the first time and again only if other timesteps come (a stream passes the same tensor)."""
+    key = (id(model), timesteps is None)
+    made = state.tables.get(key)
+    if made is None or (timesteps is not None and made[0] is not timesteps):
+        at = timesteps if timesteps is not None else torch.full((1,), -1.0, device=state.cache.keys[0].device)
+        made = state.tables[key] = (timesteps, ConditionTable.make(model, at))
+    return made[1]
 
 
 class SCDModel(nn.Module, StreamingModel):
@@ -919,8 +1006,7 @@ class SCDModel(nn.Module, StreamingModel):
         if state.features is None:
             raise ConfigError("an SCD model needs at least one context frame before it can denoise")
         state.condition = condition
-        _tabulate(state, self.decoder.step_modulations,
-                  None if timesteps is None else (timesteps, condition, state.features.shape[0]))
+        _tabulate(state, self.decoder, timesteps, condition, state.features.shape[0])
 
     def velocity(self, state: StreamState, x: torch.Tensor, timesteps: torch.Tensor, step: int | None = None) -> torch.Tensor:
         """The velocity (B, C, H, W) of x at `timesteps` (B,); `step` k reads the conditioning that
@@ -999,7 +1085,7 @@ class Baseline(Transformer, StreamingModel):
         state.rope = self.rope(state.cache.frames, 1, state.cache.keys[0].device)
         state.condition = condition
         batch = state.cache.keys[0].shape[0]
-        _tabulate(state, self.step_modulations, None if timesteps is None else (timesteps, condition, batch))
+        _tabulate(state, self, timesteps, condition, batch)
         if state.static:
             state.step_mask = state.mask(self.config.tokens_per_frame, spare=True)  # what every step attends to
 

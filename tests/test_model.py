@@ -131,6 +131,28 @@ def test_training_through_the_fused_projection():
     assert d * 3 == grad.shape[0]
 
 
+def test_stream_conditioning_tables_equal_per_frame_conditioning(monkeypatch):
+    """A stream's conditioning tables (every condition's modulation, made once) give the frames
+    that conditioning made per frame gives, for both models, actions, labels and no condition."""
+    from scd import model as model_module
+    from scd.sampling import Rollout, generate
+
+    for arch, condition in (("scd", "action"), ("baseline", "action"), ("scd", "label"), ("baseline", None)):
+        model = random_model(tiny_config(arch=arch, condition=condition, num_classes=4 if condition else 1))
+        context = torch.randn(2, 3, 3, 4, 4)
+        kwargs = dict(conditions=torch.tensor([[0, 1, 4, 2, 3], [3, 4, 0, 0, 1]])) if condition == "action" else {}
+        label = {"conditions": torch.tensor([1, 4])} if condition == "label" else {}
+        tabled = generate(model, context, 2, 3, seed=1, window=2, **kwargs, **label)
+        monkeypatch.setattr(model_module, "TABLE_BYTES", 0)  # no table fits: conditioning per frame
+        direct = generate(model, context, 2, 3, seed=1, window=2, **kwargs, **label)
+        monkeypatch.undo()
+        assert (tabled - direct).abs().max() < 1e-5, (arch, condition)
+    rollout = Rollout(model, context, 3, window=2)
+    rollout.step()
+    made = [table for _, table in rollout.state.tables.values()]
+    assert len(made) == 2 and all(t is not None for t in made)  # steps and clean frames
+
+
 def test_tabulated_conditioning_equals_per_call_conditioning():
     """velocity(step=k) after prepare(timesteps) is velocity(timesteps[k]) without the table."""
     for arch in ("scd", "baseline"):
