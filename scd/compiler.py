@@ -32,10 +32,21 @@ def compiler(device_type: str, backend: str = "inductor") -> Callable[[Callable]
     mode = compile_mode(torch.device(device_type), backend)
 
     def compile_call(fn: Callable) -> Callable:
-        return Guarded(fn, torch.compile(fn, backend=backend, mode=mode, dynamic=False))
+        return Guarded(fn, torch.compile(fn, backend=backend, mode=mode, dynamic=False, isolate_recompiles=True,
+                                         options={"guard_filter_fn": stream_guards}))
 
     compile_call.backend, compile_call.mode = backend, mode
     return compile_call
+
+
+def stream_guards(entries) -> list[bool]:
+    """Which of dynamo's guards a compiled stream call keeps: all of them but those on the model's
+    own attributes (its modules and their flags), whose checking cost more than a tenth of a small
+    model's frame; every tensor's dtype, device and shape (parameters too) is still checked. Safe
+    because each compiled call belongs to one model (`compiled_call`, `StreamState.run`) and keeps
+    its own compiled entries (isolate_recompiles): the structure it was traced with cannot change."""
+    return [entry.guard_type == "TENSOR_MATCH" or not entry.orig_guard.source.is_unspecialized_nn_module()
+            for entry in entries]
 
 
 class Guarded:
@@ -55,15 +66,14 @@ class Guarded:
         return self.eager(*args)
 
 
-_CALLS: dict = {}
-
-
-def compiled_call(fn: Callable, compile_call: Callable) -> "Guarded":
-    """`compile_call(fn)` made once per (function, compiler) and kept: later streams reuse it."""
-    key = (fn, compile_call)
-    if key not in _CALLS:
-        _CALLS[key] = compile_call(fn)
-    return _CALLS[key]
+def compiled_call(fn: Callable, compile_call: Callable, owner) -> "Guarded":
+    """`compile_call(fn)` made once per (function, compiler) for `owner` (a model) and kept on it:
+    its later streams reuse it, and no other model's stream ever runs what was traced for it."""
+    calls = owner.__dict__.setdefault("_compiled", {})
+    key = (fn.__name__, compile_call)
+    if key not in calls:
+        calls[key] = compile_call(fn)
+    return calls[key]
 
 
 def compile_counts() -> dict[str, int]:

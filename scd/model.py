@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scd.compiler import compiled_call
 from scd.errors import ConfigError
 from scd.flow import add_noise, logit_normal, noised_context
 
@@ -842,11 +843,7 @@ class StreamState:
 
     def run(self, name: str, *args):
         """`owner.name(*args)` through the compiler, compiled once per (model part, compiler)."""
-        compiled = self.owner.__dict__.setdefault("_compiled", {})
-        key = (name, self.compiler)
-        if key not in compiled:
-            compiled[key] = self.compiler(getattr(self.owner, name))
-        return compiled[key](*args)
+        return compiled_call(getattr(self.owner, name), self.compiler, self.owner)(*args)
 
 
 class StreamingModel:

@@ -161,7 +161,7 @@ class Rollout:
         self.compiler, self.cuda_graphs = None, False
         if compiled:
             self.compiler = compiler(self.device.type, "inductor" if compiled is True else compiled)
-            self._denoise_steps = compiled_call(denoise_steps, self.compiler)
+            self._denoise_steps = compiled_call(denoise_steps, self.compiler, model)
             self.deltas = (self.sigmas[1:] - self.sigmas[:-1]).to(self.device)
             self.cuda_graphs = self.compiler.mode == "reduce-overhead"
         with torch.inference_mode():
@@ -265,7 +265,6 @@ class Rollout:
         if self.compiler is None:
             return {}
         calls = {name: call for (name, _), call in getattr(self.model, "_compiled", {}).items()}
-        calls["denoise_steps"] = self._denoise_steps
         return {name: call.fallback for name, call in calls.items() if call.fallback is not None}
 
     def step(self, action=None, noise: torch.Tensor | None = None, feature_noise: torch.Tensor | None = None) -> Frame:

@@ -42,6 +42,24 @@ def test_compiled_stream_matches_eager_and_never_recompiles(arch, guidance):
     assert rollout.compile_fallbacks == {}
 
 
+def test_each_model_runs_only_what_was_traced_for_it():
+    """Compiled calls skip the guards on a model's own attributes (`stream_guards`), so each model
+    keeps its own: two models of one width and different depths, streamed in turn, and a model
+    moved to another dtype, each give their eager frames."""
+    shallow = random_model(tiny_config(layers=2, decoder_layers=1))
+    deep = random_model(tiny_config(layers=4, decoder_layers=2), seed=1)
+    context, actions, noise = inputs(shallow.config)
+    run = lambda model, compiled: generate(model, context.to(next(model.parameters()).dtype), 3, K,
+                                           conditions=actions[:, :F + 3], noise=noise[:, :3], window=3, compiled=compiled)
+    for model in (shallow, deep, shallow):
+        assert (run(model, "eager") - run(model, False)).abs().max() < 1e-5
+    graphs = compile_counts()["unique_graphs"]
+    deep.to(torch.float64)  # the parameters' dtypes are still guarded: traced again, not run stale
+    assert (run(deep, "eager") - run(deep, False)).abs().max() < 1e-5
+    assert compile_counts()["unique_graphs"] > graphs
+    assert {key[0] for key in deep._compiled} == {"append_frame", "denoise_steps"}
+
+
 def test_a_call_that_fails_to_compile_runs_eagerly():
     def refuse(graph, example_inputs):
         raise RuntimeError("no compiler here")
