@@ -21,6 +21,12 @@ def compile_mode(device: torch.device, backend: str) -> str | None:
     return "reduce-overhead" if torch.device(device).type == "cuda" and backend == "inductor" else None
 
 
+def compile_options(device: torch.device, backend: str) -> dict:
+    """Inductor options beside the mode: on the CPU, the C++ wrapper that calls the kernels (the
+    Python one cost a fifth of a small model's compiled frame: 5.0-5.5 against 6.0-7.2 ms)."""
+    return {"cpp_wrapper": True} if torch.device(device).type == "cpu" and backend == "inductor" else {}
+
+
 @functools.lru_cache(maxsize=None)
 def compiler(device_type: str, backend: str = "inductor") -> Callable[[Callable], Callable]:
     """A function that compiles a model call for a stream on `device_type` with `backend`; the same
@@ -30,12 +36,13 @@ def compiler(device_type: str, backend: str = "inductor") -> Callable[[Callable]
 
         raise ConfigError(f"compile backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
     mode = compile_mode(torch.device(device_type), backend)
+    options = compile_options(torch.device(device_type), backend)
 
     def compile_call(fn: Callable) -> Callable:
         return Guarded(fn, torch.compile(fn, backend=backend, mode=mode, dynamic=False, isolate_recompiles=True,
-                                         options={"guard_filter_fn": stream_guards}))
+                                         options={"guard_filter_fn": stream_guards, **options}))
 
-    compile_call.backend, compile_call.mode = backend, mode
+    compile_call.backend, compile_call.mode, compile_call.options = backend, mode, options
     return compile_call
 
 

@@ -85,6 +85,8 @@ def test_cuda_gets_cuda_graphs_and_other_devices_the_default_mode():
     assert compile_mode(torch.device("cuda"), "inductor") == "reduce-overhead"
     assert compile_mode(torch.device("cuda:1"), "aot_eager") is None
     assert compile_mode(torch.device("cpu"), "inductor") is None
+    assert compiler("cpu", "inductor").options == {"cpp_wrapper": True}  # the C++ kernel wrapper: the CPU only
+    assert compiler("cuda", "inductor").options == {} and compiler("cpu", "eager").options == {}
     assert compiler("cuda", "inductor").mode == "reduce-overhead"
     assert compiler("cpu", "eager") is compiler("cpu", "eager")  # one per (device, backend): reused compiled code
     with pytest.raises(ConfigError, match="compile backend must be one of"):
