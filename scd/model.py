@@ -648,12 +648,26 @@ class Transformer(nn.Module):
                           self.norm_out.modulation(act))
 
     def rope(self, first_frame: int, frames: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotary tables of `frames` frames from `first_frame`, in the model's dtype."""
+        """Rotary tables of `frames` frames from `first_frame`, in the model's dtype. One frame's
+        (what a stream asks for every frame) is a view into tables made for a block of positions
+        at once, ROPE_BLOCK_BYTES at most: a frame makes none."""
         c = self.config
-        positions = torch.arange(first_frame, first_frame + frames, device=device)
         dtype = self.x_embedder.weight.dtype
-        cos, sin = rope_tables(positions, c.latent_size[0] // c.patch_size, c.latent_size[1] // c.patch_size, c.rope_axes)
-        return cos.to(dtype), sin.to(dtype)
+        rows, cols = c.latent_size[0] // c.patch_size, c.latent_size[1] // c.patch_size
+        per_frame = 2 * c.tokens_per_frame * c.head_dim * torch.empty((), dtype=dtype).element_size()
+        span = max(1, ROPE_BLOCK_BYTES // per_frame)
+        start = first_frame - first_frame % span
+        if frames != 1 or span == 1:
+            cos, sin = rope_tables(torch.arange(first_frame, first_frame + frames, device=device), rows, cols, c.rope_axes)
+            return cos.to(dtype), sin.to(dtype)
+        key = (torch.device(device), dtype, start)
+        block = self.__dict__.get("_rope_block")
+        if block is None or block[0] != key:
+            with torch.inference_mode(False):  # plain tensors: training may read them too
+                cos, sin = rope_tables(torch.arange(start, start + span, device=device), rows, cols, c.rope_axes)
+            t = c.tokens_per_frame
+            block = self.__dict__["_rope_block"] = (key, cos.to(dtype).view(span, t, -1), sin.to(dtype).view(span, t, -1))
+        return block[1][first_frame - start], block[2][first_frame - start]
 
     def run_blocks(self, x, emb, rope, mask=None, cache=None, write_at=None, attend=None):
         """x (B, F, T, D) through every block; emb: the conditioning (B, F, D) or its `Modulation`."""
@@ -790,6 +804,7 @@ class Decoder(Transformer):
 
 # ----------------------------------------------------------------------------- one streaming protocol
 
+ROPE_BLOCK_BYTES = 4 << 20  # rotary tables made at once for a block of frame positions (`Transformer.rope`)
 PREFILL_CHUNK = 16  # context frames per cached pass: bounds the mask and score memory of long prompts
 
 

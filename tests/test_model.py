@@ -168,3 +168,23 @@ def test_tabulated_conditioning_equals_per_call_conditioning():
                 tabulated = model.velocity(state, x, None, step=k)
                 direct = model.velocity(state, x, timesteps[k].expand(2))
                 assert (tabulated - direct).abs().max() < 1e-5, (arch, k)
+
+
+def test_one_frames_rotary_tables_come_from_a_block_and_equal_made_ones(monkeypatch):
+    """A stream's per-frame rotary tables are views into tables made for a block of positions at
+    once: the same numbers as made for that frame alone, across block edges and dtype changes."""
+    from scd import model as model_module
+    from scd.model import rope_tables
+
+    encoder = random_model(tiny_config()).encoder
+    c = encoder.config
+    monkeypatch.setattr(model_module, "ROPE_BLOCK_BYTES", 3 * 2 * c.tokens_per_frame * c.head_dim * 4)  # 3 frames a block
+    rows, cols = c.latent_size[0] // c.patch_size, c.latent_size[1] // c.patch_size
+    for dtype in (torch.float32, torch.float64):
+        encoder.to(dtype)
+        with torch.inference_mode():
+            for position in (0, 2, 3, 7, 2):
+                cos, sin = encoder.rope(position, 1, "cpu")
+                made = rope_tables(torch.tensor([position]), rows, cols, c.rope_axes)
+                assert cos.dtype == dtype and torch.equal(cos, made[0].to(dtype)) and torch.equal(sin, made[1].to(dtype))
+    assert encoder._rope_block[0][2] == 0  # the block of the last position asked for
