@@ -201,6 +201,7 @@ class EncodeReport:
     skipped: dict[str, list[tuple[str, str]]] = field(default_factory=dict)  # reason -> [(source, detail)]
     truncated: list[tuple[str, str]] = field(default_factory=list)
     resumed: int = 0  # files an earlier run had done
+    actions: list[tuple[str, str]] = field(default_factory=list)  # videos whose action file does not fit their frames
 
 
 # ----------------------------------------------------------------------------- the folder
@@ -445,7 +446,7 @@ def _encode_video(writer: _Writer, videos: Path, rel: str, label: int | None, en
         return
     if segment:
         add_clip(total, reader.truncated)
-    index["done"][rel] = {"frames": total, "truncated": reader.truncated}
+    index["done"][rel] = {"frames": total, "truncated": reader.truncated, "actions": _actions_note(actions, total, path)}
     if partial is not None:
         index["partial"] = None
     if reader.truncated:  # every clip of the video says so, also those already in shards
@@ -473,14 +474,26 @@ def _encode(frames: list[np.ndarray], encoding: Encoding, dtype: torch.dtype) ->
     return encoding.codec.encode(video.frames_to_tensor(fitted).to(encoding.device)).to(dtype).cpu().contiguous()
 
 
+def _actions_note(actions: list[int] | None, frames: int, path: Path) -> str | None:
+    """What the report says of a video whose action file does not list one action per frame."""
+    if actions is None or len(actions) == frames:
+        return None
+    if not actions:
+        return f"no {sidecar_path(path).name}: all {frames} frames take the null action"
+    if len(actions) < frames:
+        return f"{len(actions)} actions for {frames} frames: frames {len(actions)}-{frames - 1} take the null action"
+    return f"{len(actions)} actions for {frames} frames: the last {len(actions) - frames} are not used"
+
+
 def _report(out: Path, index: dict, files: int, resumed: int) -> EncodeReport:
     clips = [c for s in index["shards"] for c in s["clips"]]
     skipped: dict[str, list] = collections.defaultdict(list)
     for s in index["skipped"]:
         skipped[s["reason"]].append((s["source"], s["detail"]))
     truncated = [(rel, d["truncated"]) for rel, d in index["done"].items() if d["truncated"]]
+    actions = [(rel, d["actions"]) for rel, d in index["done"].items() if d.get("actions")]
     return EncodeReport(out, files, len(clips), sum(c["frames"] for c in clips), len(index["shards"]),
-                        sum(s["bytes"] for s in index["shards"]), dict(skipped), truncated, resumed)
+                        sum(s["bytes"] for s in index["shards"]), dict(skipped), truncated, resumed, actions)
 
 
 # ----------------------------------------------------------------------------- reading

@@ -88,6 +88,10 @@ def summarize(report: dataset.EncodeReport) -> None:
         say(f"skipped {len(files)} ({reason}): {names}" + (f" - {files[0][1]}" if len(files) == 1 else ""))
     for source, detail in report.truncated[:5]:
         say(f"truncated (frames before the cut kept): {source}: {detail}")
+    for source, detail in report.actions[:5]:
+        say(f"actions: {source}: {detail}")
+    if len(report.actions) > 5:
+        say(f"actions: {len(report.actions) - 5} more videos whose action file does not list one action per frame")
     console.print(f"wrote {report.out}: {report.clips} clips, {report.frames} frames in {report.shards} shards "
                   f"({report.bytes / 2 ** 20:.1f} MiB); {sum(len(v) for v in report.skipped.values())} skipped, "
                   f"{len(report.truncated)} truncated", soft_wrap=True)

@@ -275,6 +275,9 @@ def test_scd_encode_command(videos, tmp_path):
     assert r.exit_code == 0, r.output
     assert "37 frames" in r.output and "2 skipped, 1 truncated" in r.output
     assert "skipped 1 (corrupt): dogs/broken.mp4" in r.output and "truncated (frames before the cut kept): dogs/cut.mp4" in r.output
+    # a.actions.txt lists 25 actions for 12 frames; the others have none: said, one line each
+    assert "actions: cats/a.mp4: 25 actions for 12 frames: the last 13 are not used" in r.output
+    assert "actions: cats/b.mp4: no b.actions.txt: all 9 frames take the null action" in r.output
     assert load_file(str(tmp_path / "ds" / "shard-00000.safetensors"))["0.latents"].dtype == torch.bfloat16
     r = runner.invoke(app, ["encode", str(videos), "--out", str(tmp_path / "px")])
     assert r.exit_code == 2 and "--frame-size is needed" in r.output
@@ -352,6 +355,8 @@ def test_actions_without_names_are_indices(tmp_path):
     _, report = run(dataset.encode_folder(root, tmp_path / "ds", dataset.pixel_encoding((16, 16), num_actions=4)))
     assert [s for s, _ in report.skipped["bad actions"]] == ["b.mp4"] and "out of range 0..4" in report.skipped["bad actions"][0][1]
     assert stored(tmp_path / "ds")[("a.mp4", 0)][1].tolist() == [3, 1, 0, 4, 4]
+    # the padding is reported, not silent
+    assert report.actions == [("a.mp4", "3 actions for 5 frames: frames 3-4 take the null action")]
     ds = dataset.LatentDataset(tmp_path / "ds")
     assert data.model_fields(ds)["condition"] == "action" and data.model_fields(ds)["num_classes"] == 4
     unnamed = tiny_config(latent_size=(16, 16), frame_size=(16, 16), action_names=())
