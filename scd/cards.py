@@ -82,7 +82,7 @@ def training_card(command: str, config: ModelConfig, settings, data: str):
     recipe.append(f"EMA {settings.ema_decay}")
     if config.arch == "scd" and settings.clean_context_ratio < 1:
         recipe.append(f"clean context {settings.clean_context_ratio:g} (else sigma <= {settings.context_sigma_max:g})")
-    recipe.append(f"context window {config.context_frames} frames")
+    recipe.append(f"context window {config.window or config.context_frames} frames")
     depth = f"{config.depth} layers" + (f" (decoder input: {config.decoder_input})" if config.decoder_input else "")
 
     def card(losses: list[float], wall_s: float) -> str:

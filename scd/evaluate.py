@@ -48,7 +48,7 @@ def rollout(loaded: LoadedModel, clips, context: int, frames: int, steps: int, g
     latents = torch.stack([loaded.encode(v) for v in video])
     out = generate(loaded.model, latents, frames, steps, guidance=guidance,
                    conditions=actions if config.condition == "action" else None, seed=seed,
-                   window=config.context_frames, clamp=loaded.codec.clamp)  # relative frame offsets stay within what training saw
+                   window=config.window or config.context_frames, clamp=loaded.codec.clamp)  # relative frame offsets stay within what training saw
     pixels = loaded.decode(out.flatten(0, 1))
     return tensor_to_frames(pixels).reshape(len(clips), frames, *pixels.shape[-2:], 3)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -182,6 +183,8 @@ def run(job: Job):
         context = weight.new_zeros((job.batch, 0, config.channels, *config.latent_size))
     times["prompt_encode_s"] = time.perf_counter() - t0
     fps = job.fps or config.fps
+    # no window given: the model's own (it never saw more frames than that); the report says which
+    job = dataclasses.replace(job, window=job.window or config.window)
     cached = min(job.window or (len(prompt) + job.frames), len(prompt) + job.frames)
     need = kv_cache_bytes(model, job.batch, cached, guidance, dtype)
     if device.type == "cuda":

@@ -110,6 +110,9 @@ class ModelConfig:
     default_guidance: float = 1.0
     guidance_mode: str = "null"
     context_frames: int = 16  # prompt frames the model is given by default; 0: it generates from pure noise
+    # the most frames of context it attends to (its training clips less one): a stream keeps that many
+    # in its KV cache; None: everything it is given, as the references generate
+    window: int | None = None
     demo: str | None = None  # "world": the model's demo prompt is a clip of scd.world
     format_version: int = FORMAT_VERSION
 
@@ -181,6 +184,8 @@ class ModelConfig:
             problems.append("default_steps must be >= 1")
         if not isinstance(self.fps, (int, float)) or isinstance(self.fps, bool) or not 0 < self.fps <= 1000:
             problems.append(f"fps must be a number in (0, 1000], not {self.fps!r}")
+        if self.window is not None and (not isinstance(self.window, int) or isinstance(self.window, bool) or self.window < 1):
+            problems.append(f"window must be an integer >= 1 or null, not {self.window!r}")
         if self.context_frames is not None and (not isinstance(self.context_frames, int) or self.context_frames < 0):
             problems.append(f"context_frames must be an integer >= 0 or null, not {self.context_frames!r}")
         if self.guidance_mode not in GUIDANCE_MODES:

@@ -263,7 +263,7 @@ class Panel:
         self.codec = loaded.codec.to(self.device)
         self.model = loaded.model.to(self.device).eval()
         self.steps = session.steps or self.config.default_steps
-        self.window = self.config.context_frames or DEFAULT_WINDOW
+        self.window = self.config.window or self.config.context_frames or DEFAULT_WINDOW
         self.frames = 0  # generated in this session, all episodes
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name=f"scd-play-{index}", daemon=True)

@@ -163,7 +163,7 @@ def _unfused_order(name: str) -> list[str]:
     return [f"{head}to_{part}.{kind}" for part in "qkv" for kind in ("weight", "bias")] if leaf == "weight" else []
 
 
-GENERATION_DEFAULTS = ("context_frames", "default_steps", "default_guidance")  # may change on resume
+GENERATION_DEFAULTS = ("context_frames", "window", "default_steps", "default_guidance")  # may change on resume
 
 
 def _check_resumed_config(saved: dict | None, config: ModelConfig, path: Path) -> None:
@@ -359,4 +359,5 @@ def new_config(arch: str = "scd", heads: int = 4, head_dim: int = 16, layers: in
                        rope_axes=default_rope_axes(head_dim), layers=layers,
                        decoder_layers=decoder_layers if arch == "scd" else 0, decoder_combine=decoder_combine,
                        encoder_noise=0.05 if arch == "scd" else 0.0, default_steps=default_steps,
-                       context_frames=context_frames, demo="world" if world_demo else None, **{**fields, **(data_fields or {})})
+                       context_frames=context_frames, window=context_frames or None, demo="world" if world_demo else None,
+                       **{**fields, **(data_fields or {})})

@@ -81,7 +81,7 @@ def generate(
     actions: Optional[str] = typer.Option(None, "--actions", help="One action per generated frame: a comma list (names or indices) or a file."),
     prompt_actions: Optional[str] = typer.Option(None, "--prompt-actions", help="Actions of the prompt frames (default: PROMPT.actions.txt beside the prompt, else none)."),
     context: Optional[int] = typer.Option(None, "--context", help="Keep the last N prompt frames (default: the model's context length)."),
-    context_window: Optional[int] = typer.Option(None, "--context-window", help="Keep only the last W frames in the KV cache: flat memory for endless generation."),
+    context_window: Optional[int] = typer.Option(None, "--context-window", help="Keep only the last W frames in the KV cache: flat memory for endless generation (default: the model's own window, the frames its training clips showed; none for the references' models)."),
     fit: str = typer.Option("crop", "--fit", help="Fit prompt frames to the model's size: crop (resize + center crop), pad or stretch."),
     fps: Optional[float] = typer.Option(None, "--fps", help="Output frame rate (default: the model's)."),
     include_prompt: bool = typer.Option(False, "--include-prompt", help="Put the prompt frames first in the video."),

@@ -57,6 +57,21 @@ def test_generate_writes_a_streamed_mp4_and_report(model_dir, prompt, tmp_path):
     assert data["model"] == str(model_dir)
 
 
+def test_a_models_own_window_is_the_default(prompt, tmp_path):
+    """A model trained on short clips (config `window`, what `scd train` records) keeps that many
+    frames of context unless told otherwise: as with --context-window W, unlike a growing cache."""
+    config = tiny_config(latent_size=(8, 8), frame_size=(8, 8), context_frames=2, window=2)
+    model = save_model_folder(random_model(config), tmp_path / "model")
+    videos = {}
+    for name, extra in (("own", []), ("given", ["--context-window", 2]), ("growing", ["--context-window", 9])):
+        out, report = tmp_path / f"{name}.mp4", tmp_path / f"{name}.json"
+        r = run("generate", "--model", model, "--prompt-frames", prompt, "--frames", 6, "--out", out, "--report", report, *extra)
+        assert r.exit_code == 0, r.output
+        videos[name] = read_video(out).frames
+        assert json.loads(report.read_text())["context_window"] == (extra[1] if extra else 2)
+    assert np.array_equal(videos["own"], videos["given"]) and not np.array_equal(videos["own"], videos["growing"])
+
+
 def test_same_seed_same_video_other_seed_differs(model_dir, prompt, tmp_path):
     videos = []
     for name, seed in (("a", 1), ("b", 1), ("c", 2)):

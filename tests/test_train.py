@@ -119,6 +119,7 @@ def test_cli_train_and_bad_options(tmp_path):
     assert r.exit_code == 0, r.output
     assert "scd train --out" in (out / "README.md").read_text()
     assert load_model_folder(out).config.decoder_layers == 1
+    assert load_model_folder(out).config.window == 2  # 3-frame clips: no frame attended to more than 2 before it
     r = runner.invoke(app, ["train", "--out", str(out), "--steps", "0"])
     assert r.exit_code == 2 and "--steps" in r.output
     r = runner.invoke(app, ["train", "--out", str(tmp_path / "x"), "--steps", "2", "--decay", "5"])
