@@ -35,7 +35,9 @@ def info(
             ("layers", c.depth), ("decoder input", c.decoder_input or "-"),
             ("latents", f"{c.channels} x {c.latent_size[0]} x {c.latent_size[1]}, patch {c.patch_size}, {c.tokens_per_frame} tokens/frame"),
             ("rope axes", str(c.rope_axes)), ("condition", f"{c.condition} ({c.num_classes} + null)" if c.condition else "none"),
-            ("frame", f"{c.frame_size[0]} x {c.frame_size[1]} @ {c.fps:g} fps, codec {c.codec.type}")]
+            ("frame", f"{c.frame_size[0]} x {c.frame_size[1]} @ {c.fps:g} fps, codec {c.codec.type}"),
+            ("context", f"{c.context_frames} prompt frames; "
+                        + (f"keeps the last {c.window} (its training window)" if c.window else "keeps every frame"))]
     parts = loaded.model.parts()
     split = ", ".join(f"{name} {parameter_count(part):,}" for name, part in parts.items())
     rows += [("parameters", f"{parameter_count(loaded.model):,}" + (f" ({split})" if len(parts) > 1 else ""))]
