@@ -528,16 +528,15 @@ class ConditionTable:
     embedders and 2L + 1 projections. None from `make` where the table would exceed TABLE_BYTES
     (many classes and many steps: a class-conditioned model computes its conditioning per frame)."""
 
-    def __init__(self, timesteps: torch.Tensor, rows: torch.Tensor, counts: tuple[int, int]):
-        self.timesteps = timesteps  # the tensor it was made for: a stream passes the same one every frame
+    def __init__(self, rows: torch.Tensor, outputs: int):
         self.rows = rows  # (A, K, N, D): N = every block's six tensors, then the output norm's
-        self.counts = counts  # (tensors per block, tensors of the output norm)
+        self.outputs = outputs  # tensors of the output norm (0 when it is unconditional)
 
     @classmethod
     def make(cls, model: "Transformer", timesteps: torch.Tensor) -> "ConditionTable | None":
         c = model.config
         blocks, k = len(model.transformer_blocks), timesteps.shape[0]
-        if not table_fits(c, blocks, k, timesteps.element_size()):
+        if not table_fits(c, blocks, k, model.x_embedder.weight.dtype.itemsize):
             return None
         count = c.null_class + 1 if c.condition else 1
         outputs = 0 if model.norm_out.linear is None else 2
@@ -546,7 +545,7 @@ class ConditionTable:
         emb = model._add_labels(emb, labels, (k, count)).expand(k, count, -1)
         tensors = model.modulate(emb).tensors()  # each (K, A, 1, D)
         rows = torch.stack([t.squeeze(-2) for t in tensors], 2).transpose(0, 1).contiguous()  # (A, K, N, D)
-        return cls(timesteps, rows, (6 if blocks else 0, outputs))
+        return cls(rows, outputs)
 
     def select(self, conditions: torch.Tensor | None, shape: tuple[int, int]) -> Modulation:
         """The modulation of conditions (B, F) = `shape` (None: the null condition) at a table made
@@ -566,10 +565,8 @@ class ConditionTable:
         return torch.full(shape, self.rows.shape[0] - 1, dtype=torch.long, device=self.rows.device)  # null (or the only row)
 
     def _split(self, tensors: tuple) -> Modulation:
-        per_block, outputs = self.counts
-        blocks = len(tensors) - outputs
-        return Modulation(tuple(tuple(tensors[i:i + per_block]) for i in range(0, blocks, per_block) if per_block),
-                          tuple(tensors[blocks:]))
+        blocks = len(tensors) - self.outputs
+        return Modulation(tuple(tuple(tensors[i:i + 6]) for i in range(0, blocks, 6)), tuple(tensors[blocks:]))
 
 
 TABLE_BYTES = 32 << 20  # the largest per-stream conditioning table; beyond it, conditioning is made per frame
@@ -659,7 +656,7 @@ class Transformer(nn.Module):
         c = self.config
         dtype = self.x_embedder.weight.dtype
         rows, cols = c.latent_size[0] // c.patch_size, c.latent_size[1] // c.patch_size
-        per_frame = 2 * c.tokens_per_frame * c.head_dim * torch.empty((), dtype=dtype).element_size()
+        per_frame = 2 * c.tokens_per_frame * c.head_dim * dtype.itemsize
         span = max(1, ROPE_BLOCK_BYTES // per_frame)
         start = first_frame - first_frame % span
         if frames != 1 or span == 1:
@@ -899,7 +896,7 @@ class StreamingModel:
     def cache_bytes(self, batch: int, frames: int, dtype: torch.dtype) -> int:
         """Bytes of a KV cache for `frames` frames (and the spare slot) at `batch`."""
         c = self.config
-        item = torch.empty((), dtype=dtype).element_size()
+        item = dtype.itemsize
         return 2 * self.cached_layers * batch * c.num_heads * c.head_dim * (frames + 1) * c.tokens_per_frame * item
 
     def start(self, batch: int, capacity: int, compiler: Callable | None = None) -> StreamState:
