@@ -4,7 +4,8 @@ and the latency plot. Arithmetic on recorded times only; the timing itself is `s
 Report format 2 (`report_version`; format 1 before it): `context_pass_ms_p50` and
 `denoising_ms_p50` are now `context_ms_p50` and `denoise_ms_p50` (the names `scd.sampling.Frame`
 uses); new per model: `ops_per_frame`, `kernel_launches_per_frame`; with compiled runs,
-`scd_compiled` / `baseline_compiled` summaries, `compiled_speedup` and `compile`.
+`scd_compiled` / `baseline_compiled` summaries, `compiled_speedup` and `compile`. Added since,
+without a new version: `ops_speedup` and `launch_bound` per row and in the headline.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from scd.errors import ConfigError
 from scd.metrics import percentile
 
 REPORT_VERSION = 2
+# a speed-up realising less than this share of its FLOP prediction, and within this of the ratio of
+# ops per frame, is read as launch-bound
+LAUNCH_BOUND_REALISED, LAUNCH_BOUND_MATCH = 0.9, 0.15
 
 
 @dataclass
@@ -70,13 +74,19 @@ def paired_speedup(fast: list[RunTimes], slow: list[RunTimes]) -> dict:
 
 def row_result(setting: dict, summaries: dict[str, dict], runs: dict[str, list[RunTimes]], extra: dict) -> dict:
     """One row: the setting, each model's summary, SCD's speed-up over the baseline (measured,
-    FLOP-predicted, realised) and, for compiled runs, each model's compiled speed-up over eager."""
+    FLOP-predicted, realised), the ratio of ops per frame (`ops_speedup`: the speed-up of a device
+    where every op costs the same) and whether the measured one is that rather than the FLOPs'
+    (`launch_bound`), and, for compiled runs, each model's compiled speed-up over eager."""
     result = dict(setting)
     result["settings"] = {**setting, **extra}
     result.update(summaries)
     result.update(paired_speedup(runs["scd"], runs["baseline"]))
     result["predicted_speedup"] = summaries["baseline"]["flops_per_frame"] / summaries["scd"]["flops_per_frame"]
     result["realised_fraction"] = result["speedup"] / result["predicted_speedup"]
+    # what a launch-bound device realises: every op costs about the same, whatever its FLOPs
+    result["ops_speedup"] = summaries["baseline"]["ops_per_frame"] / summaries["scd"]["ops_per_frame"]
+    result["launch_bound"] = (result["realised_fraction"] < LAUNCH_BOUND_REALISED
+                              and abs(result["speedup"] / result["ops_speedup"] - 1) < LAUNCH_BOUND_MATCH)
     result["time_to_first_frame_speedup"] = (summaries["baseline"]["time_to_first_frame_ms"]
                                              / summaries["scd"]["time_to_first_frame_ms"])
     if "scd_compiled" in runs:
@@ -103,7 +113,8 @@ def make_report(rows: list[dict], meta: dict) -> dict:
         models[name]["throughput_fps_by_batch"] = {str(r["batch"]): r[name]["frames_per_second"] for r in same}
     report = {"report_version": REPORT_VERSION, **models,
               "speedup": head["speedup"], "predicted_speedup": head["predicted_speedup"],
-              "realised_fraction": head["realised_fraction"],
+              "realised_fraction": head["realised_fraction"], "ops_speedup": head["ops_speedup"],
+              "launch_bound": head["launch_bound"],
               "setting": {"context": head["context"], "steps": head["steps"], "batch": head["batch"]}}
     for key in ("compiled_pair", "compiled_speedup"):
         if key in head:

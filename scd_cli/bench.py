@@ -123,6 +123,10 @@ def _show(report: dict) -> None:
         f"SCD: [bold]{report['speedup']:.2f}x[/] faster per frame than its baseline; its FLOPs predict "
         f"{report['predicted_speedup']:.2f}x, so {100 * report['realised_fraction']:.0f}% of the prediction is realised.",
         soft_wrap=True)
+    if report.get("launch_bound"):
+        console.print(f"The frames are launch-bound: the speed-up follows the ratio of ops per frame "
+                      f"({report['ops_speedup']:.2f}x), "
+                      "not of FLOPs; a larger batch, a wider model or compiled code lets FLOPs count.", soft_wrap=True)
     console.print(f"[dim]Latency: steady-state frames (the first excluded), pooled over {report['settings']['reps']} "
                   f"reps; first frame: context prefill + first frame; memory: {report['scd']['peak_memory_method']}; "
                   f"matmul peak: {report['settings']['matmul_size']}-square {report['dtype']} matmul, measured "

@@ -121,10 +121,25 @@ def test_report_structure_and_arithmetic():
         assert row["speedup"] == pytest.approx(statistics.median(row["speedup_per_frame"]))
         assert row["predicted_speedup"] == pytest.approx(row["baseline"]["flops_per_frame"] / row["scd"]["flops_per_frame"])
         assert row["realised_fraction"] == pytest.approx(row["speedup"] / row["predicted_speedup"])
+        assert row["ops_speedup"] == pytest.approx(row["baseline"]["ops_per_frame"] / row["scd"]["ops_per_frame"])
+        assert row["launch_bound"] == (row["realised_fraction"] < 0.9 and abs(row["speedup"] / row["ops_speedup"] - 1) < 0.15)
     head = report["rows"][0]
     assert report["speedup"] == head["speedup"] and report["setting"] == {"context": 2, "steps": 2, "batch": 1}
     assert report["scd"]["throughput_fps_by_batch"] == {
         "1": head["scd"]["frames_per_second"], "2": report["rows"][1]["scd"]["frames_per_second"]}
+
+
+@pytest.mark.parametrize("baseline_ms, launch_bound", [(25.0, True), (39.0, False), (30.0, False)])
+def test_a_speedup_that_follows_the_op_ratio_is_launch_bound(baseline_ms, launch_bound):
+    # FLOPs predict 4x, ops 2.5x: 2.5x measured is launch-bound; 3.9x realises the FLOPs; 3x is neither
+    summaries = {"scd": {"flops_per_frame": 1e6, "ops_per_frame": 100, "time_to_first_frame_ms": 20.0},
+                 "baseline": {"flops_per_frame": 4e6, "ops_per_frame": 250, "time_to_first_frame_ms": 50.0}}
+    runs = {"scd": [bench_report.RunTimes(20.0, [(4.0, 6.0)] * 3, None)],
+            "baseline": [bench_report.RunTimes(50.0, [(5.0, baseline_ms - 5.0)] * 3, None)]}
+    row = bench_report.row_result({"context": 3, "steps": 4, "batch": 1}, summaries, runs, {})
+    assert row["predicted_speedup"] == 4.0 and row["ops_speedup"] == 2.5
+    assert row["speedup"] == pytest.approx(baseline_ms / 10.0)
+    assert row["launch_bound"] is launch_bound
 
 
 def test_run_interleaved_measures_the_models_frame_by_frame(monkeypatch):
