@@ -813,8 +813,9 @@ PREFILL_CHUNK = 16  # context frames per cached pass: bounds the mask and score 
 @dataclass(frozen=True)
 class Objective:
     """What a training step asks of a model: noise levels drawn from shift * logit-normal; SCD's
-    decoder denoises `decoder_draws` noise draws per encoder pass, and its encoder sees each context
-    frame clean with probability `clean_context_ratio`, else noised at sigma <= `context_sigma_max`."""
+    decoder denoises `decoder_draws` noise draws per encoder pass; the model (SCD: its encoder)
+    sees each context frame clean with probability `clean_context_ratio`, else noised at sigma <=
+    `context_sigma_max`."""
 
     sigma_shift: float = 1.0
     decoder_draws: int = 2
@@ -1146,14 +1147,20 @@ class Baseline(Transformer, StreamingModel):
 
     def loss(self, video: torch.Tensor, conditions: torch.Tensor | None, objective: Objective = Objective()) -> torch.Tensor:
         """Flow-matching loss of every frame j >= 1 of `video` (B, N, C, H, W), denoised against the
-        clean frames before it, all in one masked pass over [clean; noisy] frames."""
+        context frames before it, all in one masked pass over [context; noisy] frames. The context
+        frames are clean or, as SCD's encoder sees them, noised by `clean_context_ratio` (each with
+        its timestep), so the model learns to read imperfect context such as its own frames."""
         c = self.config
         b, n, _, h, w = video.shape
         x0 = video[:, 1:]
         sigma = logit_normal(b * (n - 1), objective.sigma_shift).to(video.device).view(b, n - 1)
         noise = torch.randn_like(x0)
-        tokens = self.x_embedder(patchify(torch.cat([video, add_noise(x0, noise, sigma)], 1), c.patch_size))
-        timesteps = torch.cat([torch.full((b, n), -1.0, device=video.device), sigma * 1000.0], 1)
+        # drawn after the frames' noise, and only when asked for: clean-context runs draw as before
+        context, context_timesteps = noised_context(video, objective.clean_context_ratio, objective.context_sigma_max)
+        if context_timesteps is None:
+            context_timesteps = torch.full((b, n), -1.0, device=video.device)
+        tokens = self.x_embedder(patchify(torch.cat([context, add_noise(x0, noise, sigma)], 1), c.patch_size))
+        timesteps = torch.cat([context_timesteps, sigma * 1000.0], 1)
         labels = None if conditions is None else torch.cat([conditions, conditions[:, 1:]], 1)
         modulation = self.modulate(self.conditioning(timesteps, labels))
         positions = torch.cat([torch.arange(n), torch.arange(1, n)]).to(video.device)

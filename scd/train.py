@@ -42,7 +42,7 @@ class TrainSettings:
     decoder_draws: int = 2
     decoder_lr_ratio: float = 2.0  # the reference trains SCD's decoder at twice the encoder's rate
     sigma_shift: float = 1.0  # > 1 moves the logit-normal noise levels toward sigma 1 (SD3's shift); 1 = the reference
-    clean_context_ratio: float = 1.0  # share of SCD context frames the encoder sees clean; the rest noised (reference: 0.1)
+    clean_context_ratio: float = 1.0  # share of context frames seen clean (SCD: by its encoder); the rest noised (reference: 0.1)
     context_sigma_max: float = 1.0  # noised context frames draw sigma from max * logit-normal
     action_dropout: float = 0.1
     seed: int = 0

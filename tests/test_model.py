@@ -12,7 +12,7 @@ from scd.checkpoints import load_model, save_model_folder
 from scd.codecs import CodecConfig
 from scd.errors import ConfigError
 from scd.flow import add_noise, noised_context
-from scd.model import ModelConfig, Objective, build_model, default_rope_axes
+from scd.model import ModelConfig, Objective, build_model, default_rope_axes, patchify
 from scd.sampling import sigma_schedule
 
 WORLD = dict(latent_size=(32, 32), frame_size=(32, 32), patch_size=8, demo="world")
@@ -33,6 +33,29 @@ def test_noised_context_keeps_the_clean_share_and_labels_the_rest():
     s = sigma.view(-1, 1, 1, 1)
     implied = (noisy[~clean] - (1 - s) * video[~clean]) / s
     assert abs(implied.std().item() - 1) < 0.05
+
+
+def test_baseline_training_reads_noised_context_only_when_asked():
+    config = tiny_config(arch="baseline", **WORLD)
+    model = build_model(config)
+    with torch.no_grad():  # not the zeroed output layers of a new model, which ignore their input
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    video = torch.rand(2, 4, 3, 32, 32) * 2 - 1
+    seen = []
+    model.x_embedder.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    clean_tokens = patchify(video, config.patch_size)
+    torch.manual_seed(0)
+    clean = model.loss(video, None, Objective())
+    assert torch.equal(seen[-1][:, :4], clean_tokens)  # [context; noisy]: the context as given
+    torch.manual_seed(0)
+    assert torch.equal(model.loss(video, None, Objective(clean_context_ratio=1.0, context_sigma_max=0.3)), clean)
+    torch.manual_seed(0)
+    noised = model.loss(video, None, Objective(clean_context_ratio=0.0, context_sigma_max=0.3))
+    context = seen[-1][:, :4]
+    assert not torch.equal(context, clean_tokens) and (context - clean_tokens).abs().mean() < 0.3  # sigma <= 0.3
+    assert torch.equal(seen[-1][:, 4:], seen[0][:, 4:])  # the frames to denoise drew the same noise
+    assert noised != clean
 
 
 def test_baseline_training_pass_matches_streaming_inference():

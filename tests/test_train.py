@@ -31,8 +31,9 @@ def test_loss_goes_down_for_both_archs(tmp_path):
 
 
 
-def test_scd_learns_with_noised_context(tmp_path):
-    config = tiny_config(**WORLD)
+@pytest.mark.parametrize("arch", ["scd", "baseline"])
+def test_learns_with_noised_context(tmp_path, arch):
+    config = tiny_config(arch=arch, **WORLD)
     settings = training.TrainSettings(steps=40, lr=3e-3, warmup=1, checkpoint_every=100, action_dropout=0.0,
                                       clean_context_ratio=0.5, context_sigma_max=0.3)
     losses = [p.loss for p in training.train(config, tmp_path / "m", settings, fixed_batches())]
