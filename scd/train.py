@@ -325,6 +325,12 @@ def train(config: ModelConfig, out: Path, settings: TrainSettings, batches, init
         save_model_folder(ema, out, card(losses, wall_before + time.perf_counter() - began) if card else None)
         if codec_folder is not None:
             _copy_codec(Path(codec_folder), out / CODEC_DIR)
+    if ranks > 1:
+        # the processes leave together and close the group: a gloo group alive at interpreter exit
+        # can abort its process ("terminate called without an active exception")
+        accelerator.wait_for_everyone()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def _copy_codec(source: Path, target: Path) -> None:
