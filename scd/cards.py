@@ -80,7 +80,7 @@ def training_card(command: str, config: ModelConfig, settings, data: str):
     if config.arch == "scd":
         recipe.append(f"decoder x{settings.decoder_lr_ratio:g}")
     recipe.append(f"EMA {settings.ema_decay}")
-    if config.arch == "scd" and settings.clean_context_ratio < 1:
+    if settings.clean_context_ratio < 1:  # both models read noised context when asked
         recipe.append(f"clean context {settings.clean_context_ratio:g} (else sigma <= {settings.context_sigma_max:g})")
     recipe.append(f"context window {config.window or config.context_frames} frames")
     depth = f"{config.depth} layers" + (f" (decoder input: {config.decoder_input})" if config.decoder_input else "")

@@ -329,8 +329,7 @@ def train(config: ModelConfig, out: Path, settings: TrainSettings, batches, init
         # the processes leave together and close the group: a gloo group alive at interpreter exit
         # can abort its process ("terminate called without an active exception")
         accelerator.wait_for_everyone()
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        accelerator.end_training()
 
 
 def _copy_codec(source: Path, target: Path) -> None:

@@ -200,3 +200,15 @@ def dataclasses_replace(settings, **changes):
     import dataclasses
 
     return dataclasses.replace(settings, **changes)
+
+
+def test_the_card_records_noised_context_for_either_model():
+    from scd.cards import training_card
+
+    for arch in ("scd", "baseline"):
+        config = tiny_config(arch=arch, **WORLD)
+        noised = training.TrainSettings(steps=10, clean_context_ratio=0.5, context_sigma_max=0.3)
+        card = training_card("scd train", config, noised, "synthetic world")([0.5] * 10, 60.0)
+        assert "clean context 0.5 (else sigma <= 0.3)" in card, arch
+        clean = training_card("scd train", config, training.TrainSettings(steps=10), "synthetic world")([0.5] * 10, 60.0)
+        assert "clean context" not in clean, arch
