@@ -34,7 +34,7 @@ from scd.compiler import BACKENDS, compile_counts, compiler
 from scd.devices import dtype_name, resolve_device, resolve_dtype
 from scd.errors import ConfigError
 from scd.flops import frame_flops, parameter_count
-from scd.model import ModelConfig, build_model, preset
+from scd.models import ModelConfig, build_model, preset
 from scd.sampling import kv_cache_bytes, stream
 
 # The default bench: the paper's structure (8 encoder + 4 decoder blocks against a 12-block

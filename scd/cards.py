@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 import scd
-from scd.model import ModelConfig
+from scd.models import ModelConfig
 
 
 def architecture(config: ModelConfig) -> str:

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from scd import files
 from scd.errors import CheckpointError, ConfigError
 from scd.loaded import LoadedModel
-from scd.model import ModelConfig
+from scd.models import ModelConfig
 from scd.weights import model_from_tensors, read_tensors
 
 ASSETS = Path(__file__).parent / "assets"

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from scd.errors import CheckpointError
-from scd.model import CodecConfig
+from scd.models import CodecConfig
 from scd.weights import load_state, read_tensors
 
 CODEC_DIR = "codec"

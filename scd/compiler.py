@@ -1,6 +1,6 @@
 """How a stream is compiled: torch.compile of the models' per-frame and per-step calls.
 
-A compiled stream has static shapes (`scd.model.StreamState`: every attention reads the whole
+A compiled stream has static shapes (`scd.models.StreamState`: every attention reads the whole
 preallocated cache through a mask), so after its first frames nothing recompiles however long it
 runs. On CUDA, inductor's "reduce-overhead" mode replays each call as a CUDA graph; elsewhere the
 default mode. A call that fails to compile runs eagerly instead (`fallbacks` says why).

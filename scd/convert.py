@@ -38,7 +38,7 @@ from scd.codecs import (
     read_dcae_config,
 )
 from scd.errors import CheckpointError, ConfigError
-from scd.model import DECODER_COMBINES, ModelConfig, build_model
+from scd.models import DECODER_COMBINES, ModelConfig, build_model
 from scd.reference import BLOCK, WEIGHT_SUFFIXES, SizeHints
 from scd.weights import load_state, model_from_tensors, read_tensors, tensor_mismatches
 
@@ -300,7 +300,7 @@ def split_baseline(tensors: dict[str, torch.Tensor], base: ModelConfig,
     default 0..K-1 and K..K+L-1); the embedders go to both halves; norm_out and proj_out to the
     decoder. The encoder's norm_out is the baseline's (`copy`) or the reference's zero init, a plain
     LayerNorm (`identity`). Tensors with no source (the encoder norm under identity, a `concat` input
-    projection, a `token_concat_with_proj` alignment) start as `scd.model.init_weights` starts
+    projection, a `token_concat_with_proj` alignment) start as `scd.models.init_weights` starts
     them; blocks selected for neither half are reported dropped."""
     combine, norm = split.decoder_combine or "token_concat", split.encoder_norm or DEFAULT_ENCODER_NORM
     if combine not in DECODER_COMBINES:

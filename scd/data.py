@@ -22,7 +22,7 @@ import torch
 from scd.codecs import CODEC_DIR, load_codec
 from scd.dataset import LatentDataset, codec_fingerprint
 from scd.errors import ConfigError, DataError
-from scd.model import ModelConfig
+from scd.models import ModelConfig
 from scd.train import (
     RANK_STRIDE,  # world stream: process r draws clips from seed + r * stride
 )

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from scd.errors import ConfigError
-from scd.model import ModelConfig, table_fits
+from scd.models import ModelConfig, table_fits
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ def frame_flops(config: ModelConfig, context_frames: int, steps: int, guidance: 
                 tabulated: bool = True) -> FrameFlops:
     """FLOPs of one generated frame with `context_frames` frames already in the KV cache.
     `tabulated`: conditioning comes from the stream's tables wherever they fit
-    (`scd.model.ConditionTable`, an eager stream), so a frame makes none of it; else per frame."""
+    (`scd.models.ConditionTable`, an eager stream), so a frame makes none of it; else per frame."""
     c, t, d = config, config.tokens_per_frame, config.width
     clean_layers = c.encoder_layers if c.arch == "scd" else c.layers
     step_layers = c.decoder_layers if c.arch == "scd" else c.layers

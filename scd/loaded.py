@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from scd.codecs import load_codec
-from scd.model import ModelConfig
+from scd.models import ModelConfig
 
 
 @dataclass

@@ -25,8 +25,8 @@ import yaml
 from scd.codecs import DCAECodec, build_dcae, dcae_downsample, read_dcae_config
 from scd.errors import CheckpointError, ConfigError
 from scd.loaded import LoadedModel
-from scd.model import PRESET_ROPE, PRESETS, ModelConfig, preset_sizes  # noqa: F401 (the reference sizes, read here too)
-from scd.model import default_rope_axes as model_rope_axes
+from scd.models import PRESET_ROPE, PRESETS, ModelConfig, preset_sizes  # noqa: F401 (the reference sizes, read here too)
+from scd.models import default_rope_axes as model_rope_axes
 from scd.weights import model_from_tensors, read_tensors
 
 # ----------------------------------------------------------------------------- FAR's file names and hashes
@@ -350,7 +350,7 @@ def split_far_long(tensors: dict[str, torch.Tensor]) -> tuple[dict, dict]:
 
 
 def default_rope_axes(head_dim: int) -> tuple[int, int, int] | None:
-    """FAR's own split (`scd.model.default_rope_axes` where FAR's proportions are whole even
+    """FAR's own split (`scd.models.default_rope_axes` where FAR's proportions are whole even
     numbers, head dims that are multiples of 16), or None: a bare FAR file of another head dim
     must be told its split, since a guess would silently change the numerics."""
     return model_rope_axes(head_dim) if head_dim % 16 == 0 else None

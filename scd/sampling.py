@@ -2,7 +2,7 @@
 
 `Rollout` generates one frame per `step(action)`, so the action of each frame can be chosen after
 the previous frame was seen (a live player); `stream` is the all-actions-up-front iterator over it.
-Both speak the models' streaming protocol (`scd.model.StreamingModel`) and never ask which model
+Both speak the models' streaming protocol (`scd.models.StreamingModel`) and never ask which model
 they run.
 """
 
@@ -17,7 +17,7 @@ import torch
 from scd.compiler import compiled_call, compiler
 from scd.errors import ActionError, ConfigError
 from scd.flow import add_noise
-from scd.model import KVCache, StreamingModel
+from scd.models import KVCache, StreamingModel
 
 UNCONDITIONAL = -1.0  # the references' guidance scale for unconditional generation
 MIN_FEATURE_NOISE = 0.05  # decoder guidance noises features at least this much (the official pipeline)

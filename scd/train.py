@@ -1,7 +1,7 @@
 """Training and fine-tuning of SCD and the causal baseline on accelerate.
 
 Both models learn the velocity `noise - x0` of every frame given the earlier frames, exactly the
-situation they meet when generating; each model owns its loss (`model.loss`, see scd/model.py).
+situation they meet when generating; each model owns its loss (`model.loss`, see scd/models/).
 Actions are dropped to the null index for 10% of clips, so guidance has an unconditional model.
 Checkpoints hold model, EMA, optimizer, step and RNG states, written atomically; `resume`
 continues bit-identically because batch k depends only on (seed, k).
@@ -23,7 +23,7 @@ from scd.checkpoints import save_model_folder
 from scd.codecs import CODEC_DIR
 from scd.errors import CheckpointError, ConfigError, DataError
 from scd.loaded import LoadedModel
-from scd.model import ARCHS, ModelConfig, Objective, build_model, default_rope_axes
+from scd.models import ARCHS, ModelConfig, Objective, build_model, default_rope_axes
 
 RANK_STRIDE = 1_000_003  # process r of a multi-process run draws data and noise from seed + r * stride
 MIXED_PRECISION = ("auto", "no", "bf16")
@@ -351,7 +351,7 @@ def new_config(arch: str = "scd", heads: int = 4, head_dim: int = 16, layers: in
                context_frames: int = 7, world_demo: bool = True, data_fields: dict | None = None) -> ModelConfig:
     """The config of a new pixel-space model for the synthetic world's actions (or a video folder
     with the same action names): square frames of `frame_size`, RoPE split by
-    `scd.model.default_rope_axes`; SCD's encoder adds the reference's feature noise (0.05).
+    `scd.models.default_rope_axes`; SCD's encoder adds the reference's feature noise (0.05).
     `data_fields` (scd.data.model_fields of a dataset) replace the world's latent shape, frame
     size, codec, frame rate and conditioning."""
     from scd import world

@@ -12,7 +12,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from scd.errors import CheckpointError
-from scd.model import ModelConfig, build_model
+from scd.models import ModelConfig, build_model
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # a safetensors header larger than this is not a model we wrote
 

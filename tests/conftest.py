@@ -2,7 +2,7 @@ import pytest
 import torch
 from hypothesis import strategies as st
 
-from scd.model import ModelConfig, build_model
+from scd.models import ModelConfig, build_model
 
 torch.set_num_threads(1)  # CI has 2 cores; tiny models gain nothing from more threads
 

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from scd.checkpoints import save_model_folder
 from scd.evaluate import _summary, evaluate
-from scd.model import build_model
+from scd.models import build_model
 from scd_cli.app import app
 
 runner = CliRunner()

@@ -12,7 +12,7 @@ from scd.checkpoints import load_model, save_model_folder
 from scd.codecs import CodecConfig
 from scd.errors import ConfigError
 from scd.flow import add_noise, noised_context
-from scd.model import ModelConfig, Objective, build_model, default_rope_axes, patchify
+from scd.models import ModelConfig, Objective, build_model, default_rope_axes, patchify
 from scd.sampling import sigma_schedule
 
 WORLD = dict(latent_size=(32, 32), frame_size=(32, 32), patch_size=8, demo="world")
@@ -157,7 +157,7 @@ def test_training_through_the_fused_projection():
 def test_stream_conditioning_tables_equal_per_frame_conditioning(monkeypatch):
     """A stream's conditioning tables (every condition's modulation, made once) give the frames
     that conditioning made per frame gives, for both models, actions, labels and no condition."""
-    from scd import model as model_module
+    from scd.models import far as model_module
     from scd.sampling import Rollout, generate
 
     for arch, condition in (("scd", "action"), ("baseline", "action"), ("scd", "label"), ("baseline", None)):
@@ -196,8 +196,8 @@ def test_tabulated_conditioning_equals_per_call_conditioning():
 def test_one_frames_rotary_tables_come_from_a_block_and_equal_made_ones(monkeypatch):
     """A stream's per-frame rotary tables are views into tables made for a block of positions at
     once: the same numbers as made for that frame alone, across block edges and dtype changes."""
-    from scd import model as model_module
-    from scd.model import rope_tables
+    from scd.models import far as model_module
+    from scd.models import rope_tables
 
     encoder = random_model(tiny_config()).encoder
     c = encoder.config

