@@ -31,17 +31,66 @@ def sigma_schedule(steps: int, device=None) -> torch.Tensor:
     return torch.cat([sigmas, sigmas.new_zeros(1)]).float().to(device)
 
 
+def shifted_schedule(shift: float, train_steps: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
+    """The table of a shifted flow-matching schedule (Self-Forcing's `FlowMatchScheduler` with
+    `extra_one_step`, sigma_min 0): float32 sigmas (train_steps,) = shift s / (1 + (shift - 1) s)
+    for s = linspace(1, 0, train_steps + 1)[:-1], and their timesteps, sigma * train_steps."""
+    s = torch.linspace(1.0, 0.0, train_steps + 1, dtype=torch.float32)[:-1]
+    sigmas = shift * s / (1 + (shift - 1) * s)
+    return sigmas, sigmas * train_steps
+
+
+def renoise_schedule(listed: tuple[int, ...], shift: float, warp: bool = True,
+                     steps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The timesteps (K,) a re-noising sampler runs and their sigmas (K,), float32. `listed` steps
+    (Self-Forcing: 1000, 750, 500, 250) are warped onto the shifted table (step k becomes the
+    table's timestep at index 1000 - k) when `warp`; `steps` other than len(listed) spreads that
+    many steps evenly over 1000 first. A timestep's sigma is the table's at the nearest timestep."""
+    listed = list(listed)
+    if steps is not None and steps != len(listed):
+        if steps < 1:
+            raise ConfigError(f"steps must be >= 1, got {steps}", parameter="steps")
+        listed = [round(1000 - i * 1000 / steps) for i in range(steps)]
+    sigmas, table = shifted_schedule(shift)
+    index = torch.tensor(listed, dtype=torch.long)
+    timesteps = torch.cat([table, torch.zeros(1)])[1000 - index] if warp else index.float()
+    nearest = (table[None] - timesteps[:, None]).abs().argmin(dim=1)
+    return timesteps, sigmas[nearest]
+
+
+def renoise(flow: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor], x: torch.Tensor,
+            timesteps: torch.Tensor, sigmas: torch.Tensor, draw: Callable[[int], torch.Tensor],
+            dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Self-Forcing's few-step sampler from noise x (float32, any shape): at each step the model's
+    flow prediction `flow(x, t, k)` (x in the model's dtype, t (B,)) gives x0 = x - sigma_k flow
+    (in float64, as the reference); before the next step x0 is re-noised to sigma_{k+1} with
+    `draw(k)` (standard normal, like x). Returns the last x0 (float32)."""
+    batch = x.shape[0]
+    ts = timesteps.to(device=x.device, dtype=dtype)[:, None].expand(-1, batch).unbind(0)
+    levels = sigmas.double().tolist()
+    for k, sigma in enumerate(levels):
+        v = flow(x.to(dtype), ts[k], k)
+        x0 = (x.double() - sigma * v.double()).float()
+        if k + 1 < len(levels):
+            nxt = float(sigmas[k + 1])
+            x = torch.lerp(x0, draw(k).to(x0.device, torch.float32), nxt)
+    return x0
+
+
 @dataclass
 class Frame:
     """One generated frame: `latents` (B, C, H, W) float32 in model space; times in ms. `context_ms`
     is the context pass that took in the previous frame (SCD's encoder, the baseline's clean pass;
     the whole prompt on the first frame), `denoise_ms` the K denoising steps (SCD's decoder, the
-    baseline's full depth). Times are 0 when the rollout is not timed."""
+    baseline's full depth). Times are 0 when the rollout is not timed. A model that generates
+    chunks of several frames at once gives the chunk's times to its first frame and 0 to the rest
+    (`chunk_start` False), which arrive with it."""
 
     index: int
     latents: torch.Tensor
     context_ms: float
     denoise_ms: float
+    chunk_start: bool = True
 
     @property
     def latency_ms(self) -> float:
@@ -119,14 +168,20 @@ class Rollout:
     shapes (True: inductor, on CUDA with CUDA graphs; or a backend name, "eager" and "aot_eager"
     for tests). The first frames compile, later ones never recompile; results match the eager
     stream to float rounding. A call that fails to compile runs eagerly (`compile_fallbacks`).
+
+    A text-conditioned model (the Wan family) takes `text` (B, L, text_dim), the text encoder's
+    embeddings, for the whole stream; its frames come in chunks of `config.chunk_frames`, made
+    by the step that starts a chunk (the others hand out the rest of it), and the latent size is
+    the context's (B, 0, C, H, W) for a stream from text alone.
     """
 
     def __init__(self, model: StreamingModel, context: torch.Tensor, steps: int, guidance: float = 1.0,
                  actions: torch.Tensor | None = None, label: int | torch.Tensor | None = None, seed: int = 0,
                  window: int | None = None, frames: int | None = None, clamp: float | None = None, timed: bool = True,
-                 compiled: bool | str = False):
+                 compiled: bool | str = False, text: torch.Tensor | None = None):
         config = model.config
-        if context.dim() != 5 or context.shape[2:] != (config.channels, *config.latent_size):
+        if (context.dim() != 5 or context.shape[2] != config.channels
+                or not config.accepts_latent_size(tuple(context.shape[3:]))):
             raise ConfigError(f"context must be (B, F, {config.channels}, {config.latent_size[0]}, {config.latent_size[1]}), "
                               f"got {tuple(context.shape)}")
         batch, given = context.shape[:2]
@@ -140,8 +195,17 @@ class Rollout:
         self.model, self.config = model, config
         self.device, self.dtype = weight.device, weight.dtype
         self.batch, self.given, self.index = batch, given, 0
-        self.sigmas = sigma_schedule(steps)  # on the CPU: denoise reads its step sizes as numbers
-        self.timesteps = (self.sigmas[:-1] * 1000.0).to(device=self.device, dtype=self.dtype)
+        self.latent_size = tuple(context.shape[3:])
+        self.chunk = config.chunk_frames
+        self.pending: list[Frame] = []  # the rest of the chunk the last step made
+        self.chunks = 0
+        if config.sampler == "renoise":
+            self.renoise_timesteps, self.renoise_sigmas = renoise_schedule(
+                config.denoising_steps, config.timestep_shift, config.warp_steps, steps)
+            self.timesteps = self.renoise_timesteps.to(device=self.device, dtype=self.dtype)
+        else:
+            self.sigmas = sigma_schedule(steps)  # on the CPU: denoise reads its step sizes as numbers
+            self.timesteps = (self.sigmas[:-1] * 1000.0).to(device=self.device, dtype=self.dtype)
         self.unconditional = float(guidance) == UNCONDITIONAL
         self.guidance = 1.0 if self.unconditional else float(guidance)
         self.cfg = self.guidance != 1.0
@@ -155,8 +219,13 @@ class Rollout:
         self.label = self._label(label)
         if self.cfg and config.condition is None and not self.decoder_guidance:
             raise ConfigError("guidance needs an action- or class-conditioned model; use guidance 1")
+        if self.cfg and config.condition == "text":
+            raise ConfigError("this text-to-video model is distilled to sample without guidance: use guidance 1",
+                              parameter="guidance")
+        if config.condition == "text" and (actions is not None or label is not None):
+            raise ActionError("this model is conditioned on text: give text, not actions or labels")
         keep = min(given, window) if window else given
-        own = self._context_conditions(actions, given)[:, -keep:] if config.condition else None
+        own = self._context_conditions(actions, given)[:, -keep:] if config.condition in ("action", "label") else None
         context = context[:, -keep:].to(device=self.device, dtype=self.dtype)
         self.compiler, self.cuda_graphs = None, False
         if compiled:
@@ -164,8 +233,10 @@ class Rollout:
             self._denoise_steps = compiled_call(denoise_steps, self.compiler, model)
             self.deltas = (self.sigmas[1:] - self.sigmas[:-1]).to(self.device)
             self.cuda_graphs = self.compiler.mode == "reduce-overhead"
+        capacity = window or (keep + -(-frames // self.chunk) * self.chunk)
+        stream = {} if text is None else {"text": text, "latent_size": self.latent_size}
         with torch.inference_mode():
-            self.state = model.start(batch * (2 if self.cfg else 1), window or (keep + frames), compiler=self.compiler)
+            self.state = model.start(batch * (2 if self.cfg else 1), capacity, compiler=self.compiler, **stream)
             if keep:
                 model.observe(self.state, self._doubled(context), self._guided(own))
 
@@ -206,7 +277,7 @@ class Rollout:
     def _frame_condition(self, action) -> torch.Tensor | None:
         """(B,) condition of the frame about to be generated."""
         config = self.config
-        if config.condition is None:
+        if config.condition not in ("action", "label"):
             if action is not None:
                 raise ActionError("this model takes no actions or labels; drop them")
             return None
@@ -267,12 +338,16 @@ class Rollout:
         calls = {name: call for (name, _), call in getattr(self.model, "_compiled", {}).items()}
         return {name: call.fallback for name, call in calls.items() if call.fallback is not None}
 
-    def step(self, action=None, noise: torch.Tensor | None = None, feature_noise: torch.Tensor | None = None) -> Frame:
+    def step(self, action=None, noise: torch.Tensor | None = None, feature_noise: torch.Tensor | None = None,
+             draws: torch.Tensor | None = None) -> Frame:
         """Generate the next frame, driven by `action` (an index or (B,) indices; None: the null
         action; ignored by models without actions only when None). noise (B, C, H, W) replaces the
-        frame's initial noise; feature_noise (B, T, D), standard normal, the draw of decoder guidance."""
+        frame's initial noise; feature_noise (B, T, D), standard normal, the draw of decoder guidance;
+        draws, a re-noising model's draws for the chunk this step starts (`_chunk_step`)."""
         if self.limit is not None and self.index >= self.limit:
             raise ConfigError(f"this rollout was sized for {self.limit} frames: give it a window to go on")
+        if self.config.sampler == "renoise":
+            return self._chunk_step(action, noise, draws)
         condition = self._frame_condition(action)
         shape = (self.batch, self.config.channels, *self.config.latent_size)
         if noise is not None and tuple(noise.shape) != shape:
@@ -308,17 +383,62 @@ class Rollout:
         return frame
 
 
+    def _chunk_step(self, action, noise: torch.Tensor | None, draws: torch.Tensor | None) -> Frame:
+        """The next frame of a chunked, re-noising stream: a new chunk of `chunk` frames is denoised
+        when the last one is used up. noise (B, n, C, H, W) (or (B, C, H, W) when n = 1) fixes the
+        chunk's initial noise, draws (K - 1, B, n, C, H, W) its re-noising draws; both are given on
+        the step that starts a chunk, else drawn from the seed (noise first, then each draw)."""
+        self._frame_condition(action)
+        if self.pending:
+            if noise is not None or draws is not None:
+                raise ConfigError(f"noise is given per chunk of {self.chunk} frames: on the step that starts one")
+            self.index += 1
+            return self.pending.pop(0)
+        n, shape = self.chunk, (self.batch, self.chunk, self.config.channels, *self.latent_size)
+        if noise is not None:
+            noise = noise[:, None] if noise.dim() == 4 and n == 1 else noise
+            if tuple(noise.shape) != shape:
+                raise ConfigError(f"noise must be {shape}, got {tuple(noise.shape)}")
+        steps = self.renoise_timesteps.shape[0]
+        if draws is not None and tuple(draws.shape) != (steps - 1, *shape):
+            raise ConfigError(f"draws must be {(steps - 1, *shape)}, got {tuple(draws.shape)}")
+        self._last = time.perf_counter()
+        with torch.inference_mode():
+            if noise is None:  # from the CPU generator: a seed gives the same frames on any device
+                noise = torch.randn(shape, generator=self.generator)
+            x = noise.to(self.device, torch.float32)
+
+            def draw(k: int) -> torch.Tensor:
+                return draws[k] if draws is not None else torch.randn(shape, generator=self.generator)
+
+            self.model.prepare(self.state, None, self.timesteps)
+            context_ms = self._lap()
+            x = renoise(lambda x, t, k: self.model.velocity(self.state, x, t, step=k), x, self.renoise_timesteps,
+                        self.renoise_sigmas, draw, self.dtype)
+            denoise_ms = self._lap()
+            self.model.observe(self.state, x.to(self.dtype), None)
+        frames = [Frame(self.index + i, x[:, i], context_ms if i == 0 else 0.0, denoise_ms if i == 0 else 0.0, i == 0)
+                  for i in range(n)]
+        self.chunks += 1
+        self.pending = frames[1:]
+        self.index += 1
+        return frames[0]
+
+
 def stream(model: StreamingModel, context: torch.Tensor, frames: int, steps: int,
            guidance: float = 1.0, conditions: torch.Tensor | None = None, noise: torch.Tensor | None = None,
            seed: int = 0, window: int | None = None, clamp: float | None = None, timed: bool = True,
-           feature_noise: torch.Tensor | None = None, compiled: bool | str = False) -> Iterator[Frame]:
+           feature_noise: torch.Tensor | None = None, compiled: bool | str = False, text: torch.Tensor | None = None,
+           draws: torch.Tensor | None = None) -> Iterator[Frame]:
     """Continue `context` (B, F, C, H, W), in model space, by `frames` frames: a `Rollout` with every
     action known up front.
 
     conditions: actions (B, F + frames) or (F + frames,), `conditions[:, j]` belonging to frame j, or
     labels (B,) (or one int) for a class-conditioned model; None means the null action. noise
     (B, frames, C, H, W) fixes each frame's initial noise, feature_noise (B, frames, T, D) the draws
-    of decoder guidance; otherwise they are drawn from `seed`. The rest as `Rollout`.
+    of decoder guidance; otherwise they are drawn from `seed`. text (B, L, text_dim): a
+    text-conditioned model's embeddings; draws (chunks, K - 1, B, n, C, H, W) its re-noising
+    draws, chunk by chunk. The rest as `Rollout`.
     """
     config = model.config
     if frames < 0:
@@ -336,9 +456,15 @@ def stream(model: StreamingModel, context: torch.Tensor, frames: int, steps: int
     elif conditions is not None:
         raise ActionError("this model takes no actions or labels; drop them")
     rollout = Rollout(model, context, steps, guidance, None if actions is None else actions[..., :given], label,
-                      seed, window, frames, clamp, timed, compiled)
+                      seed, window, frames, clamp, timed, compiled, text)
+    n = config.chunk_frames
     for u in range(frames):
         action = None if actions is None else actions[..., given + u]
+        if config.sampler == "renoise":  # a chunked stream takes its noise and draws on a chunk's first step
+            first = u % n == 0
+            yield rollout.step(action, None if noise is None or not first else noise[:, u:u + n],
+                               draws=None if draws is None or not first else draws[u // n])
+            continue
         yield rollout.step(action, None if noise is None else noise[:, u],
                            None if feature_noise is None else feature_noise[:, u])
 
@@ -357,4 +483,5 @@ def kv_cache_bytes(model: StreamingModel, batch: int, frames: int, guidance: flo
     return model.cache_bytes(b, frames, dtype or next(model.parameters()).dtype)
 
 
-__all__ = ["Frame", "KVCache", "Rollout", "add_noise", "denoise", "denoise_steps", "generate", "kv_cache_bytes", "sigma_schedule", "stream"]
+__all__ = ["Frame", "KVCache", "Rollout", "add_noise", "denoise", "denoise_steps", "generate", "kv_cache_bytes", "renoise",
+           "renoise_schedule", "shifted_schedule", "sigma_schedule", "stream"]

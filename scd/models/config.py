@@ -320,6 +320,7 @@ class WanConfig:
     default_guidance = 1.0
     action_names: tuple = ()
     num_classes = 0
+    encoder_noise = 0.0
     demo = None
 
     def __post_init__(self):

@@ -298,6 +298,12 @@ class Decoder(Transformer):
 
 # ----------------------------------------------------------------------------- the two streaming models
 
+def _no_text(text) -> None:
+    if text is not None:
+        raise ConfigError("this model takes no text: it is conditioned on actions or labels, or on nothing",
+                          parameter="text")
+
+
 def _append(model: Transformer, state: StreamState, frames: torch.Tensor, conditions: torch.Tensor | None,
             feature_noise: torch.Tensor | None = None) -> torch.Tensor | None:
     """Run clean frames (B, F, C, H, W) into `state`'s cache in prefill chunks (one frame at a time,
@@ -377,7 +383,8 @@ class SCDModel(nn.Module, StreamingModel):
     def cached_layers(self) -> int:
         return self.config.encoder_layers
 
-    def start(self, batch: int, capacity: int, compiler: Callable | None = None) -> StreamState:
+    def start(self, batch: int, capacity: int, compiler: Callable | None = None, text=None, latent_size=None) -> StreamState:
+        _no_text(text)
         weight = self.decoder.x_embedder.weight
         return self._state(self.encoder.new_cache(batch, capacity), self, compiler,
                            rope=self.decoder.rope_tables(weight.device))
@@ -462,7 +469,8 @@ class Baseline(Transformer, StreamingModel):
     def cached_layers(self) -> int:
         return self.config.layers
 
-    def start(self, batch: int, capacity: int, compiler: Callable | None = None) -> StreamState:
+    def start(self, batch: int, capacity: int, compiler: Callable | None = None, text=None, latent_size=None) -> StreamState:
+        _no_text(text)
         return self._state(self.new_cache(batch, capacity), self, compiler)
 
     def prepare(self, state: StreamState, condition: torch.Tensor | None, timesteps: torch.Tensor | None = None) -> None:

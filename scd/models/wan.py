@@ -363,36 +363,6 @@ def _tokens(c: WanConfig, size) -> int:
     return (size[0] // c.patch_size[1]) * (size[1] // c.patch_size[2])
 
 
-# ----------------------------------------------------------------------------- the sampler's schedule
-
-def shifted_schedule(shift: float, train_steps: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
-    """Self-Forcing's table (FlowMatchScheduler with `extra_one_step`, sigma_min 0): float32 sigmas
-    (train_steps,) = shift s / (1 + (shift - 1) s) for s = linspace(1, 0, train_steps + 1)[:-1],
-    and their timesteps, sigma * train_steps."""
-    s = torch.linspace(1.0, 0.0, train_steps + 1, dtype=torch.float32)[:-1]
-    sigmas = shift * s / (1 + (shift - 1) * s)
-    return sigmas, sigmas * train_steps
-
-
-def denoising_timesteps(config: WanConfig, steps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The stream's timesteps (K,) and their sigmas (K,) float32. `steps` other than the config's
-    list length spreads `steps` listed steps evenly over 1000 (as Self-Forcing lists them), then
-    warps them as the config says: listed step k becomes the table's timestep at index 1000 - k."""
-    listed = list(config.denoising_steps)
-    if steps is not None and steps != len(listed):
-        if steps < 1:
-            raise ConfigError(f"steps must be >= 1, got {steps}")
-        listed = [round(1000 - i * 1000 / steps) for i in range(steps)]
-    sigmas, table = shifted_schedule(config.timestep_shift)
-    listed_t = torch.tensor(listed, dtype=torch.long)
-    if config.warp_steps:
-        timesteps = torch.cat([table, torch.zeros(1)])[1000 - listed_t]
-    else:
-        timesteps = listed_t.float()
-    nearest = (table[None] - timesteps[:, None]).abs().argmin(dim=1)
-    return timesteps, sigmas[nearest]
-
-
 def build(config: WanConfig, init: bool = True) -> WanCausal:
     """A causal Wan model of `config`; `init` draws weights as Wan initialises them (xavier linears,
     normal text and time embedders, zero head), else they are left as allocated for a load."""
