@@ -13,10 +13,7 @@ from scd.models import ModelConfig
 
 def architecture(config: ModelConfig) -> str:
     """One phrase for the model's structure, as every card and report says it."""
-    if config.arch == "scd":
-        return (f"SCD, {config.encoder_layers} encoder + {config.decoder_layers} decoder blocks, "
-                f"decoder input {config.decoder_combine}")
-    return f"causal baseline, {config.layers} blocks"
+    return config.architecture
 
 
 # ----------------------------------------------------------------------------- scd convert

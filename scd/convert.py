@@ -25,7 +25,7 @@ from pathlib import Path, PurePosixPath
 import torch
 from safetensors.torch import save_file
 
-from scd import checks, files, reference
+from scd import checks, files, reference, wan_reference
 from scd.cards import conversion_card
 from scd.checkpoints import CONFIG, WEIGHTS, read_folder_config, save_model_folder
 from scd.codecs import (
@@ -50,6 +50,7 @@ DEFAULT_DOWNSAMPLE = 8  # DC-AE of FAR's 64 px models; Minecraft (128 px) is 16
 EMBEDDERS = ("x_embedder.", "timestep_embedder.", "action_embedder.", "label_embedder.")
 
 KIND_NAMES = {"far": "FAR checkpoint", "far_long": "FAR_Long checkpoint", "scd": "official SCD trainer checkpoint",
+              "wan": "causal Wan2.1 checkpoint (Self-Forcing, Wan2.1 or diffusers names)",
               "baseline-folder": "scd baseline model folder", "scd-folder": "scd SCD model folder"}
 
 
@@ -486,7 +487,7 @@ class _Read:
 def convert(source: str | Path, out: str | Path, *, options: str | Path | None = None, to: str = "scd",
             split: Split = Split(), sizes: SizeHints = SizeHints(), codec: CodecSpec = CodecSpec(),
             fps: float | None = None, action_names: tuple[str, ...] | None = None, overwrite: bool = False,
-            push_to_hub: str | None = None, private: bool = False) -> ConversionReport:
+            push_to_hub: str | None = None, private: bool = False, base: str | Path | None = None) -> ConversionReport:
     """Convert `source` (a path or Hub reference) into the model folder `out`.
 
     `to="scd"` splits a baseline into encoder + decoder as `split` says, or re-saves an SCD source;
@@ -495,15 +496,21 @@ def convert(source: str | Path, out: str | Path, *, options: str | Path | None =
     `sizes`. `codec` attaches a DC-AE. `action_names` name the model's actions or classes. Returns
     the report; raises CheckpointError / ConfigError / HubError before writing anything when the
     input is not understood.
+
+    A causal Wan2.1 source (a Self-Forcing `.pt`, Wan2.1 or diffusers safetensors) converts with
+    `base`, the Wan base folder or Hub repo that gives its sizes (or a config.json beside it).
     """
     if to not in ("scd", "baseline"):
         raise ConfigError(f"to must be scd or baseline, not {to!r}", parameter="to")
+    src = resolve(source)
+    if base is not None or wan_reference.is_wan_source(src.path):
+        return _convert_wan(src, Path(out).expanduser(), base, to, overwrite, push_to_hub, private)
     for name, value, low, above, integer in (("scaling_factor", codec.scaling_factor, 0, True, False),
                                              ("downsample", codec.downsample, 1, False, True), ("fps", fps, 0, True, False)):
         if value is not None:
             checks.number(name, value, low, 1000 if name == "fps" else None, above=above, integer=integer)
     out = Path(out).expanduser()
-    read = _read(resolve(source))
+    read = _read(src)
     notes: list[str] = []
     base, origin = _base_config(read, options, sizes, notes)
     dropped = _drop_far_long(read, notes)
@@ -668,3 +675,38 @@ def _write_codec(folder: Path, codec: _Codec) -> None:
         files.write_text(folder / DCAE_CONFIG, json.dumps(codec.config, indent=2) + "\n", CheckpointError)
     except OSError as err:
         raise CheckpointError(f"cannot write the codec into {folder}: {err.strerror or err}") from None
+
+
+# ----------------------------------------------------------------------------- the Wan family
+
+def _convert_wan(src: Source, out: Path, base, to: str, overwrite: bool, push_to_hub: str | None,
+                 private: bool) -> ConversionReport:
+    """A causal Wan2.1 checkpoint -> an scd model folder (config.json naming the family and its
+    base, model.safetensors under Wan2.1's names)."""
+    if to != "baseline":
+        raise ConfigError("a causal Wan model converts --to baseline (the SCD split of Wan is not in this "
+                          "scd yet)", parameter="to")
+    base_folder, base_revision = (None, None) if base is None else wan_reference.resolve_base(base)
+    base_ref = None if base is None else (str(base) if base_revision is None or "@" in str(base)
+                                          else f"{base}@{base_revision}")
+    if base_folder is not None and Path(str(base)).expanduser().is_dir():
+        base_ref = str(Path(str(base)).expanduser().resolve())
+    config = wan_reference.wan_config(src.path, base_folder, base=base_ref)
+    if src.path.is_file():
+        _check_container(src.path, src.text)
+    sha = reference.file_sha256(src.path) if src.path.is_file() else "-"
+    tensors, names = wan_reference.read_weights(src.path)
+    model = model_from_tensors(config, tensors, src.text)
+    entries = [TensorEntry(k, names[k], MAPPED, tuple(v.shape), "renamed from diffusers" if names[k] != k else "")
+               for k, v in tensors.items()]
+    notes = [f"sizes from {'the base ' + str(base) if base is not None else 'the config.json beside it'}"]
+    report = ConversionReport(src.text, "wan", sha, src.revision, notes[0], config, entries, notes=notes)
+    _prepare_out(out, src.path, overwrite)
+    save_model_folder(model, out, conversion_card(report, out), dtype=_floating_dtype(tensors))
+    report.folder = out
+    if push_to_hub:
+        from scd import hub
+
+        commit = hub.push_folder(out, push_to_hub, private=private, commit_message=f"scd convert {src.text} (causal Wan2.1)")
+        report.pushed = f"{push_to_hub}@{commit}"
+    return report

@@ -69,7 +69,19 @@ def read_generator(path: Path, ema: bool = True) -> dict[str, torch.Tensor]:
     """The transformer's tensors under Wan2.1's names from a Self-Forcing `.pt` (`generator_ema`, or
     `generator` with ema=False; the wrapper's `model.` prefix dropped), a Wan2.1 or diffusers
     safetensors file, or a diffusers `transformer/` folder."""
-    path = Path(path)
+    return read_weights(path, ema)[0]
+
+
+def read_weights(path: Path, ema: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """`read_generator`, and each tensor's name in the file (Wan2.1's name -> the file's)."""
+    tensors = _read_any(Path(path), ema)
+    if not is_diffusers_naming(tensors):
+        return tensors, {k: k for k in tensors}
+    renamed = from_diffusers_names(tensors)
+    return renamed, dict(zip(renamed, tensors))
+
+
+def _read_any(path: Path, ema: bool) -> dict[str, torch.Tensor]:
     if path.is_dir():
         files = sorted(path.glob("*.safetensors"))
         if not files:
@@ -81,7 +93,40 @@ def read_generator(path: Path, ema: bool = True) -> dict[str, torch.Tensor]:
         tensors = _self_forcing_tensors(path, ema)
     else:
         tensors = read_tensors(path)
-    return from_diffusers_names(tensors) if is_diffusers_naming(tensors) else tensors
+    if not tensors:
+        raise CheckpointError(f"{path} holds no tensors: it is not a checkpoint")
+    return tensors
+
+
+def is_wan_source(path: Path) -> bool:
+    """Whether `path` holds a causal Wan2.1 checkpoint: a Self-Forcing style or diffusers config.json
+    beside it (or in it), a Self-Forcing `.pt`, or safetensors under Wan2.1's or diffusers' names."""
+    path = Path(path)
+    config = path / "config.json" if path.is_dir() else path.parent / "config.json"
+    if config.is_file():
+        try:
+            data = json.loads(config.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            data = None
+        if isinstance(data, dict) and ("model" in data and isinstance(data["model"], dict) and "dim" in data["model"]
+                                       or data.get("family") == "wan" or "num_attention_heads" in data):
+            return True
+    if not path.is_file():
+        return False
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                keys = list(f.keys())
+        elif path.suffix in (".pt", ".pth"):
+            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            keys = list(data.get("generator_ema", data.get("generator", data))) if isinstance(data, dict) else []
+        else:
+            return False
+    except Exception:  # noqa: BLE001 - not readable here: the format's own reader says why
+        return False
+    return any(re.match(r"^(model\.)?blocks\.\d+\.(self_attn|attn1)\.", k) for k in keys)
 
 
 def _self_forcing_tensors(path: Path, ema: bool) -> dict[str, torch.Tensor]:
@@ -160,7 +205,7 @@ def config_from_self_forcing(data: dict, **settings) -> WanConfig:
         raise CheckpointError(f"the Self-Forcing config does not describe a model scd can stream: {err}") from None
 
 
-def wan_config(weights: Path, base: Path | None = None, **settings) -> WanConfig:
+def wan_config(weights: Path, base_folder: Path | None = None, **settings) -> WanConfig:
     """The config of Wan weights: a config.json beside them (Self-Forcing style, or scd's own with
     `family: wan`), else the base folder's transformer/config.json."""
     weights = Path(weights)
@@ -173,18 +218,41 @@ def wan_config(weights: Path, base: Path | None = None, **settings) -> WanConfig
             return WanConfig.from_dict({**data, **settings})
         if "num_attention_heads" in data:
             return config_from_diffusers(data, **settings)
-    if base is None:
+    if base_folder is None:
         raise CheckpointError(f"the sizes of {weights} are not in its file: give the base model folder "
                               f"(with {TRANSFORMER_CONFIG})", parameter="base")
-    path = Path(base) / TRANSFORMER_CONFIG
+    path = Path(base_folder) / TRANSFORMER_CONFIG
     if not path.is_file():
-        raise CheckpointError(f"{base} is not a Wan base folder: it has no {TRANSFORMER_CONFIG}", parameter="base")
+        raise CheckpointError(f"{base_folder} is not a Wan base folder: it has no {TRANSFORMER_CONFIG}",
+                              parameter="base")
     return config_from_diffusers(_read_json(path), **settings)
 
 
-def load_wan(weights: Path, base: Path | None = None, ema: bool = True, **settings):
+def load_wan(weights: Path, base_folder: Path | None = None, ema: bool = True, **settings):
     """A causal Wan model holding the weights of `weights` (any format above), sized by its config;
     strict: a missing, unexpected or mis-shaped tensor is a CheckpointError naming it."""
-    config = wan_config(weights, base, **settings)
+    config = wan_config(weights, base_folder, **settings)
     tensors = read_generator(weights, ema)
     return model_from_tensors(config, tensors, str(weights))
+
+
+# ----------------------------------------------------------------------------- the base
+
+DEFAULT_BASE = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+BASE_CONFIG_FILES = ("model_index.json", TRANSFORMER_CONFIG)  # what sizing a generator needs of its base
+
+
+def resolve_base(base: str | Path, files: tuple[str, ...] = BASE_CONFIG_FILES) -> tuple[Path, str | None]:
+    """A base folder in the layout of Wan-AI/Wan2.1-T2V-1.3B-Diffusers: a local folder, or a Hub
+    repo (owner/name@revision) of which only `files` (patterns) are fetched into the Hub cache, never
+    the transformer's weights. Returns (folder, the Hub commit or None)."""
+    local = Path(str(base)).expanduser()
+    if local.is_dir():
+        return local, None
+    from scd import hub  # deferred: huggingface_hub is only needed for Hub references
+
+    ref = hub.parse_hub_ref(str(base))
+    if ref is None or ref.path_in_repo:
+        raise CheckpointError(f"base {base} is neither a folder nor a Hub repo id (owner/name[@revision])",
+                              parameter="base")
+    return hub.fetch_model_folder(ref, allow_patterns=files)

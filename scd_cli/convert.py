@@ -53,7 +53,7 @@ def _table(report: conversion.ConversionReport) -> tuple[Table, int]:
 
 @handles_errors
 def convert(
-    source: str = typer.Argument(..., help="FAR / FAR_Long .pth, official SCD ema.pth or accelerate model.safetensors (or its folder), an scd model folder, or a Hub reference owner/name:path/in/repo@revision."),
+    source: str = typer.Argument(..., help="FAR / FAR_Long .pth, official SCD ema.pth or accelerate model.safetensors (or its folder), an scd model folder, a causal Wan2.1 checkpoint (Self-Forcing .pt, Wan2.1 or diffusers safetensors; with --base), or a Hub reference owner/name:path/in/repo@revision."),
     out: Path = typer.Option(..., "--out", "-o", help="Model folder to write."),
     options: Optional[str] = typer.Option(None, "--options", help="The checkpoint's options file (YAML; local or owner/name:path@rev). Needed for official SCD checkpoints; FAR sizes are otherwise read off the tensors."),
     to: str = typer.Option("scd", "--to", help="scd: split a baseline into encoder + decoder (SCD sources are re-saved); baseline: re-save a baseline as it is."),
@@ -77,6 +77,7 @@ def convert(
     downsample: Optional[int] = typer.Option(None, "--downsample", help="Pixels per latent when no codec is attached (default 8; FAR's Minecraft: 16)."),
     fps: Optional[float] = typer.Option(None, "--fps", help="Frame rate recorded in config.json."),
     action_names: Optional[str] = typer.Option(None, "--action-names", help="Names of the model's actions or classes, comma separated, one per class (for --actions / --label by name)."),
+    base: Optional[str] = typer.Option(None, "--base", help="A causal Wan2.1 source's base: a folder in the layout of Wan-AI/Wan2.1-T2V-1.3B-Diffusers or that Hub repo (owner/name@revision); its transformer/config.json gives the sizes."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty --out folder."),
     push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub", help="Upload the folder to this Hub repo (owner/name); needs HF_TOKEN with write access."),
     private: bool = typer.Option(False, "--private", help="Create the Hub repo private."),
@@ -90,7 +91,7 @@ def convert(
     names = None if action_names is None else tuple(n.strip() for n in action_names.split(",") if n.strip())
     kwargs = dict(options=options, to=to, split=split, sizes=sizes,
                   codec=conversion.CodecSpec(codec, codec_config, scaling_factor, downsample), fps=fps,
-                  action_names=names, overwrite=overwrite, push_to_hub=push_to_hub, private=private)
+                  action_names=names, overwrite=overwrite, push_to_hub=push_to_hub, private=private, base=base)
     with err_console.status(f"converting {source}", spinner="dots") if not quiet else nullcontext():
         report = conversion.convert(source, out, **kwargs)
     if not quiet:
@@ -101,8 +102,7 @@ def convert(
         for note in report.notes:
             say(f"[dim]note:[/] {note}")
     c = report.config
-    arch = (f"SCD {c.encoder_layers} + {c.decoder_layers} blocks ({c.decoder_combine})" if c.arch == "scd"
-            else f"baseline {c.layers} blocks")
+    arch = c.architecture
     mapped, created, dropped = (report.totals()[a][0] for a in (conversion.MAPPED, conversion.CREATED, conversion.DROPPED))
     console.print(f"wrote [bold]{report.folder}[/]: {arch}, codec {c.codec.type}, from a {report.description} "
                   f"(sha256 {report.sha256[:12]}); {mapped} mapped, {created} created, {dropped} dropped", soft_wrap=True)

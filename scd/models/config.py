@@ -138,6 +138,14 @@ class ModelConfig:
         return self.decoder_combine if self.arch == "scd" else None
 
     @property
+    def architecture(self) -> str:
+        """One phrase for the model's structure, as every card and report says it."""
+        if self.arch == "scd":
+            return (f"SCD, {self.encoder_layers} encoder + {self.decoder_layers} decoder blocks, "
+                    f"decoder input {self.decoder_combine}")
+        return f"causal baseline, {self.layers} blocks"
+
+    @property
     def tokens_per_frame(self) -> int:
         return (self.latent_size[0] // self.patch_size) * (self.latent_size[1] // self.patch_size)
 
@@ -312,6 +320,9 @@ class WanConfig:
     fps: float = 16.0
     codec: CodecConfig = field(default_factory=lambda: CodecConfig(type="wan", downsample=8))
     context_frames: int = 0  # latent frames of a prompt clip it is given by default (0: text alone)
+    # where its text encoder and VAE come from: a Hub repo (owner/name@revision) or a folder in the
+    # layout of Wan-AI/Wan2.1-T2V-1.3B-Diffusers (tokenizer/, text_encoder/, vae/, transformer/config.json)
+    base: str | None = None
     format_version: int = FORMAT_VERSION
 
     condition = "text"
@@ -351,6 +362,13 @@ class WanConfig:
     @property
     def decoder_input(self) -> None:
         return None
+
+    @property
+    def architecture(self) -> str:
+        """One phrase for the model's structure, as cards and reports say it."""
+        window = "global attention" if self.local_attn_size is None else (
+            f"a rolling window of {self.local_attn_size} frames, {self.sink_size} sink")
+        return f"causal Wan2.1, {self.num_layers} blocks, chunks of {self.chunk_frames} latent frames, {window}"
 
     @property
     def tokens_per_frame(self) -> int:
@@ -422,6 +440,8 @@ class WanConfig:
                 problems.append(f"{name} must be a number >= 0, not {value!r}")
         if not isinstance(self.context_frames, int) or self.context_frames < 0:
             problems.append(f"context_frames must be an integer >= 0, not {self.context_frames!r}")
+        if self.base is not None and not isinstance(self.base, str):
+            problems.append(f"base must be a Hub repo id or a folder, not {self.base!r}")
         if problems:
             raise ConfigError("invalid Wan config: " + "; ".join(problems))
 
