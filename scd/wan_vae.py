@@ -72,7 +72,8 @@ def read_vae_config(path: Path) -> dict:
         raise CheckpointError(f"{path}: every latents_std must be > 0")
     downsample = config.get("temperal_downsample", [False, True, True])
     if not isinstance(downsample, list) or 2 ** sum(bool(d) for d in downsample) != TEMPORAL:
-        raise CheckpointError(f"{path}: the VAE must compress time 4x (two True in temperal_downsample), as Wan2.1's does")
+        raise CheckpointError(f"{path}: the VAE must compress time 4x (two True in temperal_downsample), "
+                              "as Wan2.1's does")
     if config.get("patch_size") is not None or config.get("is_residual"):
         raise CheckpointError(f"{path} is a Wan2.2-style VAE (patch_size / is_residual); scd runs Wan2.1's")
     return config

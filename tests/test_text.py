@@ -6,10 +6,10 @@ import shutil
 
 import pytest
 import torch
+from wan_base import make_wan_base
 
 from scd.errors import OutputError, TextError
 from scd.text import TextEncoder, clean_prompt, default_cache_dir, encode_prompts, encoder_identity
-from wan_base import make_wan_base
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("diffusers")
@@ -185,3 +185,21 @@ def test_a_cache_folder_that_cannot_be_written(base, tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(OutputError, match="is a file, not a folder"):
         encode_prompts(base, CAT, cache_dir=tmp_path / "file")
+
+
+def test_a_hub_snapshot_is_identified_by_its_blobs(base, tmp_path):
+    """In the Hub cache a snapshot's files are links to blobs named by their sha256: another blob of
+    the same size is another encoder."""
+    snapshot, blobs = tmp_path / "snapshot", tmp_path / "blobs"
+    shutil.copytree(base, snapshot)
+    blobs.mkdir()
+    weights = snapshot / "text_encoder" / "model.safetensors"
+    (blobs / "aaaa").write_bytes(weights.read_bytes())
+    (blobs / "bbbb").write_bytes(weights.read_bytes())
+    weights.unlink()
+    weights.symlink_to(blobs / "aaaa")
+    first = encoder_identity(snapshot)
+    weights.unlink()
+    weights.symlink_to(blobs / "bbbb")
+    assert encoder_identity(snapshot) != first
+    assert encoder_identity(base) not in (first, encoder_identity(snapshot))

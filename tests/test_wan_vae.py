@@ -6,10 +6,10 @@ import shutil
 
 import pytest
 import torch
+from wan_base import Z_DIM, make_wan_base
 
 from scd.errors import CheckpointError, VideoError
 from scd.wan_vae import WanVAE, latent_frames, video_frames
-from wan_base import Z_DIM, make_wan_base
 
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
@@ -156,3 +156,31 @@ def test_bad_vae_folders(base, tmp_path):
     (folder / "diffusion_pytorch_model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="has no diffusion_pytorch_model.safetensors"):
         WanVAE.from_folder(folder)
+
+
+def test_the_tiny_base_is_in_the_real_layout_and_deterministic(base, tmp_path):
+    from diffusers import UniPCMultistepScheduler, WanTransformer3DModel
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    index = json.loads((base / "model_index.json").read_text())
+    assert index["_class_name"] == "WanPipeline"
+    parts = {"scheduler", "text_encoder", "tokenizer", "transformer", "vae"}
+    assert set(index) - {"_class_name", "_diffusers_version"} == parts
+    config = json.loads((base / "transformer" / "config.json").read_text())
+    sizes = (config["text_dim"], config["in_channels"], config["out_channels"], config["patch_size"])
+    assert sizes == (32, Z_DIM, Z_DIM, [1, 2, 2])
+    transformer = WanTransformer3DModel.from_config(config)  # the config is one diffusers builds
+    assert transformer.config.num_layers == 2
+    tokenizer = AutoTokenizer.from_pretrained(str(base / "tokenizer"))
+    assert tokenizer("a Fox zebra").input_ids == [3, 14, 2, 1]  # a, fox, <unk>, </s>
+    UniPCMultistepScheduler.from_config(json.loads((base / "scheduler" / "scheduler_config.json").read_text()))
+
+    again = make_wan_base(tmp_path / "again", seed=3, num_layers=3, ffn_dim=48)
+    assert json.loads((again / "transformer" / "config.json").read_text())["num_layers"] == 3
+    for name in ("vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+        first, second = load_file(str(base / name)), load_file(str(again / name))
+        assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    other = make_wan_base(tmp_path / "other", seed=4)
+    assert not torch.equal(load_file(str(other / "text_encoder/model.safetensors"))["shared.weight"],
+                           load_file(str(base / "text_encoder/model.safetensors"))["shared.weight"])

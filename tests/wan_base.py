@@ -1,6 +1,6 @@
 """A tiny random Wan2.1 base folder, for tests: the layout of Wan-AI/Wan2.1-T2V-1.3B-Diffusers
 (model_index.json, tokenizer/, text_encoder/, vae/, transformer/config.json, scheduler/), with a
-word-level tokenizer, a umT5 of width 32 and a VAE a few thousand parameters big. Deterministic
+word-level tokenizer, a umT5 of width 32 (91 kB) and a VAE of 62k parameters. Deterministic
 from its seed: the same call writes the same weights.
 
     from wan_base import make_wan_base  # tests/ is on sys.path, as for conftest
