@@ -36,6 +36,11 @@ class HubError(SCDError):
     """A Hugging Face Hub reference that cannot be resolved or downloaded."""
 
 
+class TextError(SCDError):
+    """A text prompt or text encoder that cannot be used: an empty prompt, a base folder without
+    `tokenizer/` or `text_encoder/`, an encoder that does not load."""
+
+
 class ActionError(SCDError):
     """Actions that the model does not know, or too few or too many of them."""
 
