@@ -65,11 +65,16 @@ def load_model_folder(folder: Path) -> LoadedModel:
 
 
 def load_model(ref: str | Path | None = None, options: Path | None = None, arch: str = "scd",
-               latent_size=None) -> LoadedModel:
+               latent_size=None, base: str | Path | None = None) -> LoadedModel:
     """Resolve a model reference: None (the embedded default of `arch`), a local model folder, a
     reference checkpoint file (with its options, or one of FAR's published files by name), or a Hub
     repo id with optional @revision (`owner/name:path/file.pth` for a checkpoint file in it). A local
-    model folder named `scd` or `baseline` is that folder; `embedded:scd` always names the embedded model."""
+    model folder named `scd` or `baseline` is that folder; `embedded:scd` always names the embedded model.
+
+    A causal Wan2.1 checkpoint (a Self-Forcing `.pt`, Wan2.1 or diffusers safetensors) loads with
+    `base`, the Wan base folder or Hub repo whose text encoder and VAE it runs with (and whose
+    transformer config sizes it); a known generator repo (`gdhe17/Self-Forcing`) needs neither a
+    path nor a base: its file and its base (Wan-AI/Wan2.1-T2V-1.3B-Diffusers) are known."""
     name = str(ref).removeprefix("embedded:") if ref is not None else arch
     local = ref is not None and (Path(ref) / CONFIG).is_file()
     if ref is None or (name in EMBEDDED and (str(ref).startswith("embedded:") or not local)):
@@ -78,9 +83,13 @@ def load_model(ref: str | Path | None = None, options: Path | None = None, arch:
         return loaded
     from scd import reference  # deferred: the reference formats build on this module
 
+    from scd import wan_reference  # deferred as reference: it builds on this module's loaders
+
     path = Path(ref)
-    if path.is_dir():
-        return load_model_folder(path)
+    if path.is_dir() and not (base is not None and not (path / CONFIG).is_file()):
+        return _with_base(load_model_folder(path), base)
+    if path.exists() and (base is not None or wan_reference.is_wan_source(path)):
+        return wan_reference.load_generator(path, base, str(ref))
     if path.is_file():
         return reference.load_reference(path, options, latent_size)
     from scd import hub  # deferred: huggingface_hub is only needed for Hub references
@@ -88,13 +97,39 @@ def load_model(ref: str | Path | None = None, options: Path | None = None, arch:
     hub_ref = hub.parse_hub_ref(str(ref))
     if hub_ref is None:
         raise CheckpointError(f"no model at {ref}: give a model folder, a checkpoint with its options file, or a Hub repo id")
+    known = wan_reference.KNOWN_GENERATORS.get(hub_ref.repo_id)
+    if known is not None and not hub_ref.path_in_repo:
+        hub_ref = hub.HubRef(hub_ref.repo_id, hub_ref.revision, known[0])
     if hub_ref.path_in_repo and PurePosixPath(hub_ref.path_in_repo).suffix in reference.WEIGHT_SUFFIXES:
         path, commit = hub.fetch_file(hub_ref)
+        if base is not None or known is not None or wan_reference.is_wan_source(path):
+            loaded = wan_reference.load_generator(path, base or (known[1] if known else None), str(ref))
+            loaded.source, loaded.revision = f"{hub_ref.repo_id}:{hub_ref.path_in_repo}", commit
+            return loaded
         pinned = hub.HubRef(hub_ref.repo_id, commit, hub_ref.path_in_repo)
         loaded = reference.load_reference(path, options, latent_size, PurePosixPath(hub_ref.path_in_repo).name, pinned)
         loaded.source, loaded.revision = f"{hub_ref.repo_id}:{hub_ref.path_in_repo}", commit
         return loaded
     folder, revision = hub.fetch_model_folder(hub_ref)
-    loaded = load_model_folder(folder)
+    loaded = _with_base(load_model_folder(folder), base)
     loaded.source, loaded.revision = hub_ref.repo_id, revision
+    return loaded
+
+
+def _with_base(loaded: LoadedModel, base: str | Path | None) -> LoadedModel:
+    """A model folder run with another base than the one its config names (a Wan model)."""
+    if base is None:
+        return loaded
+    if getattr(loaded.config, "base", "") == "":
+        raise ConfigError("this model has no base: drop base", parameter="base")
+    import dataclasses
+
+    local = Path(str(base)).expanduser()
+    named = str(local.resolve()) if local.is_dir() else str(base)
+    try:
+        loaded.config = dataclasses.replace(loaded.config, base=named)
+    except TypeError:
+        raise ConfigError("this model takes no base (it has no text encoder or VAE of Wan's): drop base",
+                          parameter="base") from None
+    loaded.model.config = loaded.config
     return loaded

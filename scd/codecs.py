@@ -128,10 +128,36 @@ class DCAECodec:
         return self
 
 
-def load_codec(codec: CodecConfig, folder: Path | None = None):
-    """The codec a model config names; a DC-AE's weights are in `folder/codec/`."""
+class FrameStreamDecoder:
+    """Decodes a stream's latents (B, n, C, h, w) -> frames (B, n, 3, H, W) in [-1, 1] with a codec
+    that decodes every frame alone (the pixel identity, DC-AE): what the Wan VAE's stream decoder
+    does with its causal cache, so a stream decodes alike whatever its codec."""
+
+    def __init__(self, codec):
+        self.codec = codec
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.codec.decode(latents.flatten(0, 1)).unflatten(0, latents.shape[:2])
+
+
+def stream_decoder(codec):
+    """The codec's decoder for one stream: its own (a causal video codec's), else frame by frame."""
+    own = getattr(codec, "stream_decoder", None)
+    return own() if own is not None else FrameStreamDecoder(codec)
+
+
+def load_codec(codec: CodecConfig, folder: Path | None = None, base: Path | None = None):
+    """The codec a model config names; a DC-AE's weights are in `folder/codec/`, the Wan VAE's in
+    the model's base folder (`base/vae/`)."""
     if codec.is_pixel:
         return PixelCodec()
+    if codec.type == "wan":
+        from scd.wan_vae import WanVAE  # deferred: diffusers is the optional extra `wan`
+
+        if base is None:
+            raise CheckpointError("this Wan model decodes through its base's VAE: give the base (a folder in the "
+                                  "layout of Wan-AI/Wan2.1-T2V-1.3B-Diffusers, or that Hub repo)", parameter="base")
+        return WanVAE.from_base(base)
     if folder is None or not (Path(folder) / CODEC_DIR).is_dir():
         where = f"{folder}" if folder is not None else "this model"
         raise CheckpointError(f"{where} works on DC-AE latents but has no {CODEC_DIR}/ folder: attach the "

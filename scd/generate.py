@@ -61,6 +61,8 @@ class Job:
     startup_s: float | None = None  # process start to command start, for the report
     model_load_s: float | None = None
     compiled: bool = False  # torch.compile the frame loop (scd.sampling.Rollout's `compiled`)
+    text: list[str] | None = None  # a text-conditioned model's prompts (one, or one per sample)
+    size: tuple[int, int] | None = None  # a text-to-video model's frame size (H, W) (default: its own)
 
 
 @dataclass
@@ -129,8 +131,18 @@ def load_prompt(loaded: LoadedModel, prompt: Path | None = None, seed: int = 0, 
 
 
 def run(job: Job):
-    """Generate and write; yields Started, then FrameWritten per frame, then Finished."""
+    """Generate and write; yields Started, then FrameWritten per frame, then Finished. A
+    text-conditioned model runs `scd.text_to_video.run` (a prompt, the Wan VAE)."""
     config = job.model.config
+    if config.condition == "text":
+        from scd import text_to_video  # deferred: it builds on this module
+
+        yield from text_to_video.run(job)
+        return
+    if job.text is not None or job.size is not None:
+        what = "text" if job.text is not None else "size"
+        raise ConfigError(f"drop {what}: this model continues video, only text-to-video models take a prompt or a size",
+                          parameter=what)
     began = time.perf_counter() if job.started is None else job.started
     steps = config.default_steps if job.steps is None else job.steps
     guidance = config.default_guidance if job.guidance is None else job.guidance

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from scd.codecs import load_codec
+from scd.errors import CheckpointError
 from scd.models import ModelConfig
 
 
@@ -22,14 +23,31 @@ class LoadedModel:
     revision: str | None = None
     _codec: object = field(default=None, repr=False)
     notes: list[str] = field(default_factory=list)  # what a user should know about how it was loaded
+    # a Wan model's base (text encoder, VAE): the folder, once resolved, and the Hub commit it is at
+    base_folder: Path | None = None
+    base_revision: str | None = None
 
     @property
     def codec(self):
         """Pixels (N, 3, H, W) in [-1, 1] <-> the model's latents (`scd.codecs`), loaded on first use
-        (a DC-AE from the folder's `codec/`)."""
+        (a DC-AE from the folder's `codec/`, the Wan VAE from the base)."""
         if self._codec is None:
-            self._codec = load_codec(self.config.codec, self.folder)
+            base = self.base() if self.config.codec.type == "wan" else None
+            self._codec = load_codec(self.config.codec, self.folder, base)
         return self._codec
+
+    def base(self) -> Path:
+        """The folder of the base a text-conditioned model names (`config.base`): fetched from the
+        Hub on first use (its tokenizer, text encoder and VAE; never the base transformer's weights)."""
+        if self.base_folder is None:
+            from scd import wan_reference  # deferred: only Wan models have a base
+
+            if getattr(self.config, "base", None) is None:
+                raise CheckpointError(f"{self.source} names no base (text encoder and VAE): give one",
+                                      parameter="base")
+            self.base_folder, self.base_revision = wan_reference.resolve_base(self.config.base,
+                                                                              wan_reference.BASE_FILES)
+        return self.base_folder
 
     def to(self, device, dtype) -> "LoadedModel":
         """Move the model and its codec."""

@@ -25,6 +25,7 @@ from scd.models import WanConfig
 from scd.weights import model_from_tensors, read_tensors
 
 TRANSFORMER_CONFIG = "transformer/config.json"
+DEFAULT_BASE = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
 # Self-Forcing's inference defaults (configs/self_forcing_dmd.yaml): what its generator was distilled for
 SELF_FORCING_PIPELINE = {"chunk_frames": 3, "denoising_steps": (1000, 750, 500, 250), "warp_steps": True,
                          "timestep_shift": 5.0, "local_attn_size": None, "sink_size": 0, "context_noise": 0.0}
@@ -238,8 +239,11 @@ def load_wan(weights: Path, base_folder: Path | None = None, ema: bool = True, *
 
 # ----------------------------------------------------------------------------- the base
 
-DEFAULT_BASE = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
 BASE_CONFIG_FILES = ("model_index.json", TRANSFORMER_CONFIG)  # what sizing a generator needs of its base
+# what streaming text to video needs of it: all but the base transformer's weights (5.7 GB at 1.3B)
+BASE_FILES = BASE_CONFIG_FILES + ("tokenizer/*", "text_encoder/*", "vae/*", "scheduler/*")
+# generators known by their Hub repo alone: the file in it, and the base it replaces the transformer of
+KNOWN_GENERATORS = {"gdhe17/Self-Forcing": ("checkpoints/self_forcing_dmd.pt", DEFAULT_BASE)}
 
 
 def resolve_base(base: str | Path, files: tuple[str, ...] = BASE_CONFIG_FILES) -> tuple[Path, str | None]:
@@ -256,3 +260,22 @@ def resolve_base(base: str | Path, files: tuple[str, ...] = BASE_CONFIG_FILES) -
         raise CheckpointError(f"base {base} is neither a folder nor a Hub repo id (owner/name[@revision])",
                               parameter="base")
     return hub.fetch_model_folder(ref, allow_patterns=files)
+
+
+# ----------------------------------------------------------------------------- loading to run
+
+def load_generator(path: Path, base: str | Path | None, source: str, ema: bool = True):
+    """A `LoadedModel` of a causal Wan checkpoint file, sized by the config beside it or by its base
+    (`base`: a folder or a Hub repo; the config's `base` then names it, so its text encoder and VAE
+    are found again)."""
+    from scd.loaded import LoadedModel  # deferred: loaded.py resolves bases through this module
+
+    folder = revision = None
+    if base is not None:
+        folder, revision = resolve_base(base, BASE_CONFIG_FILES)
+    local = base is not None and Path(str(base)).expanduser().is_dir()
+    named = None if base is None else (str(Path(str(base)).expanduser().resolve()) if local else str(base))
+    config = wan_config(path, folder, base=named)
+    model = model_from_tensors(config, read_generator(path, ema), source).eval()
+    return LoadedModel(model, config, source, None, base_folder=folder if local else None,
+                       base_revision=revision)

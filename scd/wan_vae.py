@@ -83,6 +83,8 @@ class WanVAE:
     """AutoencoderKLWan with Wan's latent normalisation: pixels (B, F, 3, H, W) in [-1, 1] <->
     latents (B, n, C, H / s, W / s), s = 8 for Wan2.1 (2 ** (len(dim_mult) - 1) in general)."""
 
+    clamp = None  # latents have no fixed range
+
     def __init__(self, autoencoder: torch.nn.Module):
         self.autoencoder = autoencoder.eval().requires_grad_(False)
         config = dict(autoencoder.config)

@@ -41,7 +41,7 @@ Threads = Annotated[Optional[int], typer.Option(
 
 
 # library parameters whose flag is not simply --parameter-name
-FLAGS = {"window": "--context-window", "prompt": "--prompt-frames", "clips": "--clips"}
+FLAGS = {"window": "--context-window", "prompt": "--prompt-frames", "clips": "--clips", "text": "--prompt"}
 
 
 def flag_for(parameter: str) -> str:

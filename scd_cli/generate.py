@@ -16,6 +16,7 @@ from scd import generate as job_lib
 from scd.actions import parse_actions, parse_label
 from scd.checkpoints import load_model
 from scd.devices import process_age_s
+from scd.errors import ConfigError
 from scd_cli.common import (
     Threads,
     console,
@@ -44,7 +45,8 @@ def _where_the_time_went(times: dict) -> str:
     def s(key):
         value = times.get(key)
         return "-" if value is None else f"{value:.2f}"
-    return (f"startup {s('startup_s')}, model load {s('model_load_s')}, prompt {s('prompt_decode_s')} + "
+    text = f"text encode {s('text_encode_s')}, " if "text_encode_s" in times else ""
+    return (f"startup {s('startup_s')}, model load {s('model_load_s')}, {text}prompt {s('prompt_decode_s')} + "
             f"{s('prompt_encode_s')}, frames {s('frame_loop_s')} (context {s('context_s')}, denoise {s('denoise_s')}, "
             f"decode {s('frame_decode_s')}), video write {s('write_s')}")
 
@@ -68,11 +70,41 @@ def _summary_table(summary: dict, steps: int) -> Table:
     return table
 
 
+def read_prompts(prompt: str | None, prompt_file: Path | None, batch: int) -> list[str] | None:
+    """--prompt, or --prompt-file's non-empty lines (the first `batch` of them when there are more)."""
+    if prompt is not None and prompt_file is not None:
+        raise ConfigError("give --prompt or --prompt-file, not both")
+    if prompt_file is None:
+        return None if prompt is None else [prompt]
+    try:
+        lines = [line.strip() for line in prompt_file.read_text(encoding="utf-8").splitlines()]
+    except FileNotFoundError:
+        raise ConfigError(f"--prompt-file {prompt_file} does not exist") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot read --prompt-file {prompt_file}: {err}") from None
+    prompts = [line for line in lines if line]
+    if not prompts:
+        raise ConfigError(f"--prompt-file {prompt_file} holds no prompt: one per line")
+    return prompts[:batch] if len(prompts) > batch else prompts
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'480x832' -> (480, 832)."""
+    parts = text.lower().replace(",", "x").split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise ConfigError(f"--size takes HxW, like 480x832, not {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
 @handles_errors
 def generate(
     out: Path = typer.Option(Path("out.mp4"), "--out", "-o", help="Output MP4 (with --batch N: OUT_0.mp4 ... OUT_{N-1}.mp4)."),
     prompt_frames: Optional[Path] = typer.Option(None, "--prompt-frames", "-p", help="Prompt video (MP4, WebM, MKV, MOV, GIF) or a folder of images. Default: the model's demo prompt."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model folder, Hub repo id[@revision], or a reference checkpoint with --options. Default: the embedded SCD model."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model folder, Hub repo id[@revision] (gdhe17/Self-Forcing: Self-Forcing's text-to-video generator), or a reference checkpoint with --options (a Wan checkpoint with --base). Default: the embedded SCD model."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="Text prompt of a text-to-video model (Wan2.1, Self-Forcing)."),
+    prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="Text prompts, one per line (with --batch N: the first N, one per video)."),
+    base: Optional[str] = typer.Option(None, "--base", help="A Wan model's base: a folder in the layout of Wan-AI/Wan2.1-T2V-1.3B-Diffusers (tokenizer/, text_encoder/, vae/, transformer/config.json) or a Hub repo (default: the model's own)."),
+    size: Optional[str] = typer.Option(None, "--size", help="Frame size HxW of a text-to-video model, multiples of 16 (default: the model's, 480x832 for Wan2.1-T2V-1.3B)."),
     options: Optional[Path] = typer.Option(None, "--options", help="Options file of an official SCD / FAR checkpoint."),
     frames: int = typer.Option(16, "--frames", "-n", help="Frames to generate."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Denoising steps per frame (default: the model's)."),
@@ -101,7 +133,9 @@ def generate(
     state["quiet"] = quiet
     age = process_age_s()
     startup_s = None if age is None else age - (time.perf_counter() - state["started"])
-    loaded = load_model(model, options)
+    texts = read_prompts(prompt, prompt_file, batch)
+    frame_size = None if size is None else parse_size(size)
+    loaded = load_model(model, options, base=base)
     model_load_s = time.perf_counter() - state["started"]
     config = loaded.config
     job = job_lib.Job(
@@ -112,7 +146,7 @@ def generate(
         seed=seed, batch=batch, window=context_window, context=context, fit=fit, fps=fps,
         include_prompt=include_prompt, upscale=upscale, upscale_mode=upscale_mode, frames_dir=frames_dir,
         report=report, device=device, dtype=dtype, threads=threads, started=state["started"], startup_s=startup_s,
-        model_load_s=model_load_s, compiled=compile)
+        model_load_s=model_load_s, compiled=compile, text=texts, size=frame_size)
     live = None
     first_ms = 0.0
     events = job_lib.run(job)

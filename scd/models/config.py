@@ -329,7 +329,7 @@ class WanConfig:
     sampler = "renoise"
     guidance_mode = "null"
     default_guidance = 1.0
-    action_names: tuple = ()
+    action_names = ()
     num_classes = 0
     encoder_noise = 0.0
     demo = None
