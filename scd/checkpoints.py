@@ -133,3 +133,32 @@ def _with_base(loaded: LoadedModel, base: str | Path | None) -> LoadedModel:
                           parameter="base") from None
     loaded.model.config = loaded.config
     return loaded
+
+
+def download(ref: str) -> list[tuple[str, str, Path]]:
+    """Prefetch a Hub reference into the cache and everything it runs with: a model folder or one
+    file, and for a Wan generator (a known repo such as gdhe17/Self-Forcing, or a folder whose config
+    names a base) its base's tokenizer, text encoder, VAE and configs. Returns (what, commit, local
+    path) per fetched item; nothing for a local path."""
+    from scd import hub, wan_reference  # deferred: huggingface_hub is only needed here
+
+    hub_ref = hub.parse_hub_ref(str(ref))
+    if hub_ref is None:
+        return []
+    fetched = []
+    known = wan_reference.KNOWN_GENERATORS.get(hub_ref.repo_id)
+    if known is not None and not hub_ref.path_in_repo:
+        hub_ref = hub.HubRef(hub_ref.repo_id, hub_ref.revision, known[0])
+    if hub_ref.path_in_repo:
+        path, commit = hub.fetch_file(hub_ref)
+        fetched.append((str(hub_ref), commit, path))
+        base = known[1] if known is not None else None
+    else:
+        path, commit = hub.fetch_model_folder(hub_ref)
+        fetched.append((hub_ref.repo_id, commit, path))
+        config = read_folder_config(path) if (path / CONFIG).is_file() else None
+        base = getattr(config, "base", None)
+    if base is not None and not Path(base).is_dir():
+        folder, base_commit = wan_reference.resolve_base(base, wan_reference.BASE_FILES)
+        fetched.append((str(base), base_commit, folder))
+    return fetched

@@ -55,16 +55,12 @@ def info(
 
 
 @handles_errors
-def download(ref: str = typer.Argument(..., help="Hub repo id[@revision], or repo_id:path/in/repo[@revision] for one file.")):
+def download(ref: str = typer.Argument(..., help="Hub repo id[@revision], or repo_id:path/in/repo[@revision] for one file. A Wan generator (gdhe17/Self-Forcing) brings its base's text encoder and VAE too.")):
     """Prefetch a model (or one file) from the Hugging Face Hub into the local cache."""
-    from scd import hub
+    from scd.checkpoints import download as prefetch
 
-    hub_ref = hub.parse_hub_ref(ref)
-    if hub_ref is None:
+    fetched = prefetch(ref)
+    if not fetched:
         console.print(f"{ref} is a local path: nothing to download")
-        return
-    if hub_ref.path_in_repo:
-        path, revision = hub.fetch_file(hub_ref)
-    else:
-        path, revision = hub.fetch_model_folder(hub_ref)
-    console.print(f"{hub_ref.repo_id} @ {revision} -> {path}")
+    for what, revision, path in fetched:
+        console.print(f"{what} @ {revision} -> {path}", soft_wrap=True)

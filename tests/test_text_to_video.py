@@ -196,3 +196,22 @@ def test_self_forcing_by_name_from_the_hub_then_offline(tiny, tmp_path, hub_env)
     assert run("generate", "--model", root / "generator.pt", "--base", base, "--prompt",
                "a fox running through fresh snow", "--frames", 9, *SIZE, "--out", local, "-q").exit_code == 0
     assert np.array_equal(frames_of(local), online)
+
+
+def test_download_prefetches_the_generator_and_its_base(tiny, tmp_path, hub_env):
+    root, base = tiny
+    with HubServer() as hub:
+        hub_env.setenv("HF_ENDPOINT", hub.url)
+        hub.add_repo(GENERATOR_REPO, {GENERATOR_FILE: (root / "generator.pt").read_bytes()})
+        base_files = files_of(base)
+        base_files["transformer/diffusion_pytorch_model.safetensors"] = b"\0" * 65536
+        hub.add_repo(DEFAULT_BASE, base_files)
+        r = run("download", GENERATOR_REPO)
+        assert r.exit_code == 0, r.output
+        assert GENERATOR_REPO in r.output and DEFAULT_BASE in r.output
+        assert "transformer/diffusion_pytorch_model.safetensors" not in hub.requested()
+    hub_env.setenv("HF_HUB_OFFLINE", "1")  # the server is gone: everything comes from the cache
+    r = run("generate", "--model", GENERATOR_REPO, "--prompt", "a fox", "--frames", 1, *SIZE,
+            "--out", tmp_path / "o.mp4", "-q")
+    assert r.exit_code == 0, r.output
+    assert frames_of(tmp_path / "o.mp4").shape[0] == 9
