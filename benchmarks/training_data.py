@@ -102,7 +102,7 @@ def steps_per_s(config, batches, steps: int, skip: int = 2) -> float:
 
 
 def embedded_config(**fields):
-    from scd.model import ModelConfig
+    from scd.models import ModelConfig
 
     base = dict(arch="scd", num_heads=4, head_dim=16, channels=3, patch_size=4, rope_axes=(4, 6, 6), layers=6,
                 decoder_layers=2, decoder_combine="add", condition="action", num_classes=4,
