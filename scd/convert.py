@@ -487,7 +487,8 @@ class _Read:
 def convert(source: str | Path, out: str | Path, *, options: str | Path | None = None, to: str = "scd",
             split: Split = Split(), sizes: SizeHints = SizeHints(), codec: CodecSpec = CodecSpec(),
             fps: float | None = None, action_names: tuple[str, ...] | None = None, overwrite: bool = False,
-            push_to_hub: str | None = None, private: bool = False, base: str | Path | None = None) -> ConversionReport:
+            push_to_hub: str | None = None, private: bool = False, base: str | Path | None = None,
+            encoder_input: str | None = None) -> ConversionReport:
     """Convert `source` (a path or Hub reference) into the model folder `out`.
 
     `to="scd"` splits a baseline into encoder + decoder as `split` says, or re-saves an SCD source;
@@ -498,13 +499,15 @@ def convert(source: str | Path, out: str | Path, *, options: str | Path | None =
     input is not understood.
 
     A causal Wan2.1 source (a Self-Forcing `.pt`, Wan2.1 or diffusers safetensors) converts with
-    `base`, the Wan base folder or Hub repo that gives its sizes (or a config.json beside it).
+    `base`, the Wan base folder or Hub repo that gives its sizes (or a config.json beside it): to a
+    causal Wan folder, or to SCD from Wan (`wan_split`: the paper's blocks 0-24 / 0-4,25-29 for 30
+    blocks), `encoder_input` saying what the encoder sees of the frame being made ("noise", "none").
     """
     if to not in ("scd", "baseline"):
         raise ConfigError(f"to must be scd or baseline, not {to!r}", parameter="to")
     src = resolve(source)
     if base is not None or wan_reference.is_wan_source(src.path):
-        return _convert_wan(src, Path(out).expanduser(), base, to, overwrite, push_to_hub, private)
+        return _convert_wan(src, Path(out).expanduser(), base, to, split, encoder_input, overwrite, push_to_hub, private)
     for name, value, low, above, integer in (("scaling_factor", codec.scaling_factor, 0, True, False),
                                              ("downsample", codec.downsample, 1, False, True), ("fps", fps, 0, True, False)):
         if value is not None:
@@ -679,13 +682,54 @@ def _write_codec(folder: Path, codec: _Codec) -> None:
 
 # ----------------------------------------------------------------------------- the Wan family
 
-def _convert_wan(src: Source, out: Path, base, to: str, overwrite: bool, push_to_hub: str | None,
-                 private: bool) -> ConversionReport:
+WAN_SHARED = ("patch_embedding.", "text_embedding.", "time_embedding.", "time_projection.")
+
+
+def wan_split(split: Split, depth: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """SCD-from-Wan's blocks: as `split` names them, else the paper's proportions, blocks
+    0..L-k-1 for the encoder and 0..k-1 plus L-k..L-1 for the decoder, k = L/6 (0-24 and 0-4,25-29
+    for Wan2.1's 30 blocks)."""
+    if split.encoder_layers is not None or split.decoder_layers is not None:
+        return block_plan(split, depth)
+    k = max(1, round(depth / 6))
+    enc = parse_blocks(split.encoder_blocks, depth, "encoder_blocks") if split.encoder_blocks is not None \
+        else tuple(range(depth - k)) or (0,)
+    dec = parse_blocks(split.decoder_blocks, depth, "decoder_blocks") if split.decoder_blocks is not None \
+        else tuple(range(k)) + tuple(range(depth - k, depth))
+    return enc, dec
+
+
+def _wan_scd(tensors: dict[str, torch.Tensor], enc: tuple[int, ...], dec: tuple[int, ...]):
+    """The SCD-Wan state dict of a causal Wan's tensors and an entry per tensor."""
+    out, entries = {}, []
+    blocks = {}
+    for key, value in tensors.items():
+        m = re.match(r"^blocks\.(\d+)\.(.+)$", key)
+        if m:
+            blocks.setdefault(int(m[1]), {})[m[2]] = (key, value)
+    for part, chosen in (("encoder", enc), ("decoder", dec)):
+        for key, value in tensors.items():
+            if key.startswith(WAN_SHARED) or (part == "decoder" and key.startswith("head.")):
+                out[f"{part}.{key}"] = value.clone()
+                entries.append(TensorEntry(f"{part}.{key}", key, MAPPED, tuple(value.shape)))
+        for i, source in enumerate(chosen):
+            for name, (key, value) in blocks[source].items():
+                out[f"{part}.blocks.{i}.{name}"] = value.clone()
+                entries.append(TensorEntry(f"{part}.blocks.{i}.{name}", key, MAPPED, tuple(value.shape),
+                                           f"block {source} -> {part} block {i}"))
+    return out, entries
+
+
+def _convert_wan(src: Source, out: Path, base, to: str, split: Split, encoder_input: str | None, overwrite: bool,
+                 push_to_hub: str | None, private: bool) -> ConversionReport:
     """A causal Wan2.1 checkpoint -> an scd model folder (config.json naming the family and its
-    base, model.safetensors under Wan2.1's names)."""
-    if to != "baseline":
-        raise ConfigError("a causal Wan model converts --to baseline (the SCD split of Wan is not in this "
-                          "scd yet)", parameter="to")
+    base, model.safetensors under Wan2.1's names; SCD's as `encoder.*` and `decoder.*`)."""
+    if to == "baseline" and (split.given() or encoder_input is not None):
+        raise ConfigError(f"{split.given()[0] if split.given() else 'encoder_input'} is for --to scd: a causal Wan "
+                          "re-saved --to baseline keeps its blocks", parameter="to")
+    if split.encoder_norm is not None:
+        raise ConfigError("encoder_norm is for the FAR-style family: Wan's blocks end in no output norm",
+                          parameter="encoder_norm")
     base_folder, base_revision = (None, None) if base is None else wan_reference.resolve_base(base)
     base_ref = None if base is None else (str(base) if base_revision is None or "@" in str(base)
                                           else f"{base}@{base_revision}")
@@ -699,7 +743,23 @@ def _convert_wan(src: Source, out: Path, base, to: str, overwrite: bool, push_to
     model = model_from_tensors(config, tensors, src.text)
     entries = [TensorEntry(k, names[k], MAPPED, tuple(v.shape), "renamed from diffusers" if names[k] != k else "")
                for k, v in tensors.items()]
+    if to == "scd":
+        enc, dec = wan_split(split, config.num_layers)
+        combine = split.decoder_combine or "token_concat"
+        try:
+            config = dataclasses.replace(config, arch="scd", encoder_layers=len(enc), decoder_layers=len(dec),
+                                         num_layers=len(enc) + len(dec), decoder_combine=combine,
+                                         encoder_input=encoder_input or "noise", source_blocks=(enc, dec))
+        except ConfigError as err:
+            raise ConfigError(str(err), parameter=err.parameter) from None
+        scd_tensors, mapped = _wan_scd(model.state_dict(), enc, dec)
+        model = model_from_tensors(config, scd_tensors, src.text)
+        entries = [dataclasses.replace(e, source=names.get(e.source, e.source)) for e in mapped]
     notes = [f"sizes from {'the base ' + str(base) if base is not None else 'the config.json beside it'}"]
+    if to == "scd":
+        notes.append(f"encoder blocks {_spans(config.source_blocks[0])}, decoder blocks {_spans(config.source_blocks[1])} "
+                     f"({config.decoder_combine}), encoder input {config.encoder_input}; fine-tune it before use "
+                     "(docs/convert.md)")
     report = ConversionReport(src.text, "wan", sha, src.revision, notes[0], config, entries, notes=notes)
     _prepare_out(out, src.path, overwrite)
     save_model_folder(model, out, conversion_card(report, out), dtype=_floating_dtype(tensors))

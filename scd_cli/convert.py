@@ -62,6 +62,7 @@ def convert(
     encoder_blocks: Optional[str] = typer.Option(None, "--encoder-blocks", help="Baseline blocks that become the encoder's, by index, like 0-24 (blocks may repeat or be skipped; default: the rest)."),
     decoder_blocks: Optional[str] = typer.Option(None, "--decoder-blocks", help="Baseline blocks that become the decoder's, like 0-4,25-29 (the paper's recipe for 30 blocks)."),
     decoder_combine: Optional[str] = typer.Option(None, "--decoder-combine", help="How the decoder takes the encoder's features: token_concat (default), add, concat, token_concat_with_proj."),
+    encoder_input: Optional[str] = typer.Option(None, "--encoder-input", help="SCD from Wan: what the encoder sees of the frame being made: noise (default, the paper: a noised frame in training, pure noise when generating) or none."),
     encoder_norm: Optional[str] = typer.Option(None, "--encoder-norm", help="The encoder's output norm: identity (default; plain LayerNorm, the reference init) or copy (the baseline's output norm)."),
     preset: Optional[str] = typer.Option(None, "--preset", help="FAR size preset B, M, L or XL, checked against the tensors (without --options)."),
     heads: Optional[int] = typer.Option(None, "--heads", help="Attention heads (without --options; read off the tensors when left out)."),
@@ -91,7 +92,7 @@ def convert(
     names = None if action_names is None else tuple(n.strip() for n in action_names.split(",") if n.strip())
     kwargs = dict(options=options, to=to, split=split, sizes=sizes,
                   codec=conversion.CodecSpec(codec, codec_config, scaling_factor, downsample), fps=fps,
-                  action_names=names, overwrite=overwrite, push_to_hub=push_to_hub, private=private, base=base)
+                  action_names=names, overwrite=overwrite, push_to_hub=push_to_hub, private=private, base=base, encoder_input=encoder_input)
     with err_console.status(f"converting {source}", spinner="dots") if not quiet else nullcontext():
         report = conversion.convert(source, out, **kwargs)
     if not quiet:

@@ -280,7 +280,11 @@ def preset(name: str, **overrides) -> ModelConfig:
 
 # ----------------------------------------------------------------------------- the Wan2.1 family
 
-WAN_ARCHS = ("baseline",)  # a causal Wan (Self-Forcing, CausVid): every step runs every block
+WAN_ARCHS = ("baseline", "scd")  # a causal Wan (Self-Forcing, CausVid): every step runs every block; SCD from Wan
+WAN_DECODER_COMBINES = ("token_concat", "add")
+# what SCD-Wan's encoder sees of the frame being made: "noise" (the paper: a noised version of it in
+# training, at the top of the noise levels; pure noise when generating) or "none" (only the clean past)
+WAN_ENCODER_INPUTS = ("noise", "none")
 
 
 @dataclass(frozen=True)
@@ -323,6 +327,16 @@ class WanConfig:
     # where its text encoder and VAE come from: a Hub repo (owner/name@revision) or a folder in the
     # layout of Wan-AI/Wan2.1-T2V-1.3B-Diffusers (tokenizer/, text_encoder/, vae/, transformer/config.json)
     base: str | None = None
+    # SCD from Wan (arch "scd"): `encoder_layers` blocks run once per chunk over the history, then
+    # `decoder_layers` blocks run at every step on the noisy chunk, frame by frame, with the encoder's
+    # features of that frame (`decoder_combine`); num_layers is their sum. `source_blocks`: the
+    # baseline blocks each came from (encoder's, then decoder's), as converted.
+    encoder_layers: int = 0
+    decoder_layers: int = 0
+    decoder_combine: str = "token_concat"
+    encoder_input: str = "noise"
+    encoder_noise_min: float = 0.8  # training: the current frame's noise level for the encoder, at least this sigma
+    source_blocks: tuple[tuple[int, ...], tuple[int, ...]] | None = None
     format_version: int = FORMAT_VERSION
 
     condition = "text"
@@ -337,6 +351,8 @@ class WanConfig:
     def __post_init__(self):
         for name in ("patch_size", "latent_size", "frame_size", "denoising_steps"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
+        if self.source_blocks is not None:
+            object.__setattr__(self, "source_blocks", tuple(tuple(b) for b in self.source_blocks))
         object.__setattr__(self, "codec", CodecConfig.from_dict(self.codec))
         if self.local_attn_size == -1:  # Self-Forcing's spelling of "global attention"
             object.__setattr__(self, "local_attn_size", None)
@@ -357,18 +373,28 @@ class WanConfig:
 
     @property
     def depth(self) -> str:
-        return f"{self.num_layers}"
+        return (f"{self.encoder_layers} encoder + {self.decoder_layers} decoder" if self.arch == "scd"
+                else f"{self.num_layers}")
 
     @property
-    def decoder_input(self) -> None:
-        return None
+    def decoder_input(self) -> str | None:
+        return self.decoder_combine if self.arch == "scd" else None
 
     @property
     def architecture(self) -> str:
         """One phrase for the model's structure, as cards and reports say it."""
         window = "global attention" if self.local_attn_size is None else (
             f"a rolling window of {self.local_attn_size} frames, {self.sink_size} sink")
+        if self.arch == "scd":
+            return (f"SCD from Wan2.1, {self.encoder_layers} encoder + {self.decoder_layers} decoder blocks, decoder "
+                    f"input {self.decoder_combine}, encoder input {self.encoder_input}, chunks of {self.chunk_frames} "
+                    f"latent frames, {window}")
         return f"causal Wan2.1, {self.num_layers} blocks, chunks of {self.chunk_frames} latent frames, {window}"
+
+    @property
+    def cached_layers(self) -> int:
+        """Blocks whose keys and values a stream caches: all of a causal Wan, the encoder's of SCD."""
+        return self.encoder_layers if self.arch == "scd" else self.num_layers
 
     @property
     def tokens_per_frame(self) -> int:
@@ -442,6 +468,22 @@ class WanConfig:
             problems.append(f"context_frames must be an integer >= 0, not {self.context_frames!r}")
         if self.base is not None and not isinstance(self.base, str):
             problems.append(f"base must be a Hub repo id or a folder, not {self.base!r}")
+        if self.arch == "scd":
+            if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1
+                       for n in (self.encoder_layers, self.decoder_layers)):
+                problems.append("an SCD model needs encoder_layers >= 1 and decoder_layers >= 1")
+            elif self.num_layers != self.encoder_layers + self.decoder_layers:
+                problems.append(f"num_layers {self.num_layers} must be encoder_layers + decoder_layers "
+                                f"({self.encoder_layers} + {self.decoder_layers})")
+            if self.decoder_combine not in WAN_DECODER_COMBINES:
+                problems.append(f"decoder_combine must be one of {WAN_DECODER_COMBINES}, not {self.decoder_combine!r}")
+            if self.encoder_input not in WAN_ENCODER_INPUTS:
+                problems.append(f"encoder_input must be one of {WAN_ENCODER_INPUTS}, not {self.encoder_input!r}")
+            if isinstance(self.encoder_noise_min, bool) or not isinstance(self.encoder_noise_min, (int, float)) \
+                    or not 0 <= self.encoder_noise_min <= 1:
+                problems.append(f"encoder_noise_min must be a sigma in [0, 1], not {self.encoder_noise_min!r}")
+        elif self.encoder_layers or self.decoder_layers:
+            problems.append("a causal Wan (arch baseline) has no encoder or decoder layers")
         if problems:
             raise ConfigError("invalid Wan config: " + "; ".join(problems))
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scd.errors import ConfigError
+from scd.flow import add_noise, logit_normal
 from scd.models.config import WanConfig
 from scd.models.layers import apply_rope, rope_tables
 from scd.models.streaming import StreamingModel, StreamState
@@ -73,13 +74,15 @@ class SelfAttention(nn.Module):
         v = self.v(x).view(b, s, self.heads, self.head_dim)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, rope, cache: "LayerCache | None" = None) -> torch.Tensor:
-        """x (B, S, D). Without a cache: attend within x. With one: write this chunk's keys and values
-        into the cache's slots for it, then attend to every cached token (the chunk's own included)."""
+    def forward(self, x: torch.Tensor, rope, cache: "LayerCache | None" = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, S, D). Without a cache: attend within x (as `mask` (S, S) allows). With one: write this
+        chunk's keys and values into the cache's slots for it, then attend to every cached token (the
+        chunk's own included)."""
         q, k, v = self.project(x, rope)
         if cache is not None:
             k, v = cache.write(k, v)
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.o(out.transpose(1, 2).flatten(2))
 
 
@@ -125,12 +128,13 @@ class Block(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(c.dim, c.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(c.ffn_dim, c.dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, c.dim) / c.dim ** 0.5)
 
-    def forward(self, x: torch.Tensor, e0: torch.Tensor, rope, text_kv, cache: "LayerCache | None" = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, e0: torch.Tensor, rope, text_kv, cache: "LayerCache | None" = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         # x (B, F, T, D); e0 (B, F, 6, D): the frames' time projections
         b, f, t, d = x.shape
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation[:, None] + e0).chunk(6, dim=2)  # (B, F, 1, D)
         h = torch.addcmul(shift1, layer_norm(x, self.eps), 1 + scale1)
-        x = torch.addcmul(x, self.self_attn(h.flatten(1, 2), rope, cache).view(b, f, t, d), gate1)
+        x = torch.addcmul(x, self.self_attn(h.flatten(1, 2), rope, cache, mask).view(b, f, t, d), gate1)
         x = x + self.cross_attn(self.norm3(x).flatten(1, 2), text_kv).view(b, f, t, d)
         h = torch.addcmul(shift2, layer_norm(x, self.eps), 1 + scale2)
         return torch.addcmul(x, self.ffn(h), gate2)
@@ -154,10 +158,11 @@ class Head(nn.Module):
 # ----------------------------------------------------------------------------- the model
 
 class WanModel(nn.Module):
-    """Wan2.1's transformer. `forward` is the bidirectional call over a whole clip; the stream (below)
-    runs the same layers chunk by chunk against a cache."""
+    """Wan2.1's transformer (`layers` blocks; all of the config's by default). `forward` is the
+    bidirectional call over a whole clip; the stream (below) runs the same layers chunk by chunk
+    against a cache. Without a `head` (SCD-Wan's encoder) it returns the last block's hidden states."""
 
-    def __init__(self, config: WanConfig):
+    def __init__(self, config: WanConfig, layers: int | None = None, head: bool = True):
         super().__init__()
         c = self.config = config
         self.patch_embedding = nn.Conv3d(c.channels, c.dim, kernel_size=c.patch_size, stride=c.patch_size)
@@ -165,8 +170,8 @@ class WanModel(nn.Module):
                                             nn.Linear(c.dim, c.dim))
         self.time_embedding = nn.Sequential(nn.Linear(c.freq_dim, c.dim), nn.SiLU(), nn.Linear(c.dim, c.dim))
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(c.dim, 6 * c.dim))
-        self.blocks = nn.ModuleList(Block(c) for _ in range(c.num_layers))
-        self.head = Head(c)
+        self.blocks = nn.ModuleList(Block(c) for _ in range(c.num_layers if layers is None else layers))
+        self.head = Head(c) if head else None
 
     # the pieces of a forward pass, in order
 
@@ -205,18 +210,33 @@ class WanModel(nn.Module):
         x = tokens.reshape(b, f, h // p, w // q, p, q, -1).permute(0, 1, 6, 2, 4, 3, 5)
         return x.reshape(b, f, -1, h, w)
 
-    def run(self, latents: torch.Tensor, timesteps: torch.Tensor, text_kv, first_frame: int,
-            caches: "list[LayerCache] | None" = None) -> torch.Tensor:
+    def run(self, latents: torch.Tensor, timesteps: torch.Tensor, text_kv, first_frame: int | torch.Tensor,
+            caches: "list[LayerCache] | None" = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Flow prediction (B, F, C, H, W) of latents (B, F, C, H, W) at timesteps (B, F), rope frames
-        from `first_frame`; with `caches` (one per block) the frames attend to the cache too."""
+        from `first_frame` (or at the positions (F,) given); with `caches` (one per block) the frames
+        attend to the cache too; `mask` (F T, F T) says which tokens see which without one."""
         h, w = latents.shape[-2:]
-        _, p, q = self.config.patch_size
         x = self.embed_video(latents)
         e, e0 = self.embed_time(timesteps)
-        rope = wan_rope(first_frame, latents.shape[1], h // p, w // q, self.config.head_dim, x.device, x.dtype)
+        return self.run_tokens(x, e, e0, self.rope_for(first_frame, latents.shape[1], h, w, x), text_kv, caches, mask,
+                               (h, w))
+
+    def rope_for(self, first_frame, frames: int, h: int, w: int, like: torch.Tensor):
+        _, p, q = self.config.patch_size
+        if isinstance(first_frame, torch.Tensor):
+            cos, sin = rope_tables(first_frame, h // p, w // q, wan_rope_axes(self.config.head_dim))
+            return cos.to(like.dtype), sin.to(like.dtype)
+        return wan_rope(first_frame, frames, h // p, w // q, self.config.head_dim, like.device, like.dtype)
+
+    def run_tokens(self, x, e, e0, rope, text_kv, caches=None, mask=None, size=None) -> torch.Tensor:
+        """The blocks (and the head, when the model has one, unpatchified to `size`) on tokens x
+        (B, F, T, D) with their time embeddings e (B, F, D), e0 (B, F, 6, D)."""
         for i, block in enumerate(self.blocks):
-            x = block(x, e0, rope, text_kv[i], None if caches is None else caches[i])
-        return self.unpatchify(self.head(x, e), h, w)
+            x = block(x, e0, rope, text_kv[i], None if caches is None else caches[i], mask)
+        if self.head is None:
+            return x
+        out = self.head(x, e)
+        return out if size is None else self.unpatchify(out, *size)
 
     def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """The bidirectional call (Wan2.1, diffusers' WanTransformer3DModel): latents (B, F, C, H, W),
@@ -302,21 +322,8 @@ class WanCausal(WanModel, StreamingModel):
         conditioned on `text` (B, L, text_dim), keeping `capacity` frames (the model's rolling window
         where it has one)."""
         c = self.config
-        if compiler is not None:
-            raise ConfigError("compiled streams run the FAR-style family; stream a Wan model eagerly", parameter="compiled")
-        if text is None:
-            raise ConfigError("a Wan model is conditioned on text: give its embeddings (B, L, text_dim)", parameter="text")
-        if text.shape[0] != batch:
-            raise ConfigError(f"text embeddings for {text.shape[0]} prompts, a stream of {batch}", parameter="text")
-        size = tuple(latent_size or c.latent_size)
-        if not c.accepts_latent_size(size):
-            raise ConfigError(f"latent size {size} is not a multiple of the patch {c.patch_size[1:]}")
-        weight = self.patch_embedding.weight
-        t = _tokens(c, size)
-        capacity = capacity if c.local_attn_size is None else c.local_attn_size
-        stream = WanStream(capacity, c.sink_size, t, rolling=c.local_attn_size is not None)
-        shape = (batch, c.num_heads, capacity * t, c.head_dim)
-        caches = [LayerCache(weight.new_zeros(shape), weight.new_zeros(shape), stream) for _ in self.blocks]
+        size = _check_stream(c, batch, compiler, text, latent_size)
+        stream, caches = _new_cache(c, batch, capacity, size, len(self.blocks), self.patch_embedding.weight)
         state = StreamState(cache=None, owner=self)
         state.family = WanState(stream, caches, self.text_kv(text), size)
         return state
@@ -347,8 +354,21 @@ class WanCausal(WanModel, StreamingModel):
         out = self.run(chunk, t, wan.text_kv, wan.stream.frames, wan.caches)
         return out[:, 0] if single else out
 
-    def loss(self, video, conditions, objective=None):
-        raise ConfigError("training a causal Wan model is not supported yet; convert it and train the SCD model")
+    def loss(self, video: torch.Tensor, text: torch.Tensor, objective=None) -> torch.Tensor:
+        """Teacher forcing (CausVid, Self-Forcing's `_forward_train`): clean latents video (B, N, C, H, W)
+        and text (B, L, text_dim); every chunk is noised to its own level and denoised against the
+        clean chunks before it, in one masked pass over [clean; noisy] frames; flow-matching loss."""
+        sigma_shift = getattr(objective, "sigma_shift", 1.0)
+        b, n = video.shape[:2]
+        chunk = self.config.chunk_frames
+        sigma = _chunk_sigmas(b, n, chunk, sigma_shift, video.device)  # (B, N)
+        noise = torch.randn_like(video)
+        noisy = add_noise(video.flatten(0, 1), noise.flatten(0, 1), sigma.flatten()).view_as(video)
+        timesteps = torch.cat([torch.full((b, n), float(self.config.context_noise), device=video.device), sigma * 1000], 1)
+        positions = torch.arange(n, device=video.device).repeat(2)
+        mask = teacher_forcing_mask(n, chunk, _tokens(self.config, video.shape[-2:]), video.device)
+        flow = self.run(torch.cat([video, noisy], 1), timesteps, self.text_kv(text), positions, mask=mask)[:, n:]
+        return F.mse_loss(flow.float(), (noise - video).float())
 
 
 @dataclass
@@ -357,25 +377,219 @@ class WanState:
     caches: list
     text_kv: list
     latent_size: tuple[int, int]
+    decoder_text_kv: list | None = None  # SCD-Wan: the decoder's cross-attention keys and values
+    features: torch.Tensor | None = None  # SCD-Wan: the encoder's features of the chunk being made (B, n, T, D)
+    last_clean: torch.Tensor | None = None  # SCD-Wan: the encoder's outputs of the last clean chunk
 
 
 def _tokens(c: WanConfig, size) -> int:
     return (size[0] // c.patch_size[1]) * (size[1] // c.patch_size[2])
 
 
-def build(config: WanConfig, init: bool = True) -> WanCausal:
-    """A causal Wan model of `config`; `init` draws weights as Wan initialises them (xavier linears,
-    normal text and time embedders, zero head), else they are left as allocated for a load."""
-    model = WanCausal(config)
-    if init:
-        for module in model.modules():
+def _check_stream(c: WanConfig, batch: int, compiler, text, latent_size) -> tuple[int, int]:
+    if compiler is not None:
+        raise ConfigError("compiled streams run the FAR-style family; stream a Wan model eagerly", parameter="compiled")
+    if text is None:
+        raise ConfigError("a Wan model is conditioned on text: give its embeddings (B, L, text_dim)", parameter="text")
+    if text.shape[0] != batch:
+        raise ConfigError(f"text embeddings for {text.shape[0]} prompts, a stream of {batch}", parameter="text")
+    size = tuple(latent_size or c.latent_size)
+    if not c.accepts_latent_size(size):
+        raise ConfigError(f"latent size {size} is not a multiple of the patch {c.patch_size[1:]}")
+    return size
+
+
+def _new_cache(c: WanConfig, batch: int, capacity: int, size, layers: int, like: torch.Tensor):
+    """A stream's position and one `LayerCache` per cached block: `capacity` frames, or the window."""
+    t = _tokens(c, size)
+    capacity = capacity if c.local_attn_size is None else c.local_attn_size
+    stream = WanStream(capacity, c.sink_size, t, rolling=c.local_attn_size is not None)
+    shape = (batch, c.num_heads, capacity * t, c.head_dim)
+    return stream, [LayerCache(like.new_zeros(shape), like.new_zeros(shape), stream) for _ in range(layers)]
+
+
+def _chunk_sigmas(batch: int, frames: int, chunk: int, shift: float, device) -> torch.Tensor:
+    """(B, N) noise levels, one per chunk of `chunk` frames (shift * logit-normal, as training draws)."""
+    chunks = -(-frames // chunk)
+    sigma = logit_normal(batch * chunks, shift).view(batch, chunks)
+    return sigma.repeat_interleave(chunk, dim=1)[:, :frames].to(device)
+
+
+def teacher_forcing_mask(frames: int, chunk: int, tokens_per_frame: int, device) -> torch.Tensor:
+    """Boolean ((2N) T)^2 over [clean frames 0..N-1; noisy frames 0..N-1] in chunks of `chunk`:
+    a clean frame sees the clean frames of its own and earlier chunks; a noisy frame sees the clean
+    frames of earlier chunks and the noisy frames of its own chunk: what it sees when streamed."""
+    c = torch.arange(frames, device=device) // chunk
+    clean_sees_clean = c[None] <= c[:, None]
+    noisy_sees_clean = c[None] < c[:, None]
+    noisy_sees_noisy = c[None] == c[:, None]
+    none = torch.zeros_like(clean_sees_clean)
+    frame_mask = torch.cat([torch.cat([clean_sees_clean, none], 1), torch.cat([noisy_sees_clean, noisy_sees_noisy], 1)])
+    return frame_mask.repeat_interleave(tokens_per_frame, 0).repeat_interleave(tokens_per_frame, 1)
+
+
+# ----------------------------------------------------------------------------- SCD from Wan
+
+class WanSCD(nn.Module, StreamingModel):
+    """SCD from Wan2.1 (the paper's post-training): an encoder of Wan blocks runs once per chunk over
+    the history (KV cache, rolling window as the causal model's), a decoder of Wan blocks runs at
+    every denoising step on the noisy chunk, frame by frame, with the encoder's features of that
+    frame; both keep their cross-attention to the text. The encoder sees the frame being made as
+    pure noise (`encoder_input` "noise", as the pretrained model expects a noisy frame there) or
+    not at all ("none": the decoder reads the features of the previous chunk's frames).
+    State dict keys `encoder.*` and `decoder.*`, each a Wan2.1 transformer's names."""
+
+    def __init__(self, config: WanConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = WanModel(config, config.encoder_layers, head=False)
+        self.decoder = WanModel(config, config.decoder_layers, head=True)
+
+    def parts(self) -> dict[str, nn.Module]:
+        return {"encoder": self.encoder, "decoder": self.decoder}
+
+    @property
+    def cached_layers(self) -> int:
+        return self.config.encoder_layers
+
+    def cache_bytes(self, batch: int, frames: int, dtype: torch.dtype, latent_size=None) -> int:
+        c = self.config
+        held = frames if c.local_attn_size is None else min(frames, c.local_attn_size)
+        return 2 * c.encoder_layers * batch * c.dim * held * _tokens(c, latent_size or c.latent_size) * dtype.itemsize
+
+    def start(self, batch: int, capacity: int, compiler=None, text: torch.Tensor | None = None,
+              latent_size: tuple[int, int] | None = None) -> StreamState:
+        c = self.config
+        size = _check_stream(c, batch, compiler, text, latent_size)
+        stream, caches = _new_cache(c, batch, capacity, size, c.encoder_layers, self.encoder.patch_embedding.weight)
+        state = StreamState(cache=None, owner=self)
+        state.family = WanState(stream, caches, self.encoder.text_kv(text), size)
+        state.family.decoder_text_kv = self.decoder.text_kv(text)
+        return state
+
+    def prepare(self, state: StreamState, condition=None, timesteps=None) -> None:
+        """Write the pending frames into the encoder's cache at the clean timestep, a chunk at a time;
+        the features of a new chunk are made by its first denoising step."""
+        frames, _ = self._take_pending(state)
+        wan = state.family
+        wan.features = None
+        if frames is None:
+            return
+        n = self.config.chunk_frames
+        for start in range(0, frames.shape[1], n):
+            chunk = frames[:, start:start + n]
+            wan.stream.place(chunk.shape[1], chunk.device)
+            clean = torch.full(chunk.shape[:2], float(self.config.context_noise), device=chunk.device)
+            hidden = self.encoder.run(chunk, clean, wan.text_kv, wan.stream.frames, wan.caches)
+            wan.stream.frames += chunk.shape[1]
+            wan.last_clean = hidden  # (B, n, T, D): what a decoder without the current frame reads
+
+    def velocity(self, state: StreamState, x: torch.Tensor, timesteps: torch.Tensor, step: int | None = None) -> torch.Tensor:
+        """Flow prediction of the noisy chunk x (B, n, C, H, W) (or (B, C, H, W)) at timesteps (B,):
+        the decoder on each frame with the encoder's features of it (made by the chunk's first call)."""
+        single = x.dim() == 4
+        chunk = x[:, None] if single else x
+        wan = state.family
+        if wan.features is None:
+            wan.features = self.features(state, chunk, timesteps)
+        t = timesteps.float()[:, None].expand(-1, chunk.shape[1])
+        out = self.decode(chunk, t, wan.features, wan.decoder_text_kv)
+        return out[:, 0] if single else out
+
+    def features(self, state: StreamState, chunk: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The encoder's features (B, n, T, D) of the chunk being made: its noise at the first step's
+        timestep, against the clean cache (nothing of it stays in the cache); or, with encoder input
+        "none", those of the last clean chunk."""
+        wan = state.family
+        if self.config.encoder_input == "none":
+            last = getattr(wan, "last_clean", None)
+            if last is None:
+                raise ConfigError("this SCD model reads the previous frames' features: give it a prompt clip first")
+            return last[:, -chunk.shape[1]:]
+        wan.stream.place(chunk.shape[1], chunk.device)
+        t = timesteps.float()[:, None].expand(-1, chunk.shape[1])
+        return self.encoder.run(chunk, t, wan.text_kv, wan.stream.frames, wan.caches)
+
+    def decode(self, noisy: torch.Tensor, timesteps: torch.Tensor, features: torch.Tensor, text_kv) -> torch.Tensor:
+        """The decoder on noisy frames (B, n, C, H, W) at timesteps (B, n) with features (B, n, T, D):
+        each frame alone (attention inside its tokens and its features) -> flow (B, n, C, H, W)."""
+        b, n = noisy.shape[:2]
+        h, w = noisy.shape[-2:]
+        dec = self.decoder
+        x = dec.embed_video(noisy).flatten(0, 1)[:, None]  # (B n, 1, T, D)
+        feats = features.flatten(0, 1)[:, None].to(x.dtype)
+        e, e0 = dec.embed_time(timesteps.flatten()[:, None])  # (B n, 1, D), (B n, 1, 6, D)
+        rope = dec.rope_for(0, 1, h, w, x)
+        if self.config.decoder_combine == "token_concat":
+            x = torch.cat([feats, x], dim=2)  # (B n, 1, 2T, D)
+            rope = tuple(r.repeat(2, 1) for r in rope)
+        else:
+            x = x + feats
+        kv = [(k.repeat_interleave(n, 0), v.repeat_interleave(n, 0)) for k, v in text_kv]
+        out = dec.run_tokens(x, e, e0, rope, kv)[:, :, -features.shape[2]:]  # (B n, 1, T, p q C)
+        return dec.unpatchify(out, h, w).view(b, n, *noisy.shape[2:])
+
+    def loss(self, video: torch.Tensor, text: torch.Tensor, objective=None) -> torch.Tensor:
+        """Teacher forcing, as the paper trains SCD from Wan: clean latents video (B, N, C, H, W), text
+        (B, L, text_dim). The encoder runs once over [clean frames; each chunk noised to a high level
+        (sigma >= encoder_noise_min)] with the teacher-forcing mask; the decoder denoises every frame
+        from its own noise level with the encoder's features of that frame ("none": of the frame a
+        chunk before, every frame after the first chunk). Flow-matching loss."""
+        c = self.config
+        sigma_shift = getattr(objective, "sigma_shift", 1.0)
+        b, n = video.shape[:2]
+        chunk, t = c.chunk_frames, _tokens(c, video.shape[-2:])
+        device = video.device
+        clean_t = torch.full((b, n), float(c.context_noise), device=device)
+        positions = torch.arange(n, device=device)
+        if c.encoder_input == "noise":
+            low = c.encoder_noise_min
+            enc_sigma = (low + (1 - low) * torch.rand(b, -(-n // chunk))).repeat_interleave(chunk, 1)[:, :n].to(device)
+            enc_noisy = add_noise(video.flatten(0, 1), torch.randn_like(video).flatten(0, 1), enc_sigma.flatten())
+            mask = teacher_forcing_mask(n, chunk, t, device)
+            hidden = self.encoder.run(torch.cat([video, enc_noisy.view_as(video)], 1),
+                                      torch.cat([clean_t, enc_sigma * 1000], 1), self.encoder.text_kv(text),
+                                      positions.repeat(2), mask=mask)
+            features, target = hidden[:, n:], video
+        else:
+            mask = block_causal_mask(n, chunk, t, device)
+            hidden = self.encoder.run(video, clean_t, self.encoder.text_kv(text), positions, mask=mask)
+            if n <= chunk:
+                raise ConfigError(f"training with encoder input none needs clips longer than a chunk ({chunk} frames)")
+            features, target = hidden[:, :-chunk], video[:, chunk:]
+        sigma = logit_normal(target.shape[0] * target.shape[1], sigma_shift).to(device).view(target.shape[:2])
+        noise = torch.randn_like(target)
+        noisy = add_noise(target.flatten(0, 1), noise.flatten(0, 1), sigma.flatten()).view_as(target)
+        flow = self.decode(noisy, sigma * 1000, features, self.decoder.text_kv(text))
+        return F.mse_loss(flow.float(), (noise - target).float())
+
+
+def block_causal_mask(frames: int, chunk: int, tokens_per_frame: int, device) -> torch.Tensor:
+    """Boolean (N T)^2: a frame sees the frames of its own and earlier chunks."""
+    c = torch.arange(frames, device=device) // chunk
+    return (c[None] <= c[:, None]).repeat_interleave(tokens_per_frame, 0).repeat_interleave(tokens_per_frame, 1)
+
+
+def init_weights(model: WanModel) -> None:
+    """Wan's initialisation: xavier linears, normal text and time embedders, a zero head."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            nn.init.zeros_(module.bias)
+    nn.init.xavier_uniform_(model.patch_embedding.weight.flatten(1))
+    for embedder in (model.text_embedding, model.time_embedding):
+        for module in embedder:
             if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
-        nn.init.xavier_uniform_(model.patch_embedding.weight.flatten(1))
-        for embedder in (model.text_embedding, model.time_embedding):
-            for module in embedder:
-                if isinstance(module, nn.Linear):
-                    nn.init.normal_(module.weight, std=0.02)
+                nn.init.normal_(module.weight, std=0.02)
+    if model.head is not None:
         nn.init.zeros_(model.head.head.weight)
+
+
+def build(config: WanConfig, init: bool = True) -> WanCausal | WanSCD:
+    """A causal Wan model (arch baseline) or SCD from Wan (arch scd) of `config`; `init` draws
+    weights as Wan initialises them, else they are left as allocated for a load."""
+    model = WanSCD(config) if config.arch == "scd" else WanCausal(config)
+    if init:
+        for part in model.parts().values():
+            init_weights(part)
     return model
