@@ -73,8 +73,36 @@ class CodecConfig:
                                   ("downsample", self.downsample)) if v is not None}
 
 
+class ConfigFile:
+    """The config.json round trip every family's config shares (a frozen dataclass with a `codec`)."""
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["codec"] = self.codec.to_dict()
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown config fields {unknown}: this config was written by a newer scd, upgrade it")
+        version = data.get("format_version", FORMAT_VERSION)
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise ConfigError(f"format_version must be an integer, not {version!r}")
+        if version > FORMAT_VERSION:
+            raise ConfigError(f"config format {data['format_version']} is newer than this scd ({FORMAT_VERSION}): upgrade scd")
+        try:
+            return cls(**data)
+        except TypeError as err:
+            raise ConfigError(f"invalid model config: {err}") from None
+
+
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(ConfigFile):
     """Architecture and data contract of one model folder; round-trips through `config.json`.
 
     `layers` is the total depth: the baseline runs all of them at every denoising step; SCD splits
@@ -211,29 +239,7 @@ class ModelConfig:
             return dataclasses.replace(self, arch="baseline", decoder_layers=0, guidance_mode="null")
         return dataclasses.replace(self, arch="scd", decoder_layers=max(1, self.layers // 3))
 
-    def to_dict(self) -> dict:
-        data = dataclasses.asdict(self)
-        data["codec"] = self.codec.to_dict()
-        return data
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2) + "\n"
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "ModelConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown config fields {unknown}: this config was written by a newer scd, upgrade it")
-        version = data.get("format_version", FORMAT_VERSION)
-        if not isinstance(version, int) or isinstance(version, bool):
-            raise ConfigError(f"format_version must be an integer, not {version!r}")
-        if version > FORMAT_VERSION:
-            raise ConfigError(f"config format {data['format_version']} is newer than this scd ({FORMAT_VERSION}): upgrade scd")
-        try:
-            return cls(**data)
-        except TypeError as err:
-            raise ConfigError(f"invalid model config: {err}") from None
 
     @classmethod
     def load(cls, path: Path) -> "ModelConfig":
@@ -288,7 +294,7 @@ WAN_ENCODER_INPUTS = ("noise", "none")
 
 
 @dataclass(frozen=True)
-class WanConfig:
+class WanConfig(ConfigFile):
     """A causal Wan2.1 text-to-video transformer streamed in chunks (Self-Forcing's `CausalWanModel`
     with its inference pipeline's settings); round-trips through config.json (`family: "wan"`).
 
@@ -487,27 +493,6 @@ class WanConfig:
         if problems:
             raise ConfigError("invalid Wan config: " + "; ".join(problems))
 
-    def to_dict(self) -> dict:
-        data = dataclasses.asdict(self)
-        data["codec"] = self.codec.to_dict()
-        return data
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2) + "\n"
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "WanConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown config fields {unknown}: this config was written by a newer scd, upgrade it")
-        version = data.get("format_version", FORMAT_VERSION)
-        if not isinstance(version, int) or isinstance(version, bool) or version > FORMAT_VERSION:
-            raise ConfigError(f"config format {version!r} is not one this scd reads ({FORMAT_VERSION}): upgrade scd")
-        try:
-            return cls(**data)
-        except TypeError as err:
-            raise ConfigError(f"invalid Wan config: {err}") from None
 
 
 # Wan2.1-T2V-1.3B, as Self-Forcing streams it (chunks of 3 latent frames, global attention, 4 steps)

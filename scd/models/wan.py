@@ -298,7 +298,17 @@ class WanStream:
         self.held_tokens = min(first + count, self.capacity) * t
 
 
-class WanCausal(WanModel, StreamingModel):
+class WanStreaming(StreamingModel):
+    """What both Wan streaming models share: the size of their cache."""
+
+    def cache_bytes(self, batch: int, frames: int, dtype: torch.dtype, latent_size=None) -> int:
+        """Bytes of the KV cache of a stream of `frames` frames (the window caps it)."""
+        c = self.config
+        held = frames if c.local_attn_size is None else min(frames, c.local_attn_size)
+        return 2 * self.cached_layers * batch * c.dim * held * _tokens(c, latent_size or c.latent_size) * dtype.itemsize
+
+
+class WanCausal(WanModel, WanStreaming):
     """A causal Wan2.1 (Self-Forcing, CausVid) as a streaming model: `observe` queues finished frames,
     `prepare` writes them into the cache in chunks at the clean timestep, `velocity` is the flow
     prediction of the chunk being denoised."""
@@ -309,12 +319,6 @@ class WanCausal(WanModel, StreamingModel):
     @property
     def cached_layers(self) -> int:
         return self.config.num_layers
-
-    def cache_bytes(self, batch: int, frames: int, dtype: torch.dtype, latent_size=None) -> int:
-        c = self.config
-        held = frames if c.local_attn_size is None else min(frames, c.local_attn_size)
-        t = _tokens(c, latent_size or c.latent_size)
-        return 2 * c.num_layers * batch * c.dim * held * t * dtype.itemsize
 
     def start(self, batch: int, capacity: int, compiler=None, text: torch.Tensor | None = None,
               latent_size: tuple[int, int] | None = None) -> StreamState:
@@ -430,7 +434,7 @@ def teacher_forcing_mask(frames: int, chunk: int, tokens_per_frame: int, device)
 
 # ----------------------------------------------------------------------------- SCD from Wan
 
-class WanSCD(nn.Module, StreamingModel):
+class WanSCD(nn.Module, WanStreaming):
     """SCD from Wan2.1 (the paper's post-training): an encoder of Wan blocks runs once per chunk over
     the history (KV cache, rolling window as the causal model's), a decoder of Wan blocks runs at
     every denoising step on the noisy chunk, frame by frame, with the encoder's features of that
@@ -451,11 +455,6 @@ class WanSCD(nn.Module, StreamingModel):
     @property
     def cached_layers(self) -> int:
         return self.config.encoder_layers
-
-    def cache_bytes(self, batch: int, frames: int, dtype: torch.dtype, latent_size=None) -> int:
-        c = self.config
-        held = frames if c.local_attn_size is None else min(frames, c.local_attn_size)
-        return 2 * c.encoder_layers * batch * c.dim * held * _tokens(c, latent_size or c.latent_size) * dtype.itemsize
 
     def start(self, batch: int, capacity: int, compiler=None, text: torch.Tensor | None = None,
               latent_size: tuple[int, int] | None = None) -> StreamState:
