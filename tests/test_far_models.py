@@ -23,7 +23,7 @@ from scd.reference import FAR_DCAES, FAR_MODELS, dcae_config, published_stem
 from scd.video import read_video
 from scd_cli.app import app
 
-pytest.importorskip("diffusers", reason="FAR's models run through a DC-AE: the optional extra scd[dcae]")
+import diffusers  # noqa: E402,F401  FAR's models run through a DC-AE: the [test] extra's, never skipped unseen
 
 runner = CliRunner()
 REFERENCE = Path(__file__).parent / "fixtures" / "reference"
