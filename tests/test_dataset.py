@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -189,7 +190,7 @@ def test_scd_encode_survives_ctrl_c_and_kill_9(tmp_path):
         write_video(root / f"v{i}.mp4", moving_square(30, i, size=(32, 32)), fps=8)
     cmd = [sys.executable, "-m", "scd_cli.app", "encode", str(root), "--out", str(tmp_path / "ds"), "--frame-size", "32",
            "--shard-mb", "0.01", "-q"]
-    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}  # this checkout, from any directory
     index = tmp_path / "ds" / "index.json"
     code, err = interrupt_after_shards(cmd, env, index, 1, signal.SIGINT)
     assert code == 130 and "run the same command to continue" in err, err

@@ -231,7 +231,7 @@ def test_no_label_means_unconditional_with_a_warning(far_repo, tmp_path):
     assert "no label given: generating unconditionally (guidance -1 instead of 2)" in r.output
     with pytest.raises(CheckpointError, match="not one of FAR's 10 published files"):
         load_model(str(REFERENCE / "far0" / "far.pth"))
-    with pytest.raises(ActionError):
+    with pytest.raises(ActionError, match=r"unknown label 'dog': give an index \(0\.\.100\)"):
         from scd.actions import parse_label
         parse_label("dog", (), 101, "label")
 

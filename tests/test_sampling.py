@@ -219,14 +219,14 @@ def test_rollout_with_actions_given_frame_by_frame_equals_the_stream(arch, guida
 def test_bad_inputs_are_typed_errors():
     model = random_model(tiny_config())
     context, actions, noise = inputs(model.config)
-    with pytest.raises(ActionError):
+    with pytest.raises(ActionError, match=r"expected 14 actions per sample \(context \+ generated frames\), got 2"):
         generate(model, context, U, K, conditions=actions[:, :2])
-    with pytest.raises(ActionError):
+    with pytest.raises(ActionError, match=r"action indices must lie in 0\.\.4 \(4 = none\)"):
         generate(model, context, U, K, conditions=actions + 10)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=r"context must be \(B, F, 3, 4, 4\), got \(2, 2, 2, 4, 4\)"):
         generate(model, context[:, :, :2], U, K)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="steps must be >= 1, got 0"):
         generate(model, context, U, 0)
     unconditioned = random_model(tiny_config(condition=None, num_classes=0))
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="guidance needs an action- or class-conditioned model"):
         generate(unconditioned, context, U, K, guidance=2.0)

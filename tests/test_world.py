@@ -117,9 +117,9 @@ def test_batches_resume_exactly_and_heldout_is_disjoint():
 
 
 def test_bad_arguments():
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="num_frames must be >= 1, got 0"):
         world.render_clip(1, 0)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=r"actions must be 3 indices in 0\.\.4"):
         world.render_clip(1, 3, np.array([0, 9, 1]))
 
 
