@@ -391,7 +391,8 @@ def read_codec(spec: CodecSpec, channels: int | None) -> tuple[_Codec, dict]:
             raise ConfigError(f"{source.text} is a bare weights file that is not one of FAR's DC-AEs: give its "
                               "diffusers config (the codec's config)")
         weights = source.path
-        factor = spec.scaling_factor if spec.scaling_factor is not None else DCAE_SCALING_FACTOR  # FAR's latents
+        # the config's own factor (FAR's DC-AE configs hold theirs; not every one is 0.2889), else FAR's
+        factor = spec.scaling_factor if spec.scaling_factor is not None else config.get("scaling_factor", DCAE_SCALING_FACTOR)
         sha = _hashed(source)
     return _attach(config, weights, source.text, sha, factor, channels, spec.downsample)
 

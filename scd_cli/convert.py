@@ -74,7 +74,7 @@ def convert(
     latent_size: Optional[str] = typer.Option(None, "--latent-size", help="Latent frame size, like 8 or 8x8 (default: the options' sample_size, else 8)."),
     codec: Optional[str] = typer.Option(None, "--codec", help="Attach a DC-AE: a diffusers AutoencoderDC folder, or FAR's DC-AE .pth with --codec-config (local or Hub)."),
     codec_config: Optional[str] = typer.Option(None, "--codec-config", help="diffusers config.json of a DC-AE given as a .pth."),
-    scaling_factor: Optional[float] = typer.Option(None, "--scaling-factor", help="Latent scaling factor (default: the codec folder's config, else FAR's 0.2889)."),
+    scaling_factor: Optional[float] = typer.Option(None, "--scaling-factor", help="Latent scaling factor (default: the codec's config, else FAR's 0.2889)."),
     downsample: Optional[int] = typer.Option(None, "--downsample", help="Pixels per latent when no codec is attached (default 8; FAR's Minecraft: 16)."),
     fps: Optional[float] = typer.Option(None, "--fps", help="Frame rate recorded in config.json."),
     action_names: Optional[str] = typer.Option(None, "--action-names", help="Names of the model's actions or classes, comma separated, one per class (for --actions / --label by name)."),

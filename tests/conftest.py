@@ -4,6 +4,7 @@ from hypothesis import strategies as st
 
 from scd.models import ModelConfig, build_model
 
+pytest_plugins = ["ci_rules", "pytester"]  # under CI a skip fails (ci_rules.py); pytester checks that rule
 torch.set_num_threads(1)  # CI has 2 cores; tiny models gain nothing from more threads
 
 

@@ -18,13 +18,15 @@ from scd.weights import read_tensors
 
 
 def test_malicious_pickle_runs_nothing(tmp_path):
-    Path("/tmp/scd-pwned").unlink(missing_ok=True)
+    pwned = tmp_path / "pwned"
     path = tmp_path / "evil.pth"
     with open(path, "wb") as f:
-        pickle.dump({"x_embedder.weight": Exploit()}, f)
+        pickle.dump({"x_embedder.weight": Exploit(pwned)}, f)
     with pytest.raises(CheckpointError, match="weights-only"):
         read_tensors(path)
-    assert not Path("/tmp/scd-pwned").exists()
+    assert not pwned.exists()
+    pickle.loads(pickle.dumps(Exploit(pwned)))  # what unpickling it would have done
+    assert pwned.exists()
 
 
 def test_corrupt_safetensors_are_refused_before_use(tmp_path):
@@ -38,10 +40,10 @@ def test_corrupt_safetensors_are_refused_before_use(tmp_path):
     with pytest.raises(CheckpointError, match="header"):
         load_model_folder(folder)
     weights.write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00nope!")
-    with pytest.raises(CheckpointError):
+    with pytest.raises(CheckpointError, match="model.safetensors is not a valid safetensors file .*re-download or re-export it"):
         load_model_folder(folder)
     (folder / "config.json").write_text("{not json")
-    with pytest.raises(CheckpointError):
+    with pytest.raises(CheckpointError, match="config.json: cannot read .*config.json: Expecting property name"):
         load_model_folder(folder)
 
 
@@ -121,8 +123,13 @@ def test_a_local_folder_named_like_an_embedded_model_is_that_folder(tmp_path, mo
 
 
 class Exploit:
+    """Unpickled, it makes the file `marker` (a pickle that runs a command)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
     def __reduce__(self):
-        return (os.system, ("touch /tmp/scd-pwned",))
+        return (os.system, (f"touch '{self.marker}'",))
 
 
 WORLD_SCD = Path(__file__).resolve().parents[1] / "scd" / "assets" / "world-scd"

@@ -5,10 +5,12 @@ import hashlib
 import json
 import sys
 
+import diffusers  # the [test] extra's: a missing one fails here rather than skipping the module unseen
 import numpy as np
 import pytest
 import torch
 from conftest import random_model, tiny_config
+from PIL import Image
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
@@ -17,10 +19,9 @@ from scd.codecs import CodecConfig, DCAECodec, PixelCodec, load_codec
 from scd.convert import CodecSpec, convert
 from scd.errors import CheckpointError, ConfigError
 from scd.mp4 import write_video
+from scd.sampling import generate
 from scd.video import read_video
 from scd_cli.app import app
-
-diffusers = pytest.importorskip("diffusers", reason="DC-AE needs the optional extra scd[dcae]")
 
 FACTOR = 0.2889
 # three stages, the first without blocks: 4x downsampling, 8 latent channels
@@ -189,8 +190,11 @@ def test_convert_attaches_a_diffusers_folder_and_checks_it(far_like, tmp_path):
 
 
 def test_generate_runs_through_the_dcae_of_a_converted_model(far_like, tmp_path):
-    """A converted model with its DC-AE turns a pixel prompt into latents and its frames back into pixels."""
-    pth, config_json = far_style_pth(tiny_autoencoder(seed=7), tmp_path / "dcae")
+    """A converted model with its DC-AE turns a pixel prompt into latents and its frames back into
+    pixels: the frames written are the autoencoder's decode (diffusers' own, not scd's codec) of
+    the latents the model streams from the autoencoder's encoding of the prompt."""
+    ae = tiny_autoencoder(seed=7)
+    pth, config_json = far_style_pth(ae, tmp_path / "dcae")
     runner = CliRunner()
     r = runner.invoke(app, ["convert", str(far_like), "--out", str(tmp_path / "scd"), "--codec", str(pth),
                             "--codec-config", str(config_json), "-q"])
@@ -201,7 +205,19 @@ def test_generate_runs_through_the_dcae_of_a_converted_model(far_like, tmp_path)
     write_video(tmp_path / "prompt.mp4", frames, fps=4)
     out = tmp_path / "out.mp4"
     r = runner.invoke(app, ["generate", "--model", str(tmp_path / "scd"), "--prompt-frames", str(tmp_path / "prompt.mp4"),
-                            "--frames", "2", "--steps", "2", "--out", str(out)])
+                            "--frames", "2", "--steps", "2", "--out", str(out), "--seed", "4", "--actions", "up,left",
+                            "--guidance", "1", "--frames-dir", str(tmp_path / "png")])
     assert r.exit_code == 0, r.output
     clip = read_video(out)
     assert clip.frames.shape == (2, 16, 16, 3)
+    written = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in sorted((tmp_path / "png").glob("*.png"))])
+    prompt = torch.from_numpy(read_video(tmp_path / "prompt.mp4").frames).permute(0, 3, 1, 2).float() / 127.5 - 1
+    model = load_model_folder(tmp_path / "scd")
+    with torch.no_grad():
+        context = ae.encode(prompt).latent * FACTOR
+        null = model.config.null_class
+        latents = generate(model.model, context[None], 2, 2, guidance=1.0, seed=4, window=model.config.window,
+                           conditions=torch.tensor([[null] * len(prompt) + [0, 2]]))[0]
+        expected = ((ae.decode(latents / FACTOR).sample.clamp(-1, 1) + 1) * 127.5).round().permute(0, 2, 3, 1)
+    assert written.shape == (2, 16, 16, 3) and np.abs(written - expected.numpy()).max() <= 1
+    assert np.abs(clip.frames.astype(int).mean((1, 2)) - written.mean((1, 2))).max() < 8  # the video too (H.264: on average)

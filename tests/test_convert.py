@@ -1,4 +1,4 @@
-"""scd convert: every reference fixture ports, a split baseline keeps its blocks tensor for tensor,
+"""scd convert: every reference fixture ports (each folder of each kind, tests/reference_fixtures.py), a split baseline keeps its blocks tensor for tensor,
 the output loads everywhere, and anything not understood is refused before a folder is written."""
 
 import hashlib
@@ -10,18 +10,17 @@ import pytest
 import torch
 from conftest import random_model, tiny_config
 from hub_server import HubServer
+from reference_fixtures import REFERENCE, TOL, check_error, folders
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from scd.checkpoints import load_model, load_model_folder, save_model_folder
-from scd.convert import CREATED, DROPPED, MAPPED, Split, convert, split_layers
+from scd.convert import CREATED, DROPPED, MAPPED, CodecSpec, Split, convert, split_layers
 from scd.errors import CheckpointError, ConfigError, HubError
 from scd.reference import SizeHints, check_far_name
 from scd.sampling import generate
 from scd_cli.app import app
 
-REFERENCE = Path(__file__).parent / "fixtures" / "reference"
-TOL = 1e-4
 runner = CliRunner()
 
 
@@ -29,11 +28,16 @@ def case(name):
     folder = REFERENCE / name
     settings = json.loads((folder / "case.json").read_text()) if (folder / "case.json").exists() else {}
     tensors = load_file(str(folder / "case.safetensors")) if (folder / "case.safetensors").exists() else {}
-    return folder, next(folder.glob("*.pth")), settings, tensors
+    return folder, weights_of(folder), settings, tensors
+
+
+def weights_of(folder):
+    """The model's weights (not the DC-AE beside them in fardcaeN/)."""
+    return next(p for p in sorted(folder.glob("*.pth")) if p.name != "dcae.pth")
 
 
 def raw(name):
-    return torch.load(next((REFERENCE / name).glob("*.pth")), weights_only=True)
+    return torch.load(weights_of(REFERENCE / name), weights_only=True)
 
 
 def reproduces(folder, settings, t):
@@ -76,7 +80,7 @@ def assert_split(baseline: dict, scd: dict, k: int, l: int, encoder_norm: str = 
 
 # ----------------------------------------------------------------------------- the reference fixtures
 
-@pytest.mark.parametrize("name", ["far0", "far1"])
+@pytest.mark.parametrize("name", folders("far"))
 def test_far_fixture_splits_into_scd(name, tmp_path):
     folder, weights, _, t = case(name)
     report = convert(weights, tmp_path / "scd", options=folder / "options.yml")
@@ -97,15 +101,49 @@ def test_far_fixture_splits_into_scd(name, tmp_path):
     assert report.sha256 in card and str(weights) in card and "FAR checkpoint" in card
 
 
-@pytest.mark.parametrize("name", ["far0", "far1"])
+@pytest.mark.parametrize("name", folders("far"))
 def test_far_fixture_resaved_as_baseline_reproduces_the_reference(name, tmp_path):
     folder, weights, settings, t = case(name)
     report = convert(weights, tmp_path / 'base', options=folder / 'options.yml', to='baseline', sizes=SizeHints(latent_size=tuple(t['context'].shape[-2:])))
     assert report.config.arch == "baseline" and report.totals()[CREATED] == (0, 0)
-    assert reproduces(tmp_path / "base", settings, t) < TOL
+    check_error(name, "converted_generated", reproduces(tmp_path / "base", settings, t))
 
 
-@pytest.mark.parametrize("name", ["far0_long", "far1_long"])
+@pytest.mark.parametrize("name", folders("farlabel"))
+def test_far_label_fixture_resaved_as_baseline_reproduces_the_reference(name, tmp_path):
+    folder, weights, settings, t = case(name)
+    report = convert(weights, tmp_path / "base", options=folder / "options.yml", to="baseline")
+    c = load_model_folder(tmp_path / "base").config
+    assert report.config.arch == "baseline" and (c.condition, c.num_classes) == ("label", settings["num_classes"])
+    b, _, channels, h, w = t["init_noise"].shape
+    context = t["context"] if "context" in t else torch.zeros(b, 0, channels, h, w)
+    out = generate(load_model_folder(tmp_path / "base").model, context, settings["frames_generated"], settings["steps"],
+                   guidance=settings["guidance_scale"], conditions=t["labels"], noise=t["init_noise"])
+    check_error(name, "converted_generated", (out - t["generated"]).abs().max().item())
+
+
+@pytest.mark.parametrize("name", folders("fardcae"))
+def test_far_dcae_fixture_converts_with_its_codec_and_reproduces_the_pixels(name, tmp_path):
+    """FAR's transformer with its DC-AE attached: pixels in, latents and (unclamped) pixels out."""
+    folder, weights, settings, t = case(name)
+    convert(weights, tmp_path / "base", options=folder / "options.yml", to="baseline",
+            codec=CodecSpec(path=folder / "dcae.pth", config=folder / "dcae_config.json"))
+    loaded = load_model_folder(tmp_path / "base")
+    c = loaded.config
+    assert (c.codec.type, c.codec.scaling_factor, c.codec.downsample) == ("dcae", settings["scaling_factor"], settings["spatial_compression"])
+    assert c.frame_size == (settings["resolution"],) * 2
+    b, f = t["context"].shape[:2]
+    latents = loaded.encode(t["context"].flatten(0, 1) * 2 - 1).unflatten(0, (b, f))
+    check_error(name, "converted_context_latents", (latents - t["context_latents"]).abs().max().item())
+    out = generate(loaded.model, latents, settings["frames_generated"], settings["steps"],
+                   guidance=settings["guidance_scale"], conditions=t.get("actions"), noise=t["init_noise"])
+    check_error(name, "converted_generated", (out - t["generated"]).abs().max().item())
+    with torch.inference_mode():
+        raw = loaded.codec.autoencoder.decode(out.flatten(0, 1) / loaded.codec.scaling_factor).sample
+    check_error(name, "converted_generated_pixels_raw", (raw.unflatten(0, (b, -1)) - t["generated_pixels_raw"]).abs().max().item())
+
+
+@pytest.mark.parametrize("name", folders("far_long"))
 def test_far_long_fixture_drops_and_reports_its_long_context_branch(name, tmp_path):
     folder, weights, _, _ = case(name)
     report = convert(weights, tmp_path / "scd", options=folder / "options.yml")
@@ -130,7 +168,7 @@ def test_far_long_fixture_drops_and_reports_its_long_context_branch(name, tmp_pa
     assert load_model_folder(tmp_path / "base").config.arch == "baseline"
 
 
-@pytest.mark.parametrize("name", ["case0", "case1", "case2", "case3"])
+@pytest.mark.parametrize("name", folders("case"))
 def test_official_scd_fixture_resaves_and_reproduces_generation(name, tmp_path):
     folder, weights, settings, t = case(name)
     report = convert(weights, tmp_path / 'scd', options=folder / 'options.yml', sizes=SizeHints(latent_size=tuple(t['context'].shape[-2:])))
@@ -140,7 +178,22 @@ def test_official_scd_fixture_resaves_and_reproduces_generation(name, tmp_path):
     state = saved(tmp_path / "scd")
     reference = raw(name)
     assert set(state) == set(reference) and all(torch.equal(state[k], reference[k]) for k in state)
-    assert reproduces(tmp_path / "scd", settings, t) < TOL
+    check_error(name, "converted_generated", reproduces(tmp_path / "scd", settings, t))
+
+
+@pytest.mark.parametrize("name", folders("casecfgdec"))
+def test_official_decoder_guidance_fixture_resaves_and_reproduces_generation(name, tmp_path):
+    """`cfg_type: decoder` and its noise strength travel into the folder's config."""
+    folder, weights, settings, t = case(name)
+    convert(weights, tmp_path / "scd", options=folder / "options.yml", sizes=SizeHints(latent_size=tuple(t["context"].shape[-2:])))
+    loaded = load_model_folder(tmp_path / "scd")
+    c = loaded.config
+    assert (c.guidance_mode, c.default_guidance, max(c.encoder_noise, 0.05)) == (
+        "decoder", settings["guidance_scale"], settings["uncond_noise_strength"])
+    out = generate(loaded.model, t["context"] * 2 - 1, settings["frames_generated"], c.default_steps,
+                   guidance=c.default_guidance, conditions=t.get("actions"), noise=t["init_noise"],
+                   feature_noise=t["uncond_noise"].transpose(0, 1))
+    check_error(name, "converted_generated", (out - t["generated"]).abs().max().item())
 
 
 def test_official_accelerate_safetensors_with_module_prefix(tmp_path):

@@ -8,12 +8,32 @@ import pytest
 from conftest import random_model, tiny_config
 from typer.testing import CliRunner
 
+from scd import world
 from scd.checkpoints import save_model_folder
 from scd.evaluate import _summary, evaluate
 from scd.models import build_model
 from scd_cli.app import app
 
 runner = CliRunner()
+
+
+def copy_last_frame_psnr(clips: int, context: int, frames: int) -> np.ndarray:
+    """Copy-last-frame's PSNR (dB) per generated frame, mean over the held-out clips, from the
+    world's own frames: numpy, independent of scd.metrics (identical frames capped at 100 dB)."""
+    scores = np.zeros((clips, frames))
+    for i in range(clips):
+        video = world.render_clip(world.HELDOUT_SEED_START + i, context + frames)[0].astype(np.float64) / 255
+        for u in range(frames):
+            mse = np.mean((video[context + u] - video[context - 1]) ** 2)
+            scores[i, u] = 100.0 if mse == 0 else min(100.0, 10 * np.log10(1 / mse))
+    return scores.mean(0)
+
+
+def assert_copy_last_frame(result, clips, context, frames):
+    expected = copy_last_frame_psnr(clips, context, frames)
+    assert result["copy_last_frame"]["psnr_per_frame"] == pytest.approx(expected, abs=1e-3)
+    assert result["copy_last_frame"]["psnr"] == pytest.approx(expected.mean(), abs=1e-6)
+    assert 5 < expected.min() and expected.max() < 60  # a moving world: the copy is off, not exact
 
 
 def test_eval_without_arguments_scores_the_embedded_models(tmp_path):
@@ -32,6 +52,7 @@ def test_eval_without_arguments_scores_the_embedded_models(tmp_path):
         agent = result[name]["objects"]["agent"]
         assert len(agent["hit_rate"]) == 2 and result[name]["agent_hit_rate_last"] == agent["hit_rate"][-1]
     assert result["object_free"]["agent_hit_rate_last"] == 0.0  # the agent is erased
+    assert_copy_last_frame(result, 2, 4, 2)
 
 
 def test_eval_refuses_bad_input(tmp_path):
@@ -64,6 +85,7 @@ def test_eval_runs_models_and_copy_last_frame(tmp_path):
     assert result["clips"] == 2 and result["frames"] == 2
     for name in ("scd", "baseline", "copy_last_frame"):
         assert len(result[name]["psnr_per_frame"]) == 2 and 0 < result[name]["psnr"] < 100
+    assert_copy_last_frame(result, 2, 3, 2)
     json_path = tmp_path / "e.json"
     r = runner.invoke(app, ["eval", "--model", str(tmp_path / "scd"), "--baseline", str(tmp_path / "baseline"),
                             "--clips", "1", "--context", "2", "--frames", "1", "--steps", "1", "--json", str(json_path)])

@@ -23,7 +23,7 @@ from scd.reference import FAR_DCAES, FAR_MODELS, dcae_config, published_stem
 from scd.video import read_video
 from scd_cli.app import app
 
-pytest.importorskip("diffusers", reason="FAR's models run through a DC-AE: the optional extra scd[dcae]")
+import diffusers  # noqa: E402,F401  FAR's models run through a DC-AE: the [test] extra's, never skipped unseen
 
 runner = CliRunner()
 REFERENCE = Path(__file__).parent / "fixtures" / "reference"
@@ -231,7 +231,7 @@ def test_no_label_means_unconditional_with_a_warning(far_repo, tmp_path):
     assert "no label given: generating unconditionally (guidance -1 instead of 2)" in r.output
     with pytest.raises(CheckpointError, match="not one of FAR's 10 published files"):
         load_model(str(REFERENCE / "far0" / "far.pth"))
-    with pytest.raises(ActionError):
+    with pytest.raises(ActionError, match=r"unknown label 'dog': give an index \(0\.\.100\)"):
         from scd.actions import parse_label
         parse_label("dog", (), 101, "label")
 

@@ -95,16 +95,30 @@ def test_include_prompt_batch_and_pngs(model_dir, prompt, tmp_path):
 
 
 def test_image_folder_prompt_and_fit_modes(model_dir, tmp_path):
+    """A 12x20 grey prompt with dark 3-column bands at its left and right edges, fitted to the 8x8
+    model: `crop` keeps the centre (the bands are cut off), `pad` keeps all of it in 8x5 on black
+    rows, `stretch` squeezes it (the bands stay, thinner). The prompt frames are in the video
+    (--include-prompt), through H.264, hence the tolerances."""
     folder = tmp_path / "imgs"
     folder.mkdir()
+    image = np.full((12, 20, 3), 200, dtype=np.uint8)
+    image[:, :3] = image[:, -3:] = 40
     for i in range(3):
-        frame = av.VideoFrame.from_ndarray(np.full((12, 20, 3), 60 * i, dtype=np.uint8), format="rgb24")
-        frame.to_image().save(folder / f"{i:03d}.png")
+        av.VideoFrame.from_ndarray(image, format="rgb24").to_image().save(folder / f"{i:03d}.png")
+    shown = {}
     for fit in ("crop", "pad", "stretch"):
         out = tmp_path / f"{fit}.mp4"
-        r = run("generate", "--model", model_dir, "--prompt-frames", folder, "--frames", 1, "--out", out, "--fit", fit)
+        r = run("generate", "--model", model_dir, "--prompt-frames", folder, "--frames", 1, "--out", out, "--fit", fit,
+                "--include-prompt")
         assert r.exit_code == 0, r.output
-        assert read_video(out).frames.shape[0] == 1
+        frames = read_video(out).frames
+        assert frames.shape == (3 + 1, 8, 8, 3)
+        shown[fit] = frames[:3].astype(int).mean(-1).mean(0)  # (8, 8) grey of the prompt frames
+    crop, pad, stretch = shown["crop"], shown["pad"], shown["stretch"]
+    assert np.abs(crop - 200).max() < 30, crop.round()  # the centre 12x12 of the 12x20: no band left
+    assert np.abs(pad[[0, 6, 7]]).max() < 16, pad.round()  # 20 -> 8 wide, 12 -> 5 high at rows 1-5: black around
+    assert np.abs(pad[2:5, 3:5] - 200).max() < 25 and pad[2:5, [0, 7]].max() < 140, pad.round()  # bands at its sides
+    assert np.abs(stretch[:, 3:5] - 200).max() < 25 and stretch[:, [0, 7]].max() < 140, stretch.round()  # all of it
 
 
 @pytest.mark.parametrize("args, message", [

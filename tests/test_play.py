@@ -243,20 +243,31 @@ def test_a_compiled_session_plays_the_frames_an_eager_one_plays():
 
     from scd.play import Session
 
-    shown = {}
-    for compiled in (False, "aot_eager"):
-        got, done = [], threading.Event()
+    from scd.compiler import compile_counts
 
-        def on_frame(frame, got=got, done=done):
+    shown, traced = {}, {}
+    for compiled in (False, "aot_eager"):
+        got, graphs, done = [], [], threading.Event()
+        before = compile_counts()["unique_graphs"]  # process-wide: earlier tests' graphs are in it
+
+        def on_frame(frame, got=got, graphs=graphs, done=done, before=before):
             got.append(np.asarray(Image.open(io.BytesIO(frame.png))).astype(int))
+            graphs.append(compile_counts()["unique_graphs"] - before)
             if len(got) >= 3:
                 done.set()
 
-        session = Session([load_model()], seed=3, paced=False, on_frame=on_frame, compiled=compiled)
+        loaded = load_model()
+        session = Session([loaded], seed=3, paced=False, on_frame=on_frame, compiled=compiled)
         session.start()
         assert done.wait(120)
         session.stop()
-        shown[compiled] = got[:3]
+        shown[compiled], traced[compiled] = got[:3], (graphs[:3], loaded.model.__dict__.get("_compiled", {}))
+    assert traced[False] == ([0, 0, 0], {})  # the eager session compiles nothing
+    graphs, calls = traced["aot_eager"]
+    # the compiled one traced one graph per compiled call of its model, in its first frame, never again
+    assert sorted(name for name, _ in calls) == ["append_frame", "denoise_steps"]
+    assert all(call.fallback is None for call in calls.values())
+    assert graphs == [len(calls)] * 3, graphs
     for eager, compiled in zip(shown[False], shown["aot_eager"]):
         assert eager.shape == compiled.shape and np.abs(eager - compiled).max() <= 1
 

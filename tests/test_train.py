@@ -2,13 +2,13 @@
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import random_model, tiny_config
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from scd import data, world
 from scd import train as training
-from scd.checkpoints import load_model_folder
+from scd.checkpoints import load_model_folder, save_model_folder
 from scd_cli.app import app
 
 WORLD = dict(latent_size=(32, 32), frame_size=(32, 32), patch_size=8, demo="world")
@@ -177,16 +177,59 @@ def test_init_from_a_model_folder_and_impossible_sizes(tmp_path):
     assert r.exit_code == 2, r.output
 
 
+def first_step_gradient(out) -> list[torch.Tensor]:
+    """The gradient of a run's first (and only) step, from its checkpoint: AdamW's first moment
+    after one step is (1 - beta1) * gradient (the clipping threshold is set out of reach)."""
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    beta1 = state["optimizer"]["param_groups"][0]["betas"][0]
+    moments = state["optimizer"]["state"]
+    return [moments[i]["exp_avg"] / (1 - beta1) for i in sorted(moments)]
+
+
+def reference_gradient(init, settings, batch, passes: int) -> tuple[list[torch.Tensor], float]:
+    """The first step's gradient and loss computed straight from the model's loss, with the random
+    draws train makes (seed, action dropout, then each pass's loss in turn): the mean over `passes`
+    equal slices of the batch, i.e. the whole batch's mean loss under those draws."""
+    model = load_model_folder(init).model.train()
+    config = model.config
+    torch.manual_seed(settings.seed)
+    objective = training.Objective(settings.sigma_shift, settings.decoder_draws, settings.clean_context_ratio,
+                                   settings.context_sigma_max)
+    video, actions = batch
+    actions = training.drop_actions(actions, config, settings.action_dropout)
+    total = 0.0
+    for piece in torch.arange(len(video)).chunk(passes):
+        loss = model.loss(video[piece], actions[piece], objective)
+        (loss / passes).backward()
+        total += loss.item() / passes
+    return [p.grad for part in model.parts().values() for p in part.parameters()], total
+
+
 def test_gradient_accumulation_mixed_precision_and_decoder_draws(tmp_path):
-    """A step's batch in two passes and bf16 autocast train; bad values are refused naming their flag."""
+    """A step's batch in two passes is the step on the whole batch; bf16 autocast trains close to
+    float32; the decoder draws are what the decoder trains on; bad values are refused naming their flag."""
     config = tiny_config(**WORLD)
+    # every parameter random: the zero-initialised adaLN gates and head of a fresh model would leave
+    # most of it without a gradient, and its first loss the same in any precision
+    init = save_model_folder(random_model(config), tmp_path / "init")
     batch = next(world.stream_batches(0, 4, 4))
     one = lambda start, rank=0, ranks=1: iter([batch] * 10)
-    plain = training.TrainSettings(steps=1, batch_size=4, warmup=1, action_dropout=0.0, ema_decay=0.0)
-    losses = [p.loss for p in training.train(config, tmp_path / "acc", dataclasses_replace(plain, grad_accum=2, steps=3), one)]
-    assert len(losses) == 3 and all(0 < v < 10 for v in losses)
-    bf16 = [p.loss for p in training.train(config, tmp_path / "bf16", dataclasses_replace(plain, mixed_precision="bf16", steps=2), one)]
-    assert len(bf16) == 2 and all(0 < v < 10 for v in bf16)
+    plain = training.TrainSettings(steps=1, batch_size=4, warmup=1, action_dropout=0.0, ema_decay=0.0, grad_clip=1e9)
+    grads, losses = {}, {}
+    for name, settings in (("accum", dataclasses_replace(plain, grad_accum=2)), ("draws1", dataclasses_replace(plain, decoder_draws=1)),
+                           ("bf16", dataclasses_replace(plain, mixed_precision="bf16")), ("f32", dataclasses_replace(plain, mixed_precision="no"))):
+        losses[name] = [p.loss for p in training.train(config, tmp_path / name, settings, one, init=load_model_folder(init))]
+        grads[name] = first_step_gradient(tmp_path / name)
+        assert len(losses[name]) == 1
+    for name, passes, draws in (("accum", 2, 2), ("draws1", 1, 1), ("f32", 1, 2)):
+        want, loss = reference_gradient(init, dataclasses_replace(plain, decoder_draws=draws), batch, passes)
+        assert len(want) == len(grads[name]) and abs(losses[name][0] - loss) < 1e-6, (name, losses[name], loss)
+        scale = max(g.abs().max().item() for g in want)
+        assert max((a - b).abs().max().item() for a, b in zip(grads[name], want)) < 1e-5 * scale, name
+    # decoder draws change what is trained: the same seed and batch, another gradient
+    assert max((a - b).abs().max().item() for a, b in zip(grads["draws1"], grads["f32"])) > 1e-3 * scale
+    # bf16 autocast is on (not float32's bits) and close to float32 (bf16 keeps 8 bits of mantissa)
+    assert losses["bf16"][0] != losses["f32"][0] and abs(losses["bf16"][0] - losses["f32"][0]) < 0.02 * losses["f32"][0]
     runner = CliRunner()
     r = runner.invoke(app, ["train", "--out", str(tmp_path / "x"), "--batch-size", "4", "--grad-accum", "3"])
     assert r.exit_code == 2 and "--grad-accum must divide the batch size (4)" in r.output, r.output

@@ -5,7 +5,6 @@ import os
 import struct
 import subprocess
 import sys
-import time
 import tracemalloc
 import zlib
 from fractions import Fraction
@@ -227,7 +226,7 @@ def test_random_bytes_and_audio_only_files_are_video_errors(tmp_path):
         read_video(noise)
     fake = tmp_path / "fake.mp4"
     fake.write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 4)
-    with pytest.raises(VideoError):
+    with pytest.raises(VideoError, match=r"fake.mp4 is cut short before its first whole frame \(it ends inside an MP4 box\)"):
         read_video(fake)
     wav = tmp_path / "tone.wav"
     with av.open(str(wav), "w") as container:
@@ -269,7 +268,6 @@ def test_huge_declared_resolution_is_refused_before_decoding(tmp_path):
     folder = tmp_path / "imgs"
     folder.mkdir()
     (folder / "0.png").write_bytes(png_header(100_000, 100_000))
-    start = time.perf_counter()
     with pytest.raises(VideoError, match="pixels"):
         read_video(folder)
     # 9000 x 9000 is under FFmpeg's own limit: without ours FFmpeg allocates 243 MB to probe it
@@ -280,7 +278,7 @@ def test_huge_declared_resolution_is_refused_before_decoding(tmp_path):
     y4m.write_bytes(b"YUV4MPEG2 W9000 H9000 F30:1 Ip A1:1 C420jpeg\nFRAME\n" + bytes(1000))
     with pytest.raises(VideoError, match="9000x9000"):
         read_video(y4m)
-    assert time.perf_counter() - start < 1.0
+    # that nothing large was decoded first: test_huge_declared_resolution_allocates_nothing_large (memory, not time)
 
 
 PROBE_MEMORY = """

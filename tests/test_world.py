@@ -46,10 +46,28 @@ def test_agent_moves_the_pressed_way(action):
     assert moved >= 5
 
 
-def test_balls_stay_inside_and_the_agent_is_drawn():
-    frames, _ = world.render_clip(3, 500)
+@pytest.mark.parametrize("seed", [3, 8])
+def test_balls_stay_inside_and_the_agent_is_drawn(seed):
+    """Over 500 frames each ball bounces off all four walls and never leaves: it is on screen in
+    every frame but where the agent or the other ball covers it, whole (BALL x BALL) in most, its
+    pixels always make one box no bigger than a ball, and at a wall it is whole across the wall."""
+    frames, _ = world.render_clip(seed, 500)
     assert frames.shape == (500, 32, 32, 3) and frames.dtype == np.uint8
-    assert (frames == world.AGENT_COLOR).all(-1).any()
+    assert ((frames == world.AGENT_COLOR).all(-1).sum((1, 2)) > 0).all()  # the agent in every frame
+    for color in world.OBJECT_COLORS.values():
+        if color == tuple(world.AGENT_COLOR):
+            continue
+        ball = (frames == np.array(color, np.uint8)).all(-1)  # (N, H, W)
+        count = ball.sum((1, 2))
+        assert (count > 0).mean() > 0.99 and (count == world.BALL ** 2).mean() > 0.6, (color, count.min())
+        rows, cols = ball.any(2), ball.any(1)  # (N, H), (N, W): the rows and columns it covers
+        for covered in (rows, cols):
+            seen = covered[count > 0]
+            first, last = seen.argmax(1), covered.shape[1] - 1 - seen[:, ::-1].argmax(1)
+            assert (last - first < world.BALL).all()
+            assert first.min() == 0 and last.max() == covered.shape[1] - 1  # it reached both walls
+            at_wall = (first == 0) | (last == covered.shape[1] - 1)
+            assert (last - first + 1 == world.BALL)[at_wall].all()  # and was whole there: not half outside
 
 
 def test_training_and_heldout_seeds_never_meet():
@@ -86,13 +104,22 @@ def test_batches_resume_exactly_and_heldout_is_disjoint():
     resumed = next(world.stream_batches(5, 2, 4, start_step=1))
     assert torch.equal(second[0], resumed[0]) and torch.equal(second[1], resumed[1])
     assert second[0].shape == (2, 4, 3, 32, 32) and second[0].min() >= -1 and second[0].max() <= 1
-    assert world.HELDOUT_SEED_START > 0
+    # the held-out clips are those of the held-out seeds, and no training clip is one of them
+    heldout = world.heldout_clips(3, 4)
+    for i, (frames, actions) in enumerate(heldout):
+        again = world.render_clip(world.HELDOUT_SEED_START + i, 4)
+        assert np.array_equal(frames, again[0]) and np.array_equal(actions, again[1])
+    batches = world.stream_batches(5, 8, 4)
+    training = torch.cat([next(batches)[0] for _ in range(4)])  # (32, 4, 3, 32, 32) in [-1, 1]
+    for frames, _ in heldout:
+        clip = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 127.5 - 1
+        assert not any(torch.equal(clip, t) for t in training)
 
 
 def test_bad_arguments():
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="num_frames must be >= 1, got 0"):
         world.render_clip(1, 0)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=r"actions must be 3 indices in 0\.\.4"):
         world.render_clip(1, 3, np.array([0, 9, 1]))
 
 
