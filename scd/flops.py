@@ -136,10 +136,12 @@ class ChunkFlops:
 
 @dataclass(frozen=True)
 class Family:
-    """A model family's FLOP count: `chunk(config, context_frames, steps)`, and `matched(config)`, the
-    config of its matched counterpart (SCD <-> baseline), or None for a family without one."""
+    """A model family's FLOP count: `chunk(config, context_frames, steps)`; `once(config)`, what a
+    stream computes once at its start (None: nothing counted); `matched(config)`, the config of its
+    matched counterpart (SCD <-> baseline), or None for a family without one."""
 
     chunk: Callable[[object, int, int], ChunkFlops]
+    once: Callable[[object], float] | None = None
     matched: Callable[[object], object] | None = None
 
 
@@ -149,8 +151,8 @@ def _far_chunk(config: ModelConfig, context_frames: int, steps: int) -> ChunkFlo
 
 
 FAMILY_FLOPS: dict[str, Family] = {
-    "far": Family(_far_chunk, lambda config: config.matched()),
-    "wan": Family(wan_chunk_flops),
+    "far": Family(_far_chunk, matched=lambda config: config.matched()),
+    "wan": Family(wan_chunk_flops, once=wan_text_flops),
 }
 
 
@@ -169,6 +171,13 @@ def chunk_flops(config, context_frames: int, steps: int) -> ChunkFlops:
     if steps < 1:
         raise ConfigError(f"steps must be >= 1, got {steps}", parameter="steps")
     return _family(config).chunk(config, context_frames, steps)
+
+
+def stream_flops(config) -> float:
+    """FLOPs a stream of `config`'s model makes once, before its first chunk (Wan: the text's keys
+    and values)."""
+    once = _family(config).once
+    return 0.0 if once is None else once(config)
 
 
 def matched_config(config):
