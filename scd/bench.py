@@ -41,7 +41,8 @@ from scd.compiler import BACKENDS, compile_counts, compiler
 from scd.devices import dtype_name, resolve_device, resolve_dtype
 from scd.errors import ConfigError
 from scd.flops import chunk_flops, frame_flops, matched_config, parameter_count, stream_flops
-from scd.models import ModelConfig, build_model, preset
+from scd.models import ModelConfig, WanConfig, build_model, preset
+from scd.models import config as config_module
 from scd.sampling import kv_cache_bytes, stream
 
 # The default bench: the paper's structure (8 encoder + 4 decoder blocks against a 12-block
@@ -52,6 +53,9 @@ DEFAULT_STEPS = 20
 PRESET_CONTEXT = 144
 PRESET_STEPS = 50
 PRESETS = tuple(reference.PRESETS)
+# `--preset WAN-1.3B`: Wan2.1-T2V-1.3B as Self-Forcing streams it (480x832, chunks of 3 latent
+# frames, global attention, 4 steps) with random weights, benched alone; meant for GPUs
+WAN_PRESETS = {f"WAN-{name.upper()}": sizes for name, sizes in config_module.WAN_PRESETS.items()}
 MATMUL_SIZE = {"cpu": 2048, "mps": 4096, "cuda": 8192}
 
 
@@ -133,8 +137,8 @@ class BenchSpec:
             problems.append(f"seed must be >= 0 and <= {checks.MAX_SEED}, got {self.seed}")
         if self.compiled not in (False, True) and self.compiled not in BACKENDS:
             problems.append(f"compiled must be a bool or one of {', '.join(BACKENDS)}, not {self.compiled!r}")
-        if self.preset is not None and self.preset.upper() not in PRESETS:
-            problems.append(f"unknown preset {self.preset!r}: choose {', '.join(PRESETS)}")
+        if self.preset is not None and self.preset.upper() not in PRESETS + tuple(WAN_PRESETS):
+            problems.append(f"unknown preset {self.preset!r}: choose {', '.join(PRESETS + tuple(WAN_PRESETS))}")
         if problems:
             raise ConfigError("; ".join(problems))
         if self.preset is not None and (self.model is not None or self.baseline is not None or self.config is not None):
@@ -481,7 +485,10 @@ def _run(spec: BenchSpec):
         from scd.checkpoints import load_model
 
         loaded = load_model(spec.model)
+    wan_preset = spec.preset is not None and spec.preset.upper() in WAN_PRESETS
     alone = loaded.config if loaded is not None else spec.config
+    if wan_preset:
+        alone = WanConfig(**WAN_PRESETS[spec.preset.upper()])
     if alone is not None and matched_config(alone) is None:  # no counterpart: this model alone
         if spec.baseline is not None:
             raise ConfigError(f"drop baseline: this model ({alone.architecture}) has no matched counterpart "
@@ -491,7 +498,8 @@ def _run(spec: BenchSpec):
         else:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(spec.seed)
-                side = _Side(build_model(spec.config), spec.config, "random weights")
+                label = f"preset {spec.preset.upper()}, random weights" if wan_preset else "random weights"
+                side = _Side(build_model(alone), alone, label)
         side.model.to(device=device, dtype=dtype).eval()
         yield from _run_alone(spec, side, device, dtype)
         return

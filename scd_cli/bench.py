@@ -189,7 +189,7 @@ def _show(report: dict) -> None:
 def bench(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="An SCD (or baseline) model folder or Hub repo id[@rev]; a Wan2.1 model (no matched counterpart) is benched alone, with random text embeddings. Default: random weights."),
     baseline: Optional[str] = typer.Option(None, "--baseline", help="The baseline model to compare against. Default: the matched config of --model, random weights."),
-    preset: Optional[str] = typer.Option(None, "--preset", help="Reference size B, M, L or XL with random weights: 64 tokens/frame, 144 context frames, 50 steps (for GPUs)."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="Reference size B, M, L or XL with random weights: 64 tokens/frame, 144 context frames, 50 steps (for GPUs); or WAN-1.3B: Wan2.1-T2V-1.3B at 480x832 as Self-Forcing streams it (chunks of 3, 4 steps), random weights, benched alone."),
     context: Optional[str] = typer.Option(None, "--context", metavar="N[,N...]", help=f"Context frames; a comma list sweeps (default {bench_lib.DEFAULT_CONTEXT}; preset {bench_lib.PRESET_CONTEXT}; a model's own)."),
     steps: Optional[str] = typer.Option(None, "--steps", metavar="K[,K...]", help=f"Denoising steps; a comma list sweeps (default {bench_lib.DEFAULT_STEPS}; preset {bench_lib.PRESET_STEPS}; a model's own)."),
     batch: Optional[str] = typer.Option(None, "--batch", metavar="B[,B...]", help="Batch sizes; one row each (default 1,4 on CPU, 1,8 on GPUs)."),

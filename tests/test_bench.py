@@ -379,3 +379,23 @@ def test_cli_benches_a_wan_folder_alone(wan_folder, tmp_path):
                           (["--compile"], "drop --compile")):
         r = runner.invoke(app, ["bench", "--model", wan_folder, "--device", "cpu", *args])
         assert r.exit_code == 2 and message in r.output, r.output
+
+
+def test_wan_preset_is_the_real_size_benched_alone(monkeypatch):
+    """`--preset WAN-1.3B` benches Wan2.1-T2V-1.3B's sizes at 480x832 alone (checked here up to the
+    model it builds: the real size is for GPUs)."""
+    from scd.errors import ConfigError
+
+    built = []
+
+    def refuse(config, *args, **kwargs):
+        built.append(config)
+        raise ConfigError("stop: the test only checks the config")
+
+    monkeypatch.setattr(bench_lib, "build_model", refuse)
+    with pytest.raises(ConfigError, match="stop"):
+        list(bench_lib.run(bench_lib.BenchSpec(preset="wan-1.3B", device="cpu")))
+    (config,) = built
+    assert (config.family, config.dim, config.num_layers, config.ffn_dim, config.num_heads) == ("wan", 1536, 30, 8960, 12)
+    assert (config.latent_size, config.chunk_frames, config.default_steps, config.tokens_per_frame) == ((60, 104), 3, 4, 1560)
+    assert config.local_attn_size is None and config.text_len == 512 and config.text_dim == 4096
