@@ -13,8 +13,8 @@ Each family registers its count in `FAMILY_FLOPS` (by `config.family`): `chunk_f
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from scd.errors import ConfigError
 from scd.models import ModelConfig, WanConfig, table_fits
@@ -102,7 +102,7 @@ def wan_text_flops(c: WanConfig) -> float:
 
 
 def wan_chunk_flops(c: WanConfig, context_frames: int, steps: int,
-                    latent_size: tuple[int, int] | None = None) -> "ChunkFlops":
+                    latent_size: tuple[int, int] | None = None) -> ChunkFlops:
     """FLOPs of one chunk of `c.chunk_frames` frames with `context_frames` frames in the cache when
     the previous chunk's clean pass starts: that pass (at the clean timestep) writes the previous
     chunk and attends to N + n frames, then each of the K steps attends to N + 2n; both at most the

@@ -135,13 +135,13 @@ def _show_alone(report: dict) -> None:
              ("ops per chunk (aten, top level)", f"{m['ops_per_chunk']:,}"),
              ("achieved GFLOP/s", _gflops(m["achieved_flops_per_s"])),
              (f"  of matmul peak ({peak / 1e9:,.1f})", f"{100 * m['fraction_of_matmul_peak']:.0f}%"),
-             ("KV cache, MiB: first / last chunk", f"{m['cache_bytes_by_chunk'][0] / 2 ** 20:,.2f} / "
+             ("KV cache, MiB, first / last chunk", f"{m['cache_bytes_by_chunk'][0] / 2 ** 20:,.2f} / "
                                                    f"{m['cache_bytes_by_chunk'][-1] / 2 ** 20:,.2f}"
-                                                   + (" (flat: a rolling window)" if m["cache_bytes_flat"] else "")),
+                                                   + (" (flat)" if m["cache_bytes_flat"] else "")),
              ("parameters + cache, MiB", f"{m['peak_memory_bytes'] / 2 ** 20:,.1f}")]
     measured = [b for _, b in m["memory_by_chunk"] if b is not None]
     if measured:
-        rows.append(("memory in use, MiB: first / last chunk", f"{measured[0] / 2 ** 20:,.1f} / {measured[-1] / 2 ** 20:,.1f}"))
+        rows.append(("memory in use, MiB, first / last chunk", f"{measured[0] / 2 ** 20:,.1f} / {measured[-1] / 2 ** 20:,.1f}"))
     for label, value in rows:
         table.add_row(label, value)
     console.print(table)
