@@ -9,6 +9,12 @@ device's matmul peak measured in this run, against which achieved FLOP/s are rea
 `compiled`, a compiled stream of each model joins the lockstep, so compiled against eager is read
 the same way; each compiled model's first run (which compiles it) is timed apart.
 
+A model without a matched counterpart (the Wan2.1 family, `scd.flops.matched_config` None) is
+benched alone (`run_chunks`): it streams chunks with random text embeddings of its `text_len` x
+`text_dim`, and its report gives the latency per chunk and per frame, the context/denoise split,
+FLOPs per chunk, achieved FLOP/s against the matmul measured in the same run, and the memory after
+every chunk (a rolling window keeps the cache, and so the memory, flat).
+
 `run` yields progress events and finally the report (a JSON-ready dict, made by
 `scd.bench_report`); it never prints.
 """
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import platform
 import statistics
 import time
@@ -29,12 +36,13 @@ from torch import nn
 
 import scd
 from scd import checks, reference
-from scd.bench_report import RunTimes, make_report, row_result, summarise_model
+from scd.bench_report import RunTimes, make_alone_report, make_report, row_result, summarise_chunks, summarise_model
 from scd.compiler import BACKENDS, compile_counts, compiler
 from scd.devices import dtype_name, resolve_device, resolve_dtype
 from scd.errors import ConfigError
-from scd.flops import frame_flops, parameter_count
-from scd.models import ModelConfig, build_model, preset
+from scd.flops import chunk_flops, frame_flops, matched_config, parameter_count, stream_flops
+from scd.models import ModelConfig, WanConfig, build_model, preset
+from scd.models import config as config_module
 from scd.sampling import kv_cache_bytes, stream
 
 # The default bench: the paper's structure (8 encoder + 4 decoder blocks against a 12-block
@@ -45,6 +53,9 @@ DEFAULT_STEPS = 20
 PRESET_CONTEXT = 144
 PRESET_STEPS = 50
 PRESETS = tuple(reference.PRESETS)
+# `--preset WAN-1.3B`: Wan2.1-T2V-1.3B as Self-Forcing streams it (480x832, chunks of 3 latent
+# frames, global attention, 4 steps) with random weights, benched alone; meant for GPUs
+WAN_PRESETS = {f"WAN-{name.upper()}": sizes for name, sizes in config_module.WAN_PRESETS.items()}
 MATMUL_SIZE = {"cpu": 2048, "mps": 4096, "cuda": 8192}
 
 
@@ -84,14 +95,17 @@ class BenchSpec:
 
     model: an SCD or baseline model reference (folder, Hub id); baseline: a baseline reference.
     A side that is not given is the matched config of the other with random weights; with neither,
-    both are random: `config` (library use), else `preset`, else `default_config()`.
+    both are random: `config` (library use), else `preset`, else `default_config()`. A model (or
+    `config`) of a family without a matched counterpart (Wan2.1) is benched alone; `frames` then
+    counts latent frames, rounded up to whole chunks (at least 2: the first chunk is the time to
+    first chunk).
     contexts, steps, batches: one result row per combination. frames: generated per run, the first
     is the time to first frame and the rest the steady-state latency (so at least 2)."""
 
     model: str | None = None
     baseline: str | None = None
     preset: str | None = None
-    config: ModelConfig | None = None
+    config: object | None = None  # a ModelConfig or WanConfig
     contexts: tuple[int, ...] | None = None
     steps: tuple[int, ...] | None = None
     batches: tuple[int, ...] | None = None
@@ -123,8 +137,8 @@ class BenchSpec:
             problems.append(f"seed must be >= 0 and <= {checks.MAX_SEED}, got {self.seed}")
         if self.compiled not in (False, True) and self.compiled not in BACKENDS:
             problems.append(f"compiled must be a bool or one of {', '.join(BACKENDS)}, not {self.compiled!r}")
-        if self.preset is not None and self.preset.upper() not in PRESETS:
-            problems.append(f"unknown preset {self.preset!r}: choose {', '.join(PRESETS)}")
+        if self.preset is not None and self.preset.upper() not in PRESETS + tuple(WAN_PRESETS):
+            problems.append(f"unknown preset {self.preset!r}: choose {', '.join(PRESETS + tuple(WAN_PRESETS))}")
         if problems:
             raise ConfigError("; ".join(problems))
         if self.preset is not None and (self.model is not None or self.baseline is not None or self.config is not None):
@@ -142,6 +156,7 @@ class Started:
     baseline: str
     rows: list[dict]
     warnings: list[str] = field(default_factory=list)
+    alone: bool = False  # one model, no counterpart: `scd` is its source, `baseline` empty
 
 
 @dataclass
@@ -153,10 +168,11 @@ class Measured:
     rep: int  # counting warm-up reps from 0
     reps: int  # warm-up + measured
     warmup: bool
-    model: str  # "scd" or "baseline"; with compiled runs also "scd_compiled", "baseline_compiled"
+    model: str  # "scd" or "baseline"; with compiled runs also "scd_compiled", "baseline_compiled"; alone "model"
     setting: dict
-    latency_ms: float  # median steady-state latency of this run
+    latency_ms: float  # median steady-state latency of this run (per chunk when `per` is "chunk")
     time_to_first_frame_ms: float
+    per: str = "frame"
 
 
 @dataclass
@@ -260,17 +276,21 @@ def run_interleaved(models: dict[str, nn.Module], contexts: dict[str, torch.Tens
     return {name: RunTimes(first_ms[name], steady[name], None) for name in models}
 
 
-def count_ops(model: nn.Module, context: torch.Tensor, steps: int, compiled: bool | str = False, frames: int = 2) -> dict:
+def count_ops(model: nn.Module, context: torch.Tensor, steps: int, compiled: bool | str = False, frames: int = 2,
+              text: torch.Tensor | None = None) -> dict:
     """Operators per steady frame (the last of a `frames`-frame stream, untimed; compiled, the same
     shapes as the measured runs, so nothing compiles in it), by torch.profiler:
     `ops_per_frame` counts the top-level aten operators the frame dispatches (in eager PyTorch,
     every kernel it runs; a compiled frame's fused kernels are not aten operators, so there it
     counts what it still dispatches: matmuls, attention, copies), and on CUDA
-    `kernel_launches_per_frame` the kernel and CUDA-graph launches (else None)."""
+    `kernel_launches_per_frame` the kernel and CUDA-graph launches (else None). A chunked model
+    (given its `text`) counts the frame that starts the chunk, so `frames - 1` is a whole number of
+    chunks, and its counts are the chunk's."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if context.device.type == "cuda" else [])
-    generator = stream(model, context, frames, steps, compiled=compiled)
+    options = {} if text is None else {"text": text}
+    generator = stream(model, context, frames, steps, compiled=compiled, **options)
     for _ in range(frames - 1):
         next(generator)
     with profile(activities=activities) as prof:
@@ -294,6 +314,43 @@ def count_ops(model: nn.Module, context: torch.Tensor, steps: int, compiled: boo
 LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx", "cudaGraphLaunch")
 
 
+def _memory_bytes(device: torch.device) -> int | None:
+    """Memory in use now: on CUDA the tensors torch allocated, on Linux the process's resident set."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    try:
+        resident = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+    return resident * os.sysconf("SC_PAGE_SIZE")
+
+
+def run_chunks(model: nn.Module, context: torch.Tensor, text: torch.Tensor, chunks: int, steps: int,
+               ) -> tuple[RunTimes, list[list]]:
+    """Stream `chunks` chunks of `model.config.chunk_frames` frames after `context`, conditioned on
+    `text`: the time to the first chunk (the stream's start, its text keys and values included),
+    then each later chunk's (context, denoise) ms (its wall time less the stream's own denoise
+    count is the context pass), and after every chunk [frames so far, memory in use (bytes)]."""
+    n = model.config.chunk_frames
+    device = context.device
+    _sync(device)
+    start = time.perf_counter()
+    generator = stream(model, context, chunks * n, steps, text=text)
+    for _ in range(n):
+        next(generator)  # stream synchronises before it yields
+    first_ms = (time.perf_counter() - start) * 1000.0
+    memory = [[n, _memory_bytes(device)]]
+    steady = []
+    for j in range(1, chunks):
+        start = time.perf_counter()
+        denoise_ms = sum(next(generator).denoise_ms for _ in range(n))
+        wall_ms = (time.perf_counter() - start) * 1000.0
+        steady.append((wall_ms - denoise_ms, denoise_ms))
+        memory.append([(j + 1) * n, _memory_bytes(device)])
+    next(generator, None)  # let it finish, leaving its inference mode
+    return RunTimes(first_ms, steady, None), memory
+
+
 def _cuda_peak_memory(model: nn.Module, context: torch.Tensor, steps: int, compiled: bool | str = False) -> int:
     """Bytes allocated at the peak of a 2-frame run (prefill included) beyond what was allocated before."""
     device = context.device
@@ -306,7 +363,7 @@ def _cuda_peak_memory(model: nn.Module, context: torch.Tensor, steps: int, compi
     return torch.cuda.max_memory_allocated(device) - before
 
 
-def _random_context(config: ModelConfig, batch: int, frames: int, seed: int, device, dtype) -> torch.Tensor:
+def _random_context(config, batch: int, frames: int, seed: int, device, dtype) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     shape = (batch, frames, config.channels, *config.latent_size)
     return torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
@@ -325,6 +382,18 @@ def steady_flops(config: ModelConfig, context: int, frames: int, steps: int) -> 
             "flops_denoising": statistics.fmean(c.denoise for c in counts)}
 
 
+def steady_chunk_flops(config, context: int, chunks: int, steps: int) -> dict:
+    """Analytic FLOPs per steady-state chunk at batch 1, averaged over chunks 1..chunks-1 of a run
+    after `context` prompt frames (chunk j starts with context + (j - 1) n frames cached)."""
+    n = config.chunk_frames
+    counts = [chunk_flops(config, context + (j - 1) * n, steps) for j in range(1, chunks)]
+    return {"flops_per_chunk": statistics.fmean(c.total for c in counts),
+            "flops_context_pass": statistics.fmean(c.context for c in counts),
+            "flops_denoising": statistics.fmean(c.denoise for c in counts),
+            "flops_per_frame": statistics.fmean(c.total for c in counts) / n,
+            "flops_once_per_stream": stream_flops(config)}
+
+
 # ----------------------------------------------------------------------------- the models
 
 @dataclass
@@ -334,15 +403,16 @@ class _Side:
     source: str
 
 
-def _load_pair(spec: BenchSpec, device, dtype) -> tuple[_Side, _Side, ModelConfig | None, list[str]]:
-    """The two sides, the config of the model the user named (None: random weights) and warnings."""
+def _load_pair(spec: BenchSpec, device, dtype, loaded=None) -> tuple[_Side, _Side, ModelConfig | None, list[str]]:
+    """The two sides, the config of the model the user named (None: random weights) and warnings.
+    `loaded`: `spec.model` already loaded."""
     from scd.checkpoints import (
         load_model,  # deferred: pulls in the Hub client only when a model is named
     )
 
     scd_side = base_side = named = None
     if spec.model is not None:
-        loaded = load_model(spec.model)
+        loaded = loaded or load_model(spec.model)
         side = _Side(loaded.model, loaded.config, loaded.source)
         named = loaded.config
         if loaded.config.arch == "scd":
@@ -410,7 +480,30 @@ def run(spec: BenchSpec) -> Iterator[Started | Measured | RowFinished | Finished
 def _run(spec: BenchSpec):
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)
-    scd_side, base_side, named, warnings = _load_pair(spec, device, dtype)
+    loaded = None
+    if spec.model is not None:
+        from scd.checkpoints import load_model
+
+        loaded = load_model(spec.model)
+    wan_preset = spec.preset is not None and spec.preset.upper() in WAN_PRESETS
+    alone = loaded.config if loaded is not None else spec.config
+    if wan_preset:
+        alone = WanConfig(**WAN_PRESETS[spec.preset.upper()])
+    if alone is not None and matched_config(alone) is None:  # no counterpart: this model alone
+        if spec.baseline is not None:
+            raise ConfigError(f"drop baseline: this model ({alone.architecture}) has no matched counterpart "
+                              "and is benched alone", parameter="baseline")
+        if loaded is not None:
+            side = _Side(loaded.model, loaded.config, loaded.source)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(spec.seed)
+                label = f"preset {spec.preset.upper()}, random weights" if wan_preset else "random weights"
+                side = _Side(build_model(alone), alone, label)
+        side.model.to(device=device, dtype=dtype).eval()
+        yield from _run_alone(spec, side, device, dtype)
+        return
+    scd_side, base_side, named, warnings = _load_pair(spec, device, dtype, loaded)
     # unless swept, the context and steps of the named model, else of the random config (default, preset)
     own = named or scd_side.config
     # a model that generates from pure noise (context 0) is timed at the default context: SCD needs one frame
@@ -517,6 +610,69 @@ def _measure(spec, combos, rows_meta, sides, streams, device, dtype, matmul_size
         yield RowFinished(i, len(combos), result)
 
 
+def _run_alone(spec: BenchSpec, side: _Side, device, dtype):
+    """One model without a counterpart (the Wan family), chunk by chunk with random text embeddings."""
+    if spec.compiled:
+        raise ConfigError("compiled streams run the FAR-style family; bench this model eagerly (drop --compile)",
+                          parameter="compiled")
+    config, model = side.config, side.model
+    n = config.chunk_frames
+    chunks = max(2, -(-spec.frames // n))  # the first chunk is the time to first chunk, the rest steady
+    contexts = tuple(spec.contexts or (config.context_frames,))
+    steps_list = tuple(spec.steps or (config.default_steps,))
+    batches = tuple(spec.batches or ((1, 4) if device.type == "cpu" else (1, 8)))
+    combos = list(itertools.product(contexts, steps_list, batches))
+    matmul_size = spec.matmul_size or MATMUL_SIZE.get(device.type, 2048)
+    settings = {"contexts": list(contexts), "steps": list(steps_list), "batches": list(batches),
+                "frames": chunks * n, "chunks": chunks, "chunk_frames": n, "reps": spec.reps, "warmup": spec.warmup,
+                "seed": spec.seed, "guidance": 1.0, "dtype": dtype_name(dtype), "preset": None,
+                "matmul_size": matmul_size, "compiled": None, "context_latents": "random normal",
+                "text": f"random normal, {config.text_len} x {config.text_dim}", "weights": {"model": side.source}}
+    rows_meta = [{"context": c, "steps": k, "batch": b} for c, k, b in combos]
+    yield Started(str(device), device_name(device), dtype_name(dtype), side.source, "", rows_meta, [], alone=True)
+    meta = {"device": str(device), "device_name": device_name(device), "dtype": dtype_name(dtype),
+            "torch": torch.__version__, "scd_version": scd.__version__, "settings": settings,
+            "models": {"model": {"source": side.source, "family": config.family, "architecture": config.architecture,
+                                 "width": config.width, "heads": config.num_heads, "layers": config.depth,
+                                 "tokens_per_frame": config.tokens_per_frame, "chunk_frames": n,
+                                 "window": config.window, "sinks": getattr(config, "sink_size", 0),
+                                 "latents": [config.channels, *config.latent_size]}},
+            "warnings": []}
+    peaks, rows = [], []
+    total_reps = spec.warmup + spec.reps
+    generator = torch.Generator().manual_seed(spec.seed)
+    try:
+        for i, (c, k, b) in enumerate(combos):
+            setting = rows_meta[i]
+            context = _random_context(config, b, c, spec.seed, device, dtype)
+            text = torch.randn(b, config.text_len, config.text_dim, generator=generator).to(device=device, dtype=dtype)
+            runs, memory = [], None
+            for rep in range(total_reps):
+                warm = rep < spec.warmup
+                peak = matmul_peak(device, dtype, matmul_size)
+                times, memory = run_chunks(model, context, text, 2 if warm else chunks, k)
+                if not warm:
+                    peaks.append(peak)
+                    runs.append(times)
+                yield Measured(i, len(combos), rep, total_reps, warm, "model", setting,
+                               statistics.median(times.latencies), times.time_to_first_frame_ms, per="chunk")
+            ops = count_ops(model, context, k, frames=n + 1, text=text)
+            cache = [kv_cache_bytes(model, b, c + frames) for frames, _ in memory]
+            flat = cache[-1] == kv_cache_bytes(model, b, 10 * (c + chunks * n))  # a longer stream holds no more
+            summary = summarise_chunks(runs, b, n, steady_chunk_flops(config, c, chunks, k), parameter_count(model),
+                                       parameter_bytes(model), cache, flat, memory, ops, statistics.median(peaks))
+            row = {**setting, "settings": {**setting, "frames": chunks * n, "reps": spec.reps, "warmup": spec.warmup},
+                   "model": summary}
+            rows.append(row)
+            yield RowFinished(i, len(combos), row)
+    except KeyboardInterrupt:
+        if not rows:
+            raise
+        yield Finished(make_alone_report(rows, {**meta, "matmul_peak_flops_per_s": statistics.median(peaks)}, False))
+        raise
+    yield Finished(make_alone_report(rows, {**meta, "matmul_peak_flops_per_s": statistics.median(peaks)}, True))
+
+
 def _finish(rows, peaks, streams, meta: dict, complete: bool) -> dict:
     peak = statistics.median(peaks)
     for row in rows:  # rows finished earlier were read against the peak measured up to then
@@ -539,4 +695,5 @@ def bench(spec: BenchSpec, on_event=None) -> dict:
 
 
 __all__ = ["BenchSpec", "CompiledRun", "Finished", "Measured", "RowFinished", "Started", "bench", "count_ops",
-           "default_config", "matmul_peak", "preset_config", "random_model", "run", "run_interleaved", "steady_flops"]
+           "default_config", "matmul_peak", "preset_config", "random_model", "run", "run_chunks", "run_interleaved",
+           "steady_chunk_flops", "steady_flops"]

@@ -5,7 +5,9 @@ Report format 2 (`report_version`; format 1 before it): `context_pass_ms_p50` an
 `denoising_ms_p50` are now `context_ms_p50` and `denoise_ms_p50` (the names `scd.sampling.Frame`
 uses); new per model: `ops_per_frame`, `kernel_launches_per_frame`; with compiled runs,
 `scd_compiled` / `baseline_compiled` summaries, `compiled_speedup` and `compile`. Added since,
-without a new version: `ops_speedup` and `launch_bound` per row and in the headline.
+without a new version: `ops_speedup` and `launch_bound` per row and in the headline; a model
+benched alone (no counterpart: the Wan family) has `alone: true` and one summary, `model`, per
+chunk (`summarise_chunks`) in place of `scd`, `baseline` and the speed-ups.
 """
 
 from __future__ import annotations
@@ -62,6 +64,63 @@ def summarise_model(runs: list[RunTimes], batch: int, flops: dict, parameters: i
     out["achieved_flops_per_s"] = out["flops_per_frame"] * batch / (out["latency_ms_p50"] / 1000.0)
     out["fraction_of_matmul_peak"] = out["achieved_flops_per_s"] / peak
     return out
+
+
+def summarise_chunks(runs: list[RunTimes], batch: int, chunk_frames: int, flops: dict, parameters: int,
+                     parameter_bytes: int, cache_bytes: list[int], cache_flat: bool, memory: list[list], ops: dict,
+                     peak: float) -> dict:
+    """A chunked model benched alone, one row: latency per chunk (steady chunks pooled over reps)
+    and per frame, its context/denoise split, throughput, time to first chunk, FLOPs per chunk
+    (`flops`), achieved FLOP/s against the matmul `peak`, the analytic KV cache after every chunk
+    of the last run (`cache_bytes`) beside the memory measured then (`memory`: [frames, bytes]),
+    whether a longer stream's cache would be no larger (`cache_flat`: a rolling window), and ops per chunk."""
+    latencies = [x for r in runs for x in r.latencies]
+    out = {
+        "chunk_frames": chunk_frames,
+        "latency_ms_per_chunk_p50": percentile(latencies, 50),
+        "latency_ms_per_chunk_p95": percentile(latencies, 95),
+        "latency_ms_per_chunk_min": min(latencies),
+        "latency_ms_per_frame_p50": percentile(latencies, 50) / chunk_frames,
+        "context_ms_p50": percentile([e for r in runs for e, _ in r.steady], 50),
+        "denoise_ms_p50": percentile([d for r in runs for _, d in r.steady], 50),
+        "latency_ms_per_rep": [statistics.median(r.latencies) for r in runs],
+        "frames_per_second": statistics.median(batch * chunk_frames * len(r.steady) * 1000.0 / sum(r.latencies)
+                                               for r in runs),
+        "time_to_first_chunk_ms": statistics.median(r.time_to_first_frame_ms for r in runs),
+        "parameters": parameters,
+        "parameter_bytes": parameter_bytes,
+        "cache_bytes_by_chunk": cache_bytes,
+        "cache_bytes_flat": cache_flat,
+        "memory_by_chunk": memory,
+        "peak_memory_bytes": parameter_bytes + max(cache_bytes),
+        "peak_memory_method": "analytic: parameters + the KV cache at its largest (activations not counted)",
+        **flops,
+        "ops_per_chunk": ops["ops_per_frame"],
+        "kernel_launches_per_chunk": ops["kernel_launches_per_frame"],
+    }
+    out["achieved_flops_per_s"] = out["flops_per_chunk"] * batch / (out["latency_ms_per_chunk_p50"] / 1000.0)
+    out["fraction_of_matmul_peak"] = out["achieved_flops_per_s"] / peak
+    return out
+
+
+def make_alone_report(rows: list[dict], meta: dict, complete: bool) -> dict:
+    """The JSON report of a model benched alone: the first row (first context and steps, smallest
+    batch) as the headline `model`, with its throughput at every batch of that setting, every row
+    under `rows`; each row's fraction of the matmul peak read against the run's median peak."""
+    peak = meta["matmul_peak_flops_per_s"]
+    for row in rows:
+        row["model"]["fraction_of_matmul_peak"] = row["model"]["achieved_flops_per_s"] / peak
+    head = min((r for r in rows if (r["context"], r["steps"]) == (rows[0]["context"], rows[0]["steps"])),
+               key=lambda r: r["batch"])
+    same = [r for r in rows if (r["context"], r["steps"]) == (head["context"], head["steps"])]
+    model = dict(head["model"])
+    model["throughput_fps_by_batch"] = {str(r["batch"]): r["model"]["frames_per_second"] for r in same}
+    report = {"report_version": REPORT_VERSION, "alone": True, "model": model,
+              "setting": {"context": head["context"], "steps": head["steps"], "batch": head["batch"]}}
+    report.update(meta)
+    report["rows"] = rows
+    report["complete"] = complete
+    return report
 
 
 def paired_speedup(fast: list[RunTimes], slow: list[RunTimes]) -> dict:
@@ -144,22 +203,31 @@ def require_matplotlib():
 
 def plot(report: dict, path: Path) -> None:
     """Per-frame latency (p50, p95 as the bar) against context length and against steps, both
-    models, at the smallest batch, into an image at `path` (format from its suffix)."""
+    models (or the one benched alone), at the smallest batch, into an image at `path` (format from
+    its suffix)."""
     plt = require_matplotlib()
     rows = report["rows"]
     batch = min(r["batch"] for r in rows)
     rows = [r for r in rows if r["batch"] == batch]
+    labels = {"scd": "SCD", "baseline": "baseline", "model": "this model"}
+    models = (("model", "o"),) if report.get("alone") else (("scd", "o"), ("baseline", "s"))
+
+    def latency(summary: dict) -> tuple[float, float]:  # per frame: a chunk's latency over its frames
+        if "chunk_frames" in summary:
+            n = summary["chunk_frames"]
+            return summary["latency_ms_per_chunk_p50"] / n, summary["latency_ms_per_chunk_p95"] / n
+        return summary["latency_ms_p50"], summary["latency_ms_p95"]
+
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
     for ax, x_key, series_key, label in ((axes[0], "context", "steps", "context frames"),
                                          (axes[1], "steps", "context", "denoising steps")):
         for colour, series in enumerate(sorted({r[series_key] for r in rows})):
-            for name, marker in (("scd", "o"), ("baseline", "s")):  # one colour per series, SCD solid
-                points = sorted((r[x_key], r[name]["latency_ms_p50"], r[name]["latency_ms_p95"])
-                                for r in rows if r[series_key] == series)
+            for name, marker in models:  # one colour per series, SCD solid
+                points = sorted((r[x_key], *latency(r[name])) for r in rows if r[series_key] == series)
                 xs, p50, p95 = zip(*points)
                 ax.errorbar(xs, p50, yerr=[[0] * len(xs), [b - a for a, b in zip(p50, p95)]], marker=marker,
                             capsize=3, color=f"C{colour % 10}", linestyle="-" if name == "scd" else "--",
-                            label=f"{'SCD' if name == 'scd' else 'baseline'}, {series} {series_key}")
+                            label=f"{labels[name]}, {series} {series_key}")
         ax.set_xlabel(label)
         ax.set_ylabel("latency per frame, ms (p50, bar to p95)")
         ax.set_yscale("log")

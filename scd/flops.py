@@ -1,15 +1,23 @@
-"""Analytic FLOPs per generated frame (multiply-add = 2 FLOPs), for `scd info` and `scd bench`.
+"""Analytic FLOPs per generated frame or chunk (multiply-add = 2 FLOPs), for `scd info` and `scd bench`.
 
-Per block of width D on S query tokens attending to S_kv keys: 24 S D^2 (q, k, v, out and the 4x
-MLP) + 4 S S_kv D (scores and weighted values) + 12 D^2 per conditioning vector (adaLN).
+The FAR-style family, per block of width D on S query tokens attending to S_kv keys: 24 S D^2 (q, k,
+v, out and the 4x MLP) + 4 S S_kv D (scores and weighted values) + 12 D^2 per conditioning vector
+(adaLN). The Wan2.1 family, per block on S = n T tokens of a chunk of n frames: 8 S D^2 (q, k, v, o)
++ 4 S S_kv D (self-attention) + 4 S D^2 + 4 S L D (cross-attention's q and o, then to L text
+tokens) + 4 S D F (the FFN of width F); the text's own keys and values are made once per stream.
+
+Each family registers its count in `FAMILY_FLOPS` (by `config.family`): `chunk_flops` and
+`matched_config` read any config through it.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from scd.errors import ConfigError
-from scd.models import ModelConfig, table_fits
+from scd.models import ModelConfig, WanConfig, table_fits
 
 
 @dataclass(frozen=True)
@@ -66,6 +74,116 @@ def frame_flops(config: ModelConfig, context_frames: int, steps: int, guidance: 
         step = c.layers * block_flops(d, t, keys + t, per_step) + _embed_flops(c, t, True, per_step)
     scale = 2.0 if guidance != 1.0 else 1.0
     return FrameFlops(scale * context, scale * (steps * step + per_frame))
+
+
+# ----------------------------------------------------------------------------- the Wan2.1 family
+
+def wan_pass_flops(c: WanConfig, frames: int, key_frames: int, latent_size: tuple[int, int] | None = None) -> float:
+    """One call of the Wan transformer on `frames` latent frames attending to `key_frames` frames
+    of keys (their own included): patch embedding, the time embedding and projection of each
+    frame, the blocks, the head. The cross-attention keys and values are not in it (`wan_text_flops`)."""
+    h, w = latent_size or c.latent_size
+    _, p, q = c.patch_size
+    t = (h // p) * (w // q)
+    s, d = frames * t, c.dim
+    patch = c.channels * p * q
+    block = 8.0 * s * d * d + 4.0 * s * key_frames * t * d  # self-attention: q, k, v, o; scores, values
+    block += 4.0 * s * d * d + 4.0 * s * c.text_len * d  # cross-attention: q, o; scores, values over the text
+    block += 4.0 * s * d * c.ffn_dim
+    time = frames * (2.0 * c.freq_dim * d + 2.0 * d * d + 12.0 * d * d)  # time_embedding, time_projection
+    return c.num_layers * block + time + 2.0 * s * patch * d + 2.0 * s * d * patch
+
+
+def wan_text_flops(c: WanConfig) -> float:
+    """Once per stream: the text embedding of `text_len` tokens and every block's cross-attention
+    keys and values."""
+    n, d = c.text_len, c.dim
+    return 2.0 * n * (c.text_dim * d + d * d) + c.num_layers * 4.0 * n * d * d
+
+
+def wan_chunk_flops(c: WanConfig, context_frames: int, steps: int,
+                    latent_size: tuple[int, int] | None = None) -> ChunkFlops:
+    """FLOPs of one chunk of `c.chunk_frames` frames with `context_frames` frames in the cache when
+    the previous chunk's clean pass starts: that pass (at the clean timestep) writes the previous
+    chunk and attends to N + n frames, then each of the K steps attends to N + 2n; both at most the
+    rolling window's `local_attn_size` frames."""
+    n = c.chunk_frames
+    window = c.local_attn_size or math.inf
+    context = wan_pass_flops(c, n, min(context_frames + n, window), latent_size)
+    step = wan_pass_flops(c, n, min(context_frames + 2 * n, window), latent_size)
+    return ChunkFlops(n, context, steps * step)
+
+
+# ----------------------------------------------------------------------------- any family
+
+@dataclass(frozen=True)
+class ChunkFlops:
+    """FLOPs of one streamed chunk of `frames` frames at batch 1 (the FAR-style family: one frame):
+    `context` the clean pass that takes in the previous chunk, `denoise` the K steps."""
+
+    frames: int
+    context: float
+    denoise: float
+
+    @property
+    def total(self) -> float:
+        return self.context + self.denoise
+
+    @property
+    def per_frame(self) -> FrameFlops:
+        return FrameFlops(self.context / self.frames, self.denoise / self.frames)
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family's FLOP count: `chunk(config, context_frames, steps)`; `once(config)`, what a
+    stream computes once at its start (None: nothing counted); `matched(config)`, the config of its
+    matched counterpart (SCD <-> baseline), or None for a family without one."""
+
+    chunk: Callable[[object, int, int], ChunkFlops]
+    once: Callable[[object], float] | None = None
+    matched: Callable[[object], object] | None = None
+
+
+def _far_chunk(config: ModelConfig, context_frames: int, steps: int) -> ChunkFlops:
+    f = frame_flops(config, context_frames, steps)
+    return ChunkFlops(1, f.context, f.denoise)
+
+
+FAMILY_FLOPS: dict[str, Family] = {
+    "far": Family(_far_chunk, matched=lambda config: config.matched()),
+    "wan": Family(wan_chunk_flops, once=wan_text_flops),
+}
+
+
+def _family(config) -> Family:
+    family = FAMILY_FLOPS.get(getattr(config, "family", None))
+    if family is None:
+        raise ConfigError(f"no FLOP count for model family {getattr(config, 'family', None)!r}")
+    return family
+
+
+def chunk_flops(config, context_frames: int, steps: int) -> ChunkFlops:
+    """FLOPs of one streamed chunk of any family's model, `context_frames` frames cached before the
+    previous chunk's clean pass (see `frame_flops`, `wan_chunk_flops`)."""
+    if context_frames < 0:
+        raise ConfigError(f"context_frames must be >= 0, got {context_frames}", parameter="context")
+    if steps < 1:
+        raise ConfigError(f"steps must be >= 1, got {steps}", parameter="steps")
+    return _family(config).chunk(config, context_frames, steps)
+
+
+def stream_flops(config) -> float:
+    """FLOPs a stream of `config`'s model makes once, before its first chunk (Wan: the text's keys
+    and values)."""
+    once = _family(config).once
+    return 0.0 if once is None else once(config)
+
+
+def matched_config(config):
+    """The config of `config`'s matched counterpart, or None when its family has none."""
+    matched = _family(config).matched
+    return None if matched is None else matched(config)
 
 
 @dataclass(frozen=True)

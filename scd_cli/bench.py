@@ -111,7 +111,59 @@ def _compiled(report: dict) -> Table:
     return table
 
 
+def _show_alone(report: dict) -> None:
+    """A model benched alone (no counterpart: the Wan family): per chunk and per frame, one column."""
+    m, setting = report["model"], report["setting"]
+    peak = report["matmul_peak_flops_per_s"]
+    n = m["chunk_frames"]
+    console.print(f"[bold]scd bench[/] on {report['device_name']} ({report['device']}, {report['dtype']}), "
+                  f"torch {report['torch']}", soft_wrap=True)
+    table = Table(title=f"{report['models']['model']['architecture']}: {setting['context']} context frames, "
+                        f"{setting['steps']} steps, batch {setting['batch']}", box=box.SIMPLE_HEAD)
+    table.add_column("")
+    table.add_column("this model", justify="right")
+    rows = [(f"latency per chunk of {n}, p50 ms", f"{m['latency_ms_per_chunk_p50']:,.1f}"),
+            ("latency per chunk, p95 ms", f"{m['latency_ms_per_chunk_p95']:,.1f}"),
+            ("  context pass, p50 ms", f"{m['context_ms_p50']:,.1f}"),
+            ("  denoising steps, p50 ms", f"{m['denoise_ms_p50']:,.1f}"),
+            ("latency per frame, p50 ms", f"{m['latency_ms_per_frame_p50']:,.1f}")]
+    rows += [(f"throughput at batch {b}, frames/s", f"{x:,.2f}") for b, x in m["throughput_fps_by_batch"].items()]
+    rows += [("time to first chunk, ms", f"{m['time_to_first_chunk_ms']:,.0f}"),
+             ("GFLOP per chunk", _gflops(m["flops_per_chunk"])),
+             ("  context pass / denoising", f"{_gflops(m['flops_context_pass'])} / {_gflops(m['flops_denoising'])}"),
+             ("GFLOP once per stream (text K/V)", _gflops(m["flops_once_per_stream"])),
+             ("ops per chunk (aten, top level)", f"{m['ops_per_chunk']:,}"),
+             ("achieved GFLOP/s", _gflops(m["achieved_flops_per_s"])),
+             (f"  of matmul peak ({peak / 1e9:,.1f})", f"{100 * m['fraction_of_matmul_peak']:.0f}%"),
+             ("KV cache, MiB, first / last chunk", f"{m['cache_bytes_by_chunk'][0] / 2 ** 20:,.2f} / "
+                                                   f"{m['cache_bytes_by_chunk'][-1] / 2 ** 20:,.2f}"
+                                                   + (" (flat)" if m["cache_bytes_flat"] else "")),
+             ("parameters + cache, MiB", f"{m['peak_memory_bytes'] / 2 ** 20:,.1f}")]
+    measured = [b for _, b in m["memory_by_chunk"] if b is not None]
+    if measured:
+        rows.append(("memory in use, MiB, first / last chunk", f"{measured[0] / 2 ** 20:,.1f} / {measured[-1] / 2 ** 20:,.1f}"))
+    for label, value in rows:
+        table.add_row(label, value)
+    console.print(table)
+    if len(report["rows"]) > 1:
+        sweep = Table(title=f"every setting (p50 ms per chunk of {n})", box=box.SIMPLE_HEAD)
+        for col in ("context", "steps", "batch", "chunk", "per frame", "GFLOP/s"):
+            sweep.add_column(col, justify="right")
+        for row in report["rows"]:
+            r = row["model"]
+            sweep.add_row(str(row["context"]), str(row["steps"]), str(row["batch"]), f"{r['latency_ms_per_chunk_p50']:,.1f}",
+                          f"{r['latency_ms_per_frame_p50']:,.1f}", _gflops(r["achieved_flops_per_s"]))
+        console.print(sweep)
+    console.print(f"[dim]Latency: steady-state chunks (the first excluded), pooled over {report['settings']['reps']} "
+                  f"reps, {report['settings']['frames']} frames a run; text: {report['settings']['text']}; memory: "
+                  f"{m['peak_memory_method']}; matmul peak: {report['settings']['matmul_size']}-square {report['dtype']} "
+                  "matmul, measured in this run. No matched counterpart: benched alone.[/]", soft_wrap=True)
+
+
 def _show(report: dict) -> None:
+    if report.get("alone"):
+        _show_alone(report)
+        return
     console.print(f"[bold]scd bench[/] on {report['device_name']} ({report['device']}, {report['dtype']}), "
                   f"torch {report['torch']}", soft_wrap=True)
     console.print(_headline(report))
@@ -135,13 +187,13 @@ def _show(report: dict) -> None:
 
 @handles_errors
 def bench(
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="An SCD (or baseline) model folder or Hub repo id[@rev]. Default: random weights."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="An SCD (or baseline) model folder or Hub repo id[@rev]; a Wan2.1 model (no matched counterpart) is benched alone, with random text embeddings. Default: random weights."),
     baseline: Optional[str] = typer.Option(None, "--baseline", help="The baseline model to compare against. Default: the matched config of --model, random weights."),
-    preset: Optional[str] = typer.Option(None, "--preset", help="Reference size B, M, L or XL with random weights: 64 tokens/frame, 144 context frames, 50 steps (for GPUs)."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="Reference size B, M, L or XL with random weights: 64 tokens/frame, 144 context frames, 50 steps (for GPUs); or WAN-1.3B: Wan2.1-T2V-1.3B at 480x832 as Self-Forcing streams it (chunks of 3, 4 steps), random weights, benched alone."),
     context: Optional[str] = typer.Option(None, "--context", metavar="N[,N...]", help=f"Context frames; a comma list sweeps (default {bench_lib.DEFAULT_CONTEXT}; preset {bench_lib.PRESET_CONTEXT}; a model's own)."),
     steps: Optional[str] = typer.Option(None, "--steps", metavar="K[,K...]", help=f"Denoising steps; a comma list sweeps (default {bench_lib.DEFAULT_STEPS}; preset {bench_lib.PRESET_STEPS}; a model's own)."),
     batch: Optional[str] = typer.Option(None, "--batch", metavar="B[,B...]", help="Batch sizes; one row each (default 1,4 on CPU, 1,8 on GPUs)."),
-    frames: str = typer.Option("4", "--frames", metavar="N", help="Frames per run: the first is the time to first frame, the rest steady state (>= 2)."),
+    frames: str = typer.Option("4", "--frames", metavar="N", help="Frames per run: the first is the time to first frame, the rest steady state (>= 2); a chunked (Wan) model: latent frames, rounded up to whole chunks, at least 2."),
     reps: str = typer.Option("3", "--reps", metavar="N", help="Measured repetitions per row (medians over them)."),
     warmup: str = typer.Option("1", "--warmup", metavar="N", help="Unmeasured repetitions before each row."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
@@ -185,10 +237,11 @@ def bench(
             if isinstance(event, bench_lib.Started):
                 for warning in event.warnings:
                     err_console.print(f"[yellow]warning:[/] {warning}")
+                models = f"{event.scd}, alone" if event.alone else f"SCD {event.scd} vs baseline {event.baseline}"
                 say(f"[bold]scd bench[/] on {event.device_name} ({event.device}, {event.dtype}): "
-                    f"SCD {event.scd} vs baseline {event.baseline}; {len(event.rows)} setting(s)")
+                    f"{models}; {len(event.rows)} setting(s)")
                 if is_interactive() and not quiet:
-                    total = len(event.rows) * (spec.warmup + spec.reps) * (4 if compile else 2)
+                    total = len(event.rows) * (spec.warmup + spec.reps) * (1 if event.alone else 4 if compile else 2)
                     progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                                         TimeElapsedColumn(), console=console, transient=True)
                     progress.start()
@@ -198,7 +251,7 @@ def bench(
                 line = (f"context {s['context']}, {s['steps']} steps, batch {s['batch']} "
                         f"({event.row + 1}/{event.rows}) {'warm-up' if event.warmup else 'rep'} "
                         f"{event.rep + 1 - (0 if event.warmup else spec.warmup)}: {event.model} "
-                        f"{event.latency_ms:,.1f} ms/frame, first frame {event.time_to_first_frame_ms:,.0f} ms")
+                        f"{event.latency_ms:,.1f} ms/{event.per}, first {event.per} {event.time_to_first_frame_ms:,.0f} ms")
                 if progress is not None:
                     progress.update(task, advance=1, description=line)
                 else:

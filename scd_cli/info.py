@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from scd.checkpoints import load_model
-from scd.flops import compare, parameter_count
+from scd.flops import chunk_flops, compare, matched_config, parameter_count, stream_flops
 from scd_cli.common import console, handles_errors
 
 
@@ -30,6 +30,9 @@ def info(
     context = c.context_frames if context is None else context
     steps = c.default_steps if steps is None else steps
     console.print(f"[bold]{loaded.source}[/]" + (f" @ {loaded.revision}" if loaded.revision else ""))
+    if matched_config(c) is None:  # a family without an SCD <-> baseline counterpart (Wan2.1)
+        _alone(loaded, context, steps)
+        return
     arch = Table(show_header=False, box=None, pad_edge=False)
     rows = [("arch", c.arch), ("width", f"{c.width} ({c.num_heads} heads x {c.head_dim})"),
             ("layers", c.depth), ("decoder input", c.decoder_input or "-"),
@@ -52,6 +55,38 @@ def info(
         flops.add_row(label, _gflops(f.context), _gflops(f.denoise), _gflops(f.total))
     console.print(flops)
     console.print(f"predicted SCD speed-up: [bold]{comparison.predicted_speedup:.2f}x[/]")
+
+
+def _alone(loaded, context: int, steps: int) -> None:
+    """A chunked, text-conditioned model without a matched counterpart: its sizes, chunks, window,
+    and FLOPs per chunk of its own."""
+    c = loaded.config
+    window = (f"a rolling window of {c.local_attn_size} frames, {c.sink_size} sink"
+              if c.local_attn_size is not None else "global attention (keeps every frame)")
+    rows = [("arch", c.architecture), ("width", f"{c.dim} ({c.num_heads} heads x {c.head_dim}), ffn {c.ffn_dim}"),
+            ("layers", c.depth), ("text", f"{c.text_len} tokens x {c.text_dim}"),
+            ("latents", f"{c.channels} x {c.latent_size[0]} x {c.latent_size[1]}, patch {tuple(c.patch_size)}, "
+                        f"{c.tokens_per_frame} tokens/frame"),
+            ("chunk", f"{c.chunk_frames} latent frames, {c.default_steps} steps ({', '.join(map(str, c.denoising_steps))})"),
+            ("window", window),
+            ("frame", f"{c.frame_size[0]} x {c.frame_size[1]} @ {c.fps:g} fps, codec {c.codec.type}"),
+            ("parameters", f"{parameter_count(loaded.model):,}")]
+    arch = Table(show_header=False, box=None, pad_edge=False)
+    for k, v in rows:
+        arch.add_row(f"[dim]{k}[/]", v)
+    console.print(arch)
+    n = c.chunk_frames
+    flops = Table(title=f"GFLOPs per chunk of {n} latent frames ({steps} steps, batch 1)")
+    for col in ("cached frames", "context pass", "denoising", "total", "per frame"):
+        flops.add_column(col, justify="right")
+    cached = [context] + ([c.local_attn_size] if c.local_attn_size is not None and context < c.local_attn_size else [])
+    for frames in cached:
+        f = chunk_flops(c, frames, steps)
+        label = f"{frames}" + (" (window full)" if c.local_attn_size is not None and frames >= c.local_attn_size else "")
+        flops.add_row(label, _gflops(f.context), _gflops(f.denoise), _gflops(f.total), _gflops(f.total / f.frames))
+    console.print(flops)
+    console.print(f"once per stream (text keys and values): {_gflops(stream_flops(c))} GFLOPs; "
+                  "no matched counterpart to compare with")
 
 
 @handles_errors

@@ -1,5 +1,6 @@
 """scd bench: the FLOP formulas against torch's own count, the report's structure, the CLI's ends."""
 
+import importlib.util
 import json
 import statistics
 import sys
@@ -296,3 +297,117 @@ def test_compiled_bench_reports_compiled_against_eager():
     runs = {r["model"]: r for r in report["compile"]["runs"]}
     assert set(runs) == {"scd_compiled", "baseline_compiled"} and report["compile"]["backend"] == "eager"
     assert all(r["first_run_s"] > 0 and r["recompiles_while_measuring"] == 0 for r in runs.values())
+
+
+# ----------------------------------------------------------------------------- the Wan family, benched alone
+
+def wan_config(**overrides):
+    from scd.models import WanConfig
+
+    sizes = dict(dim=32, ffn_dim=48, freq_dim=16, num_heads=2, num_layers=2, text_dim=24, text_len=6, channels=4,
+                 latent_size=(4, 6), frame_size=(32, 48), chunk_frames=2, denoising_steps=(1000, 500))
+    return WanConfig(**{**sizes, **overrides})
+
+
+@pytest.mark.parametrize("window", [None, (4, 1)])
+def test_wan_model_is_benched_alone_chunk_by_chunk(window, tmp_path):
+    """A model without a counterpart: one summary per row, per chunk, with FLOPs from flops.py, the
+    cache after every chunk (flat under a rolling window) and the frames rounded up to chunks."""
+    from scd.flops import chunk_flops, stream_flops
+    from scd.models import build_model
+
+    local, sinks = window or (None, 0)
+    config = wan_config(local_attn_size=local, sink_size=sinks)
+    spec = bench_lib.BenchSpec(config=config, frames=7, reps=2, warmup=1, batches=(1, 2), device="cpu",
+                               dtype="float32", matmul_size=128)
+    events = list(bench_lib.run(spec))
+    assert isinstance(events[0], bench_lib.Started) and events[0].alone and events[0].scd == "random weights"
+    measured = [e for e in events if isinstance(e, bench_lib.Measured)]
+    assert len(measured) == 2 * (1 + 2) and {(e.model, e.per) for e in measured} == {("model", "chunk")}
+    report = events[-1].report
+    assert report["alone"] and report["complete"] and "scd" not in report and "speedup" not in report
+    assert report["settings"]["frames"] == 8 and report["settings"]["chunks"] == 4  # 7 frames: 4 chunks of 2
+    assert report["models"]["model"]["chunk_frames"] == 2 and report["models"]["model"]["window"] == local
+    assert [r["batch"] for r in report["rows"]] == [1, 2] and set(report["model"]["throughput_fps_by_batch"]) == {"1", "2"}
+    m = report["model"]
+    # chunks 1..3 are steady: N = 0, 2, 4 frames cached before their clean pass
+    counts = [chunk_flops(config, n, 2) for n in (0, 2, 4)]
+    assert m["flops_per_chunk"] == pytest.approx(statistics.fmean(c.total for c in counts))
+    assert m["flops_denoising"] == pytest.approx(statistics.fmean(c.denoise for c in counts))
+    assert m["flops_per_frame"] == pytest.approx(m["flops_per_chunk"] / 2)
+    assert m["flops_once_per_stream"] == stream_flops(config) > 0
+    model = build_model(config)
+    assert m["parameters"] == sum(p.numel() for p in model.parameters())
+    assert m["cache_bytes_by_chunk"] == [model.cache_bytes(1, f, torch.float32) for f in (2, 4, 6, 8)]
+    assert m["cache_bytes_flat"] is (window is not None)
+    if window:
+        assert m["cache_bytes_by_chunk"][1:] == [m["cache_bytes_by_chunk"][1]] * 3
+    assert [f for f, _ in m["memory_by_chunk"]] == [2, 4, 6, 8]
+    assert m["peak_memory_bytes"] == m["parameter_bytes"] + max(m["cache_bytes_by_chunk"])
+    for key in ("latency_ms_per_chunk_p50", "latency_ms_per_frame_p50", "denoise_ms_p50", "time_to_first_chunk_ms",
+                "achieved_flops_per_s", "fraction_of_matmul_peak", "ops_per_chunk", "frames_per_second"):
+        assert m[key] > 0, key
+    assert m["latency_ms_per_frame_p50"] == pytest.approx(m["latency_ms_per_chunk_p50"] / 2)
+    assert m["achieved_flops_per_s"] == pytest.approx(m["flops_per_chunk"] / (m["latency_ms_per_chunk_p50"] / 1000))
+    if window is None and importlib.util.find_spec("matplotlib"):
+        bench_report.plot(report, tmp_path / "wan.png")
+        assert (tmp_path / "wan.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.fixture(scope="module")
+def wan_folder(tmp_path_factory):
+    """`scd convert` of the Self-Forcing fixture, at 8 x 8 latents so that a bench takes a second."""
+    from pathlib import Path
+
+    source = Path(__file__).parent / "fixtures" / "reference" / "sfwan0" / "generator.pt"
+    out = tmp_path_factory.mktemp("wan") / "wan"
+    r = runner.invoke(app, ["convert", str(source), "--to", "baseline", "--out", str(out), "-q"])
+    assert r.exit_code == 0, r.output
+    data = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**data, "latent_size": [8, 8], "frame_size": [64, 64]}))
+    return str(out)
+
+
+def test_cli_benches_a_wan_folder_alone(wan_folder, tmp_path):
+    from scd.checkpoints import load_model
+    from scd.flops import chunk_flops
+
+    path = tmp_path / "wan.json"
+    r = runner.invoke(app, ["bench", "--model", wan_folder, "--steps", "2", "--frames", "4", "--batch", "1",
+                            "--reps", "1", "--warmup", "0", "--device", "cpu", "--matmul-size", "128",
+                            "--json", str(path)])
+    assert r.exit_code == 0, r.output
+    report = json.loads(path.read_text())
+    config = load_model(wan_folder).config
+    assert report["alone"] and report["models"]["model"]["source"] == wan_folder
+    assert report["models"]["model"]["tokens_per_frame"] == 16 and report["settings"]["text"] == "random normal, 8 x 32"
+    m = report["model"]
+    assert report["settings"]["frames"] == 6 and len(m["cache_bytes_by_chunk"]) == 2  # 4 frames: 2 chunks of 3
+    assert m["flops_per_chunk"] == chunk_flops(config, 0, 2).total  # the one steady chunk: N = 0
+    text = " ".join(r.output.split())
+    assert "latency per chunk of 3, p50 ms" in text and f"{m['latency_ms_per_chunk_p50']:,.1f}" in text
+    assert f"{m['flops_per_chunk'] / 1e9:,.2f}" in text and "benched alone" in text and "SCD" not in text
+    for args, message in ((["--baseline", wan_folder], "drop --baseline: this model"),
+                          (["--compile"], "drop --compile")):
+        r = runner.invoke(app, ["bench", "--model", wan_folder, "--device", "cpu", *args])
+        assert r.exit_code == 2 and message in r.output, r.output
+
+
+def test_wan_preset_is_the_real_size_benched_alone(monkeypatch):
+    """`--preset WAN-1.3B` benches Wan2.1-T2V-1.3B's sizes at 480x832 alone (checked here up to the
+    model it builds: the real size is for GPUs)."""
+    from scd.errors import ConfigError
+
+    built = []
+
+    def refuse(config, *args, **kwargs):
+        built.append(config)
+        raise ConfigError("stop: the test only checks the config")
+
+    monkeypatch.setattr(bench_lib, "build_model", refuse)
+    with pytest.raises(ConfigError, match="stop"):
+        list(bench_lib.run(bench_lib.BenchSpec(preset="wan-1.3B", device="cpu")))
+    (config,) = built
+    assert (config.family, config.dim, config.num_layers, config.ffn_dim, config.num_heads) == ("wan", 1536, 30, 8960, 12)
+    assert (config.latent_size, config.chunk_frames, config.default_steps, config.tokens_per_frame) == ((60, 104), 3, 4, 1560)
+    assert config.local_attn_size is None and config.text_len == 512 and config.text_dim == 4096

@@ -44,3 +44,86 @@ def test_frame_flops_match_counted_matmuls(combine):
 
 def test_block_flops_formula():
     assert block_flops(8, 2, 6, conditionings=0) == 24 * 2 * 64 + 4 * 2 * 6 * 8
+
+
+def wan_config(**overrides):
+    from scd.models import WanConfig
+
+    sizes = dict(dim=32, ffn_dim=48, freq_dim=16, num_heads=2, num_layers=2, text_dim=24, text_len=6, channels=4,
+                 latent_size=(4, 6), frame_size=(32, 48), chunk_frames=2)
+    return WanConfig(**{**sizes, **overrides})
+
+
+@pytest.mark.parametrize("window", [None, (5, 1)])
+def test_wan_chunk_flops_equal_counted_stream_steps(window):
+    """flops.py's Wan count is exactly what torch counts for each chunk a stream makes: the step
+    that starts chunk j >= 1 runs the clean pass of chunk j - 1 (N = (j - 1) n frames cached before
+    it) and the K steps; the text's keys and values are made once, when the stream starts. With a
+    window the cache (and so the count) stops growing at local_attn_size frames."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from scd.flops import chunk_flops, matched_config, wan_text_flops
+    from scd.models import build_model
+    from scd.sampling import Rollout
+
+    local, sinks = window or (None, 0)
+    config = wan_config(local_attn_size=local, sink_size=sinks)
+    torch.manual_seed(0)
+    model = build_model(config).eval()
+    n, steps, chunks = config.chunk_frames, 3, 5
+    text = torch.randn(1, config.text_len, config.text_dim)
+    context = torch.zeros(1, 0, config.channels, *config.latent_size)
+    calls = []  # (what, flops) of every prepare and velocity call
+
+    def counting(name, call):
+        def wrapped(*args, **kwargs):
+            with FlopCounterMode(display=False) as counter:
+                out = call(*args, **kwargs)
+            calls.append((name, counter.get_total_flops()))
+            return out
+        return wrapped
+
+    model.prepare, model.velocity = counting("context", model.prepare), counting("denoise", model.velocity)
+    with sdpa_kernel(SDPBackend.MATH):  # attention as bmm, which the counter sees
+        start = counted(lambda: Rollout(model, context, steps, frames=n * chunks, text=text))
+        rollout = Rollout(model, context, steps, frames=n * chunks, text=text)
+        totals = []
+        for j in range(chunks):
+            calls.clear()
+            totals.append(counted(rollout.step))
+            for _ in range(n - 1):
+                assert counted(rollout.step) == 0  # the rest of the chunk is handed out, not computed
+            if j:
+                predicted = chunk_flops(config, (j - 1) * n, steps)
+                assert predicted.frames == n
+                assert predicted.context == sum(f for what, f in calls if what == "context")
+                assert predicted.denoise == sum(f for what, f in calls if what == "denoise")
+                assert predicted.total == totals[j]
+    assert start == wan_text_flops(config)
+    assert matched_config(config) is None  # no SCD counterpart to compare with
+    if window:  # the cache is full from the third chunk on: every later chunk costs the same
+        assert totals[3] == totals[4] and chunk_flops(config, 3 * n, steps) == chunk_flops(config, 30 * n, steps)
+    else:
+        assert totals[3] < totals[4]
+
+
+def test_wan_chunk_flops_formula():
+    """One block by hand: q, k, v, o + attention over the keys, cross-attention's q, o + attention
+    over the text, the FFN; once per pass the time embedding of each frame, patch embed and head."""
+    from scd.flops import wan_pass_flops
+
+    c = wan_config(num_layers=1)
+    s, d, f, t = 2 * 6, 32, 48, 6  # a chunk of 2 frames of 2 x 3 tokens
+    block = 8 * s * d * d + 4 * s * (3 * t) * d + 4 * s * d * d + 4 * s * 6 * d + 4 * s * d * f
+    time = 2 * (2 * 16 * d + 2 * d * d + 12 * d * d)
+    assert wan_pass_flops(c, 2, 3) == block + time + 2 * 2 * s * d * 16
+
+
+def test_far_chunk_is_its_frame():
+    from scd.flops import chunk_flops, matched_config
+
+    config = tiny_config(num_heads=4, head_dim=16, rope_axes=(4, 6, 6), latent_size=(8, 8))
+    f = frame_flops(config, 5, 3)
+    chunk = chunk_flops(config, 5, 3)
+    assert (chunk.frames, chunk.context, chunk.denoise) == (1, f.context, f.denoise)
+    assert matched_config(config) == config.matched()

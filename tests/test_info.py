@@ -32,3 +32,39 @@ def test_info_on_a_reference_checkpoint():
     assert r.exit_code == 2 and "give its options file" in r.output
     r = runner.invoke(app, ["--version"])
     assert r.exit_code == 0 and "scd 0.1.0" in r.output
+
+
+def test_info_on_a_wan_model_folder(tmp_path):
+    """A converted Self-Forcing generator: its sizes, chunk, window and FLOPs per chunk (its own
+    only: a Wan model has no matched SCD counterpart)."""
+    import json
+    import re
+    from pathlib import Path
+
+    from scd.checkpoints import load_model
+    from scd.flops import chunk_flops, parameter_count
+
+    source = Path(__file__).parent / "fixtures" / "reference" / "sfwan0" / "generator.pt"
+    out = tmp_path / "wan"
+    r = runner.invoke(app, ["convert", str(source), "--to", "baseline", "--out", str(out), "-q"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["info", str(out)])
+    assert r.exit_code == 0, r.output
+    config = load_model(str(out)).config
+    text = " ".join(r.output.split())
+    assert f"{parameter_count(load_model(str(out)).model):,}" in text
+    assert f"{config.tokens_per_frame} tokens/frame" in text and "1560 tokens/frame" in text
+    assert "3 latent frames, 4 steps" in text and "global attention" in text
+    f = chunk_flops(config, 0, 4)
+    numbers = [f"{x / 1e9:,.3f}" for x in (f.context, f.denoise, f.total, f.total / 3)]
+    rows = [re.findall(r"[\d,.]+", line) for line in r.output.splitlines()]
+    assert ["0", *numbers] in rows, r.output  # cached frames, context pass, denoising, total, per frame
+    assert "matched" not in text.replace("no matched counterpart", "")
+    # a rolling window: the steady chunk, the window full, is shown too
+    data = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**data, "local_attn_size": 9, "sink_size": 3}))
+    r = runner.invoke(app, ["info", str(out), "--steps", "2"])
+    assert r.exit_code == 0, r.output
+    full = chunk_flops(load_model(str(out)).config, 9, 2)
+    assert "rolling window of 9 frames, 3 sink" in r.output and "9 (window full)" in r.output
+    assert f"{full.total / 1e9:,.3f}" in r.output
