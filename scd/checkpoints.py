@@ -89,7 +89,7 @@ def load_model(ref: str | Path | None = None, options: Path | None = None, arch:
     if path.is_dir() and not (base is not None and not (path / CONFIG).is_file()):
         return _with_base(load_model_folder(path), base)
     if path.exists() and (base is not None or wan_reference.is_wan_source(path)):
-        return wan_reference.load_generator(path, base, str(ref))
+        return _load_wan_generator(path, base, str(ref))
     if path.is_file():
         return reference.load_reference(path, options, latent_size)
     from scd import hub  # deferred: huggingface_hub is only needed for Hub references
@@ -103,7 +103,7 @@ def load_model(ref: str | Path | None = None, options: Path | None = None, arch:
     if hub_ref.path_in_repo and PurePosixPath(hub_ref.path_in_repo).suffix in reference.WEIGHT_SUFFIXES:
         path, commit = hub.fetch_file(hub_ref)
         if base is not None or known is not None or wan_reference.is_wan_source(path):
-            loaded = wan_reference.load_generator(path, base or (known[1] if known else None), str(ref))
+            loaded = _load_wan_generator(path, base or (known[1] if known else None), str(ref))
             loaded.source, loaded.revision = f"{hub_ref.repo_id}:{hub_ref.path_in_repo}", commit
             return loaded
         pinned = hub.HubRef(hub_ref.repo_id, commit, hub_ref.path_in_repo)
@@ -162,3 +162,21 @@ def download(ref: str) -> list[tuple[str, str, Path]]:
         folder, base_commit = wan_reference.resolve_base(base, wan_reference.BASE_FILES)
         fetched.append((str(base), base_commit, folder))
     return fetched
+
+
+def _load_wan_generator(path: Path, base: str | Path | None, source: str, ema: bool = True) -> LoadedModel:
+    """A causal Wan checkpoint file, sized by the config beside it or by its base (`base`: a folder
+    or a Hub repo, which the config then names, so its text encoder and VAE are found again)."""
+    from scd import wan_reference
+
+    folder = revision = None
+    if base is not None:
+        folder, revision = wan_reference.resolve_base(base, wan_reference.BASE_CONFIG_FILES)
+    local = base is not None and Path(str(base)).expanduser().is_dir()
+    named = None
+    if base is not None:  # a Hub base pinned at the commit its config came from
+        named = str(Path(str(base)).expanduser().resolve()) if local else (
+            str(base) if "@" in str(base) or revision is None else f"{base}@{revision}")
+    config = wan_reference.wan_config(path, folder, base=named)
+    model = model_from_tensors(config, wan_reference.read_generator(path, ema), source).eval()
+    return LoadedModel(model, config, source, None, base_folder=folder if local else None, base_revision=revision)

@@ -260,22 +260,3 @@ def resolve_base(base: str | Path, files: tuple[str, ...] = BASE_CONFIG_FILES) -
         raise CheckpointError(f"base {base} is neither a folder nor a Hub repo id (owner/name[@revision])",
                               parameter="base")
     return hub.fetch_model_folder(ref, allow_patterns=files)
-
-
-# ----------------------------------------------------------------------------- loading to run
-
-def load_generator(path: Path, base: str | Path | None, source: str, ema: bool = True):
-    """A `LoadedModel` of a causal Wan checkpoint file, sized by the config beside it or by its base
-    (`base`: a folder or a Hub repo; the config's `base` then names it, so its text encoder and VAE
-    are found again)."""
-    from scd.loaded import LoadedModel  # deferred: loaded.py resolves bases through this module
-
-    folder = revision = None
-    if base is not None:
-        folder, revision = resolve_base(base, BASE_CONFIG_FILES)
-    local = base is not None and Path(str(base)).expanduser().is_dir()
-    named = None if base is None else (str(Path(str(base)).expanduser().resolve()) if local else str(base))
-    config = wan_config(path, folder, base=named)
-    model = model_from_tensors(config, read_generator(path, ema), source).eval()
-    return LoadedModel(model, config, source, None, base_folder=folder if local else None,
-                       base_revision=revision)
