@@ -313,7 +313,7 @@ def test_sigterm_mid_generation_is_handled_as_ctrl_c(tmp_path):
                                      "--steps", 20, "--out", out, "--report", report], "frame ", 3, signal.SIGTERM)
     assert code == 143 and "terminated" in output and "Traceback" not in output, output
     data = json.loads(report.read_text())
-    assert data["complete"] is False and data["frames_generated"] >= 3 and data["format_version"] == 2
+    assert data["complete"] is False and data["frames_generated"] >= 3 and data["format_version"] == 3
     assert read_video(out).frames.shape[0] == data["frames_generated"]
 
 
@@ -439,9 +439,11 @@ def test_actions_files_with_a_byte_order_mark_and_errors_that_name_the_file(tmp_
 
 def test_a_short_prompt_action_list_warns(tmp_path):
     model, prompt = _generate_setup(tmp_path)
-    (tmp_path / "p.actions.txt").write_text("up\nup\n")  # 2 actions for 3 kept prompt frames
+    (tmp_path / "p.actions.txt").write_text("up\nup\n")  # 2 actions for a 5-frame prompt (3 kept)
     r = _cli("generate", "--model", model, "-p", prompt, "--frames", 1, "--out", tmp_path / "o.mp4")
-    assert r.exit_code == 0 and "2 prompt actions for 3 prompt frames" in r.output, r.output
+    assert r.exit_code == 0, r.output
+    assert "p.actions.txt lists 2 actions but p.mp4 decodes to 5 frames" in " ".join(r.output.split()), r.output
+    assert "frames 2-4 take the null action" in " ".join(r.output.split()) and "the last 1" not in r.output
 
 
 
@@ -467,3 +469,145 @@ def test_world_models_are_enlarged_for_viewing_by_default(tmp_path):
     assert read_video(tmp_path / "w.mp4").frames.shape == (1, 256, 256, 3)
     r = _cli("generate", "--frames", 1, "--steps", 1, "--out", tmp_path / "s.mp4", "--upscale", 1, "--threads", 1)
     assert r.exit_code == 0 and read_video(tmp_path / "s.mp4").frames.shape == (1, 32, 32, 3)
+
+
+# ----------------------------------------------------------------------------- issue 26: the prompt's actions
+
+
+def _numbered_prompt(tmp_path, frames=8, size=8):
+    """A prompt whose frame j is gray level 25 j, and a sidecar whose action j is j % 4."""
+    clip = np.stack([np.full((size, size, 3), 25 * j, np.uint8) for j in range(frames)])
+    prompt = write_video(tmp_path / "clip.mp4", clip, fps=4)
+    (tmp_path / "clip.actions.txt").write_text("".join(f"{j % 4}\n" for j in range(frames)))
+    return prompt
+
+
+def test_a_truncated_prompt_keeps_the_actions_of_its_own_frames_and_is_reported(tmp_path):
+    """Issue 26.1: `head -c N clip.mp4 > cut.mp4` with the sidecar copied beside it: the frames kept
+    get the actions of their own indices (as scd encode pairs them), not the sidecar's last lines."""
+    from scd.generate import read_prompt
+
+    _numbered_prompt(tmp_path)
+    data = (tmp_path / "clip.mp4").read_bytes()
+    cut = tmp_path / "cut.mp4"
+    for size in range(len(data) * 3 // 4, len(data) // 4, -16):  # a cut that leaves 4-7 frames
+        cut.write_bytes(data[:size])
+        decoded = read_video(cut).frames.shape[0]
+        if 4 <= decoded < 8:
+            break
+    (tmp_path / "cut.actions.txt").write_bytes((tmp_path / "clip.actions.txt").read_bytes())
+    model = save_model_folder(random_model(tiny_config(latent_size=(8, 8), frame_size=(8, 8))), tmp_path / "m")
+    read = read_prompt(load_model_folder(model), cut)  # the model keeps its last 3 frames
+    assert read.actions == [j % 4 for j in range(decoded - 3, decoded)]
+    assert read.truncated and any("is truncated" in w and f"{decoded} decodable frames" in w for w in read.warnings)
+    assert any(f"lists 8 actions but cut.mp4 decodes to {decoded} frames" in w for w in read.warnings)
+    # the CLI says so too
+    r = _cli("generate", "--model", model, "-p", cut, "--frames", 1, "--out", tmp_path / "o.mp4", "--threads", 1)
+    assert r.exit_code == 0 and "is truncated" in " ".join(r.output.split()), r.output
+
+
+def test_a_long_sidecar_is_reported_with_both_counts(tmp_path):
+    model, prompt = _generate_setup(tmp_path)
+    (tmp_path / "p.actions.txt").write_text("up\n" * 7)  # 7 actions for 5 frames
+    r = _cli("generate", "--model", model, "-p", prompt, "--frames", 1, "--out", tmp_path / "o.mp4", "--threads", 1)
+    said = " ".join(r.output.split())
+    assert r.exit_code == 0 and "lists 7 actions but p.mp4 decodes to 5 frames" in said, r.output
+    assert "the last 2 actions are not used" in said
+
+
+def test_a_prompt_without_actions_says_what_none_then_means(tmp_path):
+    """Issue 26.2: without a sidecar the prompt's frames take the null action, which the model also
+    learned as 'unknown' (actions dropped for guidance), so 'none' need not stand still: say so."""
+    model, prompt = _generate_setup(tmp_path)
+    r = _cli("generate", "--model", model, "-p", prompt, "--frames", 1, "--out", tmp_path / "o.mp4", "--threads", 1)
+    said = " ".join(r.output.split())
+    assert r.exit_code == 0 and "the prompt has no actions (no p.actions.txt beside it, no --prompt-actions)" in said, r.output
+    assert "'none' afterwards need not stand still" in said
+    (tmp_path / "p.actions.txt").write_text("up\n" * 5)
+    r = _cli("generate", "--model", model, "-p", prompt, "--frames", 1, "--out", tmp_path / "o2.mp4", "--threads", 1)
+    assert r.exit_code == 0 and "has no actions" not in r.output and "lists" not in r.output, r.output
+
+
+def test_extra_actions_are_refused_as_too_few_are(tmp_path):
+    model, prompt = _generate_setup(tmp_path)
+    r = _cli("generate", "--model", model, "-p", prompt, "--frames", 2, "--actions", "up,up,up", "--out", tmp_path / "o.mp4")
+    assert r.exit_code == 2 and "3 actions given for 2 frames: give one per generated frame" in r.output, r.output
+    assert not (tmp_path / "o.mp4").exists()
+
+
+def test_the_report_records_the_prompt_and_the_actions_and_counts_from_the_process_start(tmp_path):
+    model, prompt = _generate_setup(tmp_path)
+    (tmp_path / "p.actions.txt").write_text("up\ndown\nleft\nright\nnone\n")
+    report = tmp_path / "r.json"
+    proc = subprocess.run([sys.executable, "-m", "scd_cli", "generate", "--model", str(model), "-p", str(prompt), "--frames", "2",
+                           "--actions", "left,none", "--out", str(tmp_path / "o.mp4"), "--report", str(report), "--threads", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(report.read_text())
+    assert data["prompt"] == str(prompt) and data["prompt_frames"] == 3
+    assert data["prompt_actions"] == ["left", "right", "none"] and data["actions"] == ["left", "none"]
+    assert data["times"]["startup_s"] > 0
+    loop_and_before = data["time_to_first_frame_ms"] + 1000 * (data["times"]["startup_s"] + data["times"]["model_load_s"])
+    assert data["time_to_first_frame_from_start_ms"] >= loop_and_before
+
+
+def test_overwriting_an_output_is_said_and_in_the_help(tmp_path):
+    model, prompt = _generate_setup(tmp_path)
+    out = tmp_path / "o.mp4"
+    out.write_bytes(b"old")
+    r = _cli("generate", "--model", model, "-p", prompt, "--frames", 1, "--out", out, "--threads", 1)
+    assert r.exit_code == 0 and f"{out} exists: it is replaced once the first frame is in" in " ".join(r.output.split()), r.output
+    assert "An existing file is replaced" in " ".join(_cli("generate", "--help").output.split())
+
+
+def test_two_runs_on_one_report_the_second_is_refused(tmp_path):
+    from scd.files import OutputLock
+
+    model, prompt = _generate_setup(tmp_path)
+    report = tmp_path / "r.json"
+    with OutputLock(report, "report"):  # another run writing this report
+        r = _cli("generate", "--model", model, "-p", prompt, "--frames", 1, "--out", tmp_path / "o.mp4", "--report", report)
+    assert r.exit_code == 2 and "is being written by another scd run" in r.output, r.output
+    assert not report.exists() and not (tmp_path / "o.mp4").exists()
+
+
+def test_a_model_without_a_demo_clip_asks_for_a_prompt_in_plain_words(tmp_path):
+    model, _ = _generate_setup(tmp_path)
+    r = _cli("generate", "--model", model, "--frames", 1, "--out", tmp_path / "o.mp4")
+    assert r.exit_code == 2 and "this model has no demo clip: give --prompt-frames, a video to continue" in r.output, r.output
+
+
+# ----------------------------------------------------------------------------- issue 26.5: disk full
+
+
+def _limited_generate(tmp_path, limit: int, *args):
+    """scd generate in a child whose files may not grow past `limit` bytes (RLIMIT_FSIZE: a write
+    past it fails with EFBIG, as on a full disk; Python ignores SIGXFSZ)."""
+    import resource
+
+    model = save_model_folder(random_model(tiny_config(latent_size=(8, 8), frame_size=(8, 8))), tmp_path / "m")
+    noise = np.random.default_rng(0).integers(0, 255, (3, 8, 8, 3), dtype=np.uint8)
+    prompt = write_video(tmp_path / "p.mp4", noise, fps=4)
+    limit_files = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    cmd = [sys.executable, "-m", "scd_cli", "generate", "--model", str(model), "-p", str(prompt), "--frames", "60",
+           "--steps", "1", "--upscale", "16", "--out", str(tmp_path / "o.mp4"), "--threads", "1", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, preexec_fn=limit_files)
+
+
+def test_a_full_disk_ends_the_video_on_its_last_whole_frame_and_names_it(tmp_path):
+    proc = _limited_generate(tmp_path, 12_000, "--report", tmp_path / "r.json")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"cannot write {tmp_path / 'o.mp4'}" in " ".join(proc.stderr.split()), proc.stderr
+    clip = read_video(tmp_path / "o.mp4")
+    assert clip.truncated is None  # no box cut short: the file ends on a whole fragment
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["complete"] is False and 1 <= data["frames_generated"] < 60
+    assert clip.frames.shape[0] == data["frames_generated"]  # every frame the report counts, none cut short
+
+
+def test_a_full_disk_names_the_video_first_when_the_report_fails_too(tmp_path):
+    proc = _limited_generate(tmp_path, 1_500, "--report", tmp_path / "r.json")
+    said = " ".join(proc.stderr.split())
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert said.index(f"cannot write {tmp_path / 'o.mp4'}") < said.index("the report"), said
+    assert "could not be written either" in said
