@@ -10,9 +10,10 @@ can say which flag that is.
 class SCDError(Exception):
     """Base class of every error a user can cause and fix."""
 
-    def __init__(self, message: str = "", parameter: str | None = None):
+    def __init__(self, message: str = "", parameter: str | None = None, others: tuple[str, ...] = ()):
         super().__init__(message)
         self.parameter = parameter
+        self.others = tuple(others)  # further parameters the message names, each spelled as its flag too
 
 
 class VideoError(SCDError):

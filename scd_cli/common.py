@@ -63,9 +63,9 @@ def in_cli_words(err) -> str:
     """The library's message (an SCDError, or a Notice among warnings) with the parameter it names
     spelled as its flag."""
     message = str(err)
-    parameter = getattr(err, "parameter", None)
-    if parameter:
-        message = re.sub(rf"(?<![\w-]){re.escape(parameter)}(?![\w-])", flag_for(parameter), message, count=1)
+    for parameter in (getattr(err, "parameter", None), *getattr(err, "others", ())):
+        if parameter:
+            message = re.sub(rf"(?<![\w/-]){re.escape(parameter)}(?![\w-])", flag_for(parameter), message, count=1)
     return message
 
 

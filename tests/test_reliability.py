@@ -346,6 +346,8 @@ def test_train_over_an_earlier_run_is_refused_unless_resumed_or_overwritten(tmp_
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     r = _cli(*_tiny_train_args(out), "--steps", 2)
     assert r.exit_code == 2 and "earlier training run" in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    said = " ".join(r.output.split())
+    assert "continue it (--resume), replace it (--overwrite), or choose another --out folder" in said, r.output
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     r = _cli(*_tiny_train_args(out), "--steps", 3, "--overwrite", "--seed", 1)
     assert r.exit_code == 0, r.output
@@ -611,3 +613,80 @@ def test_a_full_disk_names_the_video_first_when_the_report_fails_too(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert said.index(f"cannot write {tmp_path / 'o.mp4'}") < said.index("the report"), said
     assert "could not be written either" in said
+
+
+# ----------------------------------------------------------------------------- issue 26.3: damaged datasets
+
+
+def _small_dataset(tmp_path):
+    """Four 8-frame 16x16 videos encoded as pixels into a dataset of several shards."""
+    from scd import dataset
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for i in range(4):
+        frames = np.stack([np.full((16, 16, 3), 20 + 10 * j + 40 * i, np.uint8) for j in range(8)])
+        write_video(videos / f"v{i}.mp4", frames, fps=8)
+    out = tmp_path / "ds"
+    list(dataset.encode_folder(videos, out, dataset.pixel_encoding((16, 16)), shard_mb=0.005))
+    index = json.loads((out / "index.json").read_text())
+    assert len(index["shards"]) >= 3 and all(len(s["sha256"]) == 64 for s in index["shards"])
+    return out, index
+
+
+def _damage(folder, index, how):
+    path = folder / index["shards"][1]["file"]
+    raw = bytearray(path.read_bytes())
+    if how == "header":
+        raw[10:14] = b"\xff\x00\xff\x00"
+    elif how == "data":
+        raw[-20] ^= 0xFF
+    elif how == "truncated":
+        raw = raw[: len(raw) // 2]
+    if how == "missing":
+        path.unlink()
+    else:
+        path.write_bytes(bytes(raw))
+    return path
+
+
+@pytest.mark.parametrize("how, problem", [
+    ("header", "its header is damaged"),
+    ("truncated", "it is 3132 bytes but the index lists 6264"),
+    ("missing", "it cannot be read"),
+    ("data", "its bytes differ from the checksum"),
+])
+def test_a_damaged_shard_stops_training_in_one_line_naming_it(tmp_path, how, problem):
+    """Issue 26.3: size and header are checked before the first step; the checksum when a DataLoader
+    worker first reads the shard, and the worker's error is the same one line."""
+    folder, index = _small_dataset(tmp_path)
+    path = _damage(folder, index, how)
+    proc = subprocess.run([sys.executable, "-m", "scd_cli", *map(str, _tiny_train_args(tmp_path / "run")), "--data", str(folder),
+                           "--steps", "10", "--workers", "2", "--batch-size", "4"],
+                          capture_output=True, text=True, timeout=300)
+    said = " ".join(proc.stderr.split())
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"the dataset shard {path} is damaged: {problem}" in said and "--skip-bad-shards" in said
+    assert "DataLoader worker" not in proc.stderr and not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_bad_shards_can_be_skipped_by_name(tmp_path):
+    folder, index = _small_dataset(tmp_path)
+    path = _damage(folder, index, "data")
+    r = _cli(*_tiny_train_args(tmp_path / "run"), "--data", folder, "--steps", 2, "--workers", 0, "--skip-bad-shards")
+    said = " ".join(r.output.split())
+    assert r.exit_code == 0 and f"skipped the dataset shard {path.name}: its bytes differ from the checksum" in said, r.output
+    assert (tmp_path / "run" / "model.safetensors").is_file()
+
+
+def test_a_dataset_without_checksums_is_still_read(tmp_path):
+    from scd.dataset import LatentDataset
+
+    folder, index = _small_dataset(tmp_path)
+    for shard in index["shards"]:
+        del shard["sha256"]
+    (folder / "index.json").write_text(json.dumps(index))
+    data = LatentDataset(folder)
+    latents, _ = data.window(0, 0, 2, None, 0)
+    assert latents.shape == (2, 3, 16, 16) and not data.skipped_shards
