@@ -15,8 +15,10 @@ the same way; each compiled model's first run (which compiles it) is timed apart
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
+import os
 import platform
 import statistics
 import time
@@ -31,7 +33,7 @@ import scd
 from scd import checks, reference
 from scd.bench_report import RunTimes, make_report, row_result, summarise_model
 from scd.compiler import BACKENDS, compile_counts, compiler
-from scd.devices import dtype_name, resolve_device, resolve_dtype
+from scd.devices import dtype_name, resolve_device, resolve_dtype, use_threads
 from scd.errors import ConfigError
 from scd.flops import frame_flops, parameter_count
 from scd.model import ModelConfig, build_model, preset
@@ -101,7 +103,7 @@ class BenchSpec:
     device: str = "auto"
     dtype: str = "auto"
     seed: int = 0
-    threads: int | None = None  # CPU threads for torch during the bench (None: torch's default)
+    threads: int | None = None  # CPU threads for torch during the bench (None: scd.devices.default_threads())
     matmul_size: int | None = None  # side of the square matmul timing the device's peak (None: by device)
     compiled: bool | str = False  # also stream each model compiled (True: inductor; or a torch.compile backend)
 
@@ -142,6 +144,7 @@ class Started:
     baseline: str
     rows: list[dict]
     warnings: list[str] = field(default_factory=list)
+    threads: int | None = None  # CPU threads torch ran with
 
 
 @dataclass
@@ -269,6 +272,9 @@ def count_ops(model: nn.Module, context: torch.Tensor, steps: int, compiled: boo
     `kernel_launches_per_frame` the kernel and CUDA-graph launches (else None)."""
     from torch.profiler import ProfilerActivity, profile
 
+    # kineto prints "USDT: ... profiler_start/stop" marks to stderr at its top log level (5) on every
+    # profile; level 6 is silence, unless the user asked for its logs. Read when a profile starts.
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if context.device.type == "cuda" else [])
     generator = stream(model, context, frames, steps, compiled=compiled)
     for _ in range(frames - 1):
@@ -399,10 +405,9 @@ def run(spec: BenchSpec) -> Iterator[Started | Measured | RowFinished | Finished
     DeviceError for an unavailable device or dtype."""
     spec.validate()
     threads = torch.get_num_threads()
-    if spec.threads is not None:
-        torch.set_num_threads(spec.threads)
+    used = use_threads(spec.threads)  # the default every command uses: the CPUs the machine leaves idle
     try:
-        yield from _run(spec)
+        yield from _run(dataclasses.replace(spec, threads=used))
     finally:
         torch.set_num_threads(threads)
 
@@ -427,7 +432,7 @@ def _run(spec: BenchSpec):
                 "context_latents": "random normal", "weights": {"scd": scd_side.source, "baseline": base_side.source}}
     rows_meta = [{"context": n, "steps": k, "batch": b} for n, k, b in combos]
     yield Started(str(device), device_name(device), dtype_name(dtype), scd_side.source, base_side.source,
-                  rows_meta, warnings)
+                  rows_meta, warnings, spec.threads)
 
     sides = {"scd": scd_side, "baseline": base_side}
     # each stream measured: a model, eager or compiled (then also a compiled copy of each model)
@@ -437,7 +442,7 @@ def _run(spec: BenchSpec):
     peaks: list[float] = []
     rows: list[dict] = []
     compile_info: list[dict] = []
-    meta = {"device": str(device), "device_name": device_name(device), "dtype": dtype_name(dtype),
+    meta = {"device": str(device), "device_name": device_name(device), "dtype": dtype_name(dtype), "threads": spec.threads,
             "torch": torch.__version__, "scd_version": scd.__version__, "settings": settings,
             "models": {"scd": {"source": scd_side.source, **_describe(scd_side.config)},
                        "baseline": {"source": base_side.source, **_describe(base_side.config)}},

@@ -284,3 +284,37 @@ def test_compiled_bench_reports_compiled_against_eager():
     runs = {r["model"]: r for r in report["compile"]["runs"]}
     assert set(runs) == {"scd_compiled", "baseline_compiled"} and report["compile"]["backend"] == "eager"
     assert all(r["first_run_s"] > 0 and r["recompiles_while_measuring"] == 0 for r in runs.values())
+
+
+def test_the_bench_takes_the_thread_default_of_every_command_and_says_it(folders, tmp_path, monkeypatch):
+    """Issue 26.4: without --threads the bench runs on the CPUs the machine leaves idle (here a load
+    that leaves one), not torch's one per core, and its report and first line say how many."""
+    import os
+
+    from scd.devices import available_cpus
+
+    monkeypatch.setattr(os, "getloadavg", lambda: (available_cpus() - 0.5, 0.0, 0.0))  # a busy machine
+    before = torch.get_num_threads()
+    torch.set_num_threads(available_cpus())
+    try:
+        path = tmp_path / "bench.json"
+        r = runner.invoke(app, ["bench", "--model", folders["scd"], "--baseline", folders["baseline"], "--context", "2",
+                                "--steps", "2", "--batch", "1", "--frames", "2", "--reps", "1", "--warmup", "0",
+                                "--device", "cpu", "--matmul-size", "64", "--json", str(path)])
+        assert torch.get_num_threads() == available_cpus()  # put back after the bench
+    finally:
+        torch.set_num_threads(before)
+    assert r.exit_code == 0, r.output
+    report = json.loads(path.read_text())
+    assert report["threads"] == 1 and report["device_name"].endswith(", 1 thread")
+    assert "1 CPU threads" in r.output
+
+
+def test_the_bench_prints_no_profiler_marks(folders, tmp_path):
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-m", "scd_cli", "bench", "--model", folders["scd"], "--baseline", folders["baseline"],
+                           "--context", "2", "--steps", "2", "--batch", "1", "--frames", "2", "--reps", "1", "--warmup", "0",
+                           "--device", "cpu", "--matmul-size", "64", "--threads", "1"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "USDT" not in proc.stdout + proc.stderr and "profiler_start" not in proc.stderr, proc.stderr
