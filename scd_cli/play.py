@@ -33,7 +33,8 @@ def _can_open_browser() -> bool:
 def replay_command(parameters: dict) -> list[str]:
     """The `scd generate` command line of a recording's replay parameters."""
     flags = (("model", "--model"), ("prompt", "--prompt-frames"), ("seed", "--seed"), ("steps", "--steps"),
-             ("window", "--context-window"), ("actions", "--actions"), ("frames", "--frames"), ("out", "--out"))
+             ("window", "--context-window"), ("actions", "--actions"), ("frames", "--frames"), ("upscale", "--upscale"),
+             ("out", "--out"))
     args = ["scd", "generate"]
     for name, flag in flags:
         if parameters.get(name) is not None:

@@ -690,3 +690,106 @@ def test_a_dataset_without_checksums_is_still_read(tmp_path):
     data = LatentDataset(folder)
     latents, _ = data.window(0, 0, 2, None, 0)
     assert latents.shape == (2, 3, 16, 16) and not data.skipped_shards
+
+
+# ----------------------------------------------------------------------------- issue 26.6, 26.7, 26.9: scd play
+
+
+def _play_server(**kwargs):
+    from scd.checkpoints import load_model
+    from scd.play import Session
+    from scd.play_server import PlayServer
+
+    kwargs.setdefault("paced", False)
+    server = PlayServer(Session([load_model()], **kwargs), port=0, linger_s=0.3)
+    server.start()
+    return server
+
+
+async def _page(server, messages=(), frames=1):
+    """Connect as the server's own page, send `messages` (raw text), then read until `frames` frames
+    arrived or the socket closed: (frame headers, close code or None)."""
+    import aiohttp
+
+    url = server.url.replace("http", "ws") + "ws"
+    async with aiohttp.ClientSession() as http:
+        async with http.ws_connect(url, origin=server.url.rstrip("/")) as ws:
+            for text in messages:
+                await ws.send_str(text)
+            headers = []
+            while len(headers) < frames:
+                message = await ws.receive(timeout=20)
+                if message.type == aiohttp.WSMsgType.BINARY:
+                    (length,) = __import__("struct").unpack(">I", message.data[:4])
+                    headers.append(json.loads(message.data[4:4 + length]))
+                    await ws.send_str(json.dumps({"type": "ack", "panel": headers[-1]["panel"]}))
+                elif message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING):
+                    return headers, ws.close_code
+            return headers, None
+
+
+def test_play_starts_when_the_first_page_connects_not_when_the_server_does(tmp_path):
+    """Issue 26.6: a page opened late sees frame 0, and the recording starts with it."""
+    import asyncio
+    import time
+
+    record = tmp_path / "run.mp4"
+    server = _play_server(record=record)
+    try:
+        time.sleep(1.5)
+        assert not server.playing and server.session.panels[0].frames == 0 and not record.exists()
+        headers, _ = asyncio.run(_page(server, frames=3))
+        assert server.playing and headers[0]["index"] == 0
+    finally:
+        recordings = server.stop()
+    assert recordings and recordings[0].frames >= 3 and read_video(record).frames.shape[0] == recordings[0].frames
+
+
+@pytest.mark.parametrize("text", ['{"type": "ack", "panel": 1.0}', '{"type": "ack", "panel": true}',
+                                  '{"type": "ack", "panel": 99}', '{"type": "pause", "paused": "false"}',
+                                  '{"type": "pace", "paced": 0}', '{"type": "press", "action": "up"}',
+                                  '{"type": 7}', '[1, 2]', 'not json', '"ack"'])
+def test_malformed_play_messages_close_the_socket_cleanly(text, capfd):
+    """Issue 26.7: a field of the wrong type never reaches the session (no bool("false") pause) and
+    never raises in the server: the socket is closed with 1003 and the play goes on."""
+    import asyncio
+
+    server = _play_server()
+    try:
+        headers, code = asyncio.run(_page(server, [text], frames=50))
+        assert code == 1003, (headers, code)
+        assert not server.session.controls.paused and server.session.controls.paced is False
+        more, _ = asyncio.run(_page(server, frames=2))  # the server still serves
+        assert len(more) == 2
+    finally:
+        server.stop()
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_well_typed_play_messages_still_work():
+    import asyncio
+
+    server = _play_server()
+    try:
+        asyncio.run(_page(server, ['{"type": "pause", "paused": false}', '{"type": "pace", "paced": true}'], frames=1))
+        assert not server.session.controls.paused and server.session.controls.paced is True
+        asyncio.run(_page(server, ['{"type": "pause", "paused": true}', '{"type": "future-command"}'], frames=0))
+        assert server.session.controls.paused
+    finally:
+        server.stop()
+
+
+def test_play_serves_no_favicon_without_a_404():
+    import urllib.request
+
+    server = _play_server()
+    try:
+        response = urllib.request.urlopen(server.url + "favicon.ico")
+        assert response.status == 204 and response.read() == b""
+    finally:
+        server.stop()
+
+
+def test_play_refuses_a_gif_recording_before_it_serves(tmp_path):
+    r = _cli("play", "--no-browser", "--port", 0, "--record", tmp_path / "x.gif")
+    assert r.exit_code == 2 and "x.gif does not end in .mp4" in r.output and "http://" not in r.output, r.output
