@@ -793,3 +793,42 @@ def test_play_serves_no_favicon_without_a_404():
 def test_play_refuses_a_gif_recording_before_it_serves(tmp_path):
     r = _cli("play", "--no-browser", "--port", 0, "--record", tmp_path / "x.gif")
     assert r.exit_code == 2 and "x.gif does not end in .mp4" in r.output and "http://" not in r.output, r.output
+
+
+# ----------------------------------------------------------------------------- issue 26.8: set-up
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _setup_dry_run(tmp_path, gpu: bool, **env):
+    """scripts/setup.sh as a fresh install would run it (SCD_SETUP_DRY_RUN: pip resolves with
+    --dry-run, nothing is installed), on a machine with or without nvidia-smi."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    if gpu:
+        (bin_dir / "nvidia-smi").write_text("#!/bin/sh\nexit 0\n")
+        (bin_dir / "nvidia-smi").chmod(0o755)
+    path = os.pathsep.join([str(bin_dir)] + [p for p in os.environ["PATH"].split(os.pathsep)
+                                             if not (Path(p) / "nvidia-smi").exists()])
+    return subprocess.run(["bash", str(ROOT / "scripts" / "setup.sh")], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PATH": path, "PYTHON": sys.executable, "SCD_SETUP_DRY_RUN": "1", **env})
+
+
+def test_setup_installs_the_cpu_build_of_torch_without_a_gpu_and_works_offline(tmp_path):
+    """Issue 26.8: without an NVIDIA GPU the CPU index is asked for explicitly (a plain pin resolves
+    to the CUDA wheel on Linux); here, offline with a local CPU wheel, that still succeeds."""
+    proc = _setup_dry_run(tmp_path, gpu=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "the CPU build of torch==2.13.0 (no NVIDIA GPU found), from https://download.pytorch.org/whl/cpu" in proc.stdout
+    proc = _setup_dry_run(tmp_path, gpu=True)
+    assert proc.returncode == 0 and "torch: torch==2.13.0 (the default build: CUDA" in proc.stdout, proc.stdout + proc.stderr
+    proc = _setup_dry_run(tmp_path, gpu=False, SCD_TORCH="torch==2.13.0")
+    assert proc.returncode == 0 and "torch: torch==2.13.0 (SCD_TORCH)" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_the_package_metadata_builds_without_a_license_warning(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--no-deps", "-e", str(ROOT), "-v"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    said = [line for line in (proc.stdout + proc.stderr).splitlines() if "project.license" in line]
+    assert not said and "adding license file 'LICENSE'" in proc.stdout + proc.stderr, said
