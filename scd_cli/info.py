@@ -64,7 +64,7 @@ def download(ref: str = typer.Argument(..., help="Hub repo id[@revision], or rep
         console.print(f"{ref} is a local path: nothing to download")
         return
     if hub_ref.path_in_repo:
-        path, revision = hub.fetch_file(hub_ref)
+        path, revision = hub.fetch_file(hub_ref, prefetch=True)
     else:
-        path, revision = hub.fetch_model_folder(hub_ref)
+        path, revision = hub.fetch_model_folder(hub_ref, prefetch=True)
     console.print(f"{hub_ref.repo_id} @ {revision} -> {path}")

@@ -832,3 +832,21 @@ def test_the_package_metadata_builds_without_a_license_warning(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     said = [line for line in (proc.stdout + proc.stderr).splitlines() if "project.license" in line]
     assert not said and "adding license file 'LICENSE'" in proc.stdout + proc.stderr, said
+
+
+def test_a_failed_download_does_not_suggest_running_download(tmp_path, hub_env):
+    hub_env.setenv("HF_HUB_OFFLINE", "1")
+    proc = subprocess.run([sys.executable, "-m", "scd_cli", "download", "someone/world-model"], capture_output=True,
+                          text=True, timeout=120)
+    said = " ".join(proc.stderr.split())
+    assert proc.returncode == 2 and "is not in the local cache" in said, proc.stderr
+    assert "scd download" not in said and "copy its Hub cache (HF_HUB_CACHE) here" in said
+    # another command still says how to fetch the model beforehand
+    r = _cli("generate", "--model", "someone/world-model", "--out", tmp_path / "o.mp4")
+    assert r.exit_code == 2 and "run `scd download someone/world-model`" in " ".join(r.output.split()), r.output
+
+
+def test_train_is_quiet_with_q(tmp_path):
+    r = _cli(*_tiny_train_args(tmp_path / "run"), "--steps", 2, "-q")
+    assert r.exit_code == 0 and r.output == "", r.output
+    assert (tmp_path / "run" / "model.safetensors").is_file()
