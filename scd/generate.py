@@ -141,7 +141,7 @@ def read_prompt(loaded: LoadedModel, prompt: Path | None = None, seed: int = 0, 
                         f"{clip.decoded} decodable frames")
     actions = None
     if config.condition == "action":
-        listed, where = prompt_actions, "the prompt actions"
+        listed, where = prompt_actions, "prompt_actions"
         if listed is None:
             listed = read_sidecar(prompt, config.action_names, config.num_classes)
             where = sidecar_path(prompt).name
@@ -154,8 +154,9 @@ def read_prompt(loaded: LoadedModel, prompt: Path | None = None, seed: int = 0, 
             if len(listed) != clip.decoded:
                 rest = (f"frames {len(listed)}-{clip.decoded - 1} take the null action" if len(listed) < clip.decoded
                         else f"the last {len(listed) - clip.decoded} actions are not used")
-                warnings.append(f"{where} lists {len(listed)} actions but {prompt.name} decodes to {clip.decoded} "
-                                f"frames: action j goes with frame j, so {rest}")
+                warnings.append(Notice(f"{where} lists {len(listed)} actions but {prompt.name} decodes to "
+                                       f"{clip.decoded} frames: action j goes with frame j, so {rest}",
+                                       "prompt_actions" if where == "prompt_actions" else None))
             null = config.null_class
             actions = [listed[j] if j < len(listed) else null for j in range(clip.first_index, clip.decoded)]
     return Prompt(clip.frames, actions, str(prompt), warnings, clip.truncated)

@@ -850,3 +850,13 @@ def test_train_is_quiet_with_q(tmp_path):
     r = _cli(*_tiny_train_args(tmp_path / "run"), "--steps", 2, "-q")
     assert r.exit_code == 0 and r.output == "", r.output
     assert (tmp_path / "run" / "model.safetensors").is_file()
+
+
+def test_prompt_actions_given_follow_the_same_rule(tmp_path):
+    model, prompt = _generate_setup(tmp_path)  # 5 frames, 3 kept
+    report = tmp_path / "r.json"
+    r = _cli("generate", "--model", model, "-p", prompt, "--prompt-actions", "up,down,left,right", "--frames", 1,
+             "--out", tmp_path / "o.mp4", "--report", report, "--threads", 1)
+    said = " ".join(r.output.split())
+    assert r.exit_code == 0 and "--prompt-actions lists 4 actions but p.mp4 decodes to 5 frames" in said, r.output
+    assert json.loads(report.read_text())["prompt_actions"] == ["left", "right", "none"]  # frames 2, 3, 4
