@@ -21,6 +21,7 @@ every chunk (a rolling window keeps the cache, and so the memory, flat).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import os
@@ -38,7 +39,7 @@ import scd
 from scd import checks, reference
 from scd.bench_report import RunTimes, make_alone_report, make_report, row_result, summarise_chunks, summarise_model
 from scd.compiler import BACKENDS, compile_counts, compiler
-from scd.devices import dtype_name, resolve_device, resolve_dtype
+from scd.devices import dtype_name, resolve_device, resolve_dtype, use_threads
 from scd.errors import ConfigError
 from scd.flops import chunk_flops, frame_flops, matched_config, parameter_count, stream_flops
 from scd.models import ModelConfig, WanConfig, build_model, preset
@@ -115,7 +116,7 @@ class BenchSpec:
     device: str = "auto"
     dtype: str = "auto"
     seed: int = 0
-    threads: int | None = None  # CPU threads for torch during the bench (None: torch's default)
+    threads: int | None = None  # CPU threads for torch during the bench (None: scd.devices.default_threads())
     matmul_size: int | None = None  # side of the square matmul timing the device's peak (None: by device)
     compiled: bool | str = False  # also stream each model compiled (True: inductor; or a torch.compile backend)
 
@@ -157,6 +158,7 @@ class Started:
     rows: list[dict]
     warnings: list[str] = field(default_factory=list)
     alone: bool = False  # one model, no counterpart: `scd` is its source, `baseline` empty
+    threads: int | None = None  # CPU threads torch ran with
 
 
 @dataclass
@@ -288,6 +290,9 @@ def count_ops(model: nn.Module, context: torch.Tensor, steps: int, compiled: boo
     chunks, and its counts are the chunk's."""
     from torch.profiler import ProfilerActivity, profile
 
+    # kineto prints "USDT: ... profiler_start/stop" marks to stderr at its top log level (5) on every
+    # profile; level 6 is silence, unless the user asked for its logs. Read when a profile starts.
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if context.device.type == "cuda" else [])
     options = {} if text is None else {"text": text}
     generator = stream(model, context, frames, steps, compiled=compiled, **options)
@@ -469,10 +474,9 @@ def run(spec: BenchSpec) -> Iterator[Started | Measured | RowFinished | Finished
     DeviceError for an unavailable device or dtype."""
     spec.validate()
     threads = torch.get_num_threads()
-    if spec.threads is not None:
-        torch.set_num_threads(spec.threads)
+    used = use_threads(spec.threads)  # the default every command uses: the CPUs the machine leaves idle
     try:
-        yield from _run(spec)
+        yield from _run(dataclasses.replace(spec, threads=used))
     finally:
         torch.set_num_threads(threads)
 
@@ -520,7 +524,7 @@ def _run(spec: BenchSpec):
                 "context_latents": "random normal", "weights": {"scd": scd_side.source, "baseline": base_side.source}}
     rows_meta = [{"context": n, "steps": k, "batch": b} for n, k, b in combos]
     yield Started(str(device), device_name(device), dtype_name(dtype), scd_side.source, base_side.source,
-                  rows_meta, warnings)
+                  rows_meta, warnings, spec.threads)
 
     sides = {"scd": scd_side, "baseline": base_side}
     # each stream measured: a model, eager or compiled (then also a compiled copy of each model)
@@ -530,7 +534,7 @@ def _run(spec: BenchSpec):
     peaks: list[float] = []
     rows: list[dict] = []
     compile_info: list[dict] = []
-    meta = {"device": str(device), "device_name": device_name(device), "dtype": dtype_name(dtype),
+    meta = {"device": str(device), "device_name": device_name(device), "dtype": dtype_name(dtype), "threads": spec.threads,
             "torch": torch.__version__, "scd_version": scd.__version__, "settings": settings,
             "models": {"scd": {"source": scd_side.source, **_describe(scd_side.config)},
                        "baseline": {"source": base_side.source, **_describe(base_side.config)}},

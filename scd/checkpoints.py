@@ -150,11 +150,11 @@ def download(ref: str) -> list[tuple[str, str, Path]]:
     if known is not None and not hub_ref.path_in_repo:
         hub_ref = hub.HubRef(hub_ref.repo_id, hub_ref.revision, known[0])
     if hub_ref.path_in_repo:
-        path, commit = hub.fetch_file(hub_ref)
+        path, commit = hub.fetch_file(hub_ref, prefetch=True)
         fetched.append((str(hub_ref), commit, path))
         base = known[1] if known is not None else None
     else:
-        path, commit = hub.fetch_model_folder(hub_ref)
+        path, commit = hub.fetch_model_folder(hub_ref, prefetch=True)
         fetched.append((hub_ref.repo_id, commit, path))
         config = read_folder_config(path) if (path / CONFIG).is_file() else None
         base = getattr(config, "base", None)

@@ -156,6 +156,19 @@ def dataset_batches(dataset: LatentDataset, settings, config: ModelConfig, worke
             # its own generator: creating the loader must not draw from the global RNG that resume restores
             generator=torch.Generator().manual_seed(settings.seed),
             prefetch_factor=4 if workers else None)
-        yield from loader
+        try:
+            yield from loader
+        except DataError as err:  # from a worker: torch's message holds the worker's whole traceback
+            message = worker_message(err)
+            raise DataError(message, err.parameter or ("skip_bad_shards" if "skip_bad_shards" in message else None)) from None
 
     return batches
+
+
+def worker_message(err: DataError) -> str:
+    """The worker's own one-line message out of torch's "Caught DataError in DataLoader worker
+    process 0. Original Traceback ..." (the error itself, unchanged, when it is not a worker's)."""
+    text = str(err)
+    if "DataLoader worker" not in text:
+        return text
+    return text.rsplit("DataError: ", 1)[-1].strip().splitlines()[0]

@@ -2,7 +2,7 @@
 
 ```
 DATASET/
-  index.json               # format, codec, shapes, action and class names, the clips of every shard, what was skipped
+  index.json               # format, codec, shapes, action and class names, every shard (its clips, size, sha256), what was skipped
   shard-00000.safetensors  # "<i>.latents" (N, C, h, w) per clip, and "<i>.actions" (N,) int64 when there are actions
   codec/                   # the autoencoder of a DC-AE dataset, so that a model trained on it can decode
 ```
@@ -351,7 +351,8 @@ class _Writer:
                 index["latent_shape"] = list(shard.tensors[f"{shard.clips[0]['key']}.latents"].shape[1:])
             path = self.out / shard.file
             files.atomic_write(path, lambda tmp: save_file(shard.tensors, str(tmp), metadata={"format": FORMAT}), DataError, "shard")
-            index["shards"].append({"file": shard.file, "clips": shard.clips, "bytes": path.stat().st_size})
+            index["shards"].append({"file": shard.file, "clips": shard.clips, "bytes": path.stat().st_size,
+                                    "sha256": file_sha256(path)})
             written = ShardWritten(shard.file, len(shard.clips), index["shards"][-1]["bytes"])
         index["partial"] = partial
         files.write_text(self.out / INDEX, json.dumps(index, indent=1) + "\n", DataError, "dataset index")
@@ -507,11 +508,61 @@ class StoredClip:
     source: str
 
 
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_shard(folder: Path, entry: dict, checksum: bool = False) -> str | None:
+    """What is wrong with one shard of the index (None: nothing): missing, not the size the index
+    lists, a safetensors header that does not parse or lacks a clip's tensors; with `checksum`
+    also bytes that differ from the sha256 stored at encode time (datasets encoded before checksums
+    were stored have none, and are read without that check)."""
+    path = folder / entry["file"]
+    try:
+        size = path.stat().st_size
+    except OSError as err:
+        return f"it cannot be read ({err.strerror.lower() if err.strerror else err})"
+    if entry.get("bytes") is not None and size != entry["bytes"]:
+        return f"it is {size} bytes but the index lists {entry['bytes']} (cut short or replaced)"
+    try:
+        with open(path, "rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            if not 0 < length <= size - 8:
+                return "its header is damaged (a header length past the end of the file)"
+            header = json.loads(f.read(length))
+        data = size - 8 - length
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            start, end = info["data_offsets"]
+            if not 0 <= start <= end <= data:
+                return f"its header is damaged (tensor {key} lies outside the file)"
+    except (OSError, ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+        return "its header is damaged (not a safetensors header)"
+    for clip in entry["clips"]:
+        info = header.get(f"{clip['key']}.latents")
+        if not isinstance(info, dict) or not info.get("shape") or info["shape"][0] != clip["frames"]:
+            return f"its header does not hold clip {clip['key']} ({clip['frames']} frames of {clip['source']})"
+    if checksum and entry.get("sha256") and file_sha256(path) != entry["sha256"]:
+        return "its bytes differ from the checksum stored when it was encoded (damaged on disk or in a copy)"
+    return None
+
+
 class LatentDataset:
     """A finished dataset folder opened for reading: clip windows are read from the shards
-    (memory-mapped, only the frames asked for), so memory does not grow with the dataset."""
+    (memory-mapped, only the frames asked for), so memory does not grow with the dataset.
 
-    def __init__(self, folder: str | Path):
+    Every shard's size and header are checked on opening, and its sha256 (stored by encode_folder)
+    the first time a process reads it. A bad shard raises DataError naming it, unless
+    `skip_bad_shards`: then every checksum is checked on opening too (so what is skipped is known
+    before any batch is drawn) and the bad shards' clips are left out, listed in `skipped_shards`
+    as (file, what is wrong)."""
+
+    def __init__(self, folder: str | Path, skip_bad_shards: bool = False):
         self.folder = Path(folder)
         if not (self.folder / INDEX).is_file():
             raise DataError(f"{self.folder} is not a latent dataset: it has no {INDEX}")
@@ -527,13 +578,25 @@ class LatentDataset:
         self.action_names = tuple(index["action_names"])
         self.num_actions = int(index.get("num_actions", len(self.action_names)))
         self.labels = tuple(index["labels"])
+        self.skipped_shards: list[tuple[str, str]] = []
+        shards = []
+        for entry in index["shards"]:
+            problem = check_shard(self.folder, entry, checksum=skip_bad_shards)
+            if problem is None:
+                shards.append(entry)
+            elif skip_bad_shards:
+                self.skipped_shards.append((entry["file"], problem))
+            else:
+                raise DataError(bad_shard(self.folder / entry["file"], problem), "skip_bad_shards")
+        self._checksums = {s["file"]: None if skip_bad_shards else s.get("sha256") for s in shards}  # still to verify
         self.clips = [StoredClip(s["file"], c["key"], c["frames"], c["label"], c["source"])
-                      for s in index["shards"] for c in s["clips"]]
+                      for s in shards for c in s["clips"]]
         fps = [c["fps"] for s in index["shards"] for c in s["clips"] if c.get("fps")]
         self.fps = float(collections.Counter(round(f, 3) for f in fps).most_common(1)[0][0]) if fps else 8.0
         self._open: collections.OrderedDict = collections.OrderedDict()
         if not self.clips:
-            raise DataError(f"the dataset {self.folder} holds no clips")
+            raise DataError(f"the dataset {self.folder} holds no clips" +
+                            (f" that can be read ({len(self.skipped_shards)} bad shards skipped)" if self.skipped_shards else ""))
 
     @property
     def codec_folder(self) -> Path | None:
@@ -550,10 +613,21 @@ class LatentDataset:
     def _shard(self, name: str):
         handle = self._open.pop(name, None)
         if handle is None:
+            expected = self._checksums.get(name)
+            if expected is not None:  # once per process: the bytes are what encode wrote
+                try:
+                    same = file_sha256(self.folder / name) == expected
+                except OSError as err:
+                    raise DataError(bad_shard(self.folder / name, f"it cannot be read ({err.strerror or err})"),
+                                    "skip_bad_shards") from None
+                if not same:
+                    raise DataError(bad_shard(self.folder / name, "its bytes differ from the checksum stored when it "
+                                                                  "was encoded (damaged on disk or in a copy)"), "skip_bad_shards")
+                self._checksums[name] = None
             try:
                 handle = safe_open(str(self.folder / name), framework="pt")
             except Exception as err:  # OSError, or safetensors' own error for a bad header
-                raise DataError(f"cannot read the shard {self.folder / name}: {err}") from None
+                raise DataError(bad_shard(self.folder / name, f"it cannot be read ({err})"), "skip_bad_shards") from None
             if len(self._open) >= 8:  # a few open shards, not all of them
                 self._open.popitem(last=False)
         self._open[name] = handle
@@ -571,6 +645,12 @@ class LatentDataset:
             return latents, handle.get_slice(f"{c.key}.actions")[first:first + frames]
         label = c.label if condition == "label" and c.label is not None else null
         return latents, torch.full((frames,), label, dtype=torch.int64)
+
+
+def bad_shard(path: Path, problem: str) -> str:
+    """The one line that names a bad shard and what to do."""
+    return (f"the dataset shard {path} is damaged: {problem}; encode the videos again into a new folder, "
+            "or skip the bad shards (skip_bad_shards)")
 
 
 def is_dataset(path: str | Path) -> bool:

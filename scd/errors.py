@@ -10,9 +10,10 @@ can say which flag that is.
 class SCDError(Exception):
     """Base class of every error a user can cause and fix."""
 
-    def __init__(self, message: str = "", parameter: str | None = None):
+    def __init__(self, message: str = "", parameter: str | None = None, others: tuple[str, ...] = ()):
         super().__init__(message)
         self.parameter = parameter
+        self.others = tuple(others)  # further parameters the message names, each spelled as its flag too
 
 
 class VideoError(SCDError):
@@ -55,3 +56,15 @@ class DataError(SCDError):
 
 class ServerError(SCDError):
     """A local server that cannot start: a port in use, an address that cannot be listened on."""
+
+
+class Notice(str):
+    """A warning for the user, in the library's words (a plain string); `parameter`, as an error's,
+    names the parameter it mentions so that the CLI can say which flag that is."""
+
+    parameter: str | None
+
+    def __new__(cls, message: str, parameter: str | None = None):
+        notice = super().__new__(cls, message)
+        notice.parameter = parameter
+        return notice

@@ -20,9 +20,9 @@ import torch
 
 import scd
 from scd import checks, files, mp4, video
-from scd.actions import parse_label, read_sidecar
+from scd.actions import format_actions, parse_label, read_sidecar, sidecar_path
 from scd.devices import dtype_name, resolve_device, resolve_dtype, use_threads
-from scd.errors import ActionError, ConfigError, VideoError
+from scd.errors import ActionError, ConfigError, Notice, SCDError, VideoError
 from scd.loaded import LoadedModel
 from scd.metrics import percentile
 from scd.sampling import kv_cache_bytes, stream
@@ -101,33 +101,74 @@ def output_paths(out: Path, batch: int) -> list[Path]:
     return [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(batch)]
 
 
-def load_prompt(loaded: LoadedModel, prompt: Path | None = None, seed: int = 0, context: int | None = None,
-                prompt_actions: list[int] | None = None) -> tuple[np.ndarray, list[int] | None, str]:
-    """The prompt a model continues: frames (F, H, W, 3) uint8, their actions if known, and a
-    description. `prompt` is a video or image folder (its last `context` frames, the model's context
-    length by default; actions from `prompt_actions` or its sidecar file); without one, a world
-    model's demo clip for `seed`; a model trained from pure noise takes none."""
+@dataclass
+class Prompt:
+    """What a model continues: frames (F, H, W, 3) uint8, their actions if known (one per frame,
+    the null action where the sidecar or list has none), where they came from, and what the user
+    should know about them (a truncated file, a sidecar that does not fit its frames, no actions)."""
+    frames: np.ndarray
+    actions: list[int] | None
+    source: str
+    warnings: list[str] = field(default_factory=list)
+    truncated: str | None = None
+
+
+def read_prompt(loaded: LoadedModel, prompt: Path | None = None, seed: int = 0, context: int | None = None,
+                prompt_actions: list[int] | None = None) -> Prompt:
+    """The prompt a model continues. `prompt` is a video or image folder (its last `context` frames,
+    the model's context length by default); without one, a world model's demo clip for `seed`; a
+    model trained from pure noise takes none. Actions (`prompt_actions`, else the sidecar
+    `<prompt>.actions.txt`) follow one rule, the one `scd encode` uses: action j belongs to frame j
+    of the file as decoded, so the frames kept from a long or truncated file get their own actions;
+    a list whose length differs from the decoded frames is reported with both counts (frames it
+    does not reach take the null action, actions past the last frame are not used)."""
     config = loaded.config
     want = config.context_frames if context is None else context
     if config.context_frames == 0:  # trained to start from pure noise, as FAR's UCF-101 generators
         if prompt is not None:
             raise ConfigError("this model generates from pure noise (it was trained with 0 context frames): "
                               "drop prompt", parameter="prompt")
-        return np.zeros((0, *config.frame_size, 3), np.uint8), None, "none (generated from pure noise)"
+        return Prompt(np.zeros((0, *config.frame_size, 3), np.uint8), None, "none (generated from pure noise)")
     if prompt is None:
         if config.demo != "world" and not loaded.source.startswith("embedded:"):
-            raise VideoError("this model has no demo prompt: give prompt, a video", parameter="prompt")
+            raise VideoError("this model has no demo clip: give prompt, a video to continue", parameter="prompt")
         from scd import world
 
         frames, actions = world.render_clip(world.HELDOUT_SEED_START + seed, want)
-        return frames, actions.tolist(), f"synthetic world clip (seed {world.HELDOUT_SEED_START + seed})"
+        return Prompt(frames, actions.tolist(), f"synthetic world clip (seed {world.HELDOUT_SEED_START + seed})")
     clip = video.read_video(prompt, last=want)
-    actions = prompt_actions
-    if actions is None and config.condition == "action":
-        # a sidecar lists one action per frame of the clip; the kept frames are the clip's last ones
-        listed = read_sidecar(prompt, config.action_names, config.num_classes)
-        actions = None if listed is None else listed[-len(clip.frames):]
-    return clip.frames, actions, str(prompt)
+    warnings = []
+    if clip.truncated:
+        warnings.append(f"the prompt {prompt} is truncated ({clip.truncated}): continuing from its "
+                        f"{clip.decoded} decodable frames")
+    actions = None
+    if config.condition == "action":
+        listed, where = prompt_actions, "prompt_actions"
+        if listed is None:
+            listed = read_sidecar(prompt, config.action_names, config.num_classes)
+            where = sidecar_path(prompt).name
+        if listed is None:
+            warnings.append(Notice(f"the prompt has no actions (no {sidecar_path(prompt).name} beside it, no "
+                                   "prompt_actions): its frames take the null action, which this model also learned as "
+                                   "'unknown', so it guesses the motion and 'none' afterwards need not stand still; give "
+                                   "the prompt's actions to steer from it", "prompt_actions"))
+        else:
+            if len(listed) != clip.decoded:
+                rest = (f"frames {len(listed)}-{clip.decoded - 1} take the null action" if len(listed) < clip.decoded
+                        else f"the last {len(listed) - clip.decoded} actions are not used")
+                warnings.append(Notice(f"{where} lists {len(listed)} actions but {prompt.name} decodes to "
+                                       f"{clip.decoded} frames: action j goes with frame j, so {rest}",
+                                       "prompt_actions" if where == "prompt_actions" else None))
+            null = config.null_class
+            actions = [listed[j] if j < len(listed) else null for j in range(clip.first_index, clip.decoded)]
+    return Prompt(clip.frames, actions, str(prompt), warnings, clip.truncated)
+
+
+def load_prompt(loaded: LoadedModel, prompt: Path | None = None, seed: int = 0, context: int | None = None,
+                prompt_actions: list[int] | None = None) -> tuple[np.ndarray, list[int] | None, str]:
+    """`read_prompt`'s frames, actions and description."""
+    read = read_prompt(loaded, prompt, seed, context, prompt_actions)
+    return read.frames, read.actions, read.source
 
 
 def run(job: Job):
@@ -154,21 +195,21 @@ def run(job: Job):
     times = {"startup_s": job.startup_s, "model_load_s": job.model_load_s}
 
     t0 = time.perf_counter()
-    prompt, prompt_actions, prompt_source = load_prompt(job.model, job.prompt, job.seed, job.context, job.prompt_actions)
+    read = read_prompt(job.model, job.prompt, job.seed, job.context, job.prompt_actions)
+    prompt, prompt_actions, prompt_source = read.frames, read.actions, read.source
     times["prompt_decode_s"] = time.perf_counter() - t0
-    if job.actions is not None and len(job.actions) < job.frames:
+    if job.actions is not None and len(job.actions) != job.frames:
         raise ActionError(f"{len(job.actions)} actions given for {job.frames} frames: give one per generated frame")
     conditions = None
-    warnings = []
+    warnings = list(read.warnings)
+    used = {"prompt": prompt_source, "prompt_frames": len(prompt), "prompt_actions": None, "actions": None}
     if config.condition == "action":
         null = config.null_class
         before = list(prompt_actions) if prompt_actions is not None else [null] * len(prompt)
-        if len(before) < len(prompt):
-            warnings.append(f"{len(before)} prompt actions for {len(prompt)} prompt frames: "
-                            f"the last {len(prompt) - len(before)} are taken as none")
-        before = (before + [null] * len(prompt))[:len(prompt)]
-        after = list(job.actions[:job.frames]) if job.actions is not None else [null] * job.frames
+        after = list(job.actions) if job.actions is not None else [null] * job.frames
         conditions = torch.tensor(before + after)
+        names = lambda ids: format_actions(ids, config.action_names, config.num_classes).split()
+        used.update(prompt_actions=names(before), actions=names(after))
     elif job.actions is not None:
         raise ActionError("this model takes no actions: drop actions", parameter="actions")
     warnings.extend(job.model.notes)
@@ -207,12 +248,24 @@ def run(job: Job):
     elif job.window is None and need > 8 * 2**30:
         warnings.append(f"the KV cache will grow to {need / 2**30:.1f} GiB: a context window of W frames keeps memory flat")
 
-    writers = open_writers(outputs, fps, job)
+    for path in outputs + ([Path(job.report)] if job.report is not None else []):
+        if path.is_file():
+            warnings.append(f"{path} exists: it is replaced" + (" once the first frame is in" if path.suffix in mp4.SUFFIXES
+                                                                 else " when the run ends"))
+    # a second run given the same report is refused, as one given the same video is (by its writer)
+    report_lock = None if job.report is None else files.OutputLock(job.report, "report").acquire()
+    try:
+        writers = open_writers(outputs, fps, job)
+    except BaseException:
+        if report_lock is not None:
+            report_lock.release()
+        raise
     records: list[dict] = []
     started_at = time.perf_counter()
     complete = False
     first_ms = None
     write_s = 0.0
+    failure = None  # what stopped the run, named first if the report cannot be written either
     try:
         yield Started(outputs, str(device), dtype_name(dtype), job.model.source, job.model.revision, job.frames,
                       steps, len(prompt), prompt_source, warnings, threads)
@@ -238,24 +291,40 @@ def run(job: Job):
             elapsed = time.perf_counter() - started_at
             if first_ms is None:
                 first_ms = elapsed * 1000.0
-                times["first_frame_from_start_ms"] = (time.perf_counter() - began) * 1000.0
+                # from the process's start when known (interpreter start-up and imports are part of the wait)
+                times["first_frame_from_start_ms"] = ((time.perf_counter() - began) + (job.startup_s or 0.0)) * 1000.0
             records.append({"index": frame.index, "latency_ms": latency, "context_ms": frame.context_ms,
                             "denoise_ms": frame.denoise_ms, "codec_ms": codec_ms})
             yield FrameWritten(frame.index, job.frames, latency, frame.context_ms, frame.denoise_ms, elapsed)
         complete = True
+    except BaseException as err:
+        failure = err
+        raise
     finally:
         loop_s = time.perf_counter() - started_at
         t1 = time.perf_counter()
         try:
             for writer in writers:
                 writer.close()
+        except SCDError as err:
+            failure = failure or err
+            raise
         finally:
             times.update(frame_loop_s=loop_s, write_s=write_s + time.perf_counter() - t1,
                          total_s=time.perf_counter() - began)
             summary = summarise(records, loop_s, first_ms, complete, job, str(device), dtype_name(dtype), steps,
-                                guidance, outputs, times, threads)
+                                guidance, outputs, times, threads, used)
             if job.report is not None:
-                write_report(Path(job.report), summary)
+                try:
+                    write_report(Path(job.report), summary)
+                except SCDError as err:
+                    if not isinstance(failure, SCDError):
+                        raise
+                    # what failed first (the video, on a full disk) is the news; the report only followed it
+                    raise type(failure)(f"{failure} (the report {job.report} could not be written either: {err})",
+                                        failure.parameter) from None
+                finally:
+                    report_lock.release()
     yield Finished(summary)
 
 
@@ -322,12 +391,13 @@ def check_outputs(job: Job) -> list[Path]:
 
 
 # 2: per-frame encoder_ms, decoder_ms renamed context_ms, denoise_ms; format_version, times, threads,
-# versions and time_to_first_frame_from_start_ms added (docs/reliability.md)
-REPORT_FORMAT = 2
+# versions and time_to_first_frame_from_start_ms added (docs/reliability.md); 3: prompt, prompt_frames,
+# prompt_actions and actions added, time_to_first_frame_from_start_ms counts from the process's start
+REPORT_FORMAT = 3
 
 
 def summarise(records, wall_s, first_ms, complete, job, device, dtype, steps, guidance, outputs, times=None,
-              threads=None) -> dict:
+              threads=None, used=None) -> dict:
     latencies = [r["latency_ms"] for r in records]
     steady = latencies[1:] or latencies
     times = dict(times or {})
@@ -355,6 +425,7 @@ def summarise(records, wall_s, first_ms, complete, job, device, dtype, steps, gu
         "seed": job.seed,
         "context_window": job.window,
         "outputs": [str(p) for p in outputs],
+        **(used or {}),  # the prompt (path, frames kept) and the actions of its frames and of the generated ones
         "threads": threads,
         "times": times,
         "time_to_first_frame_from_start_ms": times.get("first_frame_from_start_ms"),

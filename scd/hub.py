@@ -169,14 +169,24 @@ def _first_line(err: BaseException) -> str:
     return lines[0] if lines else type(err).__name__
 
 
-def _download_error(err: Exception, ref: HubRef, endpoint: str, offline: bool, token_sent: bool) -> HubError:
+def _elsewhere(ref: HubRef, prefetch: bool) -> str:
+    """What to do when `ref` cannot be downloaded here; for a prefetch itself (`scd download`), not
+    to run the very command that failed."""
+    if prefetch:
+        return ("download it on a machine with network access and copy its Hub cache (HF_HUB_CACHE) here, "
+                "or unset HF_HUB_OFFLINE if it is set")
+    return f"run `scd download {ref}` on a machine with network access first"
+
+
+def _download_error(err: Exception, ref: HubRef, endpoint: str, offline: bool, token_sent: bool,
+                    prefetch: bool = False) -> HubError:
     """One clear line for any failure of a download from `endpoint`."""
     import httpx2
     from huggingface_hub import errors as hf
 
     where = f"{ref.repo_id}@{ref.revision}" if ref.revision else ref.repo_id
     not_cached = (f"{ref} is not in the local cache and HF_HUB_OFFLINE is set (or there is no network): "
-                  f"run `scd download {ref}` on a machine with network access first")
+                  f"{_elsewhere(ref, prefetch)}")
     if isinstance(err, hf.GatedRepoError):
         return HubError(f"{ref.repo_id} is gated on {endpoint}: accept its conditions on the model page, "
                         "then set HF_TOKEN to a token of that account")
@@ -193,8 +203,7 @@ def _download_error(err: Exception, ref: HubRef, endpoint: str, offline: bool, t
             return HubError(not_cached)
         if _caused_by(err.__cause__, httpx2.TransportError):
             return HubError(f"cannot reach {endpoint} ({_first_line(err.__cause__ or err)}) and {ref} is not in "
-                            f"the local cache: check the network and HF_ENDPOINT, or run `scd download {ref}` on "
-                            "a machine with network access first")
+                            f"the local cache: check the network and HF_ENDPOINT, or {_elsewhere(ref, prefetch)}")
         return HubError(f"{endpoint} could not serve {ref} and it is not in the local cache: "
                         f"{_first_line(err.__cause__ or err)}; try again later")
     if isinstance(err, hf.HfHubHTTPError):
@@ -228,12 +237,13 @@ def _snapshot_commit(path: Path, path_in_repo: str) -> str:
 
 # ----------------------------------------------------------------------------- download
 
-def fetch_model_folder(ref: HubRef, allow_patterns=MODEL_FILES) -> tuple[Path, str]:
+def fetch_model_folder(ref: HubRef, allow_patterns=MODEL_FILES, prefetch: bool = False) -> tuple[Path, str]:
     """Download the model-folder files of `ref` (only those matching `allow_patterns`, relative to
     `ref.path_in_repo` when it is set) into the Hub cache, or find them there.
 
     Returns (local folder, resolved commit sha). Offline (`HF_HUB_OFFLINE=1`) it resolves from the
-    cache only. Raises `HubError` for every failure, including a folder without `config.json`.
+    cache only. Raises `HubError` for every failure, including a folder without `config.json`;
+    `prefetch` (a download for later use, as `scd download`) changes only the advice in the errors.
     """
     from huggingface_hub import snapshot_download
 
@@ -245,22 +255,23 @@ def fetch_model_folder(ref: HubRef, allow_patterns=MODEL_FILES) -> tuple[Path, s
             ref.repo_id, revision=ref.revision, allow_patterns=patterns, endpoint=endpoint, token=token,
             local_files_only=offline, cache_dir=_cache_dir(), tqdm_class=_silent_tqdm()))
     except Exception as err:
-        raise _download_error(err, ref, endpoint, offline, bool(token)) from err
+        raise _download_error(err, ref, endpoint, offline, bool(token), prefetch) from err
     folder = snapshot / prefix if prefix else snapshot
     if "config.json" in allow_patterns and not (folder / "config.json").is_file():
         if offline:
             raise HubError(f"{ref} is not in the local cache and HF_HUB_OFFLINE is set (or there is no network): "
-                           f"run `scd download {ref}` on a machine with network access first")
+                           f"{_elsewhere(ref, prefetch)}")
         where = f"{ref.repo_id}@{snapshot.name[:12]}" + (f" under {ref.path_in_repo}" if prefix else "")
         raise HubError(f"{where} has no config.json, so it is not an scd model folder: check the repo id, the "
                        f"revision and the path; a checkpoint file in it is written {ref.repo_id}:path/to/file.pth")
     return folder, snapshot.name
 
 
-def fetch_file(ref: HubRef) -> tuple[Path, str]:
+def fetch_file(ref: HubRef, prefetch: bool = False) -> tuple[Path, str]:
     """Download the single file `ref.path_in_repo` of `ref` into the Hub cache, or find it there.
 
-    Returns (local file path, resolved commit sha). Raises `HubError` for every failure.
+    Returns (local file path, resolved commit sha). Raises `HubError` for every failure (`prefetch`:
+    as fetch_model_folder's).
     """
     from huggingface_hub import hf_hub_download
 
@@ -272,7 +283,7 @@ def fetch_file(ref: HubRef) -> tuple[Path, str]:
             ref.repo_id, ref.path_in_repo, revision=ref.revision, endpoint=endpoint, token=token,
             local_files_only=offline, cache_dir=_cache_dir(), tqdm_class=_silent_tqdm()))
     except Exception as err:
-        raise _download_error(err, ref, endpoint, offline, bool(token)) from err
+        raise _download_error(err, ref, endpoint, offline, bool(token), prefetch) from err
     return path, _snapshot_commit(path, ref.path_in_repo)
 
 

@@ -191,9 +191,18 @@ class VideoWriter:
             while view:
                 view = view[self._file.write(view):]
         except OSError as err:
+            self._cut_partial()
             self._release()
             raise VideoError(f"cannot write {self.path}: {err.strerror or err}; is the disk full?") from None
         self._offset += len(data)
+
+    def _cut_partial(self) -> None:
+        """After a failed write (disk full): end the file on its last whole fragment, so a reader
+        finds every finished frame and no box cut short (shrinking a file needs no free space)."""
+        try:
+            os.ftruncate(self._file.fileno(), self._offset)
+        except OSError:
+            pass  # the file keeps its partial box; the frames before it still decode
 
     def _write_packets(self, packets) -> None:
         tick = 1 / self._rate / self._stream.time_base  # one frame in the track's time scale
@@ -241,6 +250,7 @@ class VideoWriter:
                     for offset, data in self._header.durations(self._decode_time):
                         os.pwrite(self._file.fileno(), data, offset)
         except OSError as err:
+            self._cut_partial()
             raise VideoError(f"cannot write {self.path}: {err.strerror or err}; is the disk full?") from None
         finally:
             self._release()

@@ -165,8 +165,9 @@ def replay_parameters(loaded: LoadedModel, prompt: Path | None, seed: int, steps
                       actions: Path, frames: int, out: str) -> dict:
     """The generate parameters that regenerate a recording (`scd.generate.Job`'s names; None: unset)."""
     model = loaded.source.removeprefix("embedded:") + (f"@{loaded.revision}" if loaded.revision else "")
+    # upscale 1: the recording is at the model's size, and so must its replay be to compare frame for frame
     return {"model": model, "prompt": None if prompt is None else str(prompt), "seed": seed, "steps": steps,
-            "window": window, "actions": str(actions), "frames": frames, "out": out}
+            "window": window, "actions": str(actions), "frames": frames, "upscale": 1, "out": out}
 
 
 class Recorder:
@@ -384,11 +385,13 @@ class Session:
         self.panels = [Panel(i, m, self) for i, m in enumerate(models)]
         self.config = models[0].config
         prompt_frames(models[0], self.prompt, seed)  # an unreadable prompt fails here, not in a thread
-        if record is not None:
+        if record is not None:  # refused now, before any page is served, not when the first frame is recorded
             folder = Path(record).parent
             if not folder.is_dir():
                 raise video.VideoError(f"record {record}: its folder {folder} does not exist; create it first",
                                        parameter="record")
+            mp4.check_path(record)
+            files.check_output(record, "recording", inputs=[self.prompt])
 
     # the player
     def press(self, action: int) -> None:

@@ -1,7 +1,8 @@
 """The `scd play` web server (aiohttp): the page, and one WebSocket per viewer.
 
 The server runs its event loop in a thread of its own, so the caller keeps the main thread (and
-Ctrl-C). Frames reach each viewer through a one-frame slot per panel: a newer frame replaces an
+Ctrl-C); the play's panels start with the first page that connects. Frames reach each viewer
+through a one-frame slot per panel: a newer frame replaces an
 unsent one, and a viewer is sent a panel's frame only while it has fewer than `CREDIT` frames of
 that panel not yet acknowledged as shown, so a slow or hidden tab drops frames instead of queueing
 them. Only pages from the server's own origin may open the socket, and on a loopback address only
@@ -10,7 +11,8 @@ requests naming a loopback host are served (no DNS rebinding).
 Wire format, server to page: JSON text messages ({"type": "state", ...}, {"type": "error", ...}) and
 binary frame messages: a 4-byte big-endian header length, a JSON header, then the PNG.
 Page to server: JSON text {"type": "press"|"release", "action": i}, {"type": "ack", "panel": p},
-{"type": "pause", "paused": bool}, {"type": "pace", "paced": bool}, {"type": "reset"}, {"type": "seed"}.
+{"type": "pause", "paused": bool}, {"type": "pace", "paced": bool}, {"type": "reset"}, {"type": "seed"};
+a field of another type (1.0 for an int, "false" for a bool) closes the socket (code 1003).
 """
 
 from __future__ import annotations
@@ -100,6 +102,7 @@ class PlayServer:
         self._runner: web.AppRunner | None = None
         self._linger: asyncio.TimerHandle | None = None
         self._stopped = False
+        self._playing = False
 
     @property
     def warnings(self) -> list[str]:
@@ -111,7 +114,8 @@ class PlayServer:
     # ------------------------------------------------------------------ lifecycle (caller's thread)
 
     def start(self) -> str:
-        """Bind, start the session's panels, return the page's URL."""
+        """Bind and return the page's URL. The session's panels (and its recording) start when the
+        first page connects, so a page opened late still sees the play from its first frame."""
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="scd-play-server", daemon=True)
         self._thread.start()
@@ -122,8 +126,12 @@ class PlayServer:
             raise
         self.session.on_frame = self._from_panel(self._offer_frame)
         self.session.on_error = self._from_panel(self._panel_failed)
-        self.session.start()
         return self.url
+
+    @property
+    def playing(self) -> bool:
+        """Whether the panels have started (a page has connected)."""
+        return self._playing
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the play ends by itself (True) or `timeout` seconds pass (False). Wakes
@@ -178,6 +186,7 @@ class PlayServer:
         app.router.add_get("/ws", self._socket)
         for route in FILES:
             app.router.add_get(route, self._file)
+        app.router.add_get("/favicon.ico", self._no_icon)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, reuse_address=False)
@@ -225,6 +234,9 @@ class PlayServer:
         name, content_type = FILES[request.path]
         return web.Response(body=(PAGE / name).read_bytes(), content_type=content_type, headers=HEADERS)
 
+    async def _no_icon(self, request: web.Request) -> web.Response:
+        return web.Response(status=204, headers=HEADERS)  # no icon, and no 404 in the browser's console
+
     def _origin_ok(self, request: web.Request) -> bool:
         """A WebSocket may only come from a page this server served."""
         return request.headers.get("Origin") == f"http://{request.host}"
@@ -243,13 +255,17 @@ class PlayServer:
             self._linger.cancel()
             self._linger = None
         viewer.offer_state(self._state())
+        if not self._playing and not self._stopped:  # the first page: the panels and the recording start now
+            self._playing = True
+            self.session.start()
         sender = asyncio.create_task(self._send(ws, viewer))
         try:
             async for message in ws:
-                if message.type == WSMsgType.TEXT:
-                    self._command(viewer, message.data)
-                else:
+                if message.type != WSMsgType.TEXT:
                     break  # the page sends only text
+                if not self._command(viewer, message.data):
+                    await ws.close(code=1003, message=b"malformed command")  # 1003: data it cannot accept
+                    break
         finally:
             sender.cancel()
             self._viewers.discard(viewer)
@@ -274,37 +290,51 @@ class PlayServer:
         except (ConnectionError, RuntimeError):
             pass  # the page went away mid-send
 
-    def _command(self, viewer: Viewer, text: str) -> None:
-        """Apply one command from a page; malformed ones are ignored (the page is not trusted)."""
+    def _command(self, viewer: Viewer, text: str) -> bool:
+        """Apply one command from a page (the page is not trusted): every field must have its type
+        (an int is an int, not 1.0 or True; a bool is true or false, not "false"). Returns False for a
+        malformed one, whose socket is then closed; an unknown type is ignored, for newer pages."""
         try:
             command = json.loads(text)
-            kind = command["type"]
-        except (ValueError, TypeError, KeyError):
-            return
-        session = self.session
-        if kind == "ack" and command.get("panel") in range(len(viewer.credit)):
+        except ValueError:
+            return False
+        if not isinstance(command, dict) or not isinstance(command.get("type"), str):
+            return False
+        kind, session = command["type"], self.session
+        fields = {"ack": ("panel", int, True), "press": ("action", int, True), "release": ("action", int, False),
+                  "pause": ("paused", bool, False), "pace": ("paced", bool, False)}
+        if kind in fields:
+            name, kind_of, required = fields[kind]
+            value = command.get(name)
+            if (value is None and required) or (value is not None and type(value) is not kind_of):
+                return False
+        if kind == "ack":
+            if not 0 <= command["panel"] < len(viewer.credit):
+                return False
             viewer.credit[command["panel"]] = min(CREDIT, viewer.credit[command["panel"]] + 1)
             viewer.ready.set()
-            return
-        if kind == "press" and type(command.get("action")) is int:
+            return True
+        if kind == "press":
             session.press(command["action"])
         elif kind == "release":
-            action = command.get("action")
-            session.release(action if type(action) is int else None)
+            session.release(command.get("action"))
         elif kind == "pause":
-            session.pause(bool(command.get("paused", not session.controls.paused)))
+            paused = command.get("paused")
+            session.pause(not session.controls.paused if paused is None else paused)
         elif kind == "pace":
-            session.pace(bool(command.get("paced", not session.controls.paced)))
+            paced = command.get("paced")
+            session.pace(not session.controls.paced if paced is None else paced)
         elif kind == "reset":
             session.reset()
         elif kind == "seed":
             session.new_seed()
         else:
-            return
+            return True
         if kind not in ("press", "release"):
             state = self._state()
             for each in self._viewers:
                 each.offer_state(state)
+        return True
 
     def _state(self) -> dict:
         return {"type": "state", **self.session.state()}

@@ -85,8 +85,8 @@ def check_out(out: Path, resume: bool, overwrite: bool) -> None:
     files.check_output_folder(out, "model folder")
     earlier = [name for name in EARLIER_RUN if (Path(out) / name).exists()]
     if earlier and not (resume or overwrite):
-        raise ConfigError(f"{out} holds an earlier training run ({', '.join(earlier)}): resume it, allow "
-                          "overwriting it, or choose another out folder", "out")
+        raise ConfigError(f"{out} holds an earlier training run ({', '.join(earlier)}): continue it (resume), "
+                          "replace it (overwrite), or choose another out folder", "resume", ("overwrite", "out"))
 
 
 @dataclass

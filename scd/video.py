@@ -36,6 +36,16 @@ class Clip:
     frames: np.ndarray  # (N, H, W, 3) uint8 RGB
     fps: float
     truncated: str | None = None  # what was wrong with a file cut short (its frames before the cut are kept)
+    decoded: int | None = None  # frames decoded from the file's start; `frames` are its last ones (default: all)
+
+    def __post_init__(self):
+        if self.decoded is None:
+            self.decoded = len(self.frames)
+
+    @property
+    def first_index(self) -> int:
+        """The index, in the file as decoded, of `frames[0]`."""
+        return self.decoded - len(self.frames)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -101,7 +111,7 @@ def _read_file(path: Path, last: int | None, max_frames: int | None) -> Clip:
             _check_count(len(frames), path)
             if reader.count == max_frames:
                 break
-    return Clip(np.stack(frames), reader.fps, reader.truncated)
+    return Clip(np.stack(frames), reader.fps, reader.truncated, reader.count)
 
 
 class VideoFrames:
@@ -232,6 +242,7 @@ def _read_image_folder(folder: Path, last: int | None, max_frames: int | None) -
         raise VideoError(f"{folder} holds no images ({' '.join(IMAGE_SUFFIXES)}); "
                          "add frames there or pass a video file")
     images = sorted(images, key=_natural_key)[:max_frames]
+    decoded = len(images)
     images = images[-last:] if last else images
     _check_count(len(images), folder)
     frames = []
@@ -242,7 +253,7 @@ def _read_image_folder(folder: Path, last: int | None, max_frames: int | None) -
             raise VideoError(f"{image.name} is {w}x{h} but {images[0].name} is {w0}x{h0}; "
                              f"resize the images in {folder} to one size")
         frames.append(frame)
-    return Clip(np.stack(frames), IMAGE_FPS)
+    return Clip(np.stack(frames), IMAGE_FPS, None, decoded)
 
 
 # ----------------------------------------------------------------------------- pixels

@@ -164,8 +164,8 @@ def _show(report: dict) -> None:
     if report.get("alone"):
         _show_alone(report)
         return
-    console.print(f"[bold]scd bench[/] on {report['device_name']} ({report['device']}, {report['dtype']}), "
-                  f"torch {report['torch']}", soft_wrap=True)
+    console.print(f"[bold]scd bench[/] on {report['device_name']} ({report['device']}, {report['dtype']}, "
+                  f"{report.get('threads')} CPU threads), torch {report['torch']}", soft_wrap=True)
     console.print(_headline(report))
     if "compiled_pair" in report:
         console.print(_compiled(report))
@@ -198,7 +198,7 @@ def bench(
     warmup: str = typer.Option("1", "--warmup", metavar="N", help="Unmeasured repetitions before each row."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (bfloat16 on CUDA, float32 elsewhere), float32, bfloat16, float16."),
-    threads: Optional[str] = typer.Option(None, "--threads", metavar="N", help="CPU threads for torch (default: torch's choice)."),
+    threads: Optional[str] = typer.Option(None, "--threads", metavar="N", help="CPU threads for torch (default: the CPUs the rest of the machine leaves idle, at least 1, as every command; see docs/reliability.md)."),
     seed: str = typer.Option("0", "--seed", metavar="N", help="Seed of the random weights and context."),
     matmul_size: Optional[str] = typer.Option(None, "--matmul-size", metavar="N", help="Side of the square matmul that measures the device's peak (default 2048 on CPU, 4096 MPS, 8192 CUDA)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the full report as JSON."),
@@ -238,7 +238,7 @@ def bench(
                 for warning in event.warnings:
                     err_console.print(f"[yellow]warning:[/] {warning}")
                 models = f"{event.scd}, alone" if event.alone else f"SCD {event.scd} vs baseline {event.baseline}"
-                say(f"[bold]scd bench[/] on {event.device_name} ({event.device}, {event.dtype}): "
+                say(f"[bold]scd bench[/] on {event.device_name} ({event.device}, {event.dtype}, {event.threads} CPU threads): "
                     f"{models}; {len(event.rows)} setting(s)")
                 if is_interactive() and not quiet:
                     total = len(event.rows) * (spec.warmup + spec.reps) * (1 if event.alone else 4 if compile else 2)

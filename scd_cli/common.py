@@ -59,11 +59,13 @@ def flag_for(parameter: str) -> str:
     return "--" + parameter.replace("_", "-")
 
 
-def in_cli_words(err: SCDError) -> str:
-    """The library's message with the parameter it names spelled as its flag."""
+def in_cli_words(err) -> str:
+    """The library's message (an SCDError, or a Notice among warnings) with the parameter it names
+    spelled as its flag."""
     message = str(err)
-    if err.parameter:
-        message = re.sub(rf"(?<![\w-]){re.escape(err.parameter)}(?![\w-])", flag_for(err.parameter), message, count=1)
+    for parameter in (getattr(err, "parameter", None), *getattr(err, "others", ())):
+        if parameter:
+            message = re.sub(rf"(?<![\w/-]){re.escape(parameter)}(?![\w-])", flag_for(parameter), message, count=1)
     return message
 
 

@@ -22,6 +22,7 @@ from scd_cli.common import (
     console,
     err_console,
     handles_errors,
+    in_cli_words,
     is_interactive,
     say,
     state,
@@ -59,7 +60,7 @@ def _summary_table(summary: dict, steps: int) -> Table:
             ("steps", str(steps)),
             ("frames", f"{summary['frames_generated']} x {summary['batch']}"),
             ("time to first frame", f"{summary['time_to_first_frame_ms'] or 0:.1f} ms from the loop's start, "
-                                    f"{first_from_start or 0:.0f} ms from the command's"),
+                                    f"{first_from_start or 0:.0f} ms from the process's start"),
             ("where the time went (s)", _where_the_time_went(summary.get("times", {}))),
             ("latency p50 / p95 / max", f"{summary['latency_ms_p50']:.1f} / {summary['latency_ms_p95']:.1f} / "
                                         f"{summary['latency_ms_max']:.1f} ms"),
@@ -98,7 +99,7 @@ def parse_size(text: str) -> tuple[int, int]:
 
 @handles_errors
 def generate(
-    out: Path = typer.Option(Path("out.mp4"), "--out", "-o", help="Output MP4 (with --batch N: OUT_0.mp4 ... OUT_{N-1}.mp4)."),
+    out: Path = typer.Option(Path("out.mp4"), "--out", "-o", help="Output MP4 (with --batch N: OUT_0.mp4 ... OUT_{N-1}.mp4). An existing file is replaced (with a warning) once the first frame is written."),
     prompt_frames: Optional[Path] = typer.Option(None, "--prompt-frames", "-p", help="Prompt video (MP4, WebM, MKV, MOV, GIF) or a folder of images. Default: the model's demo prompt."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Model folder, Hub repo id[@revision] (gdhe17/Self-Forcing: Self-Forcing's text-to-video generator), or a reference checkpoint with --options (a Wan checkpoint with --base). Default: the embedded SCD model."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="Text prompt of a text-to-video model (Wan2.1, Self-Forcing)."),
@@ -110,8 +111,8 @@ def generate(
     steps: Optional[int] = typer.Option(None, "--steps", help="Denoising steps per frame (default: the model's)."),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance scale (1 = off, -1 = unconditional; default: the model's)."),
     label: Optional[str] = typer.Option(None, "--label", help="Class of a class-conditioned model (FAR's UCF-101 Cond models): an index or one of the model's class names."),
-    actions: Optional[str] = typer.Option(None, "--actions", help="One action per generated frame: a comma list (names or indices) or a file."),
-    prompt_actions: Optional[str] = typer.Option(None, "--prompt-actions", help="Actions of the prompt frames (default: PROMPT.actions.txt beside the prompt, else none)."),
+    actions: Optional[str] = typer.Option(None, "--actions", help="One action per generated frame, exactly --frames of them: a comma list (names or indices) or a file."),
+    prompt_actions: Optional[str] = typer.Option(None, "--prompt-actions", help="Actions of the prompt video, one per frame of the file as decoded (default: PROMPT.actions.txt beside the prompt, else none)."),
     context: Optional[int] = typer.Option(None, "--context", help="Keep the last N prompt frames (default: the model's context length)."),
     context_window: Optional[int] = typer.Option(None, "--context-window", help="Keep only the last W frames in the KV cache: flat memory for endless generation (default: the model's own window, the frames its training clips showed; none for the references' models)."),
     fit: str = typer.Option("crop", "--fit", help="Fit prompt frames to the model's size: crop (resize + center crop), pad or stretch."),
@@ -125,7 +126,7 @@ def generate(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     threads: Threads = None,
     dtype: str = typer.Option("auto", "--dtype", help="auto (bfloat16 on CUDA, float32 elsewhere), float32, bfloat16, float16."),
-    report: Optional[Path] = typer.Option(None, "--report", help="Write per-frame latencies and a summary as JSON."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Write per-frame latencies and a summary as JSON (an existing file is replaced, with a warning)."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the frame loop (static shapes; CUDA graphs on CUDA): the first frames compile (seconds to minutes), later ones run faster."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors."),
 ):
@@ -154,7 +155,7 @@ def generate(
         for event in events:
             if isinstance(event, job_lib.Started):
                 for warning in event.warnings:
-                    err_console.print(f"[yellow]warning:[/] {warning}")
+                    err_console.print(f"[yellow]warning:[/] {escape(in_cli_words(warning))}", soft_wrap=True)
                 say(f"[bold]{event.model}[/]" + (f" @ {event.revision}" if event.revision else "")
                     + f" on {event.device} ({event.dtype}, {event.threads} threads), {event.steps} steps; prompt: {event.prompt_source}, "
                       f"{event.context_frames} frames -> {', '.join(map(str, event.outputs))}")

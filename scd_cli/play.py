@@ -33,7 +33,8 @@ def _can_open_browser() -> bool:
 def replay_command(parameters: dict) -> list[str]:
     """The `scd generate` command line of a recording's replay parameters."""
     flags = (("model", "--model"), ("prompt", "--prompt-frames"), ("seed", "--seed"), ("steps", "--steps"),
-             ("window", "--context-window"), ("actions", "--actions"), ("frames", "--frames"), ("out", "--out"))
+             ("window", "--context-window"), ("actions", "--actions"), ("frames", "--frames"), ("upscale", "--upscale"),
+             ("out", "--out"))
     args = ["scd", "generate"]
     for name, flag in flags:
         if parameters.get(name) is not None:
@@ -68,7 +69,8 @@ def play(
     url = server.start()
     try:
         names = " vs ".join(p.loaded.source for p in server.session.panels)
-        console.print(f"[bold]scd play[/] {names} at [link={url}]{url}[/link]  (Ctrl-C to stop)", soft_wrap=True)
+        console.print(f"[bold]scd play[/] {names} at [link={url}]{url}[/link]  (it starts when the page opens; "
+                      "Ctrl-C to stop)", soft_wrap=True)
         if not no_browser and _can_open_browser():
             webbrowser.open(url)
         if server.wait() and server.session.error is None:

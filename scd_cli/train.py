@@ -79,8 +79,11 @@ def train(
     patch_size: int = typer.Option(4, "--patch-size"),
     default_steps: int = typer.Option(8, "--default-steps", help="Decoder steps the model folder defaults to."),
     frame_size: int = typer.Option(32, "--frame-size", help="Square frame size of a new model (the world is 32)."),
+    skip_bad_shards: bool = typer.Option(False, "--skip-bad-shards", help="Leave out dataset shards that are missing, cut short or damaged (every checksum is checked first), with a warning naming each; without it a bad shard stops the run before its first step."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors and warnings."),
 ):
     """Train SCD or its causal baseline; writes an EMA model folder with a model card."""
+    state["quiet"] = quiet
     settings = training.TrainSettings(steps=steps, batch_size=batch_size, clip_frames=clip_frames, lr=lr, warmup=warmup, decay=decay,
                                       ema_decay=ema_decay, decoder_lr_ratio=decoder_lr_ratio, sigma_shift=sigma_shift,
                                       clean_context_ratio=clean_context_ratio, context_sigma_max=context_sigma_max, seed=seed, checkpoint_every=checkpoint_every,
@@ -98,9 +101,12 @@ def train(
             encoded = out / f"{ENCODED}-{encoding.key()}"
             with PartialState(cpu=not torch.cuda.is_available()).main_process_first():  # under accelerate launch the others find it done
                 events = dataset.encode_folder(stored, encoded, encoding)
-                summarize(draw(events, f"encode {stored.name}")) if os.environ.get("RANK", "0") == "0" else list(events)
+                summarize(draw(events, f"encode {stored.name}")) if os.environ.get("RANK", "0") == "0" and not quiet \
+                    else list(events)
             stored = encoded
-        stored = dataset.LatentDataset(stored)
+        stored = dataset.LatentDataset(stored, skip_bad_shards=skip_bad_shards)
+        for file, problem in stored.skipped_shards:
+            err_console.print(f"[yellow]warning:[/] skipped the dataset shard {file}: {problem}", soft_wrap=True)
     if loaded is not None:
         config = loaded.config
     else:
@@ -125,7 +131,7 @@ def train(
                               "command and --resume", soft_wrap=True)
         raise
     if os.environ.get("RANK", "0") == "0":
-        console.print(f"wrote {out}")
+        say(f"wrote {out}")
 
 
 def _consume(events, steps: int) -> None:

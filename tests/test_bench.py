@@ -411,3 +411,37 @@ def test_wan_preset_is_the_real_size_benched_alone(monkeypatch):
     assert (config.family, config.dim, config.num_layers, config.ffn_dim, config.num_heads) == ("wan", 1536, 30, 8960, 12)
     assert (config.latent_size, config.chunk_frames, config.default_steps, config.tokens_per_frame) == ((60, 104), 3, 4, 1560)
     assert config.local_attn_size is None and config.text_len == 512 and config.text_dim == 4096
+
+
+def test_the_bench_takes_the_thread_default_of_every_command_and_says_it(folders, tmp_path, monkeypatch):
+    """Issue 26.4: without --threads the bench runs on the CPUs the machine leaves idle (here a load
+    that leaves one), not torch's one per core, and its report and first line say how many."""
+    import os
+
+    from scd.devices import available_cpus
+
+    monkeypatch.setattr(os, "getloadavg", lambda: (available_cpus() - 0.5, 0.0, 0.0))  # a busy machine
+    before = torch.get_num_threads()
+    torch.set_num_threads(available_cpus())
+    try:
+        path = tmp_path / "bench.json"
+        r = runner.invoke(app, ["bench", "--model", folders["scd"], "--baseline", folders["baseline"], "--context", "2",
+                                "--steps", "2", "--batch", "1", "--frames", "2", "--reps", "1", "--warmup", "0",
+                                "--device", "cpu", "--matmul-size", "64", "--json", str(path)])
+        assert torch.get_num_threads() == available_cpus()  # put back after the bench
+    finally:
+        torch.set_num_threads(before)
+    assert r.exit_code == 0, r.output
+    report = json.loads(path.read_text())
+    assert report["threads"] == 1 and report["device_name"].endswith(", 1 thread")
+    assert "1 CPU threads" in r.output
+
+
+def test_the_bench_prints_no_profiler_marks(folders, tmp_path):
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-m", "scd_cli", "bench", "--model", folders["scd"], "--baseline", folders["baseline"],
+                           "--context", "2", "--steps", "2", "--batch", "1", "--frames", "2", "--reps", "1", "--warmup", "0",
+                           "--device", "cpu", "--matmul-size", "64", "--threads", "1"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "USDT" not in proc.stdout + proc.stderr and "profiler_start" not in proc.stderr, proc.stderr

@@ -212,10 +212,19 @@ def test_scd_play_serves_records_and_stops_cleanly_on_ctrl_c(tmp_path):
         assert "embedded:scd vs embedded:baseline at http://127.0.0.1:" in line, line
         url = line.split(" at ", 1)[1].split()[0]
         assert "<title>scd play</title>" in urllib.request.urlopen(url).read().decode()
-        deadline = time.time() + 20
-        while time.time() < deadline and (not record.exists() or record.stat().st_size < 2000):
-            time.sleep(0.2)
-        process.send_signal(signal.SIGINT)
+        time.sleep(1.0)
+        assert not record.exists()  # nothing is generated or recorded before a page connects
+
+        async def watch():  # a page: the play (and its recording) starts with it
+            async with aiohttp.ClientSession() as http:
+                async with http.ws_connect(url.replace("http", "ws") + "ws", origin=url.rstrip("/")) as ws:
+                    deadline = time.time() + 20
+                    while time.time() < deadline and (not record.exists() or record.stat().st_size < 2000):
+                        await asyncio.sleep(0.2)
+                    process.send_signal(signal.SIGINT)
+                    await asyncio.sleep(0.5)
+
+        asyncio.run(watch())
         out, _ = process.communicate(timeout=20)
     finally:
         if process.poll() is None:
@@ -228,7 +237,7 @@ def test_scd_play_serves_records_and_stops_cleanly_on_ctrl_c(tmp_path):
     assert frames >= 2 and meta["seed"] == 5 and meta["context_window"] == window
     assert f"recorded {frames} frames to {record}" in out
     assert meta["replay"] == (f"scd generate --model scd --seed 5 --steps 4 --context-window {window} --actions "
-                              f"{record.with_suffix('.actions.txt')} --frames {frames} --out {tmp_path / 'run-replay.mp4'}")
+                              f"{record.with_suffix('.actions.txt')} --frames {frames} --upscale 1 --out {tmp_path / 'run-replay.mp4'}")
     lines = [l for l in record.with_suffix(".actions.txt").read_text().splitlines() if not l.startswith("#")]
     assert lines == ["none"] * frames  # nobody pressed a key
 

@@ -314,7 +314,7 @@ def test_sigterm_mid_generation_is_handled_as_ctrl_c(tmp_path):
                                      "--steps", 20, "--out", out, "--report", report], "frame ", 3, signal.SIGTERM)
     assert code == 143 and "terminated" in output and "Traceback" not in output, output
     data = json.loads(report.read_text())
-    assert data["complete"] is False and data["frames_generated"] >= 3 and data["format_version"] == 2
+    assert data["complete"] is False and data["frames_generated"] >= 3 and data["format_version"] == 3
     assert read_video(out).frames.shape[0] == data["frames_generated"]
 
 
@@ -347,6 +347,8 @@ def test_train_over_an_earlier_run_is_refused_unless_resumed_or_overwritten(tmp_
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     r = _cli(*_tiny_train_args(out), "--steps", 2)
     assert r.exit_code == 2 and "earlier training run" in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    said = " ".join(r.output.split())
+    assert "continue it (--resume), replace it (--overwrite), or choose another --out folder" in said, r.output
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     r = _cli(*_tiny_train_args(out), "--steps", 3, "--overwrite", "--seed", 1)
     assert r.exit_code == 0, r.output
@@ -439,9 +441,11 @@ def test_actions_files_with_a_byte_order_mark_and_errors_that_name_the_file(tmp_
 
 def test_a_short_prompt_action_list_warns(tmp_path):
     model, prompt = _generate_setup(tmp_path)
-    (tmp_path / "p.actions.txt").write_text("up\nup\n")  # 2 actions for 3 kept prompt frames
+    (tmp_path / "p.actions.txt").write_text("up\nup\n")  # 2 actions for a 5-frame prompt (3 kept)
     r = _cli("generate", "--model", model, "-p", prompt, "--frames", 1, "--out", tmp_path / "o.mp4")
-    assert r.exit_code == 0 and "2 prompt actions for 3 prompt frames" in r.output, r.output
+    assert r.exit_code == 0, r.output
+    assert "p.actions.txt lists 2 actions but p.mp4 decodes to 5 frames" in " ".join(r.output.split()), r.output
+    assert "frames 2-4 take the null action" in " ".join(r.output.split()) and "the last 1" not in r.output
 
 
 
@@ -467,3 +471,392 @@ def test_world_models_are_enlarged_for_viewing_by_default(tmp_path):
     assert read_video(tmp_path / "w.mp4").frames.shape == (1, 256, 256, 3)
     r = _cli("generate", "--frames", 1, "--steps", 1, "--out", tmp_path / "s.mp4", "--upscale", 1, "--threads", 1)
     assert r.exit_code == 0 and read_video(tmp_path / "s.mp4").frames.shape == (1, 32, 32, 3)
+
+
+# ----------------------------------------------------------------------------- issue 26: the prompt's actions
+
+
+def _numbered_prompt(tmp_path, frames=8, size=8):
+    """A prompt whose frame j is gray level 25 j, and a sidecar whose action j is j % 4."""
+    clip = np.stack([np.full((size, size, 3), 25 * j, np.uint8) for j in range(frames)])
+    prompt = write_video(tmp_path / "clip.mp4", clip, fps=4)
+    (tmp_path / "clip.actions.txt").write_text("".join(f"{j % 4}\n" for j in range(frames)))
+    return prompt
+
+
+def test_a_truncated_prompt_keeps_the_actions_of_its_own_frames_and_is_reported(tmp_path):
+    """Issue 26.1: `head -c N clip.mp4 > cut.mp4` with the sidecar copied beside it: the frames kept
+    get the actions of their own indices (as scd encode pairs them), not the sidecar's last lines."""
+    from scd.generate import read_prompt
+
+    _numbered_prompt(tmp_path)
+    data = (tmp_path / "clip.mp4").read_bytes()
+    cut = tmp_path / "cut.mp4"
+    for size in range(len(data) * 3 // 4, len(data) // 4, -16):  # a cut that leaves 4-7 frames
+        cut.write_bytes(data[:size])
+        decoded = read_video(cut).frames.shape[0]
+        if 4 <= decoded < 8:
+            break
+    (tmp_path / "cut.actions.txt").write_bytes((tmp_path / "clip.actions.txt").read_bytes())
+    model = save_model_folder(random_model(tiny_config(latent_size=(8, 8), frame_size=(8, 8))), tmp_path / "m")
+    read = read_prompt(load_model_folder(model), cut)  # the model keeps its last 3 frames
+    assert read.actions == [j % 4 for j in range(decoded - 3, decoded)]
+    assert read.truncated and any("is truncated" in w and f"{decoded} decodable frames" in w for w in read.warnings)
+    assert any(f"lists 8 actions but cut.mp4 decodes to {decoded} frames" in w for w in read.warnings)
+    # the CLI says so too
+    r = _cli("generate", "--model", model, "-p", cut, "--frames", 1, "--out", tmp_path / "o.mp4", "--threads", 1)
+    assert r.exit_code == 0 and "is truncated" in " ".join(r.output.split()), r.output
+
+
+def test_a_long_sidecar_is_reported_with_both_counts(tmp_path):
+    model, prompt = _generate_setup(tmp_path)
+    (tmp_path / "p.actions.txt").write_text("up\n" * 7)  # 7 actions for 5 frames
+    r = _cli("generate", "--model", model, "-p", prompt, "--frames", 1, "--out", tmp_path / "o.mp4", "--threads", 1)
+    said = " ".join(r.output.split())
+    assert r.exit_code == 0 and "lists 7 actions but p.mp4 decodes to 5 frames" in said, r.output
+    assert "the last 2 actions are not used" in said
+
+
+def test_a_prompt_without_actions_says_what_none_then_means(tmp_path):
+    """Issue 26.2: without a sidecar the prompt's frames take the null action, which the model also
+    learned as 'unknown' (actions dropped for guidance), so 'none' need not stand still: say so."""
+    model, prompt = _generate_setup(tmp_path)
+    r = _cli("generate", "--model", model, "-p", prompt, "--frames", 1, "--out", tmp_path / "o.mp4", "--threads", 1)
+    said = " ".join(r.output.split())
+    assert r.exit_code == 0 and "the prompt has no actions (no p.actions.txt beside it, no --prompt-actions)" in said, r.output
+    assert "'none' afterwards need not stand still" in said
+    (tmp_path / "p.actions.txt").write_text("up\n" * 5)
+    r = _cli("generate", "--model", model, "-p", prompt, "--frames", 1, "--out", tmp_path / "o2.mp4", "--threads", 1)
+    assert r.exit_code == 0 and "has no actions" not in r.output and "lists" not in r.output, r.output
+
+
+def test_extra_actions_are_refused_as_too_few_are(tmp_path):
+    model, prompt = _generate_setup(tmp_path)
+    r = _cli("generate", "--model", model, "-p", prompt, "--frames", 2, "--actions", "up,up,up", "--out", tmp_path / "o.mp4")
+    assert r.exit_code == 2 and "3 actions given for 2 frames: give one per generated frame" in r.output, r.output
+    assert not (tmp_path / "o.mp4").exists()
+
+
+def test_the_report_records_the_prompt_and_the_actions_and_counts_from_the_process_start(tmp_path):
+    model, prompt = _generate_setup(tmp_path)
+    (tmp_path / "p.actions.txt").write_text("up\ndown\nleft\nright\nnone\n")
+    report = tmp_path / "r.json"
+    proc = subprocess.run([sys.executable, "-m", "scd_cli", "generate", "--model", str(model), "-p", str(prompt), "--frames", "2",
+                           "--actions", "left,none", "--out", str(tmp_path / "o.mp4"), "--report", str(report), "--threads", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(report.read_text())
+    assert data["prompt"] == str(prompt) and data["prompt_frames"] == 3
+    assert data["prompt_actions"] == ["left", "right", "none"] and data["actions"] == ["left", "none"]
+    assert data["times"]["startup_s"] > 0
+    loop_and_before = data["time_to_first_frame_ms"] + 1000 * (data["times"]["startup_s"] + data["times"]["model_load_s"])
+    assert data["time_to_first_frame_from_start_ms"] >= loop_and_before
+
+
+def test_overwriting_an_output_is_said_and_in_the_help(tmp_path):
+    model, prompt = _generate_setup(tmp_path)
+    out = tmp_path / "o.mp4"
+    out.write_bytes(b"old")
+    r = _cli("generate", "--model", model, "-p", prompt, "--frames", 1, "--out", out, "--threads", 1)
+    assert r.exit_code == 0 and f"{out} exists: it is replaced once the first frame is in" in " ".join(r.output.split()), r.output
+    assert "An existing file is replaced" in " ".join(_cli("generate", "--help").output.split())
+
+
+def test_two_runs_on_one_report_the_second_is_refused(tmp_path):
+    from scd.files import OutputLock
+
+    model, prompt = _generate_setup(tmp_path)
+    report = tmp_path / "r.json"
+    with OutputLock(report, "report"):  # another run writing this report
+        r = _cli("generate", "--model", model, "-p", prompt, "--frames", 1, "--out", tmp_path / "o.mp4", "--report", report)
+    assert r.exit_code == 2 and "is being written by another scd run" in r.output, r.output
+    assert not report.exists() and not (tmp_path / "o.mp4").exists()
+
+
+def test_a_model_without_a_demo_clip_asks_for_a_prompt_in_plain_words(tmp_path):
+    model, _ = _generate_setup(tmp_path)
+    r = _cli("generate", "--model", model, "--frames", 1, "--out", tmp_path / "o.mp4")
+    assert r.exit_code == 2 and "this model has no demo clip: give --prompt-frames, a video to continue" in r.output, r.output
+
+
+# ----------------------------------------------------------------------------- issue 26.5: disk full
+
+
+def _limited_generate(tmp_path, limit: int, *args):
+    """scd generate in a child whose files may not grow past `limit` bytes (RLIMIT_FSIZE: a write
+    past it fails with EFBIG, as on a full disk; Python ignores SIGXFSZ)."""
+    import resource
+
+    model = save_model_folder(random_model(tiny_config(latent_size=(8, 8), frame_size=(8, 8))), tmp_path / "m")
+    noise = np.random.default_rng(0).integers(0, 255, (3, 8, 8, 3), dtype=np.uint8)
+    prompt = write_video(tmp_path / "p.mp4", noise, fps=4)
+    limit_files = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    cmd = [sys.executable, "-m", "scd_cli", "generate", "--model", str(model), "-p", str(prompt), "--frames", "60",
+           "--steps", "1", "--upscale", "16", "--out", str(tmp_path / "o.mp4"), "--threads", "1", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, preexec_fn=limit_files)
+
+
+def test_a_full_disk_ends_the_video_on_its_last_whole_frame_and_names_it(tmp_path):
+    proc = _limited_generate(tmp_path, 12_000, "--report", tmp_path / "r.json")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"cannot write {tmp_path / 'o.mp4'}" in " ".join(proc.stderr.split()), proc.stderr
+    clip = read_video(tmp_path / "o.mp4")
+    assert clip.truncated is None  # no box cut short: the file ends on a whole fragment
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["complete"] is False and 1 <= data["frames_generated"] < 60
+    assert clip.frames.shape[0] == data["frames_generated"]  # every frame the report counts, none cut short
+
+
+def test_a_full_disk_names_the_video_first_when_the_report_fails_too(tmp_path):
+    proc = _limited_generate(tmp_path, 1_500, "--report", tmp_path / "r.json")
+    said = " ".join(proc.stderr.split())
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert said.index(f"cannot write {tmp_path / 'o.mp4'}") < said.index("the report"), said
+    assert "could not be written either" in said
+
+
+# ----------------------------------------------------------------------------- issue 26.3: damaged datasets
+
+
+def _small_dataset(tmp_path):
+    """Four 8-frame 16x16 videos encoded as pixels into a dataset of several shards."""
+    from scd import dataset
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for i in range(4):
+        frames = np.stack([np.full((16, 16, 3), 20 + 10 * j + 40 * i, np.uint8) for j in range(8)])
+        write_video(videos / f"v{i}.mp4", frames, fps=8)
+    out = tmp_path / "ds"
+    list(dataset.encode_folder(videos, out, dataset.pixel_encoding((16, 16)), shard_mb=0.005))
+    index = json.loads((out / "index.json").read_text())
+    assert len(index["shards"]) >= 3 and all(len(s["sha256"]) == 64 for s in index["shards"])
+    return out, index
+
+
+def _damage(folder, index, how):
+    path = folder / index["shards"][1]["file"]
+    raw = bytearray(path.read_bytes())
+    if how == "header":
+        raw[10:14] = b"\xff\x00\xff\x00"
+    elif how == "data":
+        raw[-20] ^= 0xFF
+    elif how == "truncated":
+        raw = raw[: len(raw) // 2]
+    if how == "missing":
+        path.unlink()
+    else:
+        path.write_bytes(bytes(raw))
+    return path
+
+
+@pytest.mark.parametrize("how, problem", [
+    ("header", "its header is damaged"),
+    ("truncated", "it is 3132 bytes but the index lists 6264"),
+    ("missing", "it cannot be read"),
+    ("data", "its bytes differ from the checksum"),
+])
+def test_a_damaged_shard_stops_training_in_one_line_naming_it(tmp_path, how, problem):
+    """Issue 26.3: size and header are checked before the first step; the checksum when a DataLoader
+    worker first reads the shard, and the worker's error is the same one line."""
+    folder, index = _small_dataset(tmp_path)
+    path = _damage(folder, index, how)
+    proc = subprocess.run([sys.executable, "-m", "scd_cli", *map(str, _tiny_train_args(tmp_path / "run")), "--data", str(folder),
+                           "--steps", "10", "--workers", "2", "--batch-size", "4"],
+                          capture_output=True, text=True, timeout=300)
+    said = " ".join(proc.stderr.split())
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"the dataset shard {path} is damaged: {problem}" in said and "--skip-bad-shards" in said
+    assert "DataLoader worker" not in proc.stderr and not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_bad_shards_can_be_skipped_by_name(tmp_path):
+    folder, index = _small_dataset(tmp_path)
+    path = _damage(folder, index, "data")
+    r = _cli(*_tiny_train_args(tmp_path / "run"), "--data", folder, "--steps", 2, "--workers", 0, "--skip-bad-shards")
+    said = " ".join(r.output.split())
+    assert r.exit_code == 0 and f"skipped the dataset shard {path.name}: its bytes differ from the checksum" in said, r.output
+    assert (tmp_path / "run" / "model.safetensors").is_file()
+
+
+def test_a_dataset_without_checksums_is_still_read(tmp_path):
+    from scd.dataset import LatentDataset
+
+    folder, index = _small_dataset(tmp_path)
+    for shard in index["shards"]:
+        del shard["sha256"]
+    (folder / "index.json").write_text(json.dumps(index))
+    data = LatentDataset(folder)
+    latents, _ = data.window(0, 0, 2, None, 0)
+    assert latents.shape == (2, 3, 16, 16) and not data.skipped_shards
+
+
+# ----------------------------------------------------------------------------- issue 26.6, 26.7, 26.9: scd play
+
+
+def _play_server(**kwargs):
+    from scd.checkpoints import load_model
+    from scd.play import Session
+    from scd.play_server import PlayServer
+
+    kwargs.setdefault("paced", False)
+    server = PlayServer(Session([load_model()], **kwargs), port=0, linger_s=0.3)
+    server.start()
+    return server
+
+
+async def _page(server, messages=(), frames=1):
+    """Connect as the server's own page, send `messages` (raw text), then read until `frames` frames
+    arrived or the socket closed: (frame headers, close code or None)."""
+    import aiohttp
+
+    url = server.url.replace("http", "ws") + "ws"
+    async with aiohttp.ClientSession() as http:
+        async with http.ws_connect(url, origin=server.url.rstrip("/")) as ws:
+            for text in messages:
+                await ws.send_str(text)
+            headers = []
+            while len(headers) < frames:
+                message = await ws.receive(timeout=20)
+                if message.type == aiohttp.WSMsgType.BINARY:
+                    (length,) = __import__("struct").unpack(">I", message.data[:4])
+                    headers.append(json.loads(message.data[4:4 + length]))
+                    await ws.send_str(json.dumps({"type": "ack", "panel": headers[-1]["panel"]}))
+                elif message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING):
+                    return headers, ws.close_code
+            return headers, None
+
+
+def test_play_starts_when_the_first_page_connects_not_when_the_server_does(tmp_path):
+    """Issue 26.6: a page opened late sees frame 0, and the recording starts with it."""
+    import asyncio
+    import time
+
+    record = tmp_path / "run.mp4"
+    server = _play_server(record=record)
+    try:
+        time.sleep(1.5)
+        assert not server.playing and server.session.panels[0].frames == 0 and not record.exists()
+        headers, _ = asyncio.run(_page(server, frames=3))
+        assert server.playing and headers[0]["index"] == 0
+    finally:
+        recordings = server.stop()
+    assert recordings and recordings[0].frames >= 3 and read_video(record).frames.shape[0] == recordings[0].frames
+
+
+@pytest.mark.parametrize("text", ['{"type": "ack", "panel": 1.0}', '{"type": "ack", "panel": true}',
+                                  '{"type": "ack", "panel": 99}', '{"type": "pause", "paused": "false"}',
+                                  '{"type": "pace", "paced": 0}', '{"type": "press", "action": "up"}',
+                                  '{"type": 7}', '[1, 2]', 'not json', '"ack"'])
+def test_malformed_play_messages_close_the_socket_cleanly(text, capfd):
+    """Issue 26.7: a field of the wrong type never reaches the session (no bool("false") pause) and
+    never raises in the server: the socket is closed with 1003 and the play goes on."""
+    import asyncio
+
+    server = _play_server()
+    try:
+        headers, code = asyncio.run(_page(server, [text], frames=50))
+        assert code == 1003, (headers, code)
+        assert not server.session.controls.paused and server.session.controls.paced is False
+        more, _ = asyncio.run(_page(server, frames=2))  # the server still serves
+        assert len(more) == 2
+    finally:
+        server.stop()
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_well_typed_play_messages_still_work():
+    import asyncio
+
+    server = _play_server()
+    try:
+        asyncio.run(_page(server, ['{"type": "pause", "paused": false}', '{"type": "pace", "paced": true}'], frames=1))
+        assert not server.session.controls.paused and server.session.controls.paced is True
+        asyncio.run(_page(server, ['{"type": "pause", "paused": true}', '{"type": "future-command"}'], frames=0))
+        assert server.session.controls.paused
+    finally:
+        server.stop()
+
+
+def test_play_serves_no_favicon_without_a_404():
+    import urllib.request
+
+    server = _play_server()
+    try:
+        response = urllib.request.urlopen(server.url + "favicon.ico")
+        assert response.status == 204 and response.read() == b""
+    finally:
+        server.stop()
+
+
+def test_play_refuses_a_gif_recording_before_it_serves(tmp_path):
+    r = _cli("play", "--no-browser", "--port", 0, "--record", tmp_path / "x.gif")
+    assert r.exit_code == 2 and "x.gif does not end in .mp4" in r.output and "http://" not in r.output, r.output
+
+
+# ----------------------------------------------------------------------------- issue 26.8: set-up
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _setup_dry_run(tmp_path, gpu: bool, **env):
+    """scripts/setup.sh as a fresh install would run it (SCD_SETUP_DRY_RUN: pip resolves with
+    --dry-run, nothing is installed), on a machine with or without nvidia-smi."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    if gpu:
+        (bin_dir / "nvidia-smi").write_text("#!/bin/sh\nexit 0\n")
+        (bin_dir / "nvidia-smi").chmod(0o755)
+    path = os.pathsep.join([str(bin_dir)] + [p for p in os.environ["PATH"].split(os.pathsep)
+                                             if not (Path(p) / "nvidia-smi").exists()])
+    return subprocess.run(["bash", str(ROOT / "scripts" / "setup.sh")], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PATH": path, "PYTHON": sys.executable, "SCD_SETUP_DRY_RUN": "1", **env})
+
+
+def test_setup_installs_the_cpu_build_of_torch_without_a_gpu_and_works_offline(tmp_path):
+    """Issue 26.8: without an NVIDIA GPU the CPU index is asked for explicitly (a plain pin resolves
+    to the CUDA wheel on Linux); here, offline with a local CPU wheel, that still succeeds."""
+    proc = _setup_dry_run(tmp_path, gpu=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "the CPU build of torch==2.13.0 (no NVIDIA GPU found), from https://download.pytorch.org/whl/cpu" in proc.stdout
+    proc = _setup_dry_run(tmp_path, gpu=True)
+    assert proc.returncode == 0 and "torch: torch==2.13.0 (the default build: CUDA" in proc.stdout, proc.stdout + proc.stderr
+    proc = _setup_dry_run(tmp_path, gpu=False, SCD_TORCH="torch==2.13.0")
+    assert proc.returncode == 0 and "torch: torch==2.13.0 (SCD_TORCH)" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_the_package_metadata_builds_without_a_license_warning(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--no-deps", "-e", str(ROOT), "-v"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    said = [line for line in (proc.stdout + proc.stderr).splitlines() if "project.license" in line]
+    assert not said and "adding license file 'LICENSE'" in proc.stdout + proc.stderr, said
+
+
+def test_a_failed_download_does_not_suggest_running_download(tmp_path, hub_env):
+    hub_env.setenv("HF_HUB_OFFLINE", "1")
+    proc = subprocess.run([sys.executable, "-m", "scd_cli", "download", "someone/world-model"], capture_output=True,
+                          text=True, timeout=120)
+    said = " ".join(proc.stderr.split())
+    assert proc.returncode == 2 and "is not in the local cache" in said, proc.stderr
+    assert "scd download" not in said and "copy its Hub cache (HF_HUB_CACHE) here" in said
+    # another command still says how to fetch the model beforehand
+    r = _cli("generate", "--model", "someone/world-model", "--out", tmp_path / "o.mp4")
+    assert r.exit_code == 2 and "run `scd download someone/world-model`" in " ".join(r.output.split()), r.output
+
+
+def test_train_is_quiet_with_q(tmp_path):
+    r = _cli(*_tiny_train_args(tmp_path / "run"), "--steps", 2, "-q")
+    assert r.exit_code == 0 and r.output == "", r.output
+    assert (tmp_path / "run" / "model.safetensors").is_file()
+
+
+def test_prompt_actions_given_follow_the_same_rule(tmp_path):
+    model, prompt = _generate_setup(tmp_path)  # 5 frames, 3 kept
+    report = tmp_path / "r.json"
+    r = _cli("generate", "--model", model, "-p", prompt, "--prompt-actions", "up,down,left,right", "--frames", 1,
+             "--out", tmp_path / "o.mp4", "--report", report, "--threads", 1)
+    said = " ".join(r.output.split())
+    assert r.exit_code == 0 and "--prompt-actions lists 4 actions but p.mp4 decodes to 5 frames" in said, r.output
+    assert json.loads(report.read_text())["prompt_actions"] == ["left", "right", "none"]  # frames 2, 3, 4
