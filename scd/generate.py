@@ -248,84 +248,130 @@ def run(job: Job):
     elif job.window is None and need > 8 * 2**30:
         warnings.append(f"the KV cache will grow to {need / 2**30:.1f} GiB: a context window of W frames keeps memory flat")
 
-    for path in outputs + ([Path(job.report)] if job.report is not None else []):
-        if path.is_file():
-            warnings.append(f"{path} exists: it is replaced" + (" once the first frame is in" if path.suffix in mp4.SUFFIXES
-                                                                 else " when the run ends"))
-    # a second run given the same report is refused, as one given the same video is (by its writer)
-    report_lock = None if job.report is None else files.OutputLock(job.report, "report").acquire()
-    try:
-        writers = open_writers(outputs, fps, job)
-    except BaseException:
-        if report_lock is not None:
-            report_lock.release()
-        raise
-    records: list[dict] = []
-    started_at = time.perf_counter()
-    complete = False
-    first_ms = None
-    write_s = 0.0
-    failure = None  # what stopped the run, named first if the report cannot be written either
-    try:
-        yield Started(outputs, str(device), dtype_name(dtype), job.model.source, job.model.revision, job.frames,
+    started = Started(outputs, str(device), dtype_name(dtype), job.model.source, job.model.revision, job.frames,
                       steps, len(prompt), prompt_source, warnings, threads)
+    run = Delivery(job, outputs, fps, began, times)
+
+    def frames():
         if job.include_prompt and len(prompt):
-            shown = video.fit_frames(prompt, config.frame_size, job.fit)
-            for writer in writers:
-                for frame in shown:
-                    writer.write(frame)
+            run.write_all(video.fit_frames(prompt, config.frame_size, job.fit)[None].repeat(job.batch, 0))
         for frame in stream(model, context, job.frames, steps, guidance, conditions, seed=job.seed, window=job.window,
                             clamp=codec.clamp, compiled=job.compiled):
             t0 = time.perf_counter()
             images = video.tensor_to_frames(loaded.decode(frame.latents))  # (B, H, W, 3)
             codec_ms = (time.perf_counter() - t0) * 1000.0
-            t1 = time.perf_counter()
-            for writer, image in zip(writers, images):
-                writer.write(image)
-            if job.frames_dir is not None:
-                for b, image in enumerate(images):
-                    folder = Path(job.frames_dir) / (f"sample_{b}" if job.batch > 1 else "")
-                    video.write_png_frames(folder, image[None], start_index=frame.index)
-            write_s += time.perf_counter() - t1
+            run.write(images[:, None], frame.index)
             latency = frame.latency_ms + codec_ms
-            elapsed = time.perf_counter() - started_at
-            if first_ms is None:
-                first_ms = elapsed * 1000.0
-                # from the process's start when known (interpreter start-up and imports are part of the wait)
-                times["first_frame_from_start_ms"] = ((time.perf_counter() - began) + (job.startup_s or 0.0)) * 1000.0
-            records.append({"index": frame.index, "latency_ms": latency, "context_ms": frame.context_ms,
-                            "denoise_ms": frame.denoise_ms, "codec_ms": codec_ms})
-            yield FrameWritten(frame.index, job.frames, latency, frame.context_ms, frame.denoise_ms, elapsed)
-        complete = True
-    except BaseException as err:
-        failure = err
-        raise
-    finally:
-        loop_s = time.perf_counter() - started_at
+            run.record({"index": frame.index, "latency_ms": latency, "context_ms": frame.context_ms,
+                        "denoise_ms": frame.denoise_ms, "codec_ms": codec_ms})
+            yield FrameWritten(frame.index, job.frames, latency, frame.context_ms, frame.denoise_ms, run.elapsed())
+
+    yield from run.deliver(started, frames(), lambda complete: summarise(
+        run.records, run.loop_s, run.first_ms, complete, job, str(device), dtype_name(dtype), steps, guidance, outputs,
+        run.times, threads, used))
+
+
+class Delivery:
+    """Where a generate job's frames go, the same for every family: the videos (one per sample),
+    the frames folder and the report, opened together before the first frame (an existing output
+    is said; a report another run holds is refused), written frame by frame, and closed together
+    however the run ends: every finished frame is in a playable file, the report says whether the
+    run completed, and on a failure (a full disk) what failed first is named first."""
+
+    def __init__(self, job: Job, outputs: list[Path], fps: float, began: float, times: dict):
+        self.job, self.outputs, self.fps, self.began, self.times = job, outputs, fps, began, times
+        self.records: list[dict] = []
+        self.first_ms = None
+        self.write_s = 0.0
+        self.loop_s = 0.0
+        self.written = 0  # frames written per sample
+        self.writers: list = []
+
+    def warnings(self) -> list[str]:
+        job = self.job
+        said = []
+        for path in self.outputs + ([Path(job.report)] if job.report is not None else []):
+            if path.is_file():
+                said.append(f"{path} exists: it is replaced" + (" once the first frame is in" if path.suffix in mp4.SUFFIXES
+                                                                else " when the run ends"))
+        return said
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started_at
+
+    def write_all(self, images: np.ndarray) -> None:
+        """Frames shown before the generated ones (the prompt): (B, F, H, W, 3) uint8."""
+        for writer, sample in zip(self.writers, images):
+            for image in sample:
+                writer.write(image)
+
+    def write(self, images: np.ndarray, index: int) -> None:
+        """The next generated frames (B, F, H, W, 3) uint8, the stream's frame `index` made them."""
         t1 = time.perf_counter()
+        self.write_all(images)
+        if self.job.frames_dir is not None:
+            for b, sample in enumerate(images):
+                folder = Path(self.job.frames_dir) / (f"sample_{b}" if self.job.batch > 1 else "")
+                video.write_png_frames(folder, sample, start_index=self.written)
+        self.written += images.shape[1]
+        self.write_s += time.perf_counter() - t1
+        if self.first_ms is None:
+            self.first_ms = self.elapsed() * 1000.0
+            # from the process's start when known (interpreter start-up and imports are part of the wait)
+            self.times["first_frame_from_start_ms"] = ((time.perf_counter() - self.began) + (self.job.startup_s or 0.0)) * 1000.0
+
+    def record(self, entry: dict) -> None:
+        self.records.append(entry)
+
+    def deliver(self, started: Started, frames, summary):
+        """Yield `started`, then the events of `frames` (a generator that writes through `write`),
+        then Finished with `summary(complete)`; the outputs close and the report is written whatever
+        happens."""
+        job = self.job
+        started.warnings.extend(self.warnings())
+        # a second run given the same report is refused, as one given the same video is (by its writer)
+        report_lock = None if job.report is None else files.OutputLock(job.report, "report").acquire()
         try:
-            for writer in writers:
-                writer.close()
-        except SCDError as err:
-            failure = failure or err
+            self.writers = open_writers(self.outputs, self.fps, job)
+        except BaseException:
+            if report_lock is not None:
+                report_lock.release()
+            raise
+        self.started_at = time.perf_counter()
+        complete = False
+        failure = None  # what stopped the run, named first if the report cannot be written either
+        try:
+            yield started
+            yield from frames
+            complete = True
+        except BaseException as err:
+            failure = err
             raise
         finally:
-            times.update(frame_loop_s=loop_s, write_s=write_s + time.perf_counter() - t1,
-                         total_s=time.perf_counter() - began)
-            summary = summarise(records, loop_s, first_ms, complete, job, str(device), dtype_name(dtype), steps,
-                                guidance, outputs, times, threads, used)
-            if job.report is not None:
-                try:
-                    write_report(Path(job.report), summary)
-                except SCDError as err:
-                    if not isinstance(failure, SCDError):
-                        raise
-                    # what failed first (the video, on a full disk) is the news; the report only followed it
-                    raise type(failure)(f"{failure} (the report {job.report} could not be written either: {err})",
-                                        failure.parameter) from None
-                finally:
-                    report_lock.release()
-    yield Finished(summary)
+            self.loop_s = time.perf_counter() - self.started_at
+            t1 = time.perf_counter()
+            try:
+                for writer in self.writers:
+                    writer.close()
+            except SCDError as err:
+                failure = failure or err
+                raise
+            finally:
+                self.times.update(frame_loop_s=self.loop_s, write_s=self.write_s + time.perf_counter() - t1,
+                                  total_s=time.perf_counter() - self.began)
+                result = summary(complete)
+                if job.report is not None:
+                    try:
+                        write_report(Path(job.report), result)
+                    except SCDError as err:
+                        if not isinstance(failure, SCDError):
+                            raise
+                        # what failed first (the video, on a full disk) is the news; the report only followed it
+                        raise type(failure)(f"{failure} (the report {job.report} could not be written either: {err})",
+                                            failure.parameter) from None
+                    finally:
+                        report_lock.release()
+        yield Finished(result)
 
 
 VIEWING_SIZE = 256  # pixels: the smallest video side a player shows without squinting

@@ -17,15 +17,15 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from pathlib import Path
 
+import numpy as np
 import torch
 
 from scd import checks, text, video
 from scd.codecs import stream_decoder
 from scd.devices import dtype_name, resolve_device, resolve_dtype, use_threads
 from scd.errors import ConfigError
-from scd.generate import Finished, FrameWritten, Job, Started, check_job, check_outputs, open_writers, summarise, write_report
+from scd.generate import Delivery, FrameWritten, Job, Started, check_job, check_outputs, summarise
 from scd.sampling import stream
 
 TEMPORAL = 4  # video frames per latent frame after a video's first (the Wan VAE)
@@ -115,71 +115,43 @@ def run(job: Job):
         warnings.append(f"{job.frames} frames asked, {video_frames} made: whole chunks of {config.chunk_frames} "
                         f"latent frames, {'four' if clip is not None else 'one, then four,'} video frames each")
 
-    writers = open_writers(outputs, job.fps or config.fps, job)
     decoder = stream_decoder(codec)
-    records: list[dict] = []
-    started_at = time.perf_counter()
-    complete = False
-    first_ms = None
-    written = 0
-    write_s = 0.0
-    try:
-        yield Started(outputs, str(device), dtype_name(dtype), job.model.source, job.model.revision, video_frames,
+    started = Started(outputs, str(device), dtype_name(dtype), job.model.source, job.model.revision, video_frames,
                       steps, context.shape[1], f"{prompt_source}: {prompts[0]!r}" + (" ..." if len(set(prompts)) > 1 else ""),
                       warnings, threads)
+    run = Delivery(job, outputs, job.fps or config.fps, began, times)
+
+    def frames():
         if context.shape[1]:  # the prompt clip through the decoder first: its causal cache continues from it
             shown = decoder.decode(context.float())  # (B, m, 3, H, W)
             if job.include_prompt:
-                for writer, sample in zip(writers, shown):
-                    for image in video.tensor_to_frames(sample):
-                        writer.write(image)
-        weight = embedded.embeddings.to(device, dtype)
-        for frame in stream(model, context, latent_frames, steps, guidance, seed=job.seed, text=weight,
+                run.write_all(np.stack([video.tensor_to_frames(sample) for sample in shown]))
+        embeddings = embedded.embeddings.to(device, dtype)
+        for frame in stream(model, context, latent_frames, steps, guidance, seed=job.seed, text=embeddings,
                             window=config.window):
             t0 = time.perf_counter()
             pixels = decoder.decode(frame.latents[:, None])  # (B, m, 3, H, W)
             codec_ms = (time.perf_counter() - t0) * 1000.0
-            t1 = time.perf_counter()
-            for writer, sample in zip(writers, pixels):
-                for image in video.tensor_to_frames(sample):
-                    writer.write(image)
-            if job.frames_dir is not None:
-                for b, sample in enumerate(pixels):
-                    folder = Path(job.frames_dir) / (f"sample_{b}" if job.batch > 1 else "")
-                    video.write_png_frames(folder, video.tensor_to_frames(sample), start_index=written)
-            write_s += time.perf_counter() - t1
-            written += pixels.shape[1]
-            elapsed = time.perf_counter() - started_at
-            if first_ms is None:
-                first_ms = elapsed * 1000.0
-                times["first_frame_from_start_ms"] = (time.perf_counter() - began) * 1000.0
+            run.write(np.stack([video.tensor_to_frames(sample) for sample in pixels]), frame.index)
             latency = frame.latency_ms + codec_ms
-            records.append({"index": frame.index, "video_frames": pixels.shape[1], "chunk_start": frame.chunk_start,
-                            "latency_ms": latency, "context_ms": frame.context_ms, "denoise_ms": frame.denoise_ms,
-                            "codec_ms": codec_ms})
-            yield FrameWritten(written - 1, video_frames, latency, frame.context_ms, frame.denoise_ms, elapsed)
-        complete = True
-    finally:
-        loop_s = time.perf_counter() - started_at
-        t1 = time.perf_counter()
-        try:
-            for writer in writers:
-                writer.close()
-        finally:
-            times.update(frame_loop_s=loop_s, write_s=write_s + time.perf_counter() - t1,
-                         total_s=time.perf_counter() - began)
-            summary = summarise(records, loop_s, first_ms, complete, job, str(device), dtype_name(dtype), steps,
-                                guidance, outputs, times, threads)
-            chunks = []  # each chunk's latency: its denoising and the decoding of all its frames
-            for r in records:
-                if r["chunk_start"] or not chunks:
-                    chunks.append(0.0)
-                chunks[-1] += r["latency_ms"]
-            summary.update(prompts=prompts, size=list(size), latent_frames_generated=len(records), frames_generated=written,
-                           video_frames_generated=written, frames_per_second=written * job.batch / loop_s
-                           if written and loop_s > 0 else 0.0,
-                           chunk_frames=config.chunk_frames, chunk_latency_ms=chunks,
-                           text_encoder_loaded=embedded.encoder_loaded)
-            if job.report is not None:
-                write_report(Path(job.report), summary)
-    yield Finished(summary)
+            run.record({"index": frame.index, "video_frames": pixels.shape[1], "chunk_start": frame.chunk_start,
+                        "latency_ms": latency, "context_ms": frame.context_ms, "denoise_ms": frame.denoise_ms,
+                        "codec_ms": codec_ms})
+            yield FrameWritten(run.written - 1, video_frames, latency, frame.context_ms, frame.denoise_ms, run.elapsed())
+
+    def summary(complete: bool) -> dict:
+        result = summarise(run.records, run.loop_s, run.first_ms, complete, job, str(device), dtype_name(dtype), steps,
+                           guidance, outputs, run.times, threads, {"prompt": prompt_source, "text": prompts})
+        chunks = []  # each chunk's latency: its denoising and the decoding of all its frames
+        for r in run.records:
+            if r["chunk_start"] or not chunks:
+                chunks.append(0.0)
+            chunks[-1] += r["latency_ms"]
+        result.update(prompts=prompts, size=list(size), latent_frames_generated=len(run.records),
+                      frames_generated=run.written, video_frames_generated=run.written,
+                      frames_per_second=run.written * job.batch / run.loop_s if run.written and run.loop_s > 0 else 0.0,
+                      chunk_frames=config.chunk_frames, chunk_latency_ms=chunks,
+                      text_encoder_loaded=embedded.encoder_loaded)
+        return result
+
+    yield from run.deliver(started, frames(), summary)
