@@ -381,6 +381,22 @@ def run_chunks(model: nn.Module, context: torch.Tensor, text: torch.Tensor, chun
     return RunTimes(first_ms, steady, None), memory
 
 
+def chunk_ops(config: WanConfig, steps: int, context: int = 0) -> int:
+    """Top-level aten ops of one steady chunk of a Wan model of `config`'s structure (its blocks,
+    chunk, window, decoder input, encoder input) at `steps` steps: counted (`count_ops`) on a
+    copy of it shrunk to the smallest sizes, as an eager op count does not depend on them; for
+    `scd info`, which predicts the speed-up of a device where every op costs the same."""
+    small = dataclasses.replace(config, dim=8, ffn_dim=8, freq_dim=8, num_heads=1, text_dim=8, text_len=2,
+                                latent_size=tuple(config.patch_size[1:]), source_blocks=None)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = build_model(small).eval()
+        text = torch.randn(1, small.text_len, small.text_dim)
+    frames = max(context, small.chunk_frames if small.arch == "scd" and small.encoder_input == "none" else 0)
+    latents = torch.randn(1, frames, small.channels, *small.latent_size)
+    return count_ops(model, latents, steps, frames=small.chunk_frames + 1, text=text)["ops_per_frame"]
+
+
 def _cuda_peak_memory(model: nn.Module, context: torch.Tensor, steps: int, compiled: bool | str = False) -> int:
     """Bytes allocated at the peak of a 2-frame run (prefill included) beyond what was allocated before."""
     device = context.device
@@ -916,6 +932,6 @@ def bench(spec: BenchSpec, on_event=None) -> dict:
     return report
 
 
-__all__ = ["BenchSpec", "CompiledRun", "Finished", "Measured", "RowFinished", "Started", "bench", "count_ops",
-           "default_config", "matmul_peak", "preset_config", "random_model", "run", "run_chunks", "run_chunks_interleaved",
-           "run_interleaved", "steady_chunk_flops", "steady_flops", "wan_preset_config"]
+__all__ = ["BenchSpec", "CompiledRun", "Finished", "Measured", "RowFinished", "Started", "bench", "chunk_ops",
+           "count_ops", "default_config", "matmul_peak", "preset_config", "random_model", "run", "run_chunks",
+           "run_chunks_interleaved", "run_interleaved", "steady_chunk_flops", "steady_flops", "wan_preset_config"]
