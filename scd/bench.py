@@ -9,7 +9,13 @@ device's matmul peak measured in this run, against which achieved FLOP/s are rea
 `compiled`, a compiled stream of each model joins the lockstep, so compiled against eager is read
 the same way; each compiled model's first run (which compiles it) is timed apart.
 
-A model without a matched counterpart (the Wan2.1 family, `scd.flops.matched_config` None) is
+SCD from Wan against its causal Wan (`--preset SCD-WAN-1.3B`, or an SCD-Wan folder with the causal
+one as baseline, else random weights of its source depth) streams chunk by chunk in the same
+lockstep (`run_chunks_interleaved`), both with the same random text; the speed-up is the median of
+paired chunks, read against the FLOPs' and the ops' predictions; `chunk_frames` streams both in
+chunks of that size (1: frame-wise, the paper's comparison).
+
+A model without a matched counterpart (a causal Wan2.1, `scd.flops.matched_config` None) is
 benched alone (`run_chunks`): it streams chunks with random text embeddings of its `text_len` x
 `text_dim`, and its report gives the latency per chunk and per frame, the context/denoise split,
 FLOPs per chunk, achieved FLOP/s against the matmul measured in the same run, and the memory after

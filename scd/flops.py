@@ -5,6 +5,9 @@ v, out and the 4x MLP) + 4 S S_kv D (scores and weighted values) + 12 D^2 per co
 (adaLN). The Wan2.1 family, per block on S = n T tokens of a chunk of n frames: 8 S D^2 (q, k, v, o)
 + 4 S S_kv D (self-attention) + 4 S D^2 + 4 S L D (cross-attention's q and o, then to L text
 tokens) + 4 S D F (the FFN of width F); the text's own keys and values are made once per stream.
+SCD from Wan: the encoder's passes per chunk (the clean previous chunk, the new chunk's noise) and
+K decoder steps on each frame alone (2T tokens with token_concat); its matched counterpart is the
+causal Wan it came from (`wan_matched`).
 
 Each family registers its count in `FAMILY_FLOPS` (by `config.family`): `chunk_flops` and
 `matched_config` read any config through it.
