@@ -9,7 +9,13 @@ device's matmul peak measured in this run, against which achieved FLOP/s are rea
 `compiled`, a compiled stream of each model joins the lockstep, so compiled against eager is read
 the same way; each compiled model's first run (which compiles it) is timed apart.
 
-A model without a matched counterpart (the Wan2.1 family, `scd.flops.matched_config` None) is
+SCD from Wan against its causal Wan (`--preset SCD-WAN-1.3B`, or an SCD-Wan folder with the causal
+one as baseline, else random weights of its source depth) streams chunk by chunk in the same
+lockstep (`run_chunks_interleaved`), both with the same random text; the speed-up is the median of
+paired chunks, read against the FLOPs' and the ops' predictions; `chunk_frames` streams both in
+chunks of that size (1: frame-wise, the paper's comparison).
+
+A model without a matched counterpart (a causal Wan2.1, `scd.flops.matched_config` None) is
 benched alone (`run_chunks`): it streams chunks with random text embeddings of its `text_len` x
 `text_dim`, and its report gives the latency per chunk and per frame, the context/denoise split,
 FLOPs per chunk, achieved FLOP/s against the matmul measured in the same run, and the memory after
@@ -37,7 +43,16 @@ from torch import nn
 
 import scd
 from scd import checks, reference
-from scd.bench_report import RunTimes, make_alone_report, make_report, row_result, summarise_chunks, summarise_model
+from scd.bench_report import (
+    RunTimes,
+    chunk_row_result,
+    make_alone_report,
+    make_chunk_pair_report,
+    make_report,
+    row_result,
+    summarise_chunks,
+    summarise_model,
+)
 from scd.compiler import BACKENDS, compile_counts, compiler
 from scd.devices import dtype_name, resolve_device, resolve_dtype, use_threads
 from scd.errors import ConfigError
@@ -57,6 +72,9 @@ PRESETS = tuple(reference.PRESETS)
 # `--preset WAN-1.3B`: Wan2.1-T2V-1.3B as Self-Forcing streams it (480x832, chunks of 3 latent
 # frames, global attention, 4 steps) with random weights, benched alone; meant for GPUs
 WAN_PRESETS = {f"WAN-{name.upper()}": sizes for name, sizes in config_module.WAN_PRESETS.items()}
+# `--preset SCD-WAN-1.3B`: SCD from that Wan as the paper splits it (encoder blocks 0-24, decoder
+# 0-4 and 25-29, token_concat, encoder input noise), random weights, against WAN-1.3B in one run
+SCD_WAN_PRESETS = {f"SCD-{name}": sizes for name, sizes in WAN_PRESETS.items()}
 MATMUL_SIZE = {"cpu": 2048, "mps": 4096, "cuda": 8192}
 
 
@@ -65,6 +83,19 @@ def default_config() -> ModelConfig:
     return ModelConfig(num_heads=4, head_dim=64, channels=32, patch_size=1, rope_axes=(16, 24, 24), layers=12,
                        decoder_layers=4, latent_size=(8, 8), default_steps=DEFAULT_STEPS,
                        context_frames=DEFAULT_CONTEXT)
+
+
+def wan_preset_config(name: str) -> WanConfig:
+    """WAN-1.3B (the causal Wan) or SCD-WAN-1.3B (the paper's split of its 30 blocks)."""
+    name = name.upper()
+    if name in SCD_WAN_PRESETS:
+        sizes = SCD_WAN_PRESETS[name]
+        depth = sizes["num_layers"]
+        k = max(1, round(depth / 6))  # as scd.convert.wan_split: 0..L-k-1 / 0..k-1, L-k..L-1
+        blocks = (tuple(range(depth - k)), tuple(range(k)) + tuple(range(depth - k, depth)))
+        return WanConfig(**{**sizes, "num_layers": len(blocks[0]) + len(blocks[1])}, arch="scd",
+                         encoder_layers=len(blocks[0]), decoder_layers=len(blocks[1]), source_blocks=blocks)
+    return WanConfig(**WAN_PRESETS[name])
 
 
 def preset_config(name: str) -> ModelConfig:
@@ -119,6 +150,7 @@ class BenchSpec:
     threads: int | None = None  # CPU threads for torch during the bench (None: scd.devices.default_threads())
     matmul_size: int | None = None  # side of the square matmul timing the device's peak (None: by device)
     compiled: bool | str = False  # also stream each model compiled (True: inductor; or a torch.compile backend)
+    chunk_frames: int | None = None  # a chunked (Wan) model: stream chunks of this many frames (1: frame-wise)
 
     def validate(self) -> None:
         problems = []
@@ -138,8 +170,11 @@ class BenchSpec:
             problems.append(f"seed must be >= 0 and <= {checks.MAX_SEED}, got {self.seed}")
         if self.compiled not in (False, True) and self.compiled not in BACKENDS:
             problems.append(f"compiled must be a bool or one of {', '.join(BACKENDS)}, not {self.compiled!r}")
-        if self.preset is not None and self.preset.upper() not in PRESETS + tuple(WAN_PRESETS):
-            problems.append(f"unknown preset {self.preset!r}: choose {', '.join(PRESETS + tuple(WAN_PRESETS))}")
+        if self.chunk_frames is not None and self.chunk_frames < 1:
+            problems.append(f"chunk_frames must be >= 1, got {self.chunk_frames}")
+        names = PRESETS + tuple(WAN_PRESETS) + tuple(SCD_WAN_PRESETS)
+        if self.preset is not None and self.preset.upper() not in names:
+            problems.append(f"unknown preset {self.preset!r}: choose {', '.join(names)}")
         if problems:
             raise ConfigError("; ".join(problems))
         if self.preset is not None and (self.model is not None or self.baseline is not None or self.config is not None):
@@ -356,6 +391,22 @@ def run_chunks(model: nn.Module, context: torch.Tensor, text: torch.Tensor, chun
     return RunTimes(first_ms, steady, None), memory
 
 
+def chunk_ops(config: WanConfig, steps: int, context: int = 0) -> int:
+    """Top-level aten ops of one steady chunk of a Wan model of `config`'s structure (its blocks,
+    chunk, window, decoder input, encoder input) at `steps` steps: counted (`count_ops`) on a
+    copy of it shrunk to the smallest sizes, as an eager op count does not depend on them; for
+    `scd info`, which predicts the speed-up of a device where every op costs the same."""
+    small = dataclasses.replace(config, dim=8, ffn_dim=8, freq_dim=8, num_heads=1, text_dim=8, text_len=2,
+                                latent_size=tuple(config.patch_size[1:]), source_blocks=None)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = build_model(small).eval()
+        text = torch.randn(1, small.text_len, small.text_dim)
+    frames = max(context, small.chunk_frames if small.arch == "scd" and small.encoder_input == "none" else 0)
+    latents = torch.randn(1, frames, small.channels, *small.latent_size)
+    return count_ops(model, latents, steps, frames=small.chunk_frames + 1, text=text)["ops_per_frame"]
+
+
 def _cuda_peak_memory(model: nn.Module, context: torch.Tensor, steps: int, compiled: bool | str = False) -> int:
     """Bytes allocated at the peak of a 2-frame run (prefill included) beyond what was allocated before."""
     device = context.device
@@ -408,9 +459,15 @@ class _Side:
     source: str
 
 
-def _load_pair(spec: BenchSpec, device, dtype, loaded=None) -> tuple[_Side, _Side, ModelConfig | None, list[str]]:
+def _load_baseline(ref: str):
+    from scd.checkpoints import load_model  # deferred: pulls in the Hub client only when a model is named
+
+    return load_model(ref, arch="baseline")
+
+
+def _load_pair(spec: BenchSpec, device, dtype, loaded=None, baseline=None) -> tuple[_Side, _Side, ModelConfig | None, list[str]]:
     """The two sides, the config of the model the user named (None: random weights) and warnings.
-    `loaded`: `spec.model` already loaded."""
+    `loaded`, `baseline`: `spec.model`, `spec.baseline` already loaded."""
     from scd.checkpoints import (
         load_model,  # deferred: pulls in the Hub client only when a model is named
     )
@@ -425,7 +482,7 @@ def _load_pair(spec: BenchSpec, device, dtype, loaded=None) -> tuple[_Side, _Sid
         else:
             base_side = side
     if spec.baseline is not None:
-        loaded = load_model(spec.baseline, arch="baseline")
+        loaded = baseline or _load_baseline(spec.baseline)
         if loaded.config.arch != "baseline":
             raise ConfigError(f"baseline {spec.baseline} is an SCD model: give a baseline (FAR-style) model",
                               parameter="baseline")
@@ -489,10 +546,22 @@ def _run(spec: BenchSpec):
         from scd.checkpoints import load_model
 
         loaded = load_model(spec.model)
-    wan_preset = spec.preset is not None and spec.preset.upper() in WAN_PRESETS
+    wan_preset = spec.preset is not None and spec.preset.upper() in {**WAN_PRESETS, **SCD_WAN_PRESETS}
     alone = loaded.config if loaded is not None else spec.config
     if wan_preset:
-        alone = WanConfig(**WAN_PRESETS[spec.preset.upper()])
+        alone = wan_preset_config(spec.preset)
+    baseline = None
+    if alone is None and spec.baseline is not None:
+        baseline = _load_baseline(spec.baseline)
+        if baseline.config.family == "wan":
+            raise ConfigError("a causal Wan is compared with an SCD-Wan made from it: give that as --model "
+                              "(scd convert GENERATOR --to scd)", parameter="model")
+    if alone is not None and alone.family == "wan" and matched_config(alone) is not None:  # SCD-Wan against causal Wan
+        yield from _run_wan_pair(spec, alone, loaded, wan_preset, device, dtype)
+        return
+    if spec.chunk_frames is not None and (alone is None or alone.family != "wan"):
+        raise ConfigError("chunk_frames sets a chunked (Wan) model's chunk: a FAR-style model makes one frame at a time",
+                          parameter="chunk_frames")
     if alone is not None and matched_config(alone) is None:  # no counterpart: this model alone
         if spec.baseline is not None:
             raise ConfigError(f"drop baseline: this model ({alone.architecture}) has no matched counterpart "
@@ -505,9 +574,11 @@ def _run(spec: BenchSpec):
                 label = f"preset {spec.preset.upper()}, random weights" if wan_preset else "random weights"
                 side = _Side(build_model(alone), alone, label)
         side.model.to(device=device, dtype=dtype).eval()
+        if spec.chunk_frames is not None:
+            _set_chunk(side, spec.chunk_frames)
         yield from _run_alone(spec, side, device, dtype)
         return
-    scd_side, base_side, named, warnings = _load_pair(spec, device, dtype, loaded)
+    scd_side, base_side, named, warnings = _load_pair(spec, device, dtype, loaded, baseline)
     # unless swept, the context and steps of the named model, else of the random config (default, preset)
     own = named or scd_side.config
     # a model that generates from pure noise (context 0) is timed at the default context: SCD needs one frame
@@ -677,6 +748,178 @@ def _run_alone(spec: BenchSpec, side: _Side, device, dtype):
     yield Finished(make_alone_report(rows, {**meta, "matmul_peak_flops_per_s": statistics.median(peaks)}, True))
 
 
+def _set_chunk(side: _Side, frames: int) -> None:
+    """Stream `side`'s Wan model in chunks of `frames` frames (the stream reads `model.config`)."""
+    config = dataclasses.replace(side.config, chunk_frames=frames)  # validates: a window must hold the chunk
+    side.config = config
+    for module in side.model.modules():
+        if getattr(module, "config", None) is not None and isinstance(module.config, WanConfig):
+            module.config = config
+
+
+def run_chunks_interleaved(models: dict[str, nn.Module], contexts: dict[str, torch.Tensor], text: torch.Tensor,
+                           chunks: int, steps: int, first: int = 0) -> dict[str, RunTimes]:
+    """`run_chunks` for several chunked models in lockstep: each one's first chunk (its stream's
+    start included), then chunk 1 of each, chunk 2 of each, ..., the order flipping every chunk and
+    starting with `models`' entry `first`; all conditioned on the same `text`. Each later chunk's
+    (context, denoise) ms, as `run_chunks` splits them."""
+    names = list(models)
+    names = names[first:] + names[:first]
+    generators, first_ms = {}, {}
+    for name in names:
+        n = models[name].config.chunk_frames
+        device = contexts[name].device
+        _sync(device)
+        start = time.perf_counter()
+        generators[name] = stream(models[name], contexts[name], chunks * n, steps, text=text)
+        for _ in range(n):
+            next(generators[name])  # stream synchronises before it yields
+        first_ms[name] = (time.perf_counter() - start) * 1000.0
+    steady = {name: [] for name in names}
+    for j in range(1, chunks):
+        for name in (names if j % 2 else names[::-1]):
+            n = models[name].config.chunk_frames
+            start = time.perf_counter()
+            denoise_ms = sum(next(generators[name]).denoise_ms for _ in range(n))
+            wall_ms = (time.perf_counter() - start) * 1000.0
+            steady[name].append((wall_ms - denoise_ms, denoise_ms))
+    for generator in generators.values():
+        next(generator, None)  # let each finish, leaving its inference mode
+    return {name: RunTimes(first_ms[name], steady[name], None) for name in models}
+
+
+def _wan_pair_sides(spec: BenchSpec, config: WanConfig, loaded, wan_preset: bool) -> tuple[_Side, _Side]:
+    """SCD-Wan (`loaded`, else random weights of `config`) and its causal Wan (`spec.baseline`, else
+    random weights of the matched config)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        if loaded is not None:
+            scd_side = _Side(loaded.model, loaded.config, loaded.source)
+        else:
+            label = f"preset {spec.preset.upper()}, random weights" if wan_preset else "random weights"
+            scd_side = _Side(build_model(config), config, label)
+        if spec.baseline is not None:
+            base = _load_baseline(spec.baseline)
+            if base.config.family != "wan" or base.config.arch != "baseline":
+                raise ConfigError(f"baseline {spec.baseline} is not a causal Wan: give the causal Wan this SCD-Wan "
+                                  "was made from", parameter="baseline")
+            base_side = _Side(base.model, base.config, base.source)
+        else:
+            matched = matched_config(config)
+            label = "matched, random weights" + (f" (preset {spec.preset.upper()[4:]})" if wan_preset else "")
+            torch.manual_seed(spec.seed + 1)
+            base_side = _Side(build_model(matched), matched, label)
+    return scd_side, base_side
+
+
+def _wan_pair_warnings(a: WanConfig, b: WanConfig) -> list[str]:
+    """What makes the two not each other's matched pair (a warning), or cannot run together (an error)."""
+    for what, x, y in (("latents", (a.channels, *a.latent_size), (b.channels, *b.latent_size)),
+                       ("text embeddings", (a.text_len, a.text_dim), (b.text_len, b.text_dim))):
+        if x != y:
+            raise ConfigError(f"the models take different {what}: {x} (SCD) vs {y} (baseline)", parameter="baseline")
+    if a.chunk_frames != b.chunk_frames:
+        raise ConfigError(f"the models stream chunks of {a.chunk_frames} (SCD) and {b.chunk_frames} (baseline) "
+                          "frames: give chunk_frames (--chunk-frames) for both", parameter="chunk_frames")
+    warnings = []
+    depth = matched_config(a).num_layers
+    for what, x, y in (("width", a.dim, b.dim), ("ffn", a.ffn_dim, b.ffn_dim), ("source depth", depth, b.num_layers),
+                       ("window", a.local_attn_size, b.local_attn_size), ("sinks", a.sink_size, b.sink_size)):
+        if x != y:
+            warnings.append(f"the models are not matched: {what} {x} (SCD) vs {y} (baseline)")
+    return warnings
+
+
+def _run_wan_pair(spec: BenchSpec, config: WanConfig, loaded, wan_preset: bool, device, dtype):
+    """SCD-Wan against its causal Wan: both streamed chunk by chunk, interleaved, with the same
+    random text and context; per-chunk latency of each, the paired speed-up against the FLOPs' and
+    the ops' prediction."""
+    if spec.compiled:
+        raise ConfigError("compiled streams run the FAR-style family; bench these models eagerly (drop --compile)",
+                          parameter="compiled")
+    sides = dict(zip(("scd", "baseline"), _wan_pair_sides(spec, config, loaded, wan_preset)))
+    for side in sides.values():
+        side.model.to(device=device, dtype=dtype).eval()
+        if spec.chunk_frames is not None:
+            _set_chunk(side, spec.chunk_frames)
+    warnings = _wan_pair_warnings(sides["scd"].config, sides["baseline"].config)
+    scd_config = sides["scd"].config
+    n = scd_config.chunk_frames
+    chunks = max(2, -(-spec.frames // n))
+    contexts = tuple(spec.contexts or (scd_config.context_frames,))
+    steps_list = tuple(spec.steps or (scd_config.default_steps,))
+    batches = tuple(spec.batches or ((1, 4) if device.type == "cpu" else (1, 8)))
+    combos = list(itertools.product(contexts, steps_list, batches))
+    matmul_size = spec.matmul_size or MATMUL_SIZE.get(device.type, 2048)
+    settings = {"contexts": list(contexts), "steps": list(steps_list), "batches": list(batches),
+                "frames": chunks * n, "chunks": chunks, "chunk_frames": n,
+                "chunk_frames_overridden": spec.chunk_frames is not None, "reps": spec.reps, "warmup": spec.warmup,
+                "seed": spec.seed, "guidance": 1.0, "dtype": dtype_name(dtype),
+                "preset": spec.preset and spec.preset.upper(), "matmul_size": matmul_size, "compiled": None,
+                "context_latents": "random normal",
+                "text": f"random normal, {scd_config.text_len} x {scd_config.text_dim}, the same for both",
+                "weights": {name: side.source for name, side in sides.items()}}
+    rows_meta = [{"context": c, "steps": k, "batch": b} for c, k, b in combos]
+    yield Started(str(device), device_name(device), dtype_name(dtype), sides["scd"].source, sides["baseline"].source,
+                  rows_meta, warnings)
+    meta = {"device": str(device), "device_name": device_name(device), "dtype": dtype_name(dtype),
+            "torch": torch.__version__, "scd_version": scd.__version__, "settings": settings,
+            "models": {name: {"source": side.source, "family": "wan", "arch": side.config.arch,
+                              "architecture": side.config.architecture, "width": side.config.dim,
+                              "heads": side.config.num_heads, "layers": side.config.depth,
+                              "tokens_per_frame": side.config.tokens_per_frame, "chunk_frames": n,
+                              "window": side.config.window, "sinks": side.config.sink_size,
+                              "decoder_combine": side.config.decoder_input,
+                              "encoder_input": side.config.encoder_input if side.config.arch == "scd" else None,
+                              "latents": [side.config.channels, *side.config.latent_size]}
+                       for name, side in sides.items()},
+            "warnings": warnings}
+    models = {name: side.model for name, side in sides.items()}
+    peaks, rows = [], []
+    total_reps = spec.warmup + spec.reps
+    generator = torch.Generator().manual_seed(spec.seed)
+    try:
+        for i, (c, k, b) in enumerate(combos):
+            setting = rows_meta[i]
+            context = _random_context(scd_config, b, c, spec.seed, device, dtype)
+            text = torch.randn(b, scd_config.text_len, scd_config.text_dim, generator=generator).to(device=device,
+                                                                                                    dtype=dtype)
+            runs = {name: [] for name in sides}
+            for rep in range(total_reps):
+                warm = rep < spec.warmup
+                peak = matmul_peak(device, dtype, matmul_size)
+                times = run_chunks_interleaved(models, {name: context for name in sides}, text, 2 if warm else chunks,
+                                               k, first=rep % 2)
+                if not warm:
+                    peaks.append(peak)
+                for name in sides:
+                    if not warm:
+                        runs[name].append(times[name])
+                    yield Measured(i, len(combos), rep, total_reps, warm, name, setting,
+                                   statistics.median(times[name].latencies), times[name].time_to_first_frame_ms,
+                                   per="chunk")
+            summaries = {}
+            for name, side in sides.items():
+                ops = count_ops(side.model, context, k, frames=n + 1, text=text)
+                cache = [kv_cache_bytes(side.model, b, c + j * n) for j in range(1, chunks + 1)]
+                flat = cache[-1] == kv_cache_bytes(side.model, b, 10 * (c + chunks * n))
+                memory = [[c + j * n, None] for j in range(1, chunks + 1)]  # one process holds both: not apart
+                summaries[name] = summarise_chunks(runs[name], b, n, steady_chunk_flops(side.config, c, chunks, k),
+                                                   parameter_count(side.model), parameter_bytes(side.model), cache,
+                                                   flat, memory, ops, statistics.median(peaks))
+            row = chunk_row_result(setting, summaries, runs,
+                                   {"frames": chunks * n, "reps": spec.reps, "warmup": spec.warmup})
+            rows.append(row)
+            yield RowFinished(i, len(combos), row)
+    except KeyboardInterrupt:
+        if not rows:
+            raise
+        yield Finished(make_chunk_pair_report(rows, {**meta, "matmul_peak_flops_per_s": statistics.median(peaks)},
+                                              False))
+        raise
+    yield Finished(make_chunk_pair_report(rows, {**meta, "matmul_peak_flops_per_s": statistics.median(peaks)}, True))
+
+
 def _finish(rows, peaks, streams, meta: dict, complete: bool) -> dict:
     peak = statistics.median(peaks)
     for row in rows:  # rows finished earlier were read against the peak measured up to then
@@ -698,6 +941,6 @@ def bench(spec: BenchSpec, on_event=None) -> dict:
     return report
 
 
-__all__ = ["BenchSpec", "CompiledRun", "Finished", "Measured", "RowFinished", "Started", "bench", "count_ops",
-           "default_config", "matmul_peak", "preset_config", "random_model", "run", "run_chunks", "run_interleaved",
-           "steady_chunk_flops", "steady_flops"]
+__all__ = ["BenchSpec", "CompiledRun", "Finished", "Measured", "RowFinished", "Started", "bench", "chunk_ops",
+           "count_ops", "default_config", "matmul_peak", "preset_config", "random_model", "run", "run_chunks",
+           "run_chunks_interleaved", "run_interleaved", "steady_chunk_flops", "steady_flops", "wan_preset_config"]

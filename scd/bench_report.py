@@ -7,7 +7,9 @@ uses); new per model: `ops_per_frame`, `kernel_launches_per_frame`; with compile
 `scd_compiled` / `baseline_compiled` summaries, `compiled_speedup` and `compile`. Added since,
 without a new version: `ops_speedup` and `launch_bound` per row and in the headline; a model
 benched alone (no counterpart: the Wan family) has `alone: true` and one summary, `model`, per
-chunk (`summarise_chunks`) in place of `scd`, `baseline` and the speed-ups.
+chunk (`summarise_chunks`) in place of `scd`, `baseline` and the speed-ups. A chunked pair (SCD
+from Wan against its causal Wan) has `chunked: true` and `scd`, `baseline` summaries per chunk
+(`summarise_chunks`) with the same speed-ups, read per chunk (`chunk_row_result`).
 """
 
 from __future__ import annotations
@@ -180,6 +182,53 @@ def make_report(rows: list[dict], meta: dict) -> dict:
             report[key] = head[key]
     report.update(meta)
     report["rows"] = rows
+    return report
+
+
+def chunk_row_result(setting: dict, summaries: dict[str, dict], runs: dict[str, list[RunTimes]], extra: dict) -> dict:
+    """One row of a chunked pair (SCD-Wan against its causal Wan, same chunk size): the setting,
+    each model's `summarise_chunks`, the speed-up per chunk (paired chunks of the same rep), the
+    FLOPs' prediction and the ops' (`ops_speedup`), the realised fraction, `launch_bound`, as
+    `row_result` reads a frame-wise pair."""
+    result = dict(setting)
+    result["settings"] = {**setting, **extra}
+    result.update(summaries)
+    speedup = paired_speedup(runs["scd"], runs["baseline"])
+    result.update({"speedup": speedup["speedup"], "speedup_per_chunk": speedup["speedup_per_frame"],
+                   "speedup_per_rep": speedup["speedup_per_rep"]})
+    scd, base = summaries["scd"], summaries["baseline"]
+    result["predicted_speedup"] = base["flops_per_chunk"] / scd["flops_per_chunk"]
+    result["realised_fraction"] = result["speedup"] / result["predicted_speedup"]
+    result["ops_speedup"] = base["ops_per_chunk"] / scd["ops_per_chunk"]
+    result["launch_bound"] = (result["realised_fraction"] < LAUNCH_BOUND_REALISED
+                              and abs(result["speedup"] / result["ops_speedup"] - 1) < LAUNCH_BOUND_MATCH)
+    result["time_to_first_chunk_speedup"] = base["time_to_first_chunk_ms"] / scd["time_to_first_chunk_ms"]
+    return result
+
+
+def make_chunk_pair_report(rows: list[dict], meta: dict, complete: bool) -> dict:
+    """The JSON report of a chunked pair (`chunked: true`): `scd` and `baseline` summaries per chunk
+    of the headline row (first context and steps, smallest batch) with their throughput at every
+    batch of it, its speed-ups, every row under `rows`; fractions of the matmul peak read against
+    the run's median peak."""
+    peak = meta["matmul_peak_flops_per_s"]
+    for row in rows:
+        for name in ("scd", "baseline"):
+            row[name]["fraction_of_matmul_peak"] = row[name]["achieved_flops_per_s"] / peak
+    head = min((r for r in rows if (r["context"], r["steps"]) == (rows[0]["context"], rows[0]["steps"])),
+               key=lambda r: r["batch"])
+    same = [r for r in rows if (r["context"], r["steps"]) == (head["context"], head["steps"])]
+    report = {"report_version": REPORT_VERSION, "chunked": True}
+    for name in ("scd", "baseline"):
+        report[name] = dict(head[name])
+        report[name]["throughput_fps_by_batch"] = {str(r["batch"]): r[name]["frames_per_second"] for r in same}
+    for key in ("speedup", "predicted_speedup", "realised_fraction", "ops_speedup", "launch_bound",
+                "time_to_first_chunk_speedup"):
+        report[key] = head[key]
+    report["setting"] = {"context": head["context"], "steps": head["steps"], "batch": head["batch"]}
+    report.update(meta)
+    report["rows"] = rows
+    report["complete"] = complete
     return report
 
 

@@ -5,6 +5,9 @@ v, out and the 4x MLP) + 4 S S_kv D (scores and weighted values) + 12 D^2 per co
 (adaLN). The Wan2.1 family, per block on S = n T tokens of a chunk of n frames: 8 S D^2 (q, k, v, o)
 + 4 S S_kv D (self-attention) + 4 S D^2 + 4 S L D (cross-attention's q and o, then to L text
 tokens) + 4 S D F (the FFN of width F); the text's own keys and values are made once per stream.
+SCD from Wan: the encoder's passes per chunk (the clean previous chunk, the new chunk's noise) and
+K decoder steps on each frame alone (2T tokens with token_concat); its matched counterpart is the
+causal Wan it came from (`wan_matched`).
 
 Each family registers its count in `FAMILY_FLOPS` (by `config.family`): `chunk_flops` and
 `matched_config` read any config through it.
@@ -12,6 +15,7 @@ Each family registers its count in `FAMILY_FLOPS` (by `config.family`): `chunk_f
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -78,27 +82,56 @@ def frame_flops(config: ModelConfig, context_frames: int, steps: int, guidance: 
 
 # ----------------------------------------------------------------------------- the Wan2.1 family
 
-def wan_pass_flops(c: WanConfig, frames: int, key_frames: int, latent_size: tuple[int, int] | None = None) -> float:
-    """One call of the Wan transformer on `frames` latent frames attending to `key_frames` frames
-    of keys (their own included): patch embedding, the time embedding and projection of each
-    frame, the blocks, the head. The cross-attention keys and values are not in it (`wan_text_flops`)."""
+def _wan_tokens(c: WanConfig, latent_size: tuple[int, int] | None) -> int:
     h, w = latent_size or c.latent_size
     _, p, q = c.patch_size
-    t = (h // p) * (w // q)
-    s, d = frames * t, c.dim
-    patch = c.channels * p * q
-    block = 8.0 * s * d * d + 4.0 * s * key_frames * t * d  # self-attention: q, k, v, o; scores, values
-    block += 4.0 * s * d * d + 4.0 * s * c.text_len * d  # cross-attention: q, o; scores, values over the text
-    block += 4.0 * s * d * c.ffn_dim
-    time = frames * (2.0 * c.freq_dim * d + 2.0 * d * d + 12.0 * d * d)  # time_embedding, time_projection
-    return c.num_layers * block + time + 2.0 * s * patch * d + 2.0 * s * d * patch
+    return (h // p) * (w // q)
+
+
+def _wan_block_flops(c: WanConfig, queries: int, keys: int) -> float:
+    """One Wan block on `queries` tokens attending to `keys` tokens (and to the text)."""
+    d = c.dim
+    block = 8.0 * queries * d * d + 4.0 * queries * keys * d  # self-attention: q, k, v, o; scores, values
+    block += 4.0 * queries * d * d + 4.0 * queries * c.text_len * d  # cross-attention: q, o; scores, values over the text
+    return block + 4.0 * queries * d * c.ffn_dim
+
+
+def _wan_time_flops(c: WanConfig, frames: int) -> float:
+    d = c.dim
+    return frames * (2.0 * c.freq_dim * d + 2.0 * d * d + 12.0 * d * d)  # time_embedding, time_projection
+
+
+def wan_pass_flops(c: WanConfig, frames: int, key_frames: int, latent_size: tuple[int, int] | None = None,
+                   layers: int | None = None, head: bool = True) -> float:
+    """One call of the Wan transformer (`layers` blocks, all of the config's by default; without
+    `head`, SCD-Wan's encoder) on `frames` latent frames attending to `key_frames` frames of keys
+    (their own included): patch embedding, the time embedding and projection of each frame, the
+    blocks, the head. The cross-attention keys and values are not in it (`wan_text_flops`)."""
+    t = _wan_tokens(c, latent_size)
+    s, d, patch = frames * t, c.dim, c.channels * c.patch_size[1] * c.patch_size[2]
+    layers = c.num_layers if layers is None else layers
+    out = 2.0 * s * d * patch if head else 0.0
+    return layers * _wan_block_flops(c, s, key_frames * t) + _wan_time_flops(c, frames) + 2.0 * s * patch * d + out
+
+
+def wan_decoder_step_flops(c: WanConfig, frames: int, latent_size: tuple[int, int] | None = None) -> float:
+    """One step of SCD-Wan's decoder on `frames` noisy frames, each alone: its T tokens (with
+    `token_concat`, after the encoder's T features of the frame: 2T tokens) attend only to the
+    frame's own tokens and to the text; the head runs on every token (the features' outputs are
+    dropped after it)."""
+    t = _wan_tokens(c, latent_size)
+    tokens = 2 * t if c.decoder_combine == "token_concat" else t
+    d, patch = c.dim, c.channels * c.patch_size[1] * c.patch_size[2]
+    blocks = c.decoder_layers * frames * _wan_block_flops(c, tokens, tokens)
+    return blocks + _wan_time_flops(c, frames) + 2.0 * frames * t * patch * d + 2.0 * frames * tokens * d * patch
 
 
 def wan_text_flops(c: WanConfig) -> float:
     """Once per stream: the text embedding of `text_len` tokens and every block's cross-attention
-    keys and values."""
+    keys and values (SCD-Wan: the encoder's and the decoder's, each with its own text embedding)."""
     n, d = c.text_len, c.dim
-    return 2.0 * n * (c.text_dim * d + d * d) + c.num_layers * 4.0 * n * d * d
+    embeddings = 2 if c.arch == "scd" else 1
+    return embeddings * 2.0 * n * (c.text_dim * d + d * d) + c.num_layers * 4.0 * n * d * d
 
 
 def wan_chunk_flops(c: WanConfig, context_frames: int, steps: int,
@@ -106,12 +139,41 @@ def wan_chunk_flops(c: WanConfig, context_frames: int, steps: int,
     """FLOPs of one chunk of `c.chunk_frames` frames with `context_frames` frames in the cache when
     the previous chunk's clean pass starts: that pass (at the clean timestep) writes the previous
     chunk and attends to N + n frames, then each of the K steps attends to N + 2n; both at most the
-    rolling window's `local_attn_size` frames."""
+    rolling window's `local_attn_size` frames.
+
+    SCD from Wan: `context` is the encoder's clean pass of the previous chunk (N + n frames of keys)
+    and, with encoder input "noise", its pass of the new chunk's pure noise at the first step (N + 2n);
+    `denoise` is K decoder steps (`wan_decoder_step_flops`), attending within each frame only."""
     n = c.chunk_frames
     window = c.local_attn_size or math.inf
+    if c.arch == "scd":
+        context = wan_pass_flops(c, n, min(context_frames + n, window), latent_size, c.encoder_layers, head=False)
+        if c.encoder_input == "noise":
+            context += wan_pass_flops(c, n, min(context_frames + 2 * n, window), latent_size, c.encoder_layers,
+                                      head=False)
+        return ChunkFlops(n, context, steps * wan_decoder_step_flops(c, n, latent_size))
     context = wan_pass_flops(c, n, min(context_frames + n, window), latent_size)
     step = wan_pass_flops(c, n, min(context_frames + 2 * n, window), latent_size)
     return ChunkFlops(n, context, steps * step)
+
+
+def wan_source_depth(c: WanConfig) -> int:
+    """Blocks of the causal Wan an SCD-Wan came from: `max(source_blocks) + 1` when its conversion
+    recorded them; else the depth the paper's proportions give (`scd.convert.wan_split`: the encoder
+    all but the last k blocks, the decoder the first k and the last k), encoder_layers +
+    decoder_layers // 2 (25 + 10 // 2 = 30), and never fewer blocks than either part has."""
+    if c.source_blocks is not None:
+        return max(max(blocks) for blocks in c.source_blocks if blocks) + 1
+    return max(c.encoder_layers + c.decoder_layers // 2, c.encoder_layers, c.decoder_layers)
+
+
+def wan_matched(c: WanConfig) -> WanConfig | None:
+    """An SCD-Wan's matched counterpart: the causal Wan it came from (`wan_source_depth` blocks, the
+    same sizes, chunk, window and steps). A causal Wan has none (it does not know how it would be split)."""
+    if c.arch != "scd":
+        return None
+    return dataclasses.replace(c, arch="baseline", num_layers=wan_source_depth(c), encoder_layers=0, decoder_layers=0,
+                               source_blocks=None)
 
 
 # ----------------------------------------------------------------------------- any family
@@ -152,7 +214,7 @@ def _far_chunk(config: ModelConfig, context_frames: int, steps: int) -> ChunkFlo
 
 FAMILY_FLOPS: dict[str, Family] = {
     "far": Family(_far_chunk, matched=lambda config: config.matched()),
-    "wan": Family(wan_chunk_flops, once=wan_text_flops),
+    "wan": Family(wan_chunk_flops, once=wan_text_flops, matched=wan_matched),
 }
 
 

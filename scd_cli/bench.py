@@ -160,9 +160,66 @@ def _show_alone(report: dict) -> None:
                   "matmul, measured in this run. No matched counterpart: benched alone.[/]", soft_wrap=True)
 
 
+def _show_chunk_pair(report: dict) -> None:
+    """SCD-Wan against its causal Wan: per chunk, both models across, the speed-ups under."""
+    s, b, setting = report["scd"], report["baseline"], report["setting"]
+    peak = report["matmul_peak_flops_per_s"]
+    n = s["chunk_frames"]
+    console.print(f"[bold]scd bench[/] on {report['device_name']} ({report['device']}, {report['dtype']}), "
+                  f"torch {report['torch']}", soft_wrap=True)
+    table = Table(title=f"chunks of {n}: {setting['context']} context frames, {setting['steps']} steps, batch "
+                        f"{setting['batch']}", box=box.SIMPLE_HEAD)
+    for col in ("", "SCD-Wan", "causal Wan", "causal / SCD"):
+        table.add_column(col, justify="left" if not col else "right")
+
+    def add(label, key, fmt, ratio=True):
+        x, y = s[key], b[key]
+        table.add_row(label, fmt(x), fmt(y), f"{y / x:.2f}x" if ratio and x else "")
+
+    add(f"latency per chunk of {n}, p50 ms", "latency_ms_per_chunk_p50", "{:,.1f}".format)
+    add("latency per chunk, p95 ms", "latency_ms_per_chunk_p95", "{:,.1f}".format)
+    add("  context pass, p50 ms", "context_ms_p50", "{:,.1f}".format)
+    add("  denoising steps, p50 ms", "denoise_ms_p50", "{:,.1f}".format)
+    add("latency per frame, p50 ms", "latency_ms_per_frame_p50", "{:,.1f}".format)
+    for batch in s["throughput_fps_by_batch"]:
+        x, y = s["throughput_fps_by_batch"][batch], b["throughput_fps_by_batch"][batch]
+        table.add_row(f"throughput at batch {batch}, frames/s", f"{x:,.2f}", f"{y:,.2f}", f"{x / y:.2f}x" if y else "")
+    add("time to first chunk, ms", "time_to_first_chunk_ms", "{:,.0f}".format)
+    add("GFLOP per chunk", "flops_per_chunk", _gflops)
+    add("ops per chunk (aten, top level)", "ops_per_chunk", "{:,}".format)
+    if s.get("kernel_launches_per_chunk") is not None:
+        add("kernel launches per chunk", "kernel_launches_per_chunk", "{:,}".format)
+    add("parameters + cache, MiB", "peak_memory_bytes", lambda v: f"{v / 2 ** 20:,.1f}", ratio=False)
+    table.add_row("achieved GFLOP/s", _gflops(s["achieved_flops_per_s"]), _gflops(b["achieved_flops_per_s"]), "")
+    table.add_row(f"  of matmul peak ({peak / 1e9:,.1f})", f"{100 * s['fraction_of_matmul_peak']:.0f}%",
+                  f"{100 * b['fraction_of_matmul_peak']:.0f}%", "")
+    console.print(table)
+    if len(report["rows"]) > 1:
+        sweep = Table(title=f"every setting (p50 ms per chunk of {n})", box=box.SIMPLE_HEAD)
+        for col in ("context", "steps", "batch", "SCD-Wan", "causal Wan", "speed-up", "predicted", "ops"):
+            sweep.add_column(col, justify="right")
+        for row in report["rows"]:
+            sweep.add_row(str(row["context"]), str(row["steps"]), str(row["batch"]),
+                          f"{row['scd']['latency_ms_per_chunk_p50']:,.1f}",
+                          f"{row['baseline']['latency_ms_per_chunk_p50']:,.1f}", f"[bold]{row['speedup']:.2f}x[/]",
+                          f"{row['predicted_speedup']:.2f}x", f"{row['ops_speedup']:.2f}x")
+        console.print(sweep)
+    bound = " (launch-bound: it follows the ops)" if report["launch_bound"] else ""
+    console.print(f"SCD-Wan: [bold]{report['speedup']:.2f}x[/] faster per chunk than its causal Wan{bound}; its FLOPs "
+                  f"predict {report['predicted_speedup']:.2f}x ({100 * report['realised_fraction']:.0f}% realised), its "
+                  f"ops {report['ops_speedup']:.2f}x.")
+    console.print(f"[dim]Latency: steady-state chunks (the first excluded), paired chunk by chunk, pooled over "
+                  f"{report['settings']['reps']} reps, {report['settings']['frames']} frames a run; text: "
+                  f"{report['settings']['text']}; matmul peak: {report['settings']['matmul_size']}-square "
+                  f"{report['dtype']} matmul, measured in this run.[/]", soft_wrap=True)
+
+
 def _show(report: dict) -> None:
     if report.get("alone"):
         _show_alone(report)
+        return
+    if report.get("chunked"):
+        _show_chunk_pair(report)
         return
     console.print(f"[bold]scd bench[/] on {report['device_name']} ({report['device']}, {report['dtype']}, "
                   f"{report.get('threads')} CPU threads), torch {report['torch']}", soft_wrap=True)
@@ -187,9 +244,9 @@ def _show(report: dict) -> None:
 
 @handles_errors
 def bench(
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="An SCD (or baseline) model folder or Hub repo id[@rev]; a Wan2.1 model (no matched counterpart) is benched alone, with random text embeddings. Default: random weights."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="An SCD (or baseline) model folder or Hub repo id[@rev]; an SCD-Wan is benched against its causal Wan (--baseline, else random weights of its source depth) with random text embeddings; a causal Wan2.1 alone. Default: random weights."),
     baseline: Optional[str] = typer.Option(None, "--baseline", help="The baseline model to compare against. Default: the matched config of --model, random weights."),
-    preset: Optional[str] = typer.Option(None, "--preset", help="Reference size B, M, L or XL with random weights: 64 tokens/frame, 144 context frames, 50 steps (for GPUs); or WAN-1.3B: Wan2.1-T2V-1.3B at 480x832 as Self-Forcing streams it (chunks of 3, 4 steps), random weights, benched alone."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="Reference size B, M, L or XL with random weights: 64 tokens/frame, 144 context frames, 50 steps (for GPUs); or WAN-1.3B: Wan2.1-T2V-1.3B at 480x832 as Self-Forcing streams it (chunks of 3, 4 steps), random weights, benched alone; or SCD-WAN-1.3B: the paper's SCD split of it (encoder 0-24, decoder 0-4 + 25-29) against WAN-1.3B, interleaved."),
     context: Optional[str] = typer.Option(None, "--context", metavar="N[,N...]", help=f"Context frames; a comma list sweeps (default {bench_lib.DEFAULT_CONTEXT}; preset {bench_lib.PRESET_CONTEXT}; a model's own)."),
     steps: Optional[str] = typer.Option(None, "--steps", metavar="K[,K...]", help=f"Denoising steps; a comma list sweeps (default {bench_lib.DEFAULT_STEPS}; preset {bench_lib.PRESET_STEPS}; a model's own)."),
     batch: Optional[str] = typer.Option(None, "--batch", metavar="B[,B...]", help="Batch sizes; one row each (default 1,4 on CPU, 1,8 on GPUs)."),
@@ -204,6 +261,7 @@ def bench(
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the full report as JSON."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Latency against context and steps, both models, as PNG/SVG/PDF (needs matplotlib)."),
     compile: bool = typer.Option(False, "--compile", help="Also stream each model through torch.compile (static shapes; CUDA graphs on CUDA), interleaved with eager: compiled vs eager in one run. The first compiled run (compiling) is timed apart."),
+    chunk_frames: Optional[str] = typer.Option(None, "--chunk-frames", metavar="N", help="Wan models: stream chunks of N latent frames, overriding both models' own (1: frame-wise, the paper's comparison)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors (use with --json)."),
 ):
     """Measure SCD against its matched causal baseline: latency, throughput, first frame, memory, FLOPs, speed-up."""
@@ -218,7 +276,7 @@ def bench(
         seed=_ints(seed, "--seed", single=True, minimum=0)[0],
         threads=_ints(threads, "--threads", single=True)[0] if threads is not None else None,
         matmul_size=_ints(matmul_size, "--matmul-size", single=True)[0] if matmul_size is not None else None,
-        compiled=compile)
+        compiled=compile, chunk_frames=_ints(chunk_frames, "--chunk-frames", single=True)[0] if chunk_frames else None)
     spec.validate()
     # fail now, not after minutes of measuring
     if json_path is not None:

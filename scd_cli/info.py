@@ -30,8 +30,11 @@ def info(
     context = c.context_frames if context is None else context
     steps = c.default_steps if steps is None else steps
     console.print(f"[bold]{loaded.source}[/]" + (f" @ {loaded.revision}" if loaded.revision else ""))
-    if matched_config(c) is None:  # a family without an SCD <-> baseline counterpart (Wan2.1)
+    if matched_config(c) is None:  # a causal Wan2.1: no SCD counterpart it knows of
         _alone(loaded, context, steps)
+        return
+    if c.family == "wan":  # SCD from Wan, next to the causal Wan it came from
+        _alone(loaded, context, steps, matched_config(c))
         return
     arch = Table(show_header=False, box=None, pad_edge=False)
     rows = [("arch", c.arch), ("width", f"{c.width} ({c.num_heads} heads x {c.head_dim})"),
@@ -57,9 +60,10 @@ def info(
     console.print(f"predicted SCD speed-up: [bold]{comparison.predicted_speedup:.2f}x[/]")
 
 
-def _alone(loaded, context: int, steps: int) -> None:
-    """A chunked, text-conditioned model without a matched counterpart: its sizes, chunks, window,
-    and FLOPs per chunk of its own."""
+def _alone(loaded, context: int, steps: int, matched=None) -> None:
+    """A chunked, text-conditioned model: its sizes, chunks, window, and FLOPs per chunk of its own;
+    with its `matched` config (SCD from Wan: the causal Wan it came from) that one's FLOPs too, and
+    the predicted speed-up by FLOPs and by ops (counted on shrunk copies of both)."""
     c = loaded.config
     window = (f"a rolling window of {c.local_attn_size} frames, {c.sink_size} sink"
               if c.local_attn_size is not None else "global attention (keeps every frame)")
@@ -77,16 +81,33 @@ def _alone(loaded, context: int, steps: int) -> None:
     console.print(arch)
     n = c.chunk_frames
     flops = Table(title=f"GFLOPs per chunk of {n} latent frames ({steps} steps, batch 1)")
-    for col in ("cached frames", "context pass", "denoising", "total", "per frame"):
+    for col in ("cached frames",) + (("model",) if matched else ()) + ("context pass", "denoising", "total", "per frame"):
         flops.add_column(col, justify="right")
     cached = [context] + ([c.local_attn_size] if c.local_attn_size is not None and context < c.local_attn_size else [])
+    models = [("this", c), ("matched", matched)] \
+        if matched else [(None, c)]
     for frames in cached:
-        f = chunk_flops(c, frames, steps)
         label = f"{frames}" + (" (window full)" if c.local_attn_size is not None and frames >= c.local_attn_size else "")
-        flops.add_row(label, _gflops(f.context), _gflops(f.denoise), _gflops(f.total), _gflops(f.total / f.frames))
+        for name, config in models:
+            f = chunk_flops(config, frames, steps)
+            flops.add_row(label, *([name] if name else []), _gflops(f.context), _gflops(f.denoise), _gflops(f.total),
+                          _gflops(f.total / f.frames))
     console.print(flops)
-    console.print(f"once per stream (text keys and values): {_gflops(stream_flops(c))} GFLOPs; "
-                  "no matched counterpart to compare with")
+    if matched is None:
+        console.print(f"once per stream (text keys and values): {_gflops(stream_flops(c))} GFLOPs; "
+                      "no matched counterpart to compare with")
+        return
+    from scd.bench import chunk_ops  # deferred: builds and profiles two shrunk copies
+
+    console.print(f"matched: the causal Wan it came from, {matched.num_layers} blocks (its source depth)")
+    console.print(f"once per stream (text keys and values): {_gflops(stream_flops(c))} GFLOPs (this), "
+                  f"{_gflops(stream_flops(matched))} (matched)")
+    by_flops = [chunk_flops(matched, f, steps).total / chunk_flops(c, f, steps).total for f in cached]
+    ops = chunk_ops(c, steps, context), chunk_ops(matched, steps, context)
+    console.print("predicted SCD speed-up per chunk: [bold]"
+                  + " / ".join(f"{x:.2f}x" for x in by_flops) + "[/] by FLOPs"
+                  + (" (at " + " / ".join(map(str, cached)) + " cached frames)" if len(cached) > 1 else "")
+                  + f", [bold]{ops[1] / ops[0]:.2f}x[/] by ops ({ops[0]:,} vs {ops[1]:,} aten ops per chunk)")
 
 
 @handles_errors

@@ -445,3 +445,128 @@ def test_the_bench_prints_no_profiler_marks(folders, tmp_path):
                            "--device", "cpu", "--matmul-size", "64", "--threads", "1"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "USDT" not in proc.stdout + proc.stderr and "profiler_start" not in proc.stderr, proc.stderr
+
+
+# ----------------------------------------------------------------------------- SCD from Wan against its causal Wan
+
+def test_scd_wan_is_benched_against_its_causal_wan_chunk_by_chunk():
+    """An SCD-Wan config: both it and the causal Wan of its source depth (random weights) stream
+    interleaved; per model a per-chunk summary with flops.py's FLOPs, the speed-up per chunk beside
+    the FLOPs' and the ops' prediction. `chunk_frames` 1 streams both frame-wise."""
+    from scd.flops import chunk_flops, matched_config
+
+    config = wan_config(arch="scd", num_layers=3, encoder_layers=2, decoder_layers=1)
+    spec = bench_lib.BenchSpec(config=config, frames=5, reps=2, warmup=1, batches=(1,), device="cpu",
+                               dtype="float32", matmul_size=128)
+    events = list(bench_lib.run(spec))
+    started = events[0]
+    assert not started.alone and (started.scd, started.baseline) == ("random weights", "matched, random weights")
+    measured = [e for e in events if isinstance(e, bench_lib.Measured)]
+    assert len(measured) == 2 * 3 and {(e.model, e.per) for e in measured} == {("scd", "chunk"), ("baseline", "chunk")}
+    report = events[-1].report
+    assert report["chunked"] and report["complete"] and not report.get("alone")
+    assert report["settings"]["chunks"] == 3 and report["settings"]["frames"] == 6
+    models = report["models"]
+    assert (models["scd"]["arch"], models["baseline"]["arch"]) == ("scd", "baseline")
+    assert models["baseline"]["layers"] == "2" and matched_config(config).num_layers == 2
+    base = matched_config(config)
+    for name, c in (("scd", config), ("baseline", base)):
+        counts = [chunk_flops(c, n, 2) for n in (0, 2)]  # steady chunks 1, 2
+        assert report[name]["flops_per_chunk"] == pytest.approx(statistics.fmean(x.total for x in counts))
+        assert report[name]["ops_per_chunk"] > 0 and report[name]["latency_ms_per_chunk_p50"] > 0
+        assert len(report[name]["latency_ms_per_rep"]) == 2
+    assert report["predicted_speedup"] == pytest.approx(report["baseline"]["flops_per_chunk"]
+                                                        / report["scd"]["flops_per_chunk"])
+    assert report["ops_speedup"] == report["baseline"]["ops_per_chunk"] / report["scd"]["ops_per_chunk"]
+    # an eager op count does not depend on the sizes: `chunk_ops` (scd info's prediction) counts a shrunk copy
+    assert report["scd"]["ops_per_chunk"] == bench_lib.chunk_ops(config, 2)
+    assert report["baseline"]["ops_per_chunk"] == bench_lib.chunk_ops(base, 2)
+    assert report["realised_fraction"] == pytest.approx(report["speedup"] / report["predicted_speedup"])
+    row = report["rows"][0]
+    assert len(row["speedup_per_chunk"]) == 2 * 2 and report["speedup"] == statistics.median(row["speedup_per_chunk"])
+    assert isinstance(report["launch_bound"], bool)
+    # frame-wise: both models' chunk overridden
+    spec = bench_lib.BenchSpec(config=config, frames=3, reps=1, warmup=0, batches=(1,), device="cpu",
+                               dtype="float32", matmul_size=128, chunk_frames=1)
+    report = bench_lib.bench(spec)
+    assert report["settings"]["chunk_frames"] == 1 and report["settings"]["chunk_frames_overridden"]
+    assert report["models"]["baseline"]["chunk_frames"] == 1 and report["settings"]["chunks"] == 3
+    frame_wise = wan_config(arch="scd", num_layers=3, encoder_layers=2, decoder_layers=1, chunk_frames=1)
+    assert report["scd"]["flops_per_chunk"] == pytest.approx(
+        statistics.fmean(chunk_flops(frame_wise, n, 2).total for n in (0, 1)))
+
+
+def test_bench_refuses_what_the_wan_pair_cannot_run():
+    from scd.errors import ConfigError
+
+    config = wan_config(arch="scd", num_layers=3, encoder_layers=2, decoder_layers=1)
+    for spec, words in ((bench_lib.BenchSpec(config=config, compiled=True, device="cpu"), "drop --compile"),
+                        (bench_lib.BenchSpec(chunk_frames=2, device="cpu"), "one frame at a time"),
+                        (bench_lib.BenchSpec(config=config, chunk_frames=0, device="cpu"), "chunk_frames must be")):
+        with pytest.raises(ConfigError, match=words):
+            list(bench_lib.run(spec))
+
+
+@pytest.fixture(scope="module")
+def scd_wan_folder(tmp_path_factory):
+    """`scd convert --to scd` of the Self-Forcing fixture (its 2 blocks: encoder 0, decoder 0, 1), at 8 x 8 latents."""
+    from pathlib import Path
+
+    source = Path(__file__).parent / "fixtures" / "reference" / "sfwan0" / "generator.pt"
+    out = tmp_path_factory.mktemp("scdwan") / "scd"
+    r = runner.invoke(app, ["convert", str(source), "--to", "scd", "--out", str(out), "-q"])
+    assert r.exit_code == 0, r.output
+    data = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**data, "latent_size": [8, 8], "frame_size": [64, 64]}))
+    return str(out)
+
+
+def test_cli_benches_an_scd_wan_folder_against_its_causal_wan(scd_wan_folder, wan_folder, tmp_path):
+    from scd.checkpoints import load_model
+    from scd.flops import chunk_flops
+
+    path = tmp_path / "pair.json"
+    args = ["bench", "--model", scd_wan_folder, "--baseline", wan_folder, "--steps", "2", "--frames", "4",
+            "--batch", "1", "--reps", "1", "--warmup", "0", "--device", "cpu", "--matmul-size", "128"]
+    r = runner.invoke(app, [*args, "--json", str(path)])
+    assert r.exit_code == 0, r.output
+    report = json.loads(path.read_text())
+    assert report["chunked"] and report["settings"]["weights"] == {"scd": scd_wan_folder, "baseline": wan_folder}
+    assert report["warnings"] == []  # the pair is matched: same sizes, source depth 2 = the causal 2 blocks
+    scd_config, base_config = load_model(scd_wan_folder).config, load_model(wan_folder).config
+    assert report["scd"]["flops_per_chunk"] == chunk_flops(scd_config, 0, 2).total
+    assert report["baseline"]["flops_per_chunk"] == chunk_flops(base_config, 0, 2).total
+    text = " ".join(r.output.split())
+    assert "SCD-Wan" in text and "causal Wan" in text and f"{report['speedup']:.2f}x faster per chunk" in text
+    assert f"FLOPs predict {report['predicted_speedup']:.2f}x" in text and f"ops {report['ops_speedup']:.2f}x" in text
+    r = runner.invoke(app, [*args, "--chunk-frames", "1", "--json", str(path), "-q"])
+    assert r.exit_code == 0 and r.output == "", r.output
+    assert json.loads(path.read_text())["scd"]["chunk_frames"] == 1
+    for extra, message in ((["--chunk-frames", "0"], "--chunk-frames must be >= 1"), (["--compile"], "drop --compile")):
+        r = runner.invoke(app, [*args, *extra])
+        assert r.exit_code == 2 and message in r.output, r.output
+    r = runner.invoke(app, ["bench", "--baseline", wan_folder, "--device", "cpu"])
+    assert r.exit_code == 2 and "give that as --model" in r.output, r.output
+    r = runner.invoke(app, ["bench", "--model", scd_wan_folder, "--baseline", scd_wan_folder, "--device", "cpu"])
+    assert r.exit_code == 2 and "is not a causal Wan" in r.output, r.output
+
+
+def test_scd_wan_preset_is_the_papers_split_of_the_real_size(monkeypatch):
+    """`--preset SCD-WAN-1.3B`: the paper's split of Wan2.1-T2V-1.3B (encoder 0-24, decoder 0-4 and
+    25-29) against WAN-1.3B, both built (checked here up to the models it builds)."""
+    from scd.errors import ConfigError
+
+    built = []
+
+    def record(config, *args, **kwargs):
+        built.append(config)
+        if len(built) == 2:
+            raise ConfigError("stop: the test only checks the configs")
+
+    monkeypatch.setattr(bench_lib, "build_model", record)
+    with pytest.raises(ConfigError, match="stop"):
+        list(bench_lib.run(bench_lib.BenchSpec(preset="scd-wan-1.3B", device="cpu")))
+    scd, base = built
+    assert (scd.arch, scd.encoder_layers, scd.decoder_layers, scd.dim, scd.tokens_per_frame) == ("scd", 25, 10, 1536, 1560)
+    assert scd.source_blocks == (tuple(range(25)), (0, 1, 2, 3, 4, 25, 26, 27, 28, 29))
+    assert (base.arch, base.num_layers, base.ffn_dim, base.chunk_frames, base.default_steps) == ("baseline", 30, 8960, 3, 4)

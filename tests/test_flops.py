@@ -127,3 +127,78 @@ def test_far_chunk_is_its_frame():
     chunk = chunk_flops(config, 5, 3)
     assert (chunk.frames, chunk.context, chunk.denoise) == (1, f.context, f.denoise)
     assert matched_config(config) == config.matched()
+
+
+@pytest.mark.parametrize("combine,encoder_input,window", [("token_concat", "noise", None), ("add", "noise", (5, 1)),
+                                                          ("token_concat", "none", None)])
+def test_scd_wan_chunk_flops_equal_counted_stream_steps(combine, encoder_input, window):
+    """SCD-Wan's count is exactly torch's for each chunk of a stream: `context` the encoder's clean
+    pass of the previous chunk (prepare) and, encoder input "noise", its pass of the new chunk's
+    noise (the first step's features); `denoise` the K decoder steps, each frame alone; the text's
+    keys and values of both parts once, at the start. Under a window every chunk from the cache's
+    filling on costs the same."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from scd.flops import chunk_flops, wan_text_flops
+    from scd.models import build_model
+    from scd.sampling import Rollout
+
+    local, sinks = window or (None, 0)
+    config = wan_config(arch="scd", num_layers=3, encoder_layers=2, decoder_layers=1, decoder_combine=combine,
+                        encoder_input=encoder_input, local_attn_size=local, sink_size=sinks)
+    torch.manual_seed(0)
+    model = build_model(config).eval()
+    n, steps, chunks = config.chunk_frames, 3, 5
+    text = torch.randn(1, config.text_len, config.text_dim)
+    # encoder input "none" reads the previous chunk's features: start from a prompt chunk
+    context = torch.randn(1, n if encoder_input == "none" else 0, config.channels, *config.latent_size)
+    given = context.shape[1]
+    calls = []
+
+    def counting(name, call):
+        def wrapped(*args, **kwargs):
+            with FlopCounterMode(display=False) as counter:
+                out = call(*args, **kwargs)
+            calls.append((name, counter.get_total_flops()))
+            return out
+        return wrapped
+
+    model.prepare, model.features = counting("context", model.prepare), counting("context", model.features)
+    model.decode = counting("denoise", model.decode)
+    with sdpa_kernel(SDPBackend.MATH):
+        start = counted(lambda: Rollout(model, context, steps, frames=n * chunks, text=text))
+        rollout = Rollout(model, context, steps, frames=n * chunks, text=text)
+        totals = []
+        for j in range(chunks):
+            calls.clear()
+            totals.append(counted(rollout.step))
+            for _ in range(n - 1):
+                assert counted(rollout.step) == 0
+            if j or given:
+                predicted = chunk_flops(config, given + (j - 1) * n, steps)
+                assert predicted.context == sum(f for what, f in calls if what == "context")
+                assert predicted.denoise == sum(f for what, f in calls if what == "denoise")
+                assert predicted.total == totals[j]
+                assert sum(what == "denoise" for what, _ in calls) == steps
+    assert start == wan_text_flops(config)
+    if window:
+        assert totals[3] == totals[4] and chunk_flops(config, 3 * n, steps) == chunk_flops(config, 30 * n, steps)
+    else:
+        assert totals[3] < totals[4]
+
+
+def test_scd_wan_is_matched_with_the_causal_wan_it_came_from():
+    """The matched config of SCD-Wan: a causal Wan of its source depth (recorded blocks, else the
+    paper's proportions), the same sizes; its FLOPs are the causal count of that depth."""
+    from scd.flops import chunk_flops, matched_config, wan_source_depth
+
+    paper = wan_config(arch="scd", num_layers=35, encoder_layers=25, decoder_layers=10)
+    base = matched_config(paper)
+    assert (base.arch, base.num_layers, base.encoder_layers, base.decoder_layers, base.dim) == ("baseline", 30, 0, 0, 32)
+    assert matched_config(base) is None  # a causal Wan does not know how it would be split
+    recorded = wan_config(arch="scd", num_layers=4, encoder_layers=2, decoder_layers=2,
+                          source_blocks=((0, 1), (0, 5)))
+    assert wan_source_depth(recorded) == 6 and matched_config(recorded).num_layers == 6
+    assert chunk_flops(base, 4, 3) == chunk_flops(wan_config(num_layers=30), 4, 3)
+    # SCD's decoder runs 10 of 30 blocks a step: far fewer FLOPs per chunk than the causal 30
+    assert chunk_flops(paper, 4, 4).denoise < chunk_flops(base, 4, 4).denoise
