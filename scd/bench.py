@@ -9,7 +9,7 @@ device's matmul peak measured in this run, against which achieved FLOP/s are rea
 `compiled`, a compiled stream of each model joins the lockstep, so compiled against eager is read
 the same way; each compiled model's first run (which compiles it) is timed apart.
 
-SCD from Wan against its causal Wan (`--preset SCD-WAN-1.3B`, or an SCD-Wan folder with the causal
+SCD from Wan against its causal Wan (preset `SCD-WAN-1.3B`, or an SCD-Wan folder with the causal
 one as baseline, else random weights of its source depth) streams chunk by chunk in the same
 lockstep (`run_chunks_interleaved`), both with the same random text; the speed-up is the median of
 paired chunks, read against the FLOPs' and the ops' predictions; `chunk_frames` streams both in
@@ -538,6 +538,11 @@ def run(spec: BenchSpec) -> Iterator[Started | Measured | RowFinished | Finished
         torch.set_num_threads(threads)
 
 
+def _streams_text(config) -> bool:
+    """A model the bench streams chunk by chunk with random text embeddings (the Wan family)."""
+    return config.condition == "text"
+
+
 def _run(spec: BenchSpec):
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)
@@ -553,13 +558,13 @@ def _run(spec: BenchSpec):
     baseline = None
     if alone is None and spec.baseline is not None:
         baseline = _load_baseline(spec.baseline)
-        if baseline.config.family == "wan":
-            raise ConfigError("a causal Wan is compared with an SCD-Wan made from it: give that as --model "
-                              "(scd convert GENERATOR --to scd)", parameter="model")
-    if alone is not None and alone.family == "wan" and matched_config(alone) is not None:  # SCD-Wan against causal Wan
+        if _streams_text(baseline.config):
+            raise ConfigError("a causal Wan is compared with an SCD-Wan made from it: give that as model "
+                              "(converted from the causal Wan to scd)", parameter="model")
+    if alone is not None and _streams_text(alone) and matched_config(alone) is not None:  # SCD-Wan against causal Wan
         yield from _run_wan_pair(spec, alone, loaded, wan_preset, device, dtype)
         return
-    if spec.chunk_frames is not None and (alone is None or alone.family != "wan"):
+    if spec.chunk_frames is not None and (alone is None or not _streams_text(alone)):
         raise ConfigError("chunk_frames sets a chunked (Wan) model's chunk: a FAR-style model makes one frame at a time",
                           parameter="chunk_frames")
     if alone is not None and matched_config(alone) is None:  # no counterpart: this model alone
@@ -688,7 +693,7 @@ def _measure(spec, combos, rows_meta, sides, streams, device, dtype, matmul_size
 def _run_alone(spec: BenchSpec, side: _Side, device, dtype):
     """One model without a counterpart (the Wan family), chunk by chunk with random text embeddings."""
     if spec.compiled:
-        raise ConfigError("compiled streams run the FAR-style family; bench this model eagerly (drop --compile)",
+        raise ConfigError("drop compiled: compiled streams run the FAR-style family; bench this model eagerly",
                           parameter="compiled")
     config, model = side.config, side.model
     n = config.chunk_frames
@@ -800,7 +805,7 @@ def _wan_pair_sides(spec: BenchSpec, config: WanConfig, loaded, wan_preset: bool
             scd_side = _Side(build_model(config), config, label)
         if spec.baseline is not None:
             base = _load_baseline(spec.baseline)
-            if base.config.family != "wan" or base.config.arch != "baseline":
+            if not _streams_text(base.config) or base.config.arch != "baseline":
                 raise ConfigError(f"baseline {spec.baseline} is not a causal Wan: give the causal Wan this SCD-Wan "
                                   "was made from", parameter="baseline")
             base_side = _Side(base.model, base.config, base.source)
@@ -820,7 +825,7 @@ def _wan_pair_warnings(a: WanConfig, b: WanConfig) -> list[str]:
             raise ConfigError(f"the models take different {what}: {x} (SCD) vs {y} (baseline)", parameter="baseline")
     if a.chunk_frames != b.chunk_frames:
         raise ConfigError(f"the models stream chunks of {a.chunk_frames} (SCD) and {b.chunk_frames} (baseline) "
-                          "frames: give chunk_frames (--chunk-frames) for both", parameter="chunk_frames")
+                          "frames: give chunk_frames for both", parameter="chunk_frames")
     warnings = []
     depth = matched_config(a).num_layers
     for what, x, y in (("width", a.dim, b.dim), ("ffn", a.ffn_dim, b.ffn_dim), ("source depth", depth, b.num_layers),
@@ -835,7 +840,7 @@ def _run_wan_pair(spec: BenchSpec, config: WanConfig, loaded, wan_preset: bool, 
     random text and context; per-chunk latency of each, the paired speed-up against the FLOPs' and
     the ops' prediction."""
     if spec.compiled:
-        raise ConfigError("compiled streams run the FAR-style family; bench these models eagerly (drop --compile)",
+        raise ConfigError("drop compiled: compiled streams run the FAR-style family; bench these models eagerly",
                           parameter="compiled")
     sides = dict(zip(("scd", "baseline"), _wan_pair_sides(spec, config, loaded, wan_preset)))
     for side in sides.values():
@@ -864,7 +869,7 @@ def _run_wan_pair(spec: BenchSpec, config: WanConfig, loaded, wan_preset: bool, 
                   rows_meta, warnings)
     meta = {"device": str(device), "device_name": device_name(device), "dtype": dtype_name(dtype),
             "torch": torch.__version__, "scd_version": scd.__version__, "settings": settings,
-            "models": {name: {"source": side.source, "family": "wan", "arch": side.config.arch,
+            "models": {name: {"source": side.source, "family": side.config.family, "arch": side.config.arch,
                               "architecture": side.config.architecture, "width": side.config.dim,
                               "heads": side.config.num_heads, "layers": side.config.depth,
                               "tokens_per_frame": side.config.tokens_per_frame, "chunk_frames": n,

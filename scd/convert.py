@@ -726,8 +726,9 @@ def _convert_wan(src: Source, out: Path, base, to: str, split: Split, encoder_in
     """A causal Wan2.1 checkpoint -> an scd model folder (config.json naming the family and its
     base, model.safetensors under Wan2.1's names; SCD's as `encoder.*` and `decoder.*`)."""
     if to == "baseline" and (split.given() or encoder_input is not None):
-        raise ConfigError(f"{split.given()[0] if split.given() else 'encoder_input'} is for --to scd: a causal Wan "
-                          "re-saved --to baseline keeps its blocks", parameter="to")
+        given = split.given()[0] if split.given() else "encoder_input"
+        raise ConfigError(f"{given} goes with to scd: a causal Wan kept as a baseline keeps its blocks",
+                          parameter=given, others=("to",))
     if split.encoder_norm is not None:
         raise ConfigError("encoder_norm is for the FAR-style family: Wan's blocks end in no output norm",
                           parameter="encoder_norm")

@@ -41,7 +41,7 @@ def latent_plan(video_frames: int, chunk: int, continuing: bool) -> tuple[int, i
 
 
 def prompts_for(job: Job) -> list[str]:
-    """The batch's prompts: one per sample (`--prompt-file` lines), or one prompt for every sample."""
+    """The batch's prompts: one per sample (a prompt file's lines), or one prompt for every sample."""
     prompts = list(job.text or [])
     if not prompts:
         raise ConfigError("give text: this model generates video from a text prompt", parameter="text")
