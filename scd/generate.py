@@ -184,15 +184,7 @@ def run(job: Job):
         what = "text" if job.text is not None else "size"
         raise ConfigError(f"drop {what}: this model continues video, only text-to-video models take a prompt or a size",
                           parameter=what)
-    began = time.perf_counter() if job.started is None else job.started
-    steps = config.default_steps if job.steps is None else job.steps
-    guidance = config.default_guidance if job.guidance is None else job.guidance
-    check_job(job, steps, guidance)
-    outputs = check_outputs(job)
-    device = resolve_device(job.device)
-    dtype = resolve_dtype(job.dtype, device)
-    threads = use_threads(job.threads)
-    times = {"startup_s": job.startup_s, "model_load_s": job.model_load_s}
+    began, steps, guidance, outputs, device, dtype, threads, times = settle(job)
 
     t0 = time.perf_counter()
     read = read_prompt(job.model, job.prompt, job.seed, job.context, job.prompt_actions)
@@ -269,6 +261,20 @@ def run(job: Job):
     yield from run.deliver(started, frames(), lambda complete: summarise(
         run.records, run.loop_s, run.first_ms, complete, job, str(device), dtype_name(dtype), steps, guidance, outputs,
         run.times, threads, used))
+
+
+def settle(job: Job) -> tuple:
+    """What every generate job settles before any work: (start time, steps, guidance, output paths,
+    device, dtype, threads, the time split so far); its numbers and outputs checked."""
+    config = job.model.config
+    began = time.perf_counter() if job.started is None else job.started
+    steps = config.default_steps if job.steps is None else job.steps
+    guidance = config.default_guidance if job.guidance is None else job.guidance
+    check_job(job, steps, guidance)
+    outputs = check_outputs(job)
+    device = resolve_device(job.device)
+    times = {"startup_s": job.startup_s, "model_load_s": job.model_load_s}
+    return began, steps, guidance, outputs, device, resolve_dtype(job.dtype, device), use_threads(job.threads), times
 
 
 class Delivery:

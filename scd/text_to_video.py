@@ -23,9 +23,9 @@ import torch
 
 from scd import checks, text, video
 from scd.codecs import stream_decoder
-from scd.devices import dtype_name, resolve_device, resolve_dtype, use_threads
+from scd.devices import dtype_name
 from scd.errors import ConfigError
-from scd.generate import Delivery, FrameWritten, Job, Started, check_job, check_outputs, summarise
+from scd.generate import Delivery, FrameWritten, Job, Started, settle, summarise
 from scd.sampling import stream
 
 TEMPORAL = 4  # video frames per latent frame after a video's first (the Wan VAE)
@@ -67,26 +67,19 @@ def run(job: Job):
     """Generate and write; yields Started, then FrameWritten per latent frame, then Finished."""
     loaded = job.model
     config = loaded.config
-    began = time.perf_counter() if job.started is None else job.started
-    steps = config.default_steps if job.steps is None else job.steps
-    guidance = config.default_guidance if job.guidance is None else job.guidance
-    check_job(job, steps, guidance)
     if job.actions is not None or job.prompt_actions is not None or job.label is not None:
         raise ConfigError("this model is conditioned on text: drop actions and labels", parameter="actions")
     prompts = prompts_for(job)
     job = dataclasses.replace(job, batch=len(prompts))
-    outputs = check_outputs(job)
-    device = resolve_device(job.device)
-    dtype = resolve_dtype(job.dtype, device)
-    threads = use_threads(job.threads)
-    times = {"startup_s": job.startup_s, "model_load_s": job.model_load_s}
+    began, steps, guidance, outputs, device, dtype, threads, times = settle(job)
 
     base = loaded.base()
     codec = loaded.codec
     size = frame_size(job, codec.scale * config.patch_size[1])
     latent_size = (size[0] // codec.scale, size[1] // codec.scale)
     t0 = time.perf_counter()
-    identity = None if loaded.base_revision is None else f"{config.base}@{loaded.base_revision}"
+    # the text cache is keyed by the base's commit where it came from the Hub
+    identity = None if loaded.base_revision is None else f"{config.base.split('@')[0]}@{loaded.base_revision}"
     embedded = text.encode_prompts(base, prompts, text_len=config.text_len, revision=identity, device=device)
     times["text_encode_s"] = time.perf_counter() - t0
     warnings = list(loaded.notes)

@@ -10,8 +10,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from conftest import random_model
 from scd.convert import Split, wan_split
-from scd.models import WanConfig, build_model
+from scd.models import WanConfig
 from scd.models.wan import teacher_forcing_mask
 from scd.sampling import generate
 from scd_cli.app import app
@@ -31,12 +32,7 @@ def tiny(**overrides) -> WanConfig:
 
 
 def random(config: WanConfig, seed: int = 0):
-    torch.manual_seed(seed)
-    model = build_model(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3)
-    return model.eval()
+    return random_model(config, seed)
 
 
 def test_the_papers_split_is_the_default_for_30_blocks():

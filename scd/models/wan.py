@@ -55,8 +55,8 @@ def wan_rope(first_frame: int, frames: int, rows: int, cols: int, head_dim: int,
 
 # ----------------------------------------------------------------------------- attention and the block
 
-class SelfAttention(nn.Module):
-    """q, k, v, o projections; RMSNorm of q and k across all heads (before the split), then rope."""
+class Projections(nn.Module):
+    """Wan's attention weights: q, k, v, o projections and RMSNorm of q and k across all heads."""
 
     def __init__(self, dim: int, heads: int, eps: float):
         super().__init__()
@@ -64,6 +64,10 @@ class SelfAttention(nn.Module):
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
         self.norm_q = nn.RMSNorm(dim, eps=eps)
         self.norm_k = nn.RMSNorm(dim, eps=eps)
+
+
+class SelfAttention(Projections):
+    """Self-attention: q and k normed across all heads (before the split), then rope."""
 
     def project(self, x: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (B, S, D) -> rotated q, k and v, each (B, H, S, hd)."""
@@ -86,16 +90,9 @@ class SelfAttention(nn.Module):
         return self.o(out.transpose(1, 2).flatten(2))
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(Projections):
     """Attention from the video tokens to the text tokens (all `text_len` of them, padding included,
     as Wan does); its keys and values depend only on the text, so a stream makes them once."""
-
-    def __init__(self, dim: int, heads: int, eps: float):
-        super().__init__()
-        self.heads, self.head_dim = heads, dim // heads
-        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
-        self.norm_q = nn.RMSNorm(dim, eps=eps)
-        self.norm_k = nn.RMSNorm(dim, eps=eps)
 
     def text_kv(self, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Embedded text (B, L, D) -> keys and values, each (B, H, L, hd)."""
@@ -226,7 +223,13 @@ class WanModel(nn.Module):
         if isinstance(first_frame, torch.Tensor):
             cos, sin = rope_tables(first_frame, h // p, w // q, wan_rope_axes(self.config.head_dim))
             return cos.to(like.dtype), sin.to(like.dtype)
-        return wan_rope(first_frame, frames, h // p, w // q, self.config.head_dim, like.device, like.dtype)
+        key = (first_frame, frames, h, w, like.device, like.dtype)
+        made = self.__dict__.get("_rope")
+        if made is None or made[0] != key:  # a chunk's steps and its clean pass share their positions: made once
+            with torch.inference_mode(False):  # plain tensors: training may read them too
+                tables = wan_rope(first_frame, frames, h // p, w // q, self.config.head_dim, like.device, like.dtype)
+            made = self.__dict__["_rope"] = (key, tables)
+        return made[1]
 
     def run_tokens(self, x, e, e0, rope, text_kv, caches=None, mask=None, size=None) -> torch.Tensor:
         """The blocks (and the head, when the model has one, unpatchified to `size`) on tokens x
@@ -384,6 +387,7 @@ class WanState:
     decoder_text_kv: list | None = None  # SCD-Wan: the decoder's cross-attention keys and values
     features: torch.Tensor | None = None  # SCD-Wan: the encoder's features of the chunk being made (B, n, T, D)
     last_clean: torch.Tensor | None = None  # SCD-Wan: the encoder's outputs of the last clean chunk
+    decoder_frame_kv: tuple | None = None  # SCD-Wan: (n, the decoder's text keys and values per frame of a chunk of n)
 
 
 def _tokens(c: WanConfig, size) -> int:
@@ -492,7 +496,10 @@ class WanSCD(nn.Module, WanStreaming):
         if wan.features is None:
             wan.features = self.features(state, chunk, timesteps)
         t = timesteps.float()[:, None].expand(-1, chunk.shape[1])
-        out = self.decode(chunk, t, wan.features, wan.decoder_text_kv)
+        n = chunk.shape[1]
+        if wan.decoder_frame_kv is None or wan.decoder_frame_kv[0] != n:  # per chunk size, not per step
+            wan.decoder_frame_kv = (n, frame_text_kv(wan.decoder_text_kv, n))
+        out = self.decode(chunk, t, wan.features, wan.decoder_frame_kv[1], per_frame=True)
         return out[:, 0] if single else out
 
     def features(self, state: StreamState, chunk: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -509,9 +516,11 @@ class WanSCD(nn.Module, WanStreaming):
         t = timesteps.float()[:, None].expand(-1, chunk.shape[1])
         return self.encoder.run(chunk, t, wan.text_kv, wan.stream.frames, wan.caches)
 
-    def decode(self, noisy: torch.Tensor, timesteps: torch.Tensor, features: torch.Tensor, text_kv) -> torch.Tensor:
+    def decode(self, noisy: torch.Tensor, timesteps: torch.Tensor, features: torch.Tensor, text_kv,
+               per_frame: bool = False) -> torch.Tensor:
         """The decoder on noisy frames (B, n, C, H, W) at timesteps (B, n) with features (B, n, T, D):
-        each frame alone (attention inside its tokens and its features) -> flow (B, n, C, H, W)."""
+        each frame alone (attention inside its tokens and its features) -> flow (B, n, C, H, W).
+        `text_kv`: the decoder's text keys and values per sample, or per frame (`frame_text_kv`)."""
         b, n = noisy.shape[:2]
         h, w = noisy.shape[-2:]
         dec = self.decoder
@@ -524,7 +533,7 @@ class WanSCD(nn.Module, WanStreaming):
             rope = tuple(r.repeat(2, 1) for r in rope)
         else:
             x = x + feats
-        kv = [(k.repeat_interleave(n, 0), v.repeat_interleave(n, 0)) for k, v in text_kv]
+        kv = text_kv if per_frame else frame_text_kv(text_kv, n)
         out = dec.run_tokens(x, e, e0, rope, kv)[:, :, -features.shape[2]:]  # (B n, 1, T, p q C)
         return dec.unpatchify(out, h, w).view(b, n, *noisy.shape[2:])
 
@@ -561,6 +570,11 @@ class WanSCD(nn.Module, WanStreaming):
         noisy = add_noise(target.flatten(0, 1), noise.flatten(0, 1), sigma.flatten()).view_as(target)
         flow = self.decode(noisy, sigma * 1000, features, self.decoder.text_kv(text))
         return F.mse_loss(flow.float(), (noise - target).float())
+
+
+def frame_text_kv(text_kv: list, frames: int) -> list:
+    """Each block's text keys and values (B, H, L, hd) repeated for the B n frames a decoder runs alone."""
+    return [(k.repeat_interleave(frames, 0), v.repeat_interleave(frames, 0)) for k, v in text_kv]
 
 
 def block_causal_mask(frames: int, chunk: int, tokens_per_frame: int, device) -> torch.Tensor:
