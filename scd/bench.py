@@ -538,6 +538,16 @@ def run(spec: BenchSpec) -> Iterator[Started | Measured | RowFinished | Finished
         torch.set_num_threads(threads)
 
 
+def _chunked_model_info(config, source: str, chunk: int) -> dict:
+    """A chunked (Wan) model as the bench report describes it."""
+    return {"source": source, "family": config.family, "arch": config.arch, "architecture": config.architecture,
+            "width": config.width, "heads": config.num_heads, "layers": config.depth,
+            "tokens_per_frame": config.tokens_per_frame, "chunk_frames": chunk, "window": config.window,
+            "sinks": config.sink_size, "decoder_combine": config.decoder_input,
+            "encoder_input": config.encoder_input if config.arch == "scd" else None,
+            "latents": [config.channels, *config.latent_size]}
+
+
 def _streams_text(config) -> bool:
     """A model the bench streams chunk by chunk with random text embeddings (the Wan family)."""
     return config.condition == "text"
@@ -712,11 +722,7 @@ def _run_alone(spec: BenchSpec, side: _Side, device, dtype):
     yield Started(str(device), device_name(device), dtype_name(dtype), side.source, "", rows_meta, [], alone=True)
     meta = {"device": str(device), "device_name": device_name(device), "dtype": dtype_name(dtype),
             "torch": torch.__version__, "scd_version": scd.__version__, "settings": settings,
-            "models": {"model": {"source": side.source, "family": config.family, "architecture": config.architecture,
-                                 "width": config.width, "heads": config.num_heads, "layers": config.depth,
-                                 "tokens_per_frame": config.tokens_per_frame, "chunk_frames": n,
-                                 "window": config.window, "sinks": getattr(config, "sink_size", 0),
-                                 "latents": [config.channels, *config.latent_size]}},
+            "models": {"model": _chunked_model_info(config, side.source, n)},
             "warnings": []}
     peaks, rows = [], []
     total_reps = spec.warmup + spec.reps
@@ -869,15 +875,7 @@ def _run_wan_pair(spec: BenchSpec, config: WanConfig, loaded, wan_preset: bool, 
                   rows_meta, warnings)
     meta = {"device": str(device), "device_name": device_name(device), "dtype": dtype_name(dtype),
             "torch": torch.__version__, "scd_version": scd.__version__, "settings": settings,
-            "models": {name: {"source": side.source, "family": side.config.family, "arch": side.config.arch,
-                              "architecture": side.config.architecture, "width": side.config.dim,
-                              "heads": side.config.num_heads, "layers": side.config.depth,
-                              "tokens_per_frame": side.config.tokens_per_frame, "chunk_frames": n,
-                              "window": side.config.window, "sinks": side.config.sink_size,
-                              "decoder_combine": side.config.decoder_input,
-                              "encoder_input": side.config.encoder_input if side.config.arch == "scd" else None,
-                              "latents": [side.config.channels, *side.config.latent_size]}
-                       for name, side in sides.items()},
+            "models": {name: _chunked_model_info(side.config, side.source, n) for name, side in sides.items()},
             "warnings": warnings}
     models = {name: side.model for name, side in sides.items()}
     peaks, rows = [], []
