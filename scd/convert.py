@@ -740,7 +740,7 @@ def _convert_wan(src: Source, out: Path, base, to: str, split: Split, encoder_in
     config = wan_reference.wan_config(src.path, base_folder, base=base_ref)
     if src.path.is_file():
         _check_container(src.path, src.text)
-    sha = reference.file_sha256(src.path) if src.path.is_file() else "-"
+    sha = files.file_sha256(src.path) if src.path.is_file() else "-"
     tensors, names = wan_reference.read_weights(src.path)
     model = model_from_tensors(config, tensors, src.text)
     entries = [TensorEntry(k, names[k], MAPPED, tuple(v.shape), "renamed from diffusers" if names[k] != k else "")

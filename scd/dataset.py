@@ -352,7 +352,7 @@ class _Writer:
             path = self.out / shard.file
             files.atomic_write(path, lambda tmp: save_file(shard.tensors, str(tmp), metadata={"format": FORMAT}), DataError, "shard")
             index["shards"].append({"file": shard.file, "clips": shard.clips, "bytes": path.stat().st_size,
-                                    "sha256": file_sha256(path)})
+                                    "sha256": files.file_sha256(path)})
             written = ShardWritten(shard.file, len(shard.clips), index["shards"][-1]["bytes"])
         index["partial"] = partial
         files.write_text(self.out / INDEX, json.dumps(index, indent=1) + "\n", DataError, "dataset index")
@@ -508,14 +508,6 @@ class StoredClip:
     source: str
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def check_shard(folder: Path, entry: dict, checksum: bool = False) -> str | None:
     """What is wrong with one shard of the index (None: nothing): missing, not the size the index
     lists, a safetensors header that does not parse or lacks a clip's tensors; with `checksum`
@@ -547,7 +539,7 @@ def check_shard(folder: Path, entry: dict, checksum: bool = False) -> str | None
         info = header.get(f"{clip['key']}.latents")
         if not isinstance(info, dict) or not info.get("shape") or info["shape"][0] != clip["frames"]:
             return f"its header does not hold clip {clip['key']} ({clip['frames']} frames of {clip['source']})"
-    if checksum and entry.get("sha256") and file_sha256(path) != entry["sha256"]:
+    if checksum and entry.get("sha256") and files.file_sha256(path) != entry["sha256"]:
         return "its bytes differ from the checksum stored when it was encoded (damaged on disk or in a copy)"
     return None
 
@@ -616,7 +608,7 @@ class LatentDataset:
             expected = self._checksums.get(name)
             if expected is not None:  # once per process: the bytes are what encode wrote
                 try:
-                    same = file_sha256(self.folder / name) == expected
+                    same = files.file_sha256(self.folder / name) == expected
                 except OSError as err:
                     raise DataError(bad_shard(self.folder / name, f"it cannot be read ({err.strerror or err})"),
                                     "skip_bad_shards") from None

@@ -14,7 +14,6 @@ published files.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -22,6 +21,7 @@ from pathlib import Path, PurePosixPath
 import torch
 import yaml
 
+from scd import files
 from scd.codecs import DCAECodec, build_dcae, dcae_downsample, read_dcae_config
 from scd.errors import CheckpointError, ConfigError
 from scd.loaded import LoadedModel
@@ -37,14 +37,6 @@ WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 FAR_HASHED_NAME = re.compile(r"-([0-9a-f]{8})\.(?:pth|pt|bin|ckpt|safetensors)$")
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def check_far_name(name: str, sha256: str) -> None:
     """FAR names its files `NAME-xxxxxxxx.pth`, xxxxxxxx the first 8 hex digits of their sha256:
     refuse a file whose name carries that pattern and whose content does not match it."""
@@ -57,7 +49,7 @@ def check_far_name(name: str, sha256: str) -> None:
 
 def hashed(path: Path, name: str | None = None) -> str:
     """The sha256 of `path`, checked against the hash in its published `name` (default: its own)."""
-    sha = file_sha256(path)
+    sha = files.file_sha256(path)
     check_far_name(name or Path(path).name, sha)
     return sha
 
