@@ -25,7 +25,7 @@ from scd import checks, text, video
 from scd.codecs import stream_decoder
 from scd.devices import dtype_name
 from scd.errors import ConfigError
-from scd.generate import Delivery, FrameWritten, Job, Started, settle, summarise
+from scd.job import Delivery, FrameWritten, Job, Started, settle, summarise
 from scd.sampling import stream
 
 TEMPORAL = 4  # video frames per latent frame after a video's first (the Wan VAE)
