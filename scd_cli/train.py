@@ -52,7 +52,7 @@ def train(
     workers: int = typer.Option(2, "--workers", help="DataLoader worker processes reading a dataset (0: in the training process)."),
     grad_accum: int = typer.Option(1, "--grad-accum", help="Run each step's batch in N passes of --batch-size / N clips (same batch, less memory)."),
     mixed_precision: str = typer.Option("auto", "--mixed-precision", help="bf16 autocast, or no; auto: bf16 on CUDA, no on CPU."),
-    init: Optional[str] = typer.Option(None, "--init", help="Start from this model folder (e.g. a converted baseline; with --distill-from: the teacher)."),
+    init: Optional[str] = typer.Option(None, "--init", help="Start from this model folder (e.g. a converted baseline; with --distill-from the default is the teacher)."),
     distill_from: Optional[str] = typer.Option(None, "--distill-from", help="Few-step distillation: the SCD teacher whose --teacher-steps samples the decoder learns to match in --distill-steps (docs/training.md, 'Few-step distillation')."),
     distill_steps: Optional[int] = typer.Option(None, "--distill-steps", help="Distillation: the student's decoder steps (the written model's default)."),
     teacher_steps: Optional[int] = typer.Option(None, "--teacher-steps", help="Distillation: the teacher's steps (default: its own default)."),
