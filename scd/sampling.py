@@ -40,6 +40,14 @@ def shifted_schedule(shift: float, train_steps: int = 1000) -> tuple[torch.Tenso
     return sigmas, sigmas * train_steps
 
 
+def even_steps(steps: int) -> tuple[int, ...]:
+    """`steps` listed timesteps spread evenly over 1000 from 1000 down (4: 1000, 750, 500, 250), what a
+    re-noising sampler runs at a step count other than its model's list."""
+    if steps < 1:
+        raise ConfigError(f"steps must be >= 1, got {steps}", parameter="steps")
+    return tuple(round(1000 - i * 1000 / steps) for i in range(steps))
+
+
 def renoise_schedule(listed: tuple[int, ...], shift: float, warp: bool = True,
                      steps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The timesteps (K,) a re-noising sampler runs and their sigmas (K,), float32. `listed` steps
@@ -48,9 +56,7 @@ def renoise_schedule(listed: tuple[int, ...], shift: float, warp: bool = True,
     many steps evenly over 1000 first. A timestep's sigma is the table's at the nearest timestep."""
     listed = list(listed)
     if steps is not None and steps != len(listed):
-        if steps < 1:
-            raise ConfigError(f"steps must be >= 1, got {steps}", parameter="steps")
-        listed = [round(1000 - i * 1000 / steps) for i in range(steps)]
+        listed = list(even_steps(steps))
     sigmas, table = shifted_schedule(shift)
     index = torch.tensor(listed, dtype=torch.long)
     timesteps = torch.cat([table, torch.zeros(1)])[1000 - index] if warp else index.float()
@@ -483,5 +489,5 @@ def kv_cache_bytes(model: StreamingModel, batch: int, frames: int, guidance: flo
     return model.cache_bytes(b, frames, dtype or next(model.parameters()).dtype)
 
 
-__all__ = ["Frame", "KVCache", "Rollout", "add_noise", "denoise", "denoise_steps", "generate", "kv_cache_bytes", "renoise",
-           "renoise_schedule", "shifted_schedule", "sigma_schedule", "stream"]
+__all__ = ["Frame", "KVCache", "Rollout", "add_noise", "denoise", "denoise_steps", "even_steps", "generate", "kv_cache_bytes",
+           "renoise", "renoise_schedule", "shifted_schedule", "sigma_schedule", "stream"]

@@ -189,7 +189,7 @@ def _save_losses(path: Path, losses: list[float]) -> None:
 
 
 def train(config: ModelConfig, out: Path, settings: TrainSettings, batches, init: LoadedModel | None = None,
-          resume: bool = False, card=None, overwrite: bool = False, codec_folder: Path | None = None):
+          resume: bool = False, card=None, overwrite: bool = False, codec_folder: Path | None = None, loss=None):
     """Train, yielding Progress after every step; writes `out/checkpoint.pt` and `out/losses.csv`
     periodically and the EMA model folder at the end (with a copy of `codec_folder` as its codec/).
     `batches(start_step, rank, ranks)` yields (video (B, N, C, H, W), actions) (scd.data); under
@@ -197,10 +197,14 @@ def train(config: ModelConfig, out: Path, settings: TrainSettings, batches, init
     batch is per process); the checkpoint keeps every process's random state.
     An earlier run in `out` is refused unless `resume` or `overwrite`. Interrupted (Ctrl-C, SIGTERM
     as KeyboardInterrupt) between steps' updates, it first saves a checkpoint of the last finished
-    step, from which `resume` continues bit-identically."""
+    step, from which `resume` continues bit-identically.
+    `loss(model, video, conditions, objective)` replaces the model's own loss (`model.loss`), e.g.
+    few-step distillation (scd.distill); its `key` is kept in the checkpoint, and a resume under
+    another is refused."""
     from accelerate import Accelerator
 
     out = Path(out)
+    loss_key = getattr(loss, "key", None)  # what the checkpoint records of the objective (None: the model's own)
     check_out(out, resume, overwrite)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -236,6 +240,9 @@ def train(config: ModelConfig, out: Path, settings: TrainSettings, batches, init
             raise CheckpointError(f"nothing to resume: {ckpt} does not exist")
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
         _check_resumed_config(state.get("config"), config, ckpt)
+        if state.get("objective") != loss_key:
+            raise ConfigError(f"{ckpt} was trained with objective {state.get('objective') or 'flow matching'}, not "
+                              f"{loss_key or 'flow matching'}: resume with the options it was started with")
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(_optimizer_state(state["optimizer"], model, ckpt))
@@ -252,6 +259,7 @@ def train(config: ModelConfig, out: Path, settings: TrainSettings, batches, init
         start = int(state["step"])
         losses, wall_before = list(state.get("losses", [])), float(state.get("wall_s", 0.0))
     raw = model
+    compute = loss if loss is not None else (lambda model, video, conditions, objective: model.loss(video, conditions, objective))
     objective = Objective(settings.sigma_shift, settings.decoder_draws, settings.clean_context_ratio,
                           settings.context_sigma_max)
     data = batches(start, rank, ranks)
@@ -264,7 +272,8 @@ def train(config: ModelConfig, out: Path, settings: TrainSettings, batches, init
                                     "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                                     "rng": rng, "step": done, "losses": losses, "config": config.to_dict(),
                                     "rng_ranks": None if rngs is None else [r.clone() for r in rngs.cpu()],
-                                    "cuda_rng": cuda_rng, "wall_s": wall_before + time.perf_counter() - began})
+                                    "cuda_rng": cuda_rng, "wall_s": wall_before + time.perf_counter() - began,
+                                    "objective": loss_key})
             _save_losses(out / "losses.csv", losses)
 
     def forward_backward(step: int) -> torch.Tensor:
@@ -277,7 +286,7 @@ def train(config: ModelConfig, out: Path, settings: TrainSettings, batches, init
         for part in range(settings.grad_accum):  # the step's batch in passes; gradients add up
             piece = slice(part * len(video) // settings.grad_accum, (part + 1) * len(video) // settings.grad_accum)
             with autocast():
-                pass_loss = raw.loss(video[piece], None if actions is None else actions[piece], objective)
+                pass_loss = compute(raw, video[piece], None if actions is None else actions[piece], objective)
             if not torch.isfinite(pass_loss):
                 raise DataError(f"the loss became {pass_loss.item()} at step {step}: lower the learning rate or check the data")
             accelerator.backward(pass_loss / settings.grad_accum)

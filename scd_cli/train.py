@@ -52,7 +52,10 @@ def train(
     workers: int = typer.Option(2, "--workers", help="DataLoader worker processes reading a dataset (0: in the training process)."),
     grad_accum: int = typer.Option(1, "--grad-accum", help="Run each step's batch in N passes of --batch-size / N clips (same batch, less memory)."),
     mixed_precision: str = typer.Option("auto", "--mixed-precision", help="bf16 autocast, or no; auto: bf16 on CUDA, no on CPU."),
-    init: Optional[str] = typer.Option(None, "--init", help="Start from this model folder (e.g. a converted baseline)."),
+    init: Optional[str] = typer.Option(None, "--init", help="Start from this model folder (e.g. a converted baseline; with --distill-from the default is the teacher)."),
+    distill_from: Optional[str] = typer.Option(None, "--distill-from", help="Few-step distillation: the SCD teacher whose --teacher-steps samples the decoder learns to match in --distill-steps (docs/training.md, 'Few-step distillation')."),
+    distill_steps: Optional[int] = typer.Option(None, "--distill-steps", help="Distillation: the student's decoder steps (the written model's default)."),
+    teacher_steps: Optional[int] = typer.Option(None, "--teacher-steps", help="Distillation: the teacher's steps (default: its own default)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint.pt exactly."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier run in OUT (refused without this or --resume)."),
     threads: Threads = None,
@@ -89,6 +92,13 @@ def train(
                                       clean_context_ratio=clean_context_ratio, context_sigma_max=context_sigma_max, seed=seed, checkpoint_every=checkpoint_every,
                                       grad_accum=grad_accum, mixed_precision=mixed_precision, decoder_draws=decoder_draws)
     loaded = load_model(init) if init else None
+    distiller = None
+    if distill_from is not None or distill_steps is not None or teacher_steps is not None:
+        from scd.distill import distillation
+
+        teacher = load_model(distill_from) if distill_from else None
+        loaded = loaded or (load_model(distill_from) if distill_from else None)
+        distiller = distillation(teacher, loaded, distill_steps, teacher_steps, settings)
     stored = None
     if data != "world":
         training.check_out(out, resume, overwrite)  # before a plain folder is encoded into it
@@ -119,9 +129,10 @@ def train(
     else:
         source = sources.dataset_source(stored, settings, config, workers, loaded)
     use_threads(threads)
+    card = training_card(command, config, settings, source.description)
     events = training.train(config, out, settings, source.batches, loaded, resume,
-                            training_card(command, config, settings, source.description), overwrite=overwrite,
-                            codec_folder=source.codec_folder)
+                            distiller.card(card) if distiller else card, overwrite=overwrite,
+                            codec_folder=source.codec_folder, loss=distiller)
     try:
         _consume(events, settings.steps)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the library saved the last finished step

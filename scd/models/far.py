@@ -440,6 +440,38 @@ class SCDModel(nn.Module, StreamingModel):
         velocity = self.decoder(add_noise(x0, noise, sigma), sigma * 1000.0, features, labels)
         return F.mse_loss(velocity.float(), (noise - x0).float())
 
+    # the decoder under teacher forcing, step by step (few-step distillation, scd/distill.py)
+
+    def generated_frames(self, frames: int) -> slice:
+        """The frames of a clip of `frames` the decoder makes under teacher forcing: 1 .. N-1, frame
+        j from the encoder's features of frame j - 1."""
+        return slice(1, frames)
+
+    def teacher_forced_features(self, video: torch.Tensor, conditions: torch.Tensor | None,
+                                noise: torch.Tensor | None = None, timestep: float | None = None) -> torch.Tensor:
+        """The encoder once over the clean clip `video` (B, N, C, H, W), block-causally, each frame
+        with the action that follows it: the features (B, N-1, T, D) the decoder reads for frames
+        1 .. N-1, what a stream gives it after the true frames before each. `noise` and `timestep`
+        (the generated frames' initial noise, the first step's timestep) are not read: this
+        encoder sees clean frames only."""
+        enc_conditions = None if conditions is None else torch.cat([conditions[:, 1:], conditions[:, -1:]], dim=1)
+        return self.encoder(video, enc_conditions)[:, :-1]
+
+    def frame_velocity(self, features: torch.Tensor, conditions: torch.Tensor | None) -> Callable:
+        """The decoder bound to `features` (B, G, T, D) (`teacher_forced_features`) and the clip's
+        conditions (B, N): `velocity(x (B, G, C, H, W), timesteps (B,))` -> (B, G, C, H, W), every
+        generated frame at once, frame j with its own action j."""
+        b, g = features.shape[:2]
+        labels = None if conditions is None else conditions[:, 1:].flatten()
+        flat = features.flatten(0, 1)
+        rope = self.decoder.rope_tables(features.device)
+
+        def velocity(x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+            v = self.decoder(x.flatten(0, 1), timesteps.repeat_interleave(g), flat, labels, rope)
+            return v.view_as(x)
+
+        return velocity
+
 
 def teacher_forcing_mask(frames: int, tokens_per_frame: int, device) -> torch.Tensor:
     """Boolean attention mask over [clean frames 0..N-1; noisy frames 1..N-1] ((2N-1) T square):

@@ -571,6 +571,55 @@ class WanSCD(nn.Module, WanStreaming):
         flow = self.decode(noisy, sigma * 1000, features, self.decoder.text_kv(text))
         return F.mse_loss(flow.float(), (noise - target).float())
 
+    # the decoder under teacher forcing, step by step (few-step distillation, scd/distill.py)
+
+    def generated_frames(self, frames: int) -> slice:
+        """The frames of a clip of `frames` the decoder makes under teacher forcing: all of them
+        (encoder input "noise"), or those after the first chunk ("none")."""
+        if self.config.encoder_input == "noise":
+            return slice(0, frames)
+        if frames <= self.config.chunk_frames:
+            raise ConfigError(f"an SCD model with encoder input none needs clips longer than a chunk "
+                              f"({self.config.chunk_frames} frames)", parameter="clip_frames")
+        return slice(self.config.chunk_frames, frames)
+
+    def teacher_forced_features(self, video: torch.Tensor, text: torch.Tensor, noise: torch.Tensor | None = None,
+                                timestep: float = 1000.0) -> torch.Tensor:
+        """The encoder once over the clean clip `video` (B, N, C, H, W) with text (B, L, text_dim):
+        the features (B, G, T, D) the decoder reads for the `generated_frames`, what a stream gives
+        it after the true chunks before each. Encoder input "noise": the generated frames' initial
+        noise `noise` (B, N, C, H, W) at the first step's `timestep`, chunk by chunk against the
+        clean chunks before (one masked pass, as `loss`); "none": the clean frames a chunk before."""
+        c = self.config
+        b, n = video.shape[:2]
+        chunk, t = c.chunk_frames, _tokens(c, video.shape[-2:])
+        device = video.device
+        clean_t = torch.full((b, n), float(c.context_noise), device=device)
+        positions = torch.arange(n, device=device)
+        text_kv = self.encoder.text_kv(text)
+        if c.encoder_input == "noise":
+            if noise is None or noise.shape != video.shape:
+                raise ConfigError(f"noise must be {tuple(video.shape)}, the generated frames' initial noise",
+                                  parameter="noise")
+            timesteps = torch.cat([clean_t, torch.full((b, n), float(timestep), device=device)], 1)
+            hidden = self.encoder.run(torch.cat([video, noise.to(video.dtype)], 1), timesteps, text_kv,
+                                      positions.repeat(2), mask=teacher_forcing_mask(n, chunk, t, device))
+            return hidden[:, n:]
+        self.generated_frames(n)  # refuses a clip of one chunk
+        hidden = self.encoder.run(video, clean_t, text_kv, positions, mask=block_causal_mask(n, chunk, t, device))
+        return hidden[:, :-chunk]
+
+    def frame_velocity(self, features: torch.Tensor, text: torch.Tensor):
+        """The decoder bound to `features` (B, G, T, D) (`teacher_forced_features`) and the text:
+        `velocity(x (B, G, C, H, W), timesteps (B,))` -> flow (B, G, C, H, W), each frame alone
+        (the decoder's text keys and values made once)."""
+        kv = frame_text_kv(self.decoder.text_kv(text), features.shape[1])
+
+        def velocity(x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+            return self.decode(x, timesteps.float()[:, None].expand(-1, x.shape[1]), features, kv, per_frame=True)
+
+        return velocity
+
 
 def frame_text_kv(text_kv: list, frames: int) -> list:
     """Each block's text keys and values (B, H, L, hd) repeated for the B n frames a decoder runs alone."""
