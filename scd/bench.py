@@ -432,7 +432,7 @@ def parameter_bytes(model: nn.Module) -> int:
 def steady_flops(config: ModelConfig, context: int, frames: int, steps: int) -> dict:
     """Analytic FLOPs per steady-state frame at batch 1, averaged over frames 1..frames-1 of a run
     (frame u starts with context + u - 1 frames cached)."""
-    counts = [frame_flops(config, context + u - 1, steps) for u in range(1, frames)]
+    counts = [chunk_flops(config, context + u - 1, steps) for u in range(1, frames)]  # one frame a chunk
     return {"flops_per_frame": statistics.fmean(c.total for c in counts),
             "flops_context_pass": statistics.fmean(c.context for c in counts),
             "flops_denoising": statistics.fmean(c.denoise for c in counts)}

@@ -683,7 +683,7 @@ def _write_codec(folder: Path, codec: _Codec) -> None:
 
 # ----------------------------------------------------------------------------- the Wan family
 
-WAN_SHARED = ("patch_embedding.", "text_embedding.", "time_embedding.", "time_projection.")
+WAN_SHARED = ("patch_embedding.", "text_embedding.", "action_embedding.", "time_embedding.", "time_projection.")
 
 
 def wan_split(split: Split, depth: int) -> tuple[tuple[int, ...], tuple[int, ...]]:

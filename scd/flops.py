@@ -89,10 +89,12 @@ def _wan_tokens(c: WanConfig, latent_size: tuple[int, int] | None) -> int:
 
 
 def _wan_block_flops(c: WanConfig, queries: int, keys: int) -> float:
-    """One Wan block on `queries` tokens attending to `keys` tokens (and to the text)."""
+    """One Wan block on `queries` tokens attending to `keys` tokens (and to the text, when it has any:
+    an action model has no cross-attention)."""
     d = c.dim
     block = 8.0 * queries * d * d + 4.0 * queries * keys * d  # self-attention: q, k, v, o; scores, values
-    block += 4.0 * queries * d * d + 4.0 * queries * c.text_len * d  # cross-attention: q, o; scores, values over the text
+    if c.condition == "text":
+        block += 4.0 * queries * d * d + 4.0 * queries * c.text_len * d  # cross-attention: q, o; scores, values over the text
     return block + 4.0 * queries * d * c.ffn_dim
 
 
@@ -128,7 +130,10 @@ def wan_decoder_step_flops(c: WanConfig, frames: int, latent_size: tuple[int, in
 
 def wan_text_flops(c: WanConfig) -> float:
     """Once per stream: the text embedding of `text_len` tokens and every block's cross-attention
-    keys and values (SCD-Wan: the encoder's and the decoder's, each with its own text embedding)."""
+    keys and values (SCD-Wan: the encoder's and the decoder's, each with its own text embedding); none
+    for an action model (its action embedding is a table lookup)."""
+    if c.condition != "text":
+        return 0.0
     n, d = c.text_len, c.dim
     embeddings = 2 if c.arch == "scd" else 1
     return embeddings * 2.0 * n * (c.text_dim * d + d * d) + c.num_layers * 4.0 * n * d * d

@@ -355,6 +355,35 @@ def _copy_codec(source: Path, target: Path) -> None:
         raise CheckpointError(f"cannot copy the codec into {target}: {err.strerror or err}") from None
 
 
+def new_wan_config(arch: str = "baseline", heads: int = 4, head_dim: int = 16, layers: int = 6, decoder_layers: int = 2,
+                   decoder_combine: str = "token_concat", patch_size: int = 4, frame_size: int = 32, default_steps: int = 4,
+                   context_frames: int = 3, world_demo: bool = True, data_fields: dict | None = None):
+    """The config of a new Wan-architecture world model (`scd.models.WanConfig`): Wan2.1's blocks at
+    width heads x head_dim (FFN 4x), on pixels in patches of `patch_size`, frame by frame with the
+    Euler sampler, each frame's action added to its time embedding (no text), a rolling window of
+    `context_frames` frames plus the one being made. arch "baseline" is the causal Wan; "scd" an SCD
+    from Wan of `layers` encoder and `decoder_layers` decoder blocks (the paper converts a trained
+    causal one instead: `scd convert --to scd`)."""
+    from scd import world
+    from scd.models import WanConfig
+    from scd.sampling import even_steps
+
+    if data_fields is not None:
+        raise ConfigError("a new Wan model trains on the synthetic world (--data world); post-train a converted Wan "
+                          "model on a dataset with --init", parameter="family")
+    if arch not in ARCHS:
+        raise ConfigError(f"arch must be one of {', '.join(ARCHS)}, not {arch!r}", parameter="arch")
+    dim = heads * head_dim
+    split = dict(encoder_layers=layers, decoder_layers=decoder_layers, decoder_combine=decoder_combine,
+                 num_layers=layers + decoder_layers) if arch == "scd" else dict(num_layers=layers)
+    return WanConfig(arch=arch, dim=dim, ffn_dim=4 * dim, freq_dim=dim, num_heads=heads, channels=3,
+                     patch_size=(1, patch_size, patch_size), chunk_frames=1, local_attn_size=context_frames + 1,
+                     denoising_steps=even_steps(default_steps), latent_size=(frame_size,) * 2,
+                     frame_size=(frame_size,) * 2, fps=8.0, codec={"type": "pixel"}, condition="action",
+                     num_classes=len(world.ACTIONS), action_names=world.ACTIONS, sampler="euler",
+                     context_frames=context_frames, demo="world" if world_demo else None, **split)
+
+
 def new_config(arch: str = "scd", heads: int = 4, head_dim: int = 16, layers: int = 6, decoder_layers: int = 2,
                decoder_combine: str = "token_concat", patch_size: int = 4, frame_size: int = 32, default_steps: int = 8,
                context_frames: int = 7, world_demo: bool = True, data_fields: dict | None = None) -> ModelConfig:

@@ -16,6 +16,7 @@ from scd import train as training
 from scd.cards import training_card
 from scd.checkpoints import load_model
 from scd.devices import use_threads
+from scd.errors import ConfigError
 from scd.world import ACTIONS as WORLD_ACTIONS
 from scd_cli.common import (
     Threads,
@@ -48,6 +49,7 @@ def train(
     ctx: typer.Context,
     out: Path = typer.Option(..., "--out", "-o", help="Model folder to write (checkpoints go there too)."),
     arch: str = typer.Option("scd", "--arch", help="scd or baseline."),
+    family: str = typer.Option("far", "--family", help="A new model's family: far (the FAR-style transformers) or wan (Wan2.1's blocks, frame-wise, actions through the time embedding; docs/training.md, 'SCD from Wan on the world')."),
     data: str = typer.Option("world", "--data", help="'world' (the synthetic world stream), a latent dataset (scd encode), or a folder of videos (with optional NAME.actions.txt; encoded into OUT/encoded-data-KEY first)."),
     workers: int = typer.Option(2, "--workers", help="DataLoader worker processes reading a dataset (0: in the training process)."),
     grad_accum: int = typer.Option(1, "--grad-accum", help="Run each step's batch in N passes of --batch-size / N clips (same batch, less memory)."),
@@ -120,9 +122,12 @@ def train(
     if loaded is not None:
         config = loaded.config
     else:
-        config = training.new_config(arch, heads, head_dim, layers, decoder_layers, decoder_combine, patch_size, frame_size,
-                                     default_steps, context_frames or clip_frames - 1, world_demo=data == "world",
-                                     data_fields=None if stored is None else sources.model_fields(stored))
+        make = training.new_wan_config if family == "wan" else training.new_config
+        if family not in ("far", "wan"):
+            raise ConfigError(f"family must be far or wan, not {family!r}", parameter="family")
+        config = make(arch, heads, head_dim, layers, decoder_layers, decoder_combine, patch_size, frame_size,
+                      default_steps, context_frames or clip_frames - 1, world_demo=data == "world",
+                      data_fields=None if stored is None else sources.model_fields(stored))
     command = _command_line(ctx)
     if stored is None:
         source = sources.world_source(settings, config)

@@ -291,6 +291,8 @@ WAN_DECODER_COMBINES = ("token_concat", "add")
 # what SCD-Wan's encoder sees of the frame being made: "noise" (the paper: a noised version of it in
 # training, at the top of the noise levels; pure noise when generating) or "none" (only the clean past)
 WAN_ENCODER_INPUTS = ("noise", "none")
+WAN_CONDITIONS = ("text", "action")
+WAN_SAMPLERS = ("renoise", "euler")
 
 
 @dataclass(frozen=True)
@@ -343,18 +345,25 @@ class WanConfig(ConfigFile):
     encoder_input: str = "noise"
     encoder_noise_min: float = 0.8  # training: the current frame's noise level for the encoder, at least this sigma
     source_blocks: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+    # what conditions it: "text" (umT5 embeddings through cross-attention, Wan2.1's own) or "action"
+    # (a world model: each frame's action, one of `num_classes` plus the null action, embedded and added
+    # to the frame's time embedding, so it modulates every block; no text, no cross-attention)
+    condition: str = "text"
+    num_classes: int = 0
+    action_names: tuple[str, ...] = ()
+    # how a stream denoises: "renoise" (Self-Forcing's sampler over `denoising_steps`, chunk by chunk)
+    # or "euler" (flow-matching Euler steps, one frame at a time, as the FAR-style family; its number of
+    # steps by default is the length of `denoising_steps`)
+    sampler: str = "renoise"
+    demo: str | None = None  # "world": its default prompt is a clip of the synthetic world
     format_version: int = FORMAT_VERSION
 
-    condition = "text"
-    sampler = "renoise"
     guidance_mode = "null"
     default_guidance = 1.0
-    action_names = ()
-    num_classes = 0
     encoder_noise = 0.0
-    demo = None
 
     def __post_init__(self):
+        object.__setattr__(self, "action_names", tuple(self.action_names))
         for name in ("patch_size", "latent_size", "frame_size", "denoising_steps"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.source_blocks is not None:
@@ -416,7 +425,8 @@ class WanConfig(ConfigFile):
 
     @property
     def null_class(self) -> int:
-        return 0
+        """The null action's index (after the real ones, as the FAR-style family); 0 for text."""
+        return self.num_classes if self.condition == "action" else 0
 
     def accepts_latent_size(self, size: tuple[int, int]) -> bool:
         return all(s >= p and s % p == 0 for s, p in zip(size, self.patch_size[1:]))
@@ -490,6 +500,17 @@ class WanConfig(ConfigFile):
                 problems.append(f"encoder_noise_min must be a sigma in [0, 1], not {self.encoder_noise_min!r}")
         elif self.encoder_layers or self.decoder_layers:
             problems.append("a causal Wan (arch baseline) has no encoder or decoder layers")
+        if self.condition not in WAN_CONDITIONS:
+            problems.append(f"condition must be one of {WAN_CONDITIONS}, not {self.condition!r}")
+        elif self.condition == "action":
+            if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 1:
+                problems.append(f"an action-conditioned model needs num_classes >= 1, not {self.num_classes!r}")
+            elif self.action_names and len(self.action_names) != self.num_classes:
+                problems.append(f"{len(self.action_names)} action names for {self.num_classes} actions")
+        if self.sampler not in WAN_SAMPLERS:
+            problems.append(f"sampler must be one of {WAN_SAMPLERS}, not {self.sampler!r}")
+        elif self.sampler == "euler" and self.chunk_frames != 1:
+            problems.append("the euler sampler makes one frame at a time: chunk_frames must be 1")
         if problems:
             raise ConfigError("invalid Wan config: " + "; ".join(problems))
 

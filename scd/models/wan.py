@@ -113,15 +113,17 @@ def layer_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class Block(nn.Module):
-    """Wan2.1's block: modulated self-attention, cross-attention to the text (after `norm3`), a
-    modulated tanh-GELU FFN; (shift, scale, gate) x 2 from `modulation` + the frame's time projection."""
+    """Wan2.1's block: modulated self-attention, cross-attention to the text (after `norm3`; none in
+    an action model), a modulated tanh-GELU FFN; (shift, scale, gate) x 2 from `modulation` + the
+    frame's time projection."""
 
     def __init__(self, c: WanConfig):
         super().__init__()
         self.eps = c.eps
         self.self_attn = SelfAttention(c.dim, c.num_heads, c.eps)
-        self.norm3 = nn.LayerNorm(c.dim, eps=c.eps, elementwise_affine=True)
-        self.cross_attn = CrossAttention(c.dim, c.num_heads, c.eps)
+        if c.condition == "text":  # an action model has no text to attend to
+            self.norm3 = nn.LayerNorm(c.dim, eps=c.eps, elementwise_affine=True)
+            self.cross_attn = CrossAttention(c.dim, c.num_heads, c.eps)
         self.ffn = nn.Sequential(nn.Linear(c.dim, c.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(c.ffn_dim, c.dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, c.dim) / c.dim ** 0.5)
 
@@ -132,7 +134,8 @@ class Block(nn.Module):
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation[:, None] + e0).chunk(6, dim=2)  # (B, F, 1, D)
         h = torch.addcmul(shift1, layer_norm(x, self.eps), 1 + scale1)
         x = torch.addcmul(x, self.self_attn(h.flatten(1, 2), rope, cache, mask).view(b, f, t, d), gate1)
-        x = x + self.cross_attn(self.norm3(x).flatten(1, 2), text_kv).view(b, f, t, d)
+        if text_kv is not None:
+            x = x + self.cross_attn(self.norm3(x).flatten(1, 2), text_kv).view(b, f, t, d)
         h = torch.addcmul(shift2, layer_norm(x, self.eps), 1 + scale2)
         return torch.addcmul(x, self.ffn(h), gate2)
 
@@ -163,8 +166,11 @@ class WanModel(nn.Module):
         super().__init__()
         c = self.config = config
         self.patch_embedding = nn.Conv3d(c.channels, c.dim, kernel_size=c.patch_size, stride=c.patch_size)
-        self.text_embedding = nn.Sequential(nn.Linear(c.text_dim, c.dim), nn.GELU(approximate="tanh"),
-                                            nn.Linear(c.dim, c.dim))
+        if c.condition == "text":
+            self.text_embedding = nn.Sequential(nn.Linear(c.text_dim, c.dim), nn.GELU(approximate="tanh"),
+                                                nn.Linear(c.dim, c.dim))
+        else:  # each frame's action (the null action last) joins its time embedding
+            self.action_embedding = nn.Embedding(c.num_classes + 1, c.dim)
         self.time_embedding = nn.Sequential(nn.Linear(c.freq_dim, c.dim), nn.SiLU(), nn.Linear(c.dim, c.dim))
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(c.dim, 6 * c.dim))
         self.blocks = nn.ModuleList(Block(c) for _ in range(c.num_layers if layers is None else layers))
@@ -183,15 +189,23 @@ class WanModel(nn.Module):
         text = F.pad(text.to(weight.device, weight.dtype), (0, 0, 0, c.text_len - text.shape[1]))
         return self.text_embedding(text)
 
-    def text_kv(self, text: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Every block's cross-attention keys and values for text (B, L, text_dim): once per stream."""
+    def text_kv(self, text: torch.Tensor | None) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        """Every block's cross-attention keys and values for text (B, L, text_dim): once per stream
+        (None per block for an action model, which has no cross-attention)."""
+        if self.config.condition != "text":
+            return [None] * len(self.blocks)
         embedded = self.embed_text(text)
         return [block.cross_attn.text_kv(embedded) for block in self.blocks]
 
-    def embed_time(self, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """timesteps (B, F) in Wan's units (sigma * 1000) -> e (B, F, D) and e0 (B, F, 6, D)."""
+    def embed_time(self, timesteps: torch.Tensor, actions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """timesteps (B, F) in Wan's units (sigma * 1000) -> e (B, F, D) and e0 (B, F, 6, D); an action
+        model adds each frame's action (B, F) (None: the null action) to its time embedding."""
         dtype = self.time_embedding[0].weight.dtype
         e = self.time_embedding(wan_sinusoid(timesteps.flatten(), self.config.freq_dim).to(dtype))
+        if self.config.condition == "action":
+            if actions is None:
+                actions = torch.full(timesteps.shape, self.config.null_class, device=timesteps.device)
+            e = e + self.action_embedding(actions.reshape(-1).to(e.device, torch.long))
         e0 = self.time_projection(e).unflatten(-1, (6, self.config.dim))
         return e.view(*timesteps.shape, -1), e0.view(*timesteps.shape, 6, -1)
 
@@ -208,13 +222,15 @@ class WanModel(nn.Module):
         return x.reshape(b, f, -1, h, w)
 
     def run(self, latents: torch.Tensor, timesteps: torch.Tensor, text_kv, first_frame: int | torch.Tensor,
-            caches: "list[LayerCache] | None" = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+            caches: "list[LayerCache] | None" = None, mask: torch.Tensor | None = None,
+            actions: torch.Tensor | None = None) -> torch.Tensor:
         """Flow prediction (B, F, C, H, W) of latents (B, F, C, H, W) at timesteps (B, F), rope frames
         from `first_frame` (or at the positions (F,) given); with `caches` (one per block) the frames
-        attend to the cache too; `mask` (F T, F T) says which tokens see which without one."""
+        attend to the cache too; `mask` (F T, F T) says which tokens see which without one; `actions`
+        (B, F): an action model's action of each frame."""
         h, w = latents.shape[-2:]
         x = self.embed_video(latents)
-        e, e0 = self.embed_time(timesteps)
+        e, e0 = self.embed_time(timesteps, actions)
         return self.run_tokens(x, e, e0, self.rope_for(first_frame, latents.shape[1], h, w, x), text_kv, caches, mask,
                                (h, w))
 
@@ -337,7 +353,8 @@ class WanCausal(WanModel, WanStreaming):
 
     def prepare(self, state: StreamState, condition=None, timesteps=None) -> None:
         """Write the pending frames into the cache, `chunk_frames` at a time, at the clean timestep."""
-        frames, _ = self._take_pending(state)
+        state.condition = condition  # an action model: the action of the frame about to be made (B,)
+        frames, actions = self._take_pending(state)
         if frames is None:
             return
         wan = state.family
@@ -346,7 +363,8 @@ class WanCausal(WanModel, WanStreaming):
             chunk = frames[:, start:start + n]
             wan.stream.place(chunk.shape[1], chunk.device)
             clean = torch.full(chunk.shape[:2], float(self.config.context_noise), device=chunk.device)
-            self.run(chunk, clean, wan.text_kv, wan.stream.frames, wan.caches)
+            self.run(chunk, clean, wan.text_kv, wan.stream.frames, wan.caches,
+                     actions=None if actions is None else actions[:, start:start + n])
             wan.stream.frames += chunk.shape[1]
 
     def velocity(self, state: StreamState, x: torch.Tensor, timesteps: torch.Tensor, step: int | None = None) -> torch.Tensor:
@@ -358,13 +376,14 @@ class WanCausal(WanModel, WanStreaming):
         wan = state.family
         wan.stream.place(chunk.shape[1], chunk.device)
         t = timesteps.float()[:, None].expand(-1, chunk.shape[1])
-        out = self.run(chunk, t, wan.text_kv, wan.stream.frames, wan.caches)
+        out = self.run(chunk, t, wan.text_kv, wan.stream.frames, wan.caches, actions=_frame_actions(state, chunk))
         return out[:, 0] if single else out
 
     def loss(self, video: torch.Tensor, text: torch.Tensor, objective=None) -> torch.Tensor:
         """Teacher forcing (CausVid, Self-Forcing's `_forward_train`): clean latents video (B, N, C, H, W)
-        and text (B, L, text_dim); every chunk is noised to its own level and denoised against the
-        clean chunks before it, in one masked pass over [clean; noisy] frames; flow-matching loss."""
+        and text (B, L, text_dim) (an action model: each frame's action (B, N)); every chunk is noised
+        to its own level and denoised against the clean chunks before it, in one masked pass over
+        [clean; noisy] frames; flow-matching loss."""
         sigma_shift = getattr(objective, "sigma_shift", 1.0)
         b, n = video.shape[:2]
         chunk = self.config.chunk_frames
@@ -374,7 +393,8 @@ class WanCausal(WanModel, WanStreaming):
         timesteps = torch.cat([torch.full((b, n), float(self.config.context_noise), device=video.device), sigma * 1000], 1)
         positions = torch.arange(n, device=video.device).repeat(2)
         mask = teacher_forcing_mask(n, chunk, _tokens(self.config, video.shape[-2:]), video.device)
-        flow = self.run(torch.cat([video, noisy], 1), timesteps, self.text_kv(text), positions, mask=mask)[:, n:]
+        text_kv, actions = _condition(self.config, self, text, 2)
+        flow = self.run(torch.cat([video, noisy], 1), timesteps, text_kv, positions, mask=mask, actions=actions)[:, n:]
         return F.mse_loss(flow.float(), (noise - video).float())
 
 
@@ -394,12 +414,29 @@ def _tokens(c: WanConfig, size) -> int:
     return (size[0] // c.patch_size[1]) * (size[1] // c.patch_size[2])
 
 
+def _condition(c: WanConfig, model: WanModel, conditions: torch.Tensor | None, copies: int):
+    """A teacher-forcing pass's conditioning: text keys and values (text models), or each frame's
+    action repeated for the `copies` copies of the clip the pass runs (action models)."""
+    if c.condition == "text":
+        return model.text_kv(conditions), None
+    return model.text_kv(None), None if conditions is None else conditions.repeat(1, copies)
+
+
+def _frame_actions(state: StreamState, chunk: torch.Tensor) -> torch.Tensor | None:
+    """(B, n) the action of the chunk being made, from `prepare` (None: the null action)."""
+    condition = getattr(state, "condition", None)
+    return None if condition is None else condition[:, None].expand(-1, chunk.shape[1])
+
+
 def _check_stream(c: WanConfig, batch: int, compiler, text, latent_size) -> tuple[int, int]:
     if compiler is not None:
         raise ConfigError("compiled streams run the FAR-style family; stream a Wan model eagerly", parameter="compiled")
-    if text is None:
+    if c.condition == "action":
+        if text is not None:
+            raise ConfigError("this Wan model is conditioned on actions, not text: drop text", parameter="text")
+    elif text is None:
         raise ConfigError("a Wan model is conditioned on text: give its embeddings (B, L, text_dim)", parameter="text")
-    if text.shape[0] != batch:
+    elif text.shape[0] != batch:
         raise ConfigError(f"text embeddings for {text.shape[0]} prompts, a stream of {batch}", parameter="text")
     size = tuple(latent_size or c.latent_size)
     if not c.accepts_latent_size(size):
@@ -473,7 +510,8 @@ class WanSCD(nn.Module, WanStreaming):
     def prepare(self, state: StreamState, condition=None, timesteps=None) -> None:
         """Write the pending frames into the encoder's cache at the clean timestep, a chunk at a time;
         the features of a new chunk are made by its first denoising step."""
-        frames, _ = self._take_pending(state)
+        state.condition = condition  # an action model: the action of the frame about to be made (B,)
+        frames, actions = self._take_pending(state)
         wan = state.family
         wan.features = None
         if frames is None:
@@ -483,7 +521,8 @@ class WanSCD(nn.Module, WanStreaming):
             chunk = frames[:, start:start + n]
             wan.stream.place(chunk.shape[1], chunk.device)
             clean = torch.full(chunk.shape[:2], float(self.config.context_noise), device=chunk.device)
-            hidden = self.encoder.run(chunk, clean, wan.text_kv, wan.stream.frames, wan.caches)
+            hidden = self.encoder.run(chunk, clean, wan.text_kv, wan.stream.frames, wan.caches,
+                                      actions=None if actions is None else actions[:, start:start + n])
             wan.stream.frames += chunk.shape[1]
             wan.last_clean = hidden  # (B, n, T, D): what a decoder without the current frame reads
 
@@ -499,7 +538,8 @@ class WanSCD(nn.Module, WanStreaming):
         n = chunk.shape[1]
         if wan.decoder_frame_kv is None or wan.decoder_frame_kv[0] != n:  # per chunk size, not per step
             wan.decoder_frame_kv = (n, frame_text_kv(wan.decoder_text_kv, n))
-        out = self.decode(chunk, t, wan.features, wan.decoder_frame_kv[1], per_frame=True)
+        out = self.decode(chunk, t, wan.features, wan.decoder_frame_kv[1], per_frame=True,
+                          actions=_frame_actions(state, chunk))
         return out[:, 0] if single else out
 
     def features(self, state: StreamState, chunk: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -514,10 +554,10 @@ class WanSCD(nn.Module, WanStreaming):
             return last[:, -chunk.shape[1]:]
         wan.stream.place(chunk.shape[1], chunk.device)
         t = timesteps.float()[:, None].expand(-1, chunk.shape[1])
-        return self.encoder.run(chunk, t, wan.text_kv, wan.stream.frames, wan.caches)
+        return self.encoder.run(chunk, t, wan.text_kv, wan.stream.frames, wan.caches, actions=_frame_actions(state, chunk))
 
     def decode(self, noisy: torch.Tensor, timesteps: torch.Tensor, features: torch.Tensor, text_kv,
-               per_frame: bool = False) -> torch.Tensor:
+               per_frame: bool = False, actions: torch.Tensor | None = None) -> torch.Tensor:
         """The decoder on noisy frames (B, n, C, H, W) at timesteps (B, n) with features (B, n, T, D):
         each frame alone (attention inside its tokens and its features) -> flow (B, n, C, H, W).
         `text_kv`: the decoder's text keys and values per sample, or per frame (`frame_text_kv`)."""
@@ -526,7 +566,7 @@ class WanSCD(nn.Module, WanStreaming):
         dec = self.decoder
         x = dec.embed_video(noisy).flatten(0, 1)[:, None]  # (B n, 1, T, D)
         feats = features.flatten(0, 1)[:, None].to(x.dtype)
-        e, e0 = dec.embed_time(timesteps.flatten()[:, None])  # (B n, 1, D), (B n, 1, 6, D)
+        e, e0 = dec.embed_time(timesteps.flatten()[:, None], None if actions is None else actions.flatten()[:, None])
         rope = dec.rope_for(0, 1, h, w, x)
         if self.config.decoder_combine == "token_concat":
             x = torch.cat([feats, x], dim=2)  # (B n, 1, 2T, D)
@@ -555,20 +595,24 @@ class WanSCD(nn.Module, WanStreaming):
             enc_sigma = (low + (1 - low) * torch.rand(b, -(-n // chunk))).repeat_interleave(chunk, 1)[:, :n].to(device)
             enc_noisy = add_noise(video.flatten(0, 1), torch.randn_like(video).flatten(0, 1), enc_sigma.flatten())
             mask = teacher_forcing_mask(n, chunk, t, device)
+            text_kv, actions = _condition(c, self.encoder, text, 2)
             hidden = self.encoder.run(torch.cat([video, enc_noisy.view_as(video)], 1),
-                                      torch.cat([clean_t, enc_sigma * 1000], 1), self.encoder.text_kv(text),
-                                      positions.repeat(2), mask=mask)
-            features, target = hidden[:, n:], video
+                                      torch.cat([clean_t, enc_sigma * 1000], 1), text_kv,
+                                      positions.repeat(2), mask=mask, actions=actions)
+            features, target, own = hidden[:, n:], video, text
         else:
             mask = block_causal_mask(n, chunk, t, device)
-            hidden = self.encoder.run(video, clean_t, self.encoder.text_kv(text), positions, mask=mask)
+            text_kv, actions = _condition(c, self.encoder, text, 1)
+            hidden = self.encoder.run(video, clean_t, text_kv, positions, mask=mask, actions=actions)
             if n <= chunk:
                 raise ConfigError(f"training with encoder input none needs clips longer than a chunk ({chunk} frames)")
             features, target = hidden[:, :-chunk], video[:, chunk:]
+            own = text if c.condition == "text" or text is None else text[:, chunk:]
         sigma = logit_normal(target.shape[0] * target.shape[1], sigma_shift).to(device).view(target.shape[:2])
         noise = torch.randn_like(target)
         noisy = add_noise(target.flatten(0, 1), noise.flatten(0, 1), sigma.flatten()).view_as(target)
-        flow = self.decode(noisy, sigma * 1000, features, self.decoder.text_kv(text))
+        decoder_kv = self.decoder.text_kv(text if c.condition == "text" else None)
+        flow = self.decode(noisy, sigma * 1000, features, decoder_kv, actions=None if c.condition == "text" else own)
         return F.mse_loss(flow.float(), (noise - target).float())
 
     # the decoder under teacher forcing, step by step (few-step distillation, scd/distill.py)
@@ -623,7 +667,8 @@ class WanSCD(nn.Module, WanStreaming):
 
 def frame_text_kv(text_kv: list, frames: int) -> list:
     """Each block's text keys and values (B, H, L, hd) repeated for the B n frames a decoder runs alone."""
-    return [(k.repeat_interleave(frames, 0), v.repeat_interleave(frames, 0)) for k, v in text_kv]
+    return [None if kv is None else (kv[0].repeat_interleave(frames, 0), kv[1].repeat_interleave(frames, 0))
+            for kv in text_kv]
 
 
 def block_causal_mask(frames: int, chunk: int, tokens_per_frame: int, device) -> torch.Tensor:
@@ -639,10 +684,12 @@ def init_weights(model: WanModel) -> None:
             nn.init.xavier_uniform_(module.weight)
             nn.init.zeros_(module.bias)
     nn.init.xavier_uniform_(model.patch_embedding.weight.flatten(1))
-    for embedder in (model.text_embedding, model.time_embedding):
+    for embedder in (getattr(model, "text_embedding", ()), model.time_embedding):
         for module in embedder:
             if isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, std=0.02)
+    if hasattr(model, "action_embedding"):
+        nn.init.normal_(model.action_embedding.weight, std=0.02)
     if model.head is not None:
         nn.init.zeros_(model.head.head.weight)
 
