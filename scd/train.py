@@ -23,7 +23,7 @@ from scd.checkpoints import save_model_folder
 from scd.codecs import CODEC_DIR
 from scd.errors import CheckpointError, ConfigError, DataError
 from scd.loaded import LoadedModel
-from scd.models import ARCHS, ModelConfig, Objective, build_model, default_rope_axes
+from scd.models import ARCHS, ModelConfig, Objective, build_model, config_from_dict, default_rope_axes
 
 RANK_STRIDE = 1_000_003  # process r of a multi-process run draws data and noise from seed + r * stride
 MIXED_PRECISION = ("auto", "no", "bf16")
@@ -172,7 +172,7 @@ def _check_resumed_config(saved: dict | None, config: ModelConfig, path: Path) -
     if saved is None:  # checkpoints from before configs were stored
         return
     try:  # fields added since the checkpoint was written take their defaults, as a config.json's do
-        saved = ModelConfig.from_dict(saved).to_dict()
+        saved = config_from_dict(saved).to_dict()
     except ConfigError as err:
         raise ConfigError(f"{path} holds a model config this scd cannot read: {err}") from None
     now = config.to_dict()
