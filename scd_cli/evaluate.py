@@ -22,7 +22,7 @@ def eval_command(
     baseline: Optional[str] = typer.Option(None, "--baseline", help="Baseline model (default: the embedded one)."),
     clips: int = typer.Option(64, "--clips", help="Held-out clips."),
     context: int = typer.Option(8, "--context", help="Context frames given to the models."),
-    frames: int = typer.Option(16, "--frames", help="Frames generated and scored."),
+    frames: int = typer.Option(16, "--frames", help="Frames generated and scored (1000: the long horizon, tracked by horizon)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Denoising steps (default: each model's)."),
     guidance: Optional[float] = typer.Option(None, "--guidance"),
     seed: int = typer.Option(0, "--seed"),
@@ -43,6 +43,22 @@ def eval_command(
         table.add_row(name, f"{r['psnr']:.2f}", f"{r['ssim']:.4f}", str(r.get("steps", "-")),
                       f"{100 * r['agent_hit_rate_last']:.0f}%", " ".join(f"{v:.1f}" for v in r["psnr_per_frame"]))
     console.print(table)
+    at = list(result["scd"]["horizons"]["hit_rate_at"])
+    by = Table(title="by horizon: within 2 px at generated frame N (agent / red ball / green ball); PSNR over frames")
+    by.add_column("predictor")
+    for h in at:
+        by.add_column(f"frame {h}")
+    spans = list(result["scd"]["horizons"]["psnr_over"])
+    for span in spans:
+        by.add_column(f"dB {span}")
+    by.add_column("worst 16 vs object-free")
+    for name in ("scd", "baseline", "copy_last_frame", "object_free"):
+        h = result[name]["horizons"]
+        cells = [" / ".join(f"{100 * v:.0f}" for v in h["hit_rate_at"][k].values()) for k in at]
+        margin = result[name].get("margin_over_object_free")
+        by.add_row(name, *cells, *(f"{h['psnr_over'][span]:.2f}" for span in spans),
+                   f"{margin['worst_16_frames_db']:+.2f} dB (frame {margin['worst_block_starts_at']})" if margin else "-")
+    console.print(by)
     console.print("copy_last_frame repeats the last context frame; object_free is the true static scene with every "
                   "moving object erased (what getting the background right is worth).", style="dim")
     if json_path is not None:
