@@ -93,3 +93,20 @@ def test_rollout_options_need_the_world(tmp_path):
 
     card = training_card("scd train", tiny_config(**WORLD), settings, "synthetic world")([0.5] * 10, 60.0)
     assert "4 clips per step from the model's own rollouts" in card and "x4 on the moving objects" in card
+
+
+def test_rope_scores_depend_only_on_frame_offsets():
+    """A rolling window needs no re-based positions: keys are rotated at their absolute frame, the
+    query at its own, and q.k depends on the offset alone (angles in float64), so frame 1,000 of a
+    window of 3 scores its keys as frame 3 did in training."""
+    from scd.model import apply_rope, rope_tables
+
+    torch.manual_seed(0)
+    q, k = torch.randn(16, 16), torch.randn(3 * 16, 16)
+
+    def scores(first: int):
+        cos, sin = rope_tables(torch.arange(first, first + 4), 4, 4, (4, 6, 6))
+        t = 16
+        return apply_rope(q, cos[3 * t:], sin[3 * t:]) @ apply_rope(k, cos[:3 * t], sin[:3 * t]).T
+
+    assert torch.allclose(scores(0), scores(997), atol=1e-4) and torch.allclose(scores(0), scores(99_997), atol=1e-3)
