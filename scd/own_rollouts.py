@@ -7,8 +7,8 @@ no_grad), driven by the clip's actions, while the simulator renders the true fra
 actions. A training clip is then the stream's last `clip_frames` generated frames as context with
 the true frames as targets: the loss teaches the model to predict the truth from its own context.
 Streams start from true frames and run to a random horizon (up to `horizon` frames), or restart
-early when the generated frame has lost the scene (PSNR under RESTART_PSNR), so the clips cover
-every stage of a long rollout. The state is kept in the training checkpoint: a resumed run
+as soon as a generated frame has lost an object (`off_track`): the clips cover every stage of a
+rollout the model still holds, and grow longer as it holds longer. The state is kept in the training checkpoint: a resumed run
 continues the same streams.
 """
 
@@ -21,7 +21,22 @@ from scd import world
 from scd.errors import ConfigError
 from scd.sampling import generate
 
-RESTART_PSNR = 14.0  # dB: a generated frame this far from the truth has lost the scene; start afresh
+TRACK_RADIUS = 2.0  # px: a stream whose frame has an object further than this from the truth starts afresh
+
+
+def off_track(frames: torch.Tensor, truth: torch.Tensor) -> np.ndarray:
+    """(S,) bool: generated frames (S, 3, H, W) in [-1, 1] where an object visible in the true frame
+    is missing or more than TRACK_RADIUS px from where it truly is (`scd.world.locate`). Past that
+    point the context no longer holds where the object is, and the true frame is no target to
+    learn from it: the model would learn to ignore its context."""
+    to_uint8 = lambda v: ((v.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    pred, true = to_uint8(frames), to_uint8(truth)
+    lost = np.zeros(len(pred), bool)
+    for color in world.OBJECT_COLORS.values():
+        p_at, p_seen = world.locate(pred, color)
+        t_at, t_seen = world.locate(true, color)
+        lost |= t_seen & (~p_seen | (np.linalg.norm(p_at - t_at, axis=-1) > TRACK_RADIUS))
+    return lost
 
 
 class OwnRollouts:
@@ -83,8 +98,7 @@ class OwnRollouts:
         truth = self.truth[torch.arange(self.streams)[:, None], frames]
         actions = self.actions.gather(1, frames)
         context = self.generated.clone()
-        mse = (frame - truth[:, -1]).pow(2).flatten(1).mean(1) / 4  # in [0, 1] units
-        lost = (10 * torch.log10(1 / mse.clamp(min=1e-10))).numpy() < RESTART_PSNR
+        lost = off_track(frame, truth[:, -1])
         self.position += 1
         self.length[lost] = 0  # restarted before the next step
         return context, truth, actions
