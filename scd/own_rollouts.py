@@ -21,7 +21,7 @@ from scd import world
 from scd.errors import ConfigError
 from scd.sampling import generate
 
-TRACK_RADIUS = 2.0  # px: a stream whose frame has an object further than this from the truth starts afresh
+TRACK_RADIUS = 1.0  # px: a stream whose frame has an object further than this from the truth starts afresh
 
 
 def off_track(frames: torch.Tensor, truth: torch.Tensor) -> np.ndarray:
