@@ -16,6 +16,7 @@ from scd import train as training
 from scd.cards import training_card
 from scd.checkpoints import load_model
 from scd.devices import use_threads
+from scd.errors import ConfigError
 from scd.world import ACTIONS as WORLD_ACTIONS
 from scd_cli.common import (
     Threads,
@@ -69,6 +70,9 @@ def train(
     clean_context_ratio: float = typer.Option(1.0, "--clean-context-ratio", help="Share of context frames the model sees clean (SCD: its encoder); the others are noised (the SCD reference: 0.1)."),
     context_sigma_max: float = typer.Option(1.0, "--context-sigma-max", help="Noised context frames draw sigma from this times logit-normal."),
     context_frames: Optional[int] = typer.Option(None, "--context-frames", help="Context window the new model folder defaults to (default: --clip-frames - 1, the most any training frame saw)."),
+    rollout_clips: int = typer.Option(0, "--rollout-clips", help="World: clips per step from the model's own rollouts (its generated frames as context, the simulator's as targets), beside --batch-size true clips."),
+    rollout_horizon: int = typer.Option(128, "--rollout-horizon", help="World: the longest of those rollouts, in frames."),
+    object_weight: float = typer.Option(0.0, "--object-weight", help="World: extra loss weight on the moving objects' pixels (0: none)."),
     checkpoint_every: int = typer.Option(200, "--checkpoint-every"),
     seed: int = typer.Option(0, "--seed"),
     heads: int = typer.Option(4, "--heads"),
@@ -87,7 +91,10 @@ def train(
     settings = training.TrainSettings(steps=steps, batch_size=batch_size, clip_frames=clip_frames, lr=lr, warmup=warmup, decay=decay,
                                       ema_decay=ema_decay, decoder_lr_ratio=decoder_lr_ratio, sigma_shift=sigma_shift,
                                       clean_context_ratio=clean_context_ratio, context_sigma_max=context_sigma_max, seed=seed, checkpoint_every=checkpoint_every,
-                                      grad_accum=grad_accum, mixed_precision=mixed_precision, decoder_draws=decoder_draws)
+                                      grad_accum=grad_accum, mixed_precision=mixed_precision, decoder_draws=decoder_draws,
+                                      rollout_clips=rollout_clips, rollout_horizon=rollout_horizon, object_weight=object_weight)
+    if data != "world" and (rollout_clips or object_weight):
+        raise ConfigError("--rollout-clips and --object-weight need the synthetic world's simulator: use --data world", "data")
     loaded = load_model(init) if init else None
     stored = None
     if data != "world":
