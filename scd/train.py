@@ -10,6 +10,7 @@ continues bit-identically because batch k depends only on (seed, k).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import shutil
 import time
@@ -224,6 +225,11 @@ def train(config: ModelConfig, out: Path, settings: TrainSettings, batches, init
     rank, ranks = accelerator.process_index, accelerator.num_processes
     torch.manual_seed(settings.seed)
     model = init.model.train() if init is not None else build_model(config).train()  # the same on every process
+    if init is not None:  # the caller may change what the folder generates with (a longer window), nothing else
+        changed = [f.name for f in dataclasses.fields(config) if getattr(config, f.name) != getattr(model.config, f.name)]
+        if set(changed) - set(GENERATION_DEFAULTS):
+            raise ConfigError(f"the initial model's {', '.join(changed)} cannot change in training", parameter="init")
+        model.config = config
     config = model.config
     if rank:
         torch.manual_seed(settings.seed + RANK_STRIDE * rank)  # its own noise; rank 0 draws what one process draws

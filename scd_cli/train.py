@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shlex
 from pathlib import Path
@@ -69,7 +70,7 @@ def train(
     sigma_shift: float = typer.Option(1.0, "--sigma-shift", help="Shift noise levels toward 1 (SD3-style; 1 = the reference's logit-normal)."),
     clean_context_ratio: float = typer.Option(1.0, "--clean-context-ratio", help="Share of context frames the model sees clean (SCD: its encoder); the others are noised (the SCD reference: 0.1)."),
     context_sigma_max: float = typer.Option(1.0, "--context-sigma-max", help="Noised context frames draw sigma from this times logit-normal."),
-    context_frames: Optional[int] = typer.Option(None, "--context-frames", help="Context window the new model folder defaults to (default: --clip-frames - 1, the most any training frame saw)."),
+    context_frames: Optional[int] = typer.Option(None, "--context-frames", help="Context window the new model folder defaults to (default: --clip-frames - 1, the most any training frame saw; with --init: the initial model's)."),
     rollout_clips: int = typer.Option(0, "--rollout-clips", help="World: clips per step from the model's own rollouts (its generated frames as context, the simulator's as targets), beside --batch-size true clips."),
     rollout_horizon: int = typer.Option(128, "--rollout-horizon", help="World: the longest of those rollouts, in frames."),
     object_weight: float = typer.Option(0.0, "--object-weight", help="World: extra loss weight on the moving objects' pixels (0: none)."),
@@ -116,6 +117,8 @@ def train(
             err_console.print(f"[yellow]warning:[/] skipped the dataset shard {file}: {problem}", soft_wrap=True)
     if loaded is not None:
         config = loaded.config
+        if context_frames is not None:  # fine-tuning on longer clips: the folder generates with the longer window
+            config = dataclasses.replace(config, context_frames=context_frames, window=context_frames)
     else:
         config = training.new_config(arch, heads, head_dim, layers, decoder_layers, decoder_combine, patch_size, frame_size,
                                      default_steps, context_frames or clip_frames - 1, world_demo=data == "world",
