@@ -80,6 +80,11 @@ def training_card(command: str, config: ModelConfig, settings, data: str):
     if settings.clean_context_ratio < 1:  # both models read noised context when asked
         recipe.append(f"clean context {settings.clean_context_ratio:g} (else sigma <= {settings.context_sigma_max:g})")
     recipe.append(f"context window {config.window or config.context_frames} frames")
+    if settings.rollout_clips:
+        recipe.append(f"{settings.rollout_clips} clips per step from the model's own rollouts (up to "
+                      f"{settings.rollout_horizon} frames) beside the true ones")
+    if settings.object_weight:
+        recipe.append(f"loss weight x{1 + settings.object_weight:g} on the moving objects")
     depth = f"{config.depth} layers" + (f" (decoder input: {config.decoder_input})" if config.decoder_input else "")
 
     def card(losses: list[float], wall_s: float) -> str:

@@ -30,12 +30,25 @@ def _scores(pred: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return (psnr(p, t).clamp(max=PSNR_CAP).view(c, u).mean(0).numpy(), ssim(p, t).view(c, u).mean(0).numpy())
 
 
+HORIZONS = (1, 8, 16, 64, 128, 1000)  # generated frames at which each object's tracking is reported
+SPANS = ((1, 16), (17, 64), (65, 128), (129, 256), (257, 512), (513, 1000))  # PSNR over these frames (1-based)
+
+
+def horizons(psnr_per_frame, objects: dict) -> dict:
+    """By horizon: each object's hit rate at the HORIZONS generated frames there are, and the mean
+    PSNR over the SPANS of frames there are (a span the rollout ends inside is cut to its end)."""
+    frames = len(psnr_per_frame)
+    hits = {str(h): {name: o["hit_rate"][h - 1] for name, o in objects.items()} for h in HORIZONS if h <= frames}
+    spans = {f"{a}-{min(b, frames)}": round(float(np.mean(psnr_per_frame[a - 1:b])), 3) for a, b in SPANS if a <= frames}
+    return {"hit_rate_at": hits, "psnr_over": spans}
+
+
 def _summary(pred, truth, **extra) -> dict:
     p, s = _scores(pred, truth)
     objects = world.track_objects(pred, truth)
     return {"psnr": float(p.mean()), "ssim": float(s.mean()), "psnr_per_frame": p.round(3).tolist(),
             "ssim_per_frame": s.round(4).tolist(), "agent_hit_rate_last": objects["agent"]["hit_rate"][-1],
-            "objects": objects, **extra}
+            "objects": objects, "horizons": horizons(p.tolist(), objects), **extra}
 
 
 def rollout(loaded: LoadedModel, clips, context: int, frames: int, steps: int, guidance: float, seed: int) -> np.ndarray:
@@ -56,7 +69,8 @@ def rollout(loaded: LoadedModel, clips, context: int, frames: int, steps: int, g
 def evaluate(models: dict[str, LoadedModel], clips: int = 64, context: int = 8, frames: int = 16,
              steps: int | None = None, guidance: float | None = None, seed: int = 0) -> dict:
     """Scores of each named model, of copy-last-frame and of the object-free scene on `clips`
-    held-out clips (PSNR, SSIM and object tracking per generated frame)."""
+    held-out clips (PSNR, SSIM and object tracking per generated frame, and by horizon: `horizons`);
+    each model's `margin_over_object_free` is its worst 16-frame block against the object-free scene."""
     for name, value in (("clips", clips), ("context", context), ("frames", frames)):
         if value < 1:
             raise ConfigError(f"{name} must be >= 1, got {value}", parameter=name)
@@ -81,4 +95,10 @@ def evaluate(models: dict[str, LoadedModel], clips: int = 64, context: int = 8, 
     scene = np.stack([world.render_clip(world.HELDOUT_SEED_START + i, context + frames, a, objects=False)[0][context:]
                       for i, (_, a) in enumerate(data)])
     result["object_free"] = _summary(scene, truth)
+    floor = np.array(result["object_free"]["psnr_per_frame"])
+    for name in models:  # the worst stretch against the object-free scene: a model must never fall below it
+        p = np.array(result[name]["psnr_per_frame"])
+        blocks = [(p[i:i + 16] - floor[i:i + 16]).mean() for i in range(0, frames, 16)]
+        result[name]["margin_over_object_free"] = {"worst_16_frames_db": round(float(min(blocks)), 3),
+                                                   "worst_block_starts_at": 16 * int(np.argmin(blocks)) + 1}
     return result

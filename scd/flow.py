@@ -5,6 +5,7 @@ training draws. `x_sigma = (1 - sigma) x0 + sigma noise`; the model learns the v
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def add_noise(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -32,3 +33,12 @@ def noised_context(video: torch.Tensor, clean_ratio: float, sigma_max: float) ->
     sigma = torch.where(clean, torch.zeros_like(sigma), sigma)
     noisy = add_noise(video, torch.randn_like(video), sigma)
     return noisy, torch.where(clean, torch.full_like(sigma, -1.0), sigma * 1000.0)
+
+
+def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error in float32; with `weight` (broadcast to pred's shape, >= 0) the
+    weighted mean sum(w e^2) / sum(w), so the loss keeps its scale whatever the weights."""
+    if weight is None:
+        return F.mse_loss(pred.float(), target.float())
+    weight = weight.float().expand_as(pred)
+    return ((pred.float() - target.float()).pow(2) * weight).sum() / weight.sum()

@@ -10,6 +10,7 @@ continues bit-identically because batch k depends only on (seed, k).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import shutil
 import time
@@ -49,6 +50,9 @@ class TrainSettings:
     checkpoint_every: int = 200
     grad_accum: int = 1  # each step's batch runs in this many passes of batch_size / grad_accum clips (less memory)
     mixed_precision: str = "auto"  # bf16 autocast ("auto": on CUDA), or "no"
+    rollout_clips: int = 0  # world: clips per step from the model's own rollouts (scd.own_rollouts), beside batch_size true ones
+    rollout_horizon: int = 128  # world: the longest of those rollouts, in frames
+    object_weight: float = 0.0  # world: extra loss weight where the moving objects are (scd.world.object_weights)
 
     def __post_init__(self):
         """Every number in range and finite (ConfigError naming the setting otherwise)."""
@@ -68,6 +72,9 @@ class TrainSettings:
         n("action_dropout", self.action_dropout, 0, 1)
         checks.seed(self.seed)
         n("grad_accum", self.grad_accum, 1, None, integer=True)
+        n("rollout_clips", self.rollout_clips, 0, None, integer=True)
+        n("rollout_horizon", self.rollout_horizon, self.clip_frames + 1, None, integer=True)
+        n("object_weight", self.object_weight, 0, None)
         if self.batch_size % self.grad_accum:
             raise ConfigError(f"grad_accum must divide the batch size ({self.batch_size}), got {self.grad_accum}",
                               parameter="grad_accum")
@@ -222,6 +229,11 @@ def train(config: ModelConfig, out: Path, settings: TrainSettings, batches, init
     rank, ranks = accelerator.process_index, accelerator.num_processes
     torch.manual_seed(settings.seed)
     model = init.model.train() if init is not None else build_model(config).train()  # the same on every process
+    if init is not None:  # the caller may change what the folder generates with (a longer window), nothing else
+        changed = [f.name for f in dataclasses.fields(config) if getattr(config, f.name) != getattr(model.config, f.name)]
+        if set(changed) - set(GENERATION_DEFAULTS):
+            raise ConfigError(f"the initial model's {', '.join(changed)} cannot change in training", parameter="init")
+        model.config = config
     config = model.config
     if rank:
         torch.manual_seed(settings.seed + RANK_STRIDE * rank)  # its own noise; rank 0 draws what one process draws
@@ -259,9 +271,18 @@ def train(config: ModelConfig, out: Path, settings: TrainSettings, batches, init
         start = int(state["step"])
         losses, wall_before = list(state.get("losses", [])), float(state.get("wall_s", 0.0))
     raw = model
-    compute = loss if loss is not None else (lambda model, video, conditions, objective: model.loss(video, conditions, objective))
+    compute = loss if loss is not None else (lambda model, video, conditions, objective, **extra:
+                                             model.loss(video, conditions, objective, **extra))
     objective = Objective(settings.sigma_shift, settings.decoder_draws, settings.clean_context_ratio,
                           settings.context_sigma_max)
+    rollouts = None
+    if settings.rollout_clips:  # the model's own rollouts of world clips, continued step after step
+        from scd.own_rollouts import OwnRollouts
+
+        rollouts = OwnRollouts(config, settings.rollout_clips, settings.clip_frames, settings.rollout_horizon,
+                               settings.steps, settings.seed + RANK_STRIDE * rank)
+        if resume and state.get("rollouts") is not None:
+            rollouts.load_state_dict(state["rollouts"])
     data = batches(start, rank, ranks)
     began = time.perf_counter()
 
@@ -273,12 +294,24 @@ def train(config: ModelConfig, out: Path, settings: TrainSettings, batches, init
                                     "rng": rng, "step": done, "losses": losses, "config": config.to_dict(),
                                     "rng_ranks": None if rngs is None else [r.clone() for r in rngs.cpu()],
                                     "cuda_rng": cuda_rng, "wall_s": wall_before + time.perf_counter() - began,
-                                    "objective": loss_key})
+                                    "objective": loss_key,
+                                    "rollouts": None if rollouts is None else rollouts.state_dict()})
             _save_losses(out / "losses.csv", losses)
 
     def forward_backward(step: int) -> torch.Tensor:
         video, actions = next(data)
+        context = None
+        if rollouts is not None:  # true clips (their own context) and rollout clips (the model's frames as context)
+            own, truth, own_actions = rollouts.next_clips(raw, step)
+            context, video = torch.cat([video, own]), torch.cat([video, truth])
+            actions = None if actions is None else torch.cat([actions, own_actions])
+            context = context.to(accelerator.device)
         video = video.to(accelerator.device)
+        weight = None
+        if settings.object_weight:
+            from scd.world import object_weights
+
+            weight = object_weights(video, settings.object_weight)
         actions = drop_actions(actions, config, settings.action_dropout)
         actions = None if actions is None or config.condition is None else actions.to(accelerator.device)
         optimizer.zero_grad(set_to_none=True)
@@ -286,7 +319,9 @@ def train(config: ModelConfig, out: Path, settings: TrainSettings, batches, init
         for part in range(settings.grad_accum):  # the step's batch in passes; gradients add up
             piece = slice(part * len(video) // settings.grad_accum, (part + 1) * len(video) // settings.grad_accum)
             with autocast():
-                pass_loss = compute(raw, video[piece], None if actions is None else actions[piece], objective)
+                pass_loss = compute(raw, video[piece], None if actions is None else actions[piece], objective,
+                                    **({} if context is None else {"context": context[piece]}),
+                                    **({} if weight is None else {"weight": weight[piece]}))
             if not torch.isfinite(pass_loss):
                 raise DataError(f"the loss became {pass_loss.item()} at step {step}: lower the learning rate or check the data")
             accelerator.backward(pass_loss / settings.grad_accum)

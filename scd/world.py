@@ -138,3 +138,23 @@ def training_seeds(seed: int, step: int, batch_size: int) -> np.ndarray:
 def heldout_clips(num_clips: int, num_frames: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """Evaluation clips from seeds training never draws."""
     return [render_clip(HELDOUT_SEED_START + i, num_frames) for i in range(num_clips)]
+
+
+def object_mask(video: torch.Tensor) -> torch.Tensor:
+    """Where the moving objects are in `video` (..., 3, H, W) float in [-1, 1] (the training
+    batches' form): (..., 1, H, W) bool, a pixel within TOLERANCE of an object's colour."""
+    pixels = (video + 1) * 127.5
+    mask = torch.zeros_like(pixels[..., :1, :, :], dtype=torch.bool)
+    for color in OBJECT_COLORS.values():
+        target = torch.tensor(color, dtype=pixels.dtype, device=pixels.device).view(3, 1, 1)
+        mask |= ((pixels - target).abs() <= TOLERANCE).all(-3, keepdim=True)
+    return mask
+
+
+def object_weights(video: torch.Tensor, weight: float) -> torch.Tensor:
+    """Per-pixel loss weights for world clips (B, N, 3, H, W) in [-1, 1]: 1 + weight where an object
+    is in frame j or was in frame j - 1 (where it must appear and where it must leave), 1
+    elsewhere; (B, N, 1, H, W). The balls and agent are ~5% of the pixels: this is their share."""
+    mask = object_mask(video)
+    mask[:, 1:] |= mask[:, :-1].clone()
+    return 1.0 + weight * mask.float()

@@ -16,13 +16,16 @@ from scd.evaluate import evaluate
 from scd_cli.common import Threads, console, handles_errors
 
 
+PER_FRAME_SHOWN = 32  # frames up to which the table lists PSNR per frame
+
+
 @handles_errors
 def eval_command(
     model: Optional[str] = typer.Option(None, "--model", help="SCD model (default: the embedded one)."),
     baseline: Optional[str] = typer.Option(None, "--baseline", help="Baseline model (default: the embedded one)."),
     clips: int = typer.Option(64, "--clips", help="Held-out clips."),
     context: int = typer.Option(8, "--context", help="Context frames given to the models."),
-    frames: int = typer.Option(16, "--frames", help="Frames generated and scored."),
+    frames: int = typer.Option(16, "--frames", help="Frames generated and scored (1000: the long horizon, tracked by horizon)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Denoising steps (default: each model's)."),
     guidance: Optional[float] = typer.Option(None, "--guidance"),
     seed: int = typer.Option(0, "--seed"),
@@ -36,13 +39,30 @@ def eval_command(
     models = {"scd": load_model(model, arch="scd"), "baseline": load_model(baseline if baseline else None, arch="baseline")}
     result = evaluate(models, clips, context, frames, steps, guidance, seed)
     table = Table(title=f"{clips} held-out clips, {context} context frames, {frames} generated")
-    for col in ("predictor", "PSNR dB", "SSIM", "steps", f"agent within 2 px at frame {frames}", "PSNR per frame"):
+    per_frame = frames <= PER_FRAME_SHOWN  # longer rollouts: per frame in the JSON, by horizon below
+    for col in ("predictor", "PSNR dB", "SSIM", "steps", f"agent within 2 px at frame {frames}") + (("PSNR per frame",) if per_frame else ()):
         table.add_column(col)
     for name in ("scd", "baseline", "copy_last_frame", "object_free"):
         r = result[name]
         table.add_row(name, f"{r['psnr']:.2f}", f"{r['ssim']:.4f}", str(r.get("steps", "-")),
-                      f"{100 * r['agent_hit_rate_last']:.0f}%", " ".join(f"{v:.1f}" for v in r["psnr_per_frame"]))
+                      f"{100 * r['agent_hit_rate_last']:.0f}%",
+                      *((" ".join(f"{v:.1f}" for v in r["psnr_per_frame"]),) if per_frame else ()))
     console.print(table)
+    names = ("scd", "baseline", "copy_last_frame", "object_free")
+    by = Table(title="by horizon: % of clips with the agent / red ball / green ball within 2 px at generated frame N; "
+                     "PSNR over frames")
+    by.add_column("")
+    for name in names:
+        by.add_column(name)
+    for h in result["scd"]["horizons"]["hit_rate_at"]:
+        by.add_row(f"frame {h}", *(" / ".join(f"{100 * v:.0f}" for v in result[n]["horizons"]["hit_rate_at"][h].values())
+                                   for n in names))
+    for span in result["scd"]["horizons"]["psnr_over"]:
+        by.add_row(f"dB {span}", *(f"{result[n]['horizons']['psnr_over'][span]:.2f}" for n in names))
+    margins = [result[n].get("margin_over_object_free") for n in names]
+    by.add_row("worst 16 frames vs object-free", *(f"{m['worst_16_frames_db']:+.2f} dB (from {m['worst_block_starts_at']})"
+                                                   if m else "-" for m in margins))
+    console.print(by)
     console.print("copy_last_frame repeats the last context frame; object_free is the true static scene with every "
                   "moving object erased (what getting the background right is worth).", style="dim")
     if json_path is not None:

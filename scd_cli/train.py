@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shlex
 from pathlib import Path
@@ -73,7 +74,10 @@ def train(
     sigma_shift: float = typer.Option(1.0, "--sigma-shift", help="Shift noise levels toward 1 (SD3-style; 1 = the reference's logit-normal)."),
     clean_context_ratio: float = typer.Option(1.0, "--clean-context-ratio", help="Share of context frames the model sees clean (SCD: its encoder); the others are noised (the SCD reference: 0.1)."),
     context_sigma_max: float = typer.Option(1.0, "--context-sigma-max", help="Noised context frames draw sigma from this times logit-normal."),
-    context_frames: Optional[int] = typer.Option(None, "--context-frames", help="Context window the new model folder defaults to (default: --clip-frames - 1, the most any training frame saw)."),
+    context_frames: Optional[int] = typer.Option(None, "--context-frames", help="Context window the new model folder defaults to (default: --clip-frames - 1, the most any training frame saw; with --init: the initial model's)."),
+    rollout_clips: int = typer.Option(0, "--rollout-clips", help="World: clips per step from the model's own rollouts (its generated frames as context, the simulator's as targets), beside --batch-size true clips."),
+    rollout_horizon: int = typer.Option(128, "--rollout-horizon", help="World: the longest of those rollouts, in frames."),
+    object_weight: float = typer.Option(0.0, "--object-weight", help="World: extra loss weight on the moving objects' pixels (0: none)."),
     checkpoint_every: int = typer.Option(200, "--checkpoint-every"),
     seed: int = typer.Option(0, "--seed"),
     heads: int = typer.Option(4, "--heads"),
@@ -92,8 +96,17 @@ def train(
     settings = training.TrainSettings(steps=steps, batch_size=batch_size, clip_frames=clip_frames, lr=lr, warmup=warmup, decay=decay,
                                       ema_decay=ema_decay, decoder_lr_ratio=decoder_lr_ratio, sigma_shift=sigma_shift,
                                       clean_context_ratio=clean_context_ratio, context_sigma_max=context_sigma_max, seed=seed, checkpoint_every=checkpoint_every,
-                                      grad_accum=grad_accum, mixed_precision=mixed_precision, decoder_draws=decoder_draws)
+                                      grad_accum=grad_accum, mixed_precision=mixed_precision, decoder_draws=decoder_draws,
+                                      rollout_clips=rollout_clips, rollout_horizon=rollout_horizon, object_weight=object_weight)
+    if data != "world" and (rollout_clips or object_weight):
+        raise ConfigError("--rollout-clips and --object-weight need the synthetic world's simulator: use --data world", "data")
+    if (rollout_clips or object_weight) and (distill_from is not None or family == "wan"):
+        raise ConfigError("--rollout-clips and --object-weight shape the flow loss of a FAR-style model: not with "
+                          "--distill-from or a Wan model", "rollout_clips")
     loaded = load_model(init) if init else None
+    if loaded is not None and (rollout_clips or object_weight) and loaded.config.family != "far":
+        raise ConfigError("--rollout-clips and --object-weight shape the flow loss of a FAR-style model, not of "
+                          f"{loaded.source}'s {loaded.config.architecture}", "rollout_clips")
     distiller = None
     if distill_from is not None or distill_steps is not None or teacher_steps is not None:
         from scd.distill import distillation
@@ -121,6 +134,8 @@ def train(
             err_console.print(f"[yellow]warning:[/] skipped the dataset shard {file}: {problem}", soft_wrap=True)
     if loaded is not None:
         config = loaded.config
+        if context_frames is not None:  # fine-tuning on longer clips: the folder generates with the longer window
+            config = dataclasses.replace(config, context_frames=context_frames, window=context_frames)
     else:
         make = training.new_wan_config if family == "wan" else training.new_config
         if family not in ("far", "wan"):

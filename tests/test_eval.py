@@ -114,3 +114,27 @@ def test_eval_reproduces_the_recorded_numbers_of_the_shipped_models(tmp_path):
         assert np.allclose(now[name]["psnr_per_frame"], recorded[name]["psnr_per_frame"], atol=0.2), name
         hits, then = now[name]["objects"]["agent"]["hit_rate"], recorded[name]["objects"]["agent"]["hit_rate"]
         assert np.abs(np.array(hits) - np.array(then)).max() <= 1 / recorded["clips"] + 1e-9, name
+
+
+def test_horizons_report_objects_at_set_frames_and_psnr_over_spans():
+    from scd.evaluate import horizons
+
+    psnr = list(np.arange(1, 131, dtype=float))  # frame u scores u dB
+    objects = {"agent": {"hit_rate": [1.0] * 127 + [0.5] * 3}, "red_ball": {"hit_rate": [0.25] * 130}}
+    h = horizons(psnr, objects)
+    assert list(h["hit_rate_at"]) == ["1", "8", "16", "64", "128"]
+    assert h["hit_rate_at"]["128"] == {"agent": 0.5, "red_ball": 0.25} and h["hit_rate_at"]["16"]["agent"] == 1.0
+    assert h["psnr_over"] == {"1-16": 8.5, "17-64": 40.5, "65-128": 96.5, "129-130": 129.5}
+
+
+def test_eval_scores_the_long_horizon_against_the_object_free_scene(tmp_path):
+    from scd.checkpoints import load_model_folder
+
+    world = dict(latent_size=(32, 32), frame_size=(32, 32), patch_size=8)
+    loaded = load_model_folder(save_model_folder(random_model(tiny_config(**world)), tmp_path / "m"))
+    result = evaluate({"scd": loaded}, clips=1, context=3, frames=20, steps=1)
+    margin = result["scd"]["margin_over_object_free"]
+    p, floor = np.array(result["scd"]["psnr_per_frame"]), np.array(result["object_free"]["psnr_per_frame"])
+    worst = min((p[:16] - floor[:16]).mean(), (p[16:] - floor[16:]).mean())
+    assert margin["worst_16_frames_db"] == pytest.approx(worst, abs=1e-3) and margin["worst_block_starts_at"] in (1, 17)
+    assert set(result["scd"]["horizons"]["psnr_over"]) == {"1-16", "17-20"}

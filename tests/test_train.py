@@ -1,5 +1,7 @@
 """Training lowers the loss, resumes bit-identically, writes a loadable model folder."""
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import random_model, tiny_config
@@ -171,6 +173,13 @@ def test_init_from_a_model_folder_and_impossible_sizes(tmp_path):
     assert tuned.config == start.config  # the folder's architecture, not the size flags' defaults
     a, b = start.model.state_dict(), tuned.model.state_dict()
     assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
+    # fine-tuned on longer clips with --context-frames: the folder generates with that window, all else as it was
+    r = runner.invoke(app, ["train", "--init", str(tmp_path / "a"), "--out", str(tmp_path / "e"), "--steps", "1",
+                            "--batch-size", "1", "--clip-frames", "5", "--context-frames", "4"])
+    assert r.exit_code == 0, r.output
+    longer = load_model_folder(tmp_path / "e").config
+    assert (longer.context_frames, longer.window) == (4, 4) and start.config.window == 2
+    assert dataclasses.replace(longer, context_frames=2, window=2) == start.config
     r = runner.invoke(app, ["train", "--out", str(tmp_path / "c"), *tiny[:-2], "--patch-size", "5"])
     assert r.exit_code == 2 and "error" in r.output and len(r.output.strip().splitlines()) == 1, r.output
     r = runner.invoke(app, ["train", "--init", str(tmp_path / "nope"), "--out", str(tmp_path / "d")])

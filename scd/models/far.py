@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scd.errors import ConfigError
-from scd.flow import add_noise, logit_normal, noised_context
+from scd.flow import add_noise, logit_normal, noised_context, weighted_mse
 from scd.models.config import ModelConfig
 from scd.models.layers import (
     Block,
@@ -424,12 +424,16 @@ class SCDModel(nn.Module, StreamingModel):
     def append_frame(self, *args) -> torch.Tensor:
         return self.encoder.append_frame(*args)
 
-    def loss(self, video: torch.Tensor, conditions: torch.Tensor | None, objective: Objective = Objective()) -> torch.Tensor:
+    def loss(self, video: torch.Tensor, conditions: torch.Tensor | None, objective: Objective = Objective(),
+             context: torch.Tensor | None = None, weight: torch.Tensor | None = None) -> torch.Tensor:
         """Flow-matching loss of every frame j >= 1 of `video` (B, N, C, H, W) clean latents: the
         encoder runs once over the (optionally noised) clip, block-causally; the decoder denoises
-        frame j from the features of frame j - 1, `decoder_draws` noise draws each."""
+        frame j from the features of frame j - 1, `decoder_draws` noise draws each. `context` (like
+        video): the frames the encoder reads instead of `video` (the model's own rollout, the
+        targets staying the true frames); `weight` (B, N, 1 or C, H, W): per-pixel loss weights."""
         enc_conditions = None if conditions is None else torch.cat([conditions[:, 1:], conditions[:, -1:]], dim=1)
-        context, timesteps = noised_context(video, objective.clean_context_ratio, objective.context_sigma_max)
+        context, timesteps = noised_context(video if context is None else context, objective.clean_context_ratio,
+                                            objective.context_sigma_max)
         features = self.encoder(context, enc_conditions, timesteps=timesteps)[:, :-1]  # (B, N-1, T, D)
         draws = objective.decoder_draws
         x0 = video[:, 1:].flatten(0, 1).repeat(draws, 1, 1, 1)
@@ -438,7 +442,9 @@ class SCDModel(nn.Module, StreamingModel):
         sigma = logit_normal(x0.shape[0], objective.sigma_shift).to(x0.device)
         noise = torch.randn_like(x0)
         velocity = self.decoder(add_noise(x0, noise, sigma), sigma * 1000.0, features, labels)
-        return F.mse_loss(velocity.float(), (noise - x0).float())
+        if weight is not None:
+            weight = weight[:, 1:].flatten(0, 1).repeat(draws, 1, 1, 1)
+        return weighted_mse(velocity, noise - x0, weight)
 
     # the decoder under teacher forcing, step by step (few-step distillation, scd/distill.py)
 
@@ -560,18 +566,21 @@ class Baseline(Transformer, StreamingModel):
         x = self.norm_out(self.run_blocks(x, modulation, rope, mask, (keys, values), write_at, attend), modulation)
         return unpatchify(self.proj_out(x), c.patch_size, h, w)[:, 0]
 
-    def loss(self, video: torch.Tensor, conditions: torch.Tensor | None, objective: Objective = Objective()) -> torch.Tensor:
+    def loss(self, video: torch.Tensor, conditions: torch.Tensor | None, objective: Objective = Objective(),
+             context: torch.Tensor | None = None, weight: torch.Tensor | None = None) -> torch.Tensor:
         """Flow-matching loss of every frame j >= 1 of `video` (B, N, C, H, W), denoised against the
         context frames before it, all in one masked pass over [context; noisy] frames. The context
         frames are clean or, as SCD's encoder sees them, noised by `clean_context_ratio` (each with
-        its timestep), so the model learns to read imperfect context such as its own frames."""
+        its timestep), so the model learns to read imperfect context such as its own frames.
+        `context` and `weight`: as `SCDModel.loss`."""
         c = self.config
         b, n, _, h, w = video.shape
         x0 = video[:, 1:]
         sigma = logit_normal(b * (n - 1), objective.sigma_shift).to(video.device).view(b, n - 1)
         noise = torch.randn_like(x0)
         # drawn after the frames' noise, and only when asked for: clean-context runs draw as before
-        context, context_timesteps = noised_context(video, objective.clean_context_ratio, objective.context_sigma_max)
+        context, context_timesteps = noised_context(video if context is None else context, objective.clean_context_ratio,
+                                                    objective.context_sigma_max)
         if context_timesteps is None:
             context_timesteps = torch.full((b, n), -1.0, device=video.device)
         tokens = self.x_embedder(patchify(torch.cat([context, add_noise(x0, noise, sigma)], 1), c.patch_size))
@@ -583,7 +592,7 @@ class Baseline(Transformer, StreamingModel):
         mask = teacher_forcing_mask(n, c.tokens_per_frame, video.device)
         hidden = self.norm_out(self.run_blocks(tokens, modulation, rope, mask), modulation)[:, n:]
         velocity = unpatchify(self.proj_out(hidden), c.patch_size, h, w)
-        return F.mse_loss(velocity.float(), (noise - x0).float())
+        return weighted_mse(velocity, noise - x0, None if weight is None else weight[:, 1:])
 
 
 def init_weights(model: Transformer) -> None:

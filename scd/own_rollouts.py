@@ -1,0 +1,119 @@
+"""Training clips from the model's own rollouts (self forcing against the simulator's truth).
+
+A model trained only on true context meets its own, slightly wrong, frames when it generates and
+drifts. Here `streams` world clips run alongside training, one generated frame per training step:
+each stream continues from the frames the model itself generated (its sampler, its window, under
+no_grad), driven by the clip's actions, while the simulator renders the true frames of the same
+actions. A training clip is then the stream's last `clip_frames` generated frames as context with
+the true frames as targets: the loss teaches the model to predict the truth from its own context.
+Streams start from true frames and run to a random horizon (up to `horizon` frames), or restart
+as soon as a generated frame has lost an object (`off_track`): the clips cover every stage of a
+rollout the model still holds, and grow longer as it holds longer. The state is kept in the training checkpoint: a resumed run
+continues the same streams.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from scd import world
+from scd.errors import ConfigError
+from scd.sampling import generate
+
+TRACK_RADIUS = 1.0  # px: a stream whose frame has an object further than this from the truth starts afresh
+
+
+def off_track(frames: torch.Tensor, truth: torch.Tensor) -> np.ndarray:
+    """(S,) bool: generated frames (S, 3, H, W) in [-1, 1] where an object visible in the true frame
+    is missing or more than TRACK_RADIUS px from where it truly is (`scd.world.locate`). Past that
+    point the context no longer holds where the object is, and the true frame is no target to
+    learn from it: the model would learn to ignore its context."""
+    to_uint8 = lambda v: ((v.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    pred, true = to_uint8(frames), to_uint8(truth)
+    lost = np.zeros(len(pred), bool)
+    for color in world.OBJECT_COLORS.values():
+        p_at, p_seen = world.locate(pred, color)
+        t_at, t_seen = world.locate(true, color)
+        lost |= t_seen & (~p_seen | (np.linalg.norm(p_at - t_at, axis=-1) > TRACK_RADIUS))
+    return lost
+
+
+class OwnRollouts:
+    """`streams` world clips continued by the model being trained (see the module docstring)."""
+
+    def __init__(self, config, streams: int, clip_frames: int, horizon: int, steps: int, seed: int):
+        if tuple(config.frame_size) != (world.FRAME_SIZE,) * 2 or not config.codec.is_pixel:
+            raise ConfigError("rollout training renders the synthetic world: train a 32x32 pixel model on --data world")
+        window = config.window or config.context_frames or clip_frames - 1
+        if horizon < clip_frames + 1:
+            raise ConfigError(f"the rollout horizon must be > clip_frames ({clip_frames}), got {horizon}", "rollout_horizon")
+        self.streams, self.clip_frames, self.horizon = streams, clip_frames, horizon
+        self.window, self.steps, self.seed = min(window, clip_frames - 1), steps, seed
+        self.truth = torch.zeros(streams, 0)  # (S, L, 3, 32, 32) the true frames of each stream's clip
+        self.actions = torch.zeros(streams, 0, dtype=torch.long)  # (S, L)
+        self.generated = None  # (S, clip_frames, 3, 32, 32): the last frames of each stream as the model made them
+        self.position = np.zeros(streams, np.int64)  # the next frame each stream generates
+        self.length = np.zeros(streams, np.int64)
+        self.clip_seeds = np.zeros(streams, np.int64)
+
+    def _restart(self, i: int, step: int) -> None:
+        rng = np.random.default_rng([self.seed, step, i, 25])
+        length = int(rng.integers(self.clip_frames + 1, self.horizon + 1))
+        self._render(i, int(rng.integers(0, world.HELDOUT_SEED_START)))
+        self.generated[i, 1:] = self.truth[i, :self.clip_frames - 1]  # true frames to start from; slot 0 is never read
+        self.position[i], self.length[i] = self.clip_frames - 1, length
+
+    def _render(self, i: int, clip_seed: int) -> None:
+        """Stream i's true clip (training seeds only), rendered whole: the truth of its actions."""
+        frames, actions = world.render_clip(clip_seed, self.horizon)
+        video = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 127.5 - 1
+        if self.truth.dim() != 5:
+            self.truth = video.new_zeros((self.streams, *video.shape))
+            self.actions = torch.zeros(self.streams, self.horizon, dtype=torch.long)
+            self.generated = video.new_zeros((self.streams, self.clip_frames, *video.shape[1:]))
+        self.truth[i], self.actions[i] = video, torch.from_numpy(actions)
+        self.clip_seeds[i] = clip_seed
+
+    @torch.no_grad()
+    def next_clips(self, model, step: int):
+        """Advance every stream by one generated frame (the model in eval mode, its default steps,
+        its window, frames clamped to [-1, 1]); returns (context, truth (S, clip_frames, 3, 32, 32),
+        actions (S, clip_frames)) for `model.loss(truth, actions, context=context)`."""
+        for i in range(self.streams):
+            if self.length[i] == 0 or self.position[i] >= self.length[i]:
+                self._restart(i, step)
+        n, w = self.clip_frames, self.window
+        index = torch.from_numpy(self.position)[:, None]  # (S, 1)
+        conditions = self.actions.gather(1, index - w + torch.arange(w + 1))  # the window's actions and the new one's
+        training = model.training
+        model.eval()
+        try:
+            frame = generate(model, self.generated[:, -w:], 1, model.config.default_steps, conditions=conditions,
+                             seed=self.seed * 1_000_003 + step, window=w, clamp=1.0)[:, 0].to("cpu", copy=True)
+        finally:
+            model.train(training)
+        self.generated = torch.cat([self.generated[:, 1:], frame[:, None]], 1)
+        frames = index - n + 1 + torch.arange(n)  # (S, n) the frames of the clip
+        truth = self.truth[torch.arange(self.streams)[:, None], frames]
+        actions = self.actions.gather(1, frames)
+        context = self.generated.clone()
+        lost = off_track(frame, truth[:, -1])
+        self.position += 1
+        self.length[lost] = 0  # restarted before the next step
+        return context, truth, actions
+
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps: the generated frames and where each stream stands (the true
+        clips are rendered again from their seeds)."""
+        return {"generated": self.generated, "position": torch.from_numpy(self.position.copy()),
+                "length": torch.from_numpy(self.length.copy()), "clip_seeds": torch.from_numpy(self.clip_seeds.copy())}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position, self.length = state["position"].numpy().copy(), state["length"].numpy().copy()
+        self.clip_seeds = state["clip_seeds"].numpy().copy()
+        for i in range(self.streams):
+            if self.length[i]:
+                self._render(i, int(self.clip_seeds[i]))
+        if state["generated"] is not None:
+            self.generated = state["generated"].clone()

@@ -1,0 +1,112 @@
+"""Training on the model's own rollouts and with object-weighted loss (issue 25)."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from conftest import random_model, tiny_config
+from typer.testing import CliRunner
+
+from scd import data, world
+from scd import train as training
+from scd.models import Objective
+from scd.own_rollouts import OwnRollouts
+from scd_cli.app import app
+
+WORLD = dict(latent_size=(32, 32), frame_size=(32, 32), patch_size=8, demo="world")
+
+
+@pytest.mark.parametrize("arch", ["scd", "baseline"])
+def test_rollout_training_resumes_bit_identically(tmp_path, arch):
+    config = tiny_config(arch=arch, **WORLD)
+    make = lambda steps: training.TrainSettings(steps=steps, batch_size=2, clip_frames=4, checkpoint_every=3, warmup=2,
+                                                rollout_clips=2, rollout_horizon=6, object_weight=3.0)
+    batches = data.world_batches(make(6), config)
+    straight = [p.loss for p in training.train(config, tmp_path / "a", make(6), batches)]
+    first = [p.loss for p in training.train(config, tmp_path / "b", make(3), batches)]
+    rest = [p.loss for p in training.train(config, tmp_path / "b", make(6), batches, resume=True)]
+    assert first + rest == straight and len(straight) == 6
+    saved = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["rollouts"]
+    assert saved["generated"].shape == (2, 4, 3, 32, 32) and saved["position"].tolist() != [0, 0]
+
+
+def test_a_stream_starts_from_truth_and_continues_from_its_own_frames():
+    config = tiny_config(**WORLD)
+    model = random_model(config).train()
+    pool = OwnRollouts(config, streams=2, clip_frames=4, horizon=8, steps=10, seed=0)
+    context, truth, actions = pool.next_clips(model, 0)
+    assert model.training  # put back in training mode after generating
+    assert context.shape == truth.shape == (2, 4, 3, 32, 32) and actions.shape == (2, 4)
+    seed = int(pool.clip_seeds[0])
+    frames, acts = world.render_clip(seed, 8)
+    expected = torch.from_numpy(frames[:4]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    assert torch.equal(truth[0], expected) and actions[0].tolist() == acts[:4].tolist()
+    assert torch.equal(context[:, :3], truth[:, :3])  # the true start
+    assert not torch.equal(context[:, 3], truth[:, 3]) and context.abs().max() <= 1  # the model's frame, clamped
+    before = context.clone()
+    context, truth, _ = pool.next_clips(model, 1)
+    restarted = pool.position == 4  # a stream that lost the scene starts afresh
+    for i in np.flatnonzero(~restarted):
+        assert torch.equal(context[i, :3], before[i, 1:])  # the window slides over its own frames
+        assert torch.equal(truth[i], torch.from_numpy(frames[1:5] if i == 0 else world.render_clip(
+            int(pool.clip_seeds[i]), 8)[0][1:5]).permute(0, 3, 1, 2).float() / 127.5 - 1)
+
+
+@pytest.mark.parametrize("arch", ["scd", "baseline"])
+def test_loss_with_its_own_context_and_unit_weights_is_the_plain_loss(arch):
+    model = random_model(tiny_config(arch=arch, **WORLD)).train()
+    video, actions = next(world.stream_batches(0, 2, 4))
+    objective = Objective(clean_context_ratio=0.5, context_sigma_max=0.3)
+
+    def loss(**kwargs):
+        torch.manual_seed(0)
+        return model.loss(video, actions, objective, **kwargs).item()
+
+    plain = loss()
+    assert loss(context=video.clone()) == plain
+    assert loss(weight=torch.ones(2, 4, 1, 32, 32)) == pytest.approx(plain, rel=1e-5)
+    assert loss(context=torch.zeros_like(video)) != plain
+    assert loss(weight=world.object_weights(video, 10.0)) != pytest.approx(plain, rel=1e-3)
+
+
+def test_object_weights_mark_the_objects_where_they_are_and_were():
+    frames, _ = world.render_clip(3, 2)
+    video = torch.from_numpy(frames).permute(0, 3, 1, 2).float()[None] / 127.5 - 1
+    weight = world.object_weights(video, 4.0)
+    assert weight.shape == (1, 2, 1, 32, 32) and set(weight.unique().tolist()) == {1.0, 5.0}
+    first = (weight[0, 0, 0] > 1).numpy()
+    agent_at, _ = world.locate(frames[:1], world.OBJECT_COLORS["agent"])
+    r, c = np.round(agent_at[0]).astype(int)
+    assert first[r, c] and 16 <= first.sum() <= 3 * 16  # three 4x4 objects (the pillar may hide part of a ball)
+    assert ((weight[0, 1, 0] > 1).numpy() >= first).all()  # where they were stays weighted
+
+
+def test_rollout_options_need_the_world(tmp_path):
+    runner = CliRunner()
+    r = runner.invoke(app, ["train", "--out", str(tmp_path / "m"), "--data", str(tmp_path), "--rollout-clips", "2"])
+    assert r.exit_code == 2 and "--data world" in r.output, r.output
+    with pytest.raises(Exception, match="rollout_horizon"):
+        training.TrainSettings(clip_frames=4, rollout_clips=2, rollout_horizon=4)
+    settings = dataclasses.replace(training.TrainSettings(steps=10), rollout_clips=4, object_weight=3.0)
+    from scd.cards import training_card
+
+    card = training_card("scd train", tiny_config(**WORLD), settings, "synthetic world")([0.5] * 10, 60.0)
+    assert "4 clips per step from the model's own rollouts" in card and "x4 on the moving objects" in card
+
+
+def test_rope_scores_depend_only_on_frame_offsets():
+    """A rolling window needs no re-based positions: keys are rotated at their absolute frame, the
+    query at its own, and q.k depends on the offset alone (angles in float64), so frame 1,000 of a
+    window of 3 scores its keys as frame 3 did in training."""
+    from scd.models.layers import apply_rope, rope_tables
+
+    torch.manual_seed(0)
+    q, k = torch.randn(16, 16), torch.randn(3 * 16, 16)
+
+    def scores(first: int):
+        cos, sin = rope_tables(torch.arange(first, first + 4), 4, 4, (4, 6, 6))
+        t = 16
+        return apply_rope(q, cos[3 * t:], sin[3 * t:]) @ apply_rope(k, cos[:3 * t], sin[:3 * t]).T
+
+    assert torch.allclose(scores(0), scores(997), atol=1e-4) and torch.allclose(scores(0), scores(99_997), atol=1e-3)
