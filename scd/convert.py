@@ -737,7 +737,7 @@ def _convert_wan(src: Source, out: Path, base, to: str, split: Split, encoder_in
                                           else f"{base}@{base_revision}")
     if base_folder is not None and Path(str(base)).expanduser().is_dir():
         base_ref = str(Path(str(base)).expanduser().resolve())
-    config = wan_reference.wan_config(src.path, base_folder, base=base_ref)
+    config = wan_reference.wan_config(src.path, base_folder, **({} if base_ref is None else {"base": base_ref}))  # a folder keeps its own base
     if src.path.is_file():
         _check_container(src.path, src.text)
     sha = files.file_sha256(src.path) if src.path.is_file() else "-"

@@ -47,6 +47,14 @@ def dataset_source(dataset: LatentDataset, settings, config: ModelConfig, worker
     if init is not None and init.folder is not None and (Path(init.folder) / CODEC_DIR).is_dir():
         codec_folder = Path(init.folder) / CODEC_DIR
         codec = load_codec(init.config.codec, init.folder)
+    if init is not None and config.condition == "text":  # its base's VAE and text encoder made the dataset, or not
+        from scd import text
+
+        identity = text.encoder_identity(init.base(), init.base_revision)
+        if dataset.text_encoder is not None and dataset.text_encoder != identity:
+            raise DataError(f"the captions of {dataset.folder} were embedded by another text encoder than the one of "
+                            f"{init.source}'s base: encode the videos through this model (scd encode --model)")
+        codec = init.codec
     check_fits(dataset, config, codec)
     return Source(dataset_batches(dataset, settings, config, workers), f"latent dataset {dataset.folder} "
                   f"({len(dataset.clips)} clips, {sum(c.frames for c in dataset.clips)} frames)", codec_folder)
@@ -89,6 +97,18 @@ def check_fits(dataset: LatentDataset, config: ModelConfig, codec=None) -> None:
     if codec is not None and dataset.codec_fingerprint is not None and codec_fingerprint(codec) != dataset.codec_fingerprint:
         raise DataError(f"the dataset {where} was encoded by another autoencoder than the model's: "
                         "encode the videos through the model's codec")
+    if config.condition == "text":
+        if dataset.text_encoder is None:
+            raise DataError(f"the dataset {where} has no captions, but the model is conditioned on text: encode "
+                            "captioned videos through the model (scd encode --model, NAME.txt or --captions)")
+        if dataset.text_len != config.text_len:
+            raise DataError(f"the dataset {where} holds captions of {dataset.text_len} tokens, the model reads "
+                            f"{config.text_len}")
+        channels, *size = dataset.latent_shape
+        if channels != config.channels or not config.accepts_latent_size(tuple(size)):
+            raise DataError(f"the dataset {where} holds latents of shape {tuple(dataset.latent_shape)}, which the "
+                            f"model ({config.channels} channels, patch {config.patch_size[1:]}) cannot take")
+        return
     shape = (config.channels, *config.latent_size)
     if tuple(dataset.latent_shape) != shape:
         raise DataError(f"the dataset {where} holds latents of shape {tuple(dataset.latent_shape)} but the model takes {shape}")

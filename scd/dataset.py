@@ -3,13 +3,22 @@
 ```
 DATASET/
   index.json               # format, codec, shapes, action and class names, every shard (its clips, size, sha256), what was skipped
-  shard-00000.safetensors  # "<i>.latents" (N, C, h, w) per clip, and "<i>.actions" (N,) int64 when there are actions
+  shard-00000.safetensors  # "<i>.latents" (N, C, h, w) per clip, "<i>.actions" (N,) int64 when there are actions,
+                           # "<i>.text" (L, D) float32, a captioned clip's text embedding (its L real tokens)
   codec/                   # the autoencoder of a DC-AE dataset, so that a model trained on it can decode
 ```
 
 Input: video files, either directly in the folder or one level down in class folders
 (`VIDEOS/<class>/<clip>.avi`, UCF-101's layout: the folder name is the clip's class label), each
 with an optional `<clip>.actions.txt` beside it (one action per frame, names or indices).
+
+Text-conditioned models (the Wan family) take captioned clips: each video's caption is the
+`<clip>.txt` beside it, or its entry in a captions file (`captions`: relative path -> caption). The
+caption is embedded once by the model base's umT5 (`scd.text.encode_prompts`) and stored as its real
+tokens; a reader pads it back to `text_len` with zero rows, exactly the tensor generation feeds the
+model. Wan's causal VAE compresses time 4x, so a video is cut into clips of `clip_frames` (1 + 4k)
+frames, each encoded alone (frames past the last whole clip are dropped and reported); such a
+dataset counts frames in latent frames and records the text encoder it was embedded with.
 
 Writing goes shard by shard: a shard is written under a temporary name and renamed, then the index
 that lists it replaces the old index the same way, so a kill loses at most the shard being filled
@@ -55,7 +64,9 @@ FORMAT_VERSION = 1
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".mov", ".m4v", ".gif", ".avi")
 DTYPES = {"uint8": torch.uint8, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # what a dataset was made with: encoding more into it must not change any of these
-SETTINGS = ("codec", "codec_fingerprint", "frame_size", "latent_shape", "dtype", "fit", "action_names", "num_actions", "labels")
+SETTINGS = ("codec", "codec_fingerprint", "frame_size", "latent_shape", "dtype", "fit", "action_names", "num_actions", "labels",
+            "text_encoder", "text_len", "clip_frames")
+CAPTION_SUFFIX = ".txt"
 SKIP_REASONS = ("corrupt", "too short", "bad actions")
 
 
@@ -73,6 +84,12 @@ class Encoding:
     codec_folder: Path | None = None  # a model's codec/ folder, copied byte for byte
     num_actions: int | None = None  # actions 0..num_actions-1 (default: one per name; 0: clips carry no actions)
     device: torch.device = torch.device("cpu")  # where the codec runs
+    # text-conditioned models: captions embedded by the umT5 of `text_base` (`text_identity` names it)
+    text_base: Path | None = None
+    text_identity: str | None = None
+    text_len: int = 0
+    captions: dict | None = None  # relative video path -> caption (None: NAME.txt beside each video)
+    clip_frames: int | None = None  # the Wan VAE: video frames per clip (1 + 4k), each encoded alone
 
     def __post_init__(self):
         self.config = CodecConfig.from_dict(self.config)
@@ -92,11 +109,15 @@ class Encoding:
             self.num_actions = len(self.action_names)
         if self.action_names and self.num_actions != len(self.action_names):
             raise ConfigError(f"{len(self.action_names)} action names for {self.num_actions} actions", "num_actions")
+        if self.clip_frames is not None and (self.clip_frames < 5 or (self.clip_frames - 1) % 4):
+            raise ConfigError(f"clip_frames must be 1 + 4k frames (5, 9, ... 81), the Wan VAE's grouping; got "
+                              f"{self.clip_frames}", "clip_frames")
 
     def key(self) -> str:
         """8 hex digits naming these settings: datasets encoded differently get different keys."""
         settings = [self.config.to_dict(), codec_fingerprint(self.codec), self.frame_size, self.action_names,
-                    self.num_actions, self.fit, self.dtype]
+                    self.num_actions, self.fit, self.dtype] + ([self.text_identity, self.text_len, self.clip_frames]
+                                                               if self.text_identity else [])
         return hashlib.sha256(json.dumps(settings, default=str).encode()).hexdigest()[:8]
 
 
@@ -105,9 +126,21 @@ def pixel_encoding(frame_size: tuple[int, int], action_names=(), fit: str = "cro
     return Encoding(PixelCodec(), CodecConfig(), tuple(frame_size), tuple(action_names), fit, num_actions=num_actions)
 
 
-def model_encoding(loaded, frame_size=None, fit: str = "crop", dtype: str = "float32") -> Encoding:
-    """The codec, frame size and action names of a loaded model (its folder's codec/ for DC-AE)."""
+def model_encoding(loaded, frame_size=None, fit: str = "crop", dtype: str = "float32", captions: dict | None = None,
+                   clip_frames: int = 81) -> Encoding:
+    """The codec, frame size and action names of a loaded model (its folder's codec/ for DC-AE); a
+    text-conditioned model's base VAE and text encoder, with `captions` and `clip_frames`."""
     config = loaded.config
+    if config.condition == "text":
+        from scd import text
+
+        base = loaded.base()
+        return Encoding(loaded.codec, config.codec, tuple(frame_size or config.frame_size), (), fit, dtype, None, 0,
+                        text_base=base, text_identity=text.encoder_identity(base, loaded.base_revision),
+                        text_len=config.text_len, captions=captions, clip_frames=clip_frames)
+    if captions is not None:
+        raise ConfigError(f"captions go with a text-conditioned model; {loaded.source} is conditioned on "
+                          f"{config.condition or 'nothing'}", "captions")
     codec = load_codec(config.codec, loaded.folder)
     names = config.action_names if config.condition == "action" else ()
     folder = None if config.codec.is_pixel else Path(loaded.folder) / CODEC_DIR
@@ -131,12 +164,16 @@ def dcae_encoding(codec: str | Path, codec_config=None, scaling_factor: float | 
 def encoding_for(model: str | Path | None = None, codec: str | Path | None = None, codec_config=None,
                  scaling_factor: float | None = None, frame_size: tuple[int, int] | None = None,
                  action_names=None, fit: str = "crop", dtype: str = "float32", device: str = "cpu",
-                 num_actions: int | None = None) -> Encoding:
+                 num_actions: int | None = None, captions: dict | None = None, clip_frames: int = 81) -> Encoding:
     """What `encode_folder` encodes with: a model's codec (and its frame size and action names), a
     DC-AE (`codec`, as `convert` takes it), or, with neither, pixels at `frame_size`; the codec
     runs on `device` (auto, cpu, cuda, ...). Action files hold `action_names` (or indices below
-    `num_actions`, for actions without names)."""
-    encoding = _encoding_for(model, codec, codec_config, scaling_factor, frame_size, action_names, fit, dtype, num_actions)
+    `num_actions`, for actions without names). A text-conditioned model's clips are captioned
+    (`captions`, else NAME.txt files) and cut into `clip_frames` video frames."""
+    if captions is not None and model is None:
+        raise ConfigError("captions go with a text-conditioned model: give model", "captions")
+    encoding = _encoding_for(model, codec, codec_config, scaling_factor, frame_size, action_names, fit, dtype, num_actions,
+                             captions, clip_frames)
     from scd.devices import resolve_device
 
     encoding.device = resolve_device(device)
@@ -144,13 +181,14 @@ def encoding_for(model: str | Path | None = None, codec: str | Path | None = Non
     return encoding
 
 
-def _encoding_for(model, codec, codec_config, scaling_factor, frame_size, action_names, fit, dtype, num_actions) -> Encoding:
+def _encoding_for(model, codec, codec_config, scaling_factor, frame_size, action_names, fit, dtype, num_actions,
+                  captions=None, clip_frames=81) -> Encoding:
     if model is not None and codec is not None:
         raise ConfigError("give a model or a codec, not both: the model's codec is the one its latents need", "codec")
     if model is not None:
         from scd.checkpoints import load_model
 
-        encoding = model_encoding(load_model(model), frame_size, fit, dtype)
+        encoding = model_encoding(load_model(model), frame_size, fit, dtype, captions, clip_frames)
         if action_names is not None and tuple(action_names) != encoding.action_names:
             raise ConfigError(f"the model's actions are {list(encoding.action_names)}: leave action_names out", "action_names")
         if num_actions is not None and num_actions != encoding.num_actions:
@@ -244,7 +282,7 @@ def codec_fingerprint(codec) -> str | None:
 
 def _save_codec(out: Path, encoding: Encoding) -> None:
     """The DC-AE into out/codec/, once."""
-    if encoding.config.is_pixel:
+    if encoding.config.is_pixel or encoding.config.type == "wan":  # the Wan VAE stays in the model's base
         return
     folder = out / CODEC_DIR
     if not (folder / DCAE_WEIGHTS).is_file():
@@ -271,7 +309,8 @@ def _new_index(encoding: Encoding, labels: tuple[str, ...], fingerprint: str | N
     return {"format": FORMAT, "version": FORMAT_VERSION, "codec": encoding.config.to_dict(), "codec_fingerprint": fingerprint,
             "frame_size": list(encoding.frame_size), "latent_shape": None, "dtype": encoding.dtype,
             "fit": encoding.fit, "action_names": list(encoding.action_names),
-            "num_actions": encoding.num_actions, "labels": list(labels),
+            "num_actions": encoding.num_actions, "labels": list(labels), "text_encoder": encoding.text_identity,
+            "text_len": encoding.text_len or None, "clip_frames": encoding.clip_frames,
             "shards": [], "done": {}, "partial": None, "skipped": [], "complete": False}
 
 
@@ -401,6 +440,9 @@ def encode_folder(videos: str | Path, out: str | Path, encoding: Encoding, *, sh
 def _encode_video(writer: _Writer, videos: Path, rel: str, label: int | None, encoding: Encoding,
                   min_frames: int, chunk: int):
     """One video into the writer's shards, cut into clips where a shard fills up; events as encode_folder's."""
+    if encoding.text_identity is not None:
+        yield from _encode_captioned(writer, videos, rel, encoding)
+        return
     index, path = writer.index, videos / rel
     partial = index["partial"] if index["partial"] and index["partial"]["source"] == rel else None
     resume_at, part = (partial["frames"], partial["parts"]) if partial else (0, 0)  # what a killed run stored
@@ -454,6 +496,70 @@ def _encode_video(writer: _Writer, videos: Path, rel: str, label: int | None, en
         for clip in (c for s in index["shards"] for c in s["clips"] if c["source"] == rel):
             clip["truncated"] = reader.truncated
     yield FileEncoded(rel, total, None, reader.truncated, reader.truncated is not None)
+
+
+def read_captions(path: str | Path) -> dict[str, str]:
+    """A captions file: a JSON object {video path relative to the folder: caption}."""
+    path = Path(path)
+    try:
+        captions = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"the captions file {path} does not exist", "captions") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(f"cannot read the captions file {path}: {err}", "captions") from None
+    if not isinstance(captions, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in captions.items()):
+        raise DataError(f"the captions file {path} must be a JSON object of video path -> caption text", "captions")
+    return captions
+
+
+def _caption(videos: Path, rel: str, encoding: Encoding) -> tuple[str | None, str]:
+    """A video's caption (None when it has none) and where it was looked for."""
+    if encoding.captions is not None:
+        text = encoding.captions.get(rel)
+        return (text.strip() or None if text is not None else None), "the captions file"
+    path = (videos / rel).with_suffix(CAPTION_SUFFIX)
+    try:
+        return path.read_text(encoding="utf-8").strip() or None, path.name
+    except FileNotFoundError:
+        return None, path.name
+    except (OSError, UnicodeDecodeError) as err:
+        return None, f"{path.name} ({err})"
+
+
+def _encode_captioned(writer: _Writer, videos: Path, rel: str, encoding: Encoding):
+    """A captioned video for a text-conditioned model: its caption embedded once, the video cut into
+    clips of `clip_frames` frames, each through the Wan VAE alone (its causal grouping starts anew)."""
+    from scd import text
+
+    caption, where = _caption(videos, rel, encoding)
+    if caption is None:
+        yield writer.skip(rel, "no caption", f"no caption in {where}")
+        return
+    try:
+        clip = video.read_video(videos / rel)
+    except VideoError as err:
+        yield writer.skip(rel, "corrupt", str(err))
+        return
+    n, total = encoding.clip_frames, len(clip.frames)
+    if total < n:
+        yield writer.skip(rel, "too short", f"{total} frames, fewer than a clip of clip_frames {n}")
+        return
+    embedded = text.encode_prompts(encoding.text_base, caption, text_len=encoding.text_len)
+    rows = embedded.embeddings[0, :embedded.lengths[0]].float().contiguous()
+    dtype = DTYPES[encoding.dtype]
+    for part, start in enumerate(range(0, total - n + 1, n)):
+        fitted = video.fit_frames(clip.frames[start:start + n], encoding.frame_size, encoding.fit)
+        pixels = video.frames_to_tensor(fitted).to(encoding.device)[None]
+        latents = encoding.codec.encode(pixels)[0].to(dtype).cpu().contiguous()  # (1 + (n - 1) / 4, C, h, w)
+        writer.shard.add([latents], None, {"source": rel, "part": part, "first_frame": start, "frames": len(latents),
+                                           "label": None, "fps": clip.fps, "truncated": clip.truncated,
+                                           "text_tokens": len(rows)})
+        writer.shard.tensors[f"{writer.shard.clips[-1]['key']}.text"] = rows.clone()  # one per clip: safetensors shares none
+        writer.shard.bytes += latents.numel() * latents.element_size() + rows.numel() * 4
+    dropped = total % n
+    writer.index["done"][rel] = {"frames": total, "truncated": clip.truncated, "actions": None,
+                                 "dropped_frames": dropped or None}
+    yield FileEncoded(rel, total, None, clip.truncated, clip.truncated is not None)
 
 
 def _chunks(frames, size: int):
@@ -570,6 +676,8 @@ class LatentDataset:
         self.action_names = tuple(index["action_names"])
         self.num_actions = int(index.get("num_actions", len(self.action_names)))
         self.labels = tuple(index["labels"])
+        self.text_encoder = index.get("text_encoder")  # captioned clips: the identity of the encoder that embedded them
+        self.text_len = int(index.get("text_len") or 0)
         self.skipped_shards: list[tuple[str, str]] = []
         shards = []
         for entry in index["shards"]:
@@ -628,11 +736,15 @@ class LatentDataset:
     def window(self, clip: int, first: int, frames: int, condition: str | None, null: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Frames first..first+frames-1 of clip `clip`: (latents float32 (frames, C, h, w) in the
         models' units, conditions (frames,) int64): for `condition` "action" the clip's actions,
-        for "label" its class label repeated; `null` where the clip has none or for None."""
+        for "label" its class label repeated; `null` where the clip has none or for None; for
+        "text" the caption's embedding (text_len, D) float32 instead."""
         c = self.clips[clip]
         handle = self._shard(c.shard)
         latents = handle.get_slice(f"{c.key}.latents")[first:first + frames]
         latents = latents.float() / 127.5 - 1.0 if latents.dtype == torch.uint8 else latents.float()
+        if condition == "text":  # the caption's rows, padded back to text_len as encode_prompts returns them
+            rows = handle.get_tensor(f"{c.key}.text").float()
+            return latents, torch.cat([rows, rows.new_zeros(self.text_len - len(rows), rows.shape[1])])
         if condition == "action" and self.num_actions:
             return latents, handle.get_slice(f"{c.key}.actions")[first:first + frames]
         label = c.label if condition == "label" and c.label is not None else null

@@ -116,8 +116,10 @@ def lr_factor(step: int, settings: TrainSettings) -> float:
 
 
 def drop_actions(actions: torch.Tensor | None, config: ModelConfig, p: float) -> torch.Tensor | None:
-    if actions is None:
-        return None
+    """Conditions replaced by the null one with probability p per clip (for guidance); text
+    embeddings are kept as they are."""
+    if actions is None or config.condition == "text":
+        return actions
     keep = torch.rand(actions.shape[0], 1) >= p
     return torch.where(keep, actions, torch.full_like(actions, config.null_class))
 
@@ -235,6 +237,10 @@ def train(config: ModelConfig, out: Path, settings: TrainSettings, batches, init
             raise ConfigError(f"the initial model's {', '.join(changed)} cannot change in training", parameter="init")
         model.config = config
     config = model.config
+    chunk = getattr(config, "chunk_frames", 1)
+    if settings.clip_frames % chunk:
+        raise ConfigError(f"clip_frames ({settings.clip_frames}) must be a whole number of the model's chunks of {chunk} "
+                          "frames", parameter="clip_frames")
     if rank:
         torch.manual_seed(settings.seed + RANK_STRIDE * rank)  # its own noise; rank 0 draws what one process draws
     # No DDP wrapper: the losses reach into submodules, so gradients are averaged across processes by hand.

@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from scd.errors import SCDError
+from scd.errors import ConfigError, SCDError
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -122,3 +122,13 @@ def say(message: str) -> None:
 
 def is_interactive() -> bool:
     return console.is_terminal and sys.stdout.isatty()
+
+
+def parse_size(text: str, flag: str = "--size", square: bool = False) -> tuple[int, int]:
+    """'480x832' -> (480, 832); with `square`, '256' -> (256, 256) too."""
+    if square and text.strip().isdigit():
+        return int(text), int(text)
+    parts = text.lower().replace(",", "x").split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise ConfigError(f"{flag} takes HxW, like 480x832{' (or one side)' if square else ''}, not {text!r}")
+    return int(parts[0]), int(parts[1])

@@ -14,6 +14,7 @@ from scd_cli.common import (
     err_console,
     handles_errors,
     is_interactive,
+    parse_size,
     say,
     state,
 )
@@ -27,21 +28,25 @@ def encode(
     codec: Optional[str] = typer.Option(None, "--codec", help="A DC-AE instead of a model: a diffusers AutoencoderDC folder or a FAR .pth (with --codec-config)."),
     codec_config: Optional[str] = typer.Option(None, "--codec-config", help="The diffusers config json of a --codec .pth."),
     scaling_factor: Optional[float] = typer.Option(None, "--scaling-factor", help="Latent scaling of --codec (default: its config's, or FAR's 0.2889)."),
-    frame_size: Optional[int] = typer.Option(None, "--frame-size", help="Square size the videos are fitted to (default: the model's)."),
+    frame_size: Optional[str] = typer.Option(None, "--frame-size", help="Size the videos are fitted to: N (square) or HxW (default: the model's)."),
     action_names: Optional[str] = typer.Option(None, "--action-names", help="Comma list of the actions NAME.actions.txt files use (default: the model's)."),
     num_actions: Optional[int] = typer.Option(None, "--num-actions", help="Actions without names: NAME.actions.txt files hold indices 0..N-1 (default: the model's)."),
     fit: str = typer.Option("crop", "--fit", help="crop, pad or stretch to the frame size."),
     dtype: str = typer.Option("float32", "--dtype", help="Storage of DC-AE latents: float32, bfloat16 or float16 (pixels: uint8)."),
     shard_mb: float = typer.Option(256.0, "--shard-mb", help="Shard size; memory holds about one shard."),
     min_frames: int = typer.Option(2, "--min-frames", help="Skip videos with fewer frames."),
+    captions: Optional[Path] = typer.Option(None, "--captions", help="Text-conditioned models: a JSON object of video path (relative to VIDEOS) -> caption (default: the NAME.txt beside each video)."),
+    clip_frames: int = typer.Option(81, "--clip-frames", help="Text-conditioned (Wan) models: video frames per clip, 1 + 4k (81: 21 latent frames); each clip goes through the VAE alone."),
     device: Device = "auto",
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the result line."),
 ):
     """Encode a folder of videos into a latent dataset (sharded safetensors + index)."""
     state["quiet"] = quiet
     names = tuple(n.strip() for n in action_names.split(",") if n.strip()) if action_names else None
-    size = (frame_size, frame_size) if frame_size else None
-    encoding = dataset.encoding_for(model, codec, codec_config, scaling_factor, size, names, fit, dtype, device, num_actions)
+    size = parse_size(frame_size, "--frame-size", square=True) if frame_size else None
+    listed = dataset.read_captions(captions) if captions is not None else None
+    encoding = dataset.encoding_for(model, codec, codec_config, scaling_factor, size, names, fit, dtype, device, num_actions,
+                                    listed, clip_frames)
     try:
         report = draw(dataset.encode_folder(videos, out, encoding, shard_mb=shard_mb, min_frames=min_frames),
                       f"encode {videos.name}")

@@ -24,6 +24,7 @@ from scd_cli.common import (
     handles_errors,
     in_cli_words,
     is_interactive,
+    parse_size,
     say,
     state,
 )
@@ -87,14 +88,6 @@ def read_prompts(prompt: str | None, prompt_file: Path | None, batch: int) -> li
     if not prompts:
         raise ConfigError(f"--prompt-file {prompt_file} holds no prompt: one per line")
     return prompts[:batch] if len(prompts) > batch else prompts
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """'480x832' -> (480, 832)."""
-    parts = text.lower().replace(",", "x").split("x")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-        raise ConfigError(f"--size takes HxW, like 480x832, not {text!r}")
-    return int(parts[0]), int(parts[1])
 
 
 @handles_errors
