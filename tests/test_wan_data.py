@@ -148,3 +148,14 @@ def test_two_processes_train_a_wan_model(wan, encoded, tmp_path):
     assert finished(accelerate_launch(*args, cwd=tmp_path)).count("wrote ") == 1
     state = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)
     assert len(state["rng_ranks"]) == 2 and state["step"] == 2
+
+
+def test_the_few_step_stage_distils_a_wan_scd_on_captioned_clips(wan, encoded, tmp_path):
+    root, _, _ = wan
+    r = run("train", "--distill-from", root / "scd", "--distill-steps", "2", "--data", encoded, "--batch-size", "2",
+            "--clip-frames", "3", "--warmup", "1", "--workers", "0", "--steps", "2", "--out", tmp_path / "few", "-q")
+    assert r.exit_code == 0, r.output
+    config = json.loads((tmp_path / "few" / "config.json").read_text())
+    assert len(config["denoising_steps"]) == 2 and config["arch"] == "scd"
+    state = torch.load(tmp_path / "few" / "checkpoint.pt", weights_only=True)
+    assert state["objective"].startswith("trajectory 2 from")
