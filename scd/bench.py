@@ -401,7 +401,7 @@ def chunk_ops(config: WanConfig, steps: int, context: int = 0) -> int:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = build_model(small).eval()
-        text = torch.randn(1, small.text_len, small.text_dim)
+        text = torch.randn(1, small.text_len, small.text_dim) if small.condition == "text" else None
     frames = max(context, small.chunk_frames if small.arch == "scd" and small.encoder_input == "none" else 0)
     latents = torch.randn(1, frames, small.channels, *small.latent_size)
     return count_ops(model, latents, steps, frames=small.chunk_frames + 1, text=text)["ops_per_frame"]

@@ -68,7 +68,9 @@ def _alone(loaded, context: int, steps: int, matched=None) -> None:
     window = (f"a rolling window of {c.local_attn_size} frames, {c.sink_size} sink"
               if c.local_attn_size is not None else "global attention (keeps every frame)")
     rows = [("arch", c.architecture), ("width", f"{c.dim} ({c.num_heads} heads x {c.head_dim}), ffn {c.ffn_dim}"),
-            ("layers", c.depth), ("text", f"{c.text_len} tokens x {c.text_dim}"),
+            ("layers", c.depth),
+            ("text", f"{c.text_len} tokens x {c.text_dim}") if c.condition == "text" else
+            ("condition", f"actions ({c.num_classes} + null), each frame's added to its time embedding"),
             ("latents", f"{c.channels} x {c.latent_size[0]} x {c.latent_size[1]}, patch {tuple(c.patch_size)}, "
                         f"{c.tokens_per_frame} tokens/frame"),
             ("chunk", f"{c.chunk_frames} latent frames, {c.default_steps} steps ({', '.join(map(str, c.denoising_steps))})"),
@@ -93,15 +95,17 @@ def _alone(loaded, context: int, steps: int, matched=None) -> None:
             flops.add_row(label, *([name] if name else []), _gflops(f.context), _gflops(f.denoise), _gflops(f.total),
                           _gflops(f.total / f.frames))
     console.print(flops)
+    text = c.condition == "text"
     if matched is None:
-        console.print(f"once per stream (text keys and values): {_gflops(stream_flops(c))} GFLOPs; "
-                      "no matched counterpart to compare with")
+        console.print((f"once per stream (text keys and values): {_gflops(stream_flops(c))} GFLOPs; " if text else "")
+                      + "no matched counterpart to compare with")
         return
     from scd.bench import chunk_ops  # deferred: builds and profiles two shrunk copies
 
     console.print(f"matched: the causal Wan it came from, {matched.num_layers} blocks (its source depth)")
-    console.print(f"once per stream (text keys and values): {_gflops(stream_flops(c))} GFLOPs (this), "
-                  f"{_gflops(stream_flops(matched))} (matched)")
+    if text:
+        console.print(f"once per stream (text keys and values): {_gflops(stream_flops(c))} GFLOPs (this), "
+                      f"{_gflops(stream_flops(matched))} (matched)")
     by_flops = [chunk_flops(matched, f, steps).total / chunk_flops(c, f, steps).total for f in cached]
     ops = chunk_ops(c, steps, context), chunk_ops(matched, steps, context)
     console.print("predicted SCD speed-up per chunk: [bold]"

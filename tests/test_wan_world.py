@@ -133,6 +133,8 @@ def test_the_recipe_through_the_cli(tmp_path):
     r = runner.invoke(app, ["convert", str(tmp_path / "causal"), "--to", "scd", "--encoder-blocks", "0-1",
                             "--decoder-blocks", "0,2", "--out", str(tmp_path / "scd")])
     assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["info", str(tmp_path / "scd")])
+    assert r.exit_code == 0 and "predicted SCD speed-up" in r.output and "actions (4 + null)" in r.output, r.output
     r = runner.invoke(app, ["train", "--init", str(tmp_path / "scd"), "--out", str(tmp_path / "post"), "--steps", "2",
                             "--batch-size", "2", "--clip-frames", "4", "--threads", "1"])
     assert r.exit_code == 0, r.output
