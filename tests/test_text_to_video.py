@@ -14,11 +14,10 @@ import torch
 from typer.testing import CliRunner
 
 from hub_server import HubServer
-from scd.models import build_model
 from scd.video import read_video
-from scd.wan_reference import DEFAULT_BASE, KNOWN_GENERATORS, wan_config
+from scd.wan_reference import DEFAULT_BASE, KNOWN_GENERATORS
 from scd_cli.app import app
-from wan_base import make_wan_base
+from wan_base import make_wan_base, write_generator
 
 GENERATOR_REPO = "gdhe17/Self-Forcing"
 GENERATOR_FILE = KNOWN_GENERATORS[GENERATOR_REPO][0]
@@ -31,15 +30,7 @@ def tiny(tmp_path_factory):
     Self-Forcing's checkpoint format."""
     root = tmp_path_factory.mktemp("wan")
     base = make_wan_base(root / "base")
-    config = wan_config(root / "none.pt", base)
-    torch.manual_seed(0)
-    model = build_model(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3)
-    ema = {"model." + k: v for k, v in model.state_dict().items()}
-    torch.save({"generator": {k: torch.zeros_like(v) for k, v in ema.items()}, "generator_ema": ema},
-               root / "generator.pt")
+    write_generator(root / "generator.pt", base)
     return root, base
 
 

@@ -11,12 +11,10 @@ import torch
 from safetensors.torch import load_file
 from test_distributed import accelerate_launch, finished
 from typer.testing import CliRunner
-from wan_base import make_wan_base
+from wan_base import make_wan_base, write_generator
 
 from scd import dataset, text
-from scd.models import build_model
 from scd.mp4 import write_video
-from scd.wan_reference import wan_config
 from scd_cli.app import app
 
 runner = CliRunner()
@@ -32,14 +30,7 @@ def wan(tmp_path_factory):
     videos (two with NAME.txt, one without)."""
     root = tmp_path_factory.mktemp("wandata")
     base = make_wan_base(root / "base")
-    config = wan_config(root / "none.pt", base)
-    torch.manual_seed(0)
-    model = build_model(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.2)
-    ema = {"model." + k: v for k, v in model.state_dict().items()}
-    torch.save({"generator_ema": ema}, root / "generator.pt")
+    write_generator(root / "generator.pt", base, std=0.2)
     assert run("convert", root / "generator.pt", "--base", base, "--to", "baseline", "--out", root / "causal",
                "-q").exit_code == 0
     r = run("convert", root / "causal", "--to", "scd", "--encoder-blocks", "0-1", "--decoder-blocks", "0,1",

@@ -156,3 +156,22 @@ def make_wan_base(path, *, seed: int = 0, d_model: int = 32, text_layers: int = 
     if scheduler:
         _write_json(path / "scheduler" / "scheduler_config.json", scheduler_config())
     return path
+
+
+def write_generator(path, base, std: float = 0.3, seed: int = 0) -> Path:
+    """A random causal generator sized by `base`'s transformer config, in Self-Forcing's checkpoint
+    format (`generator_ema` with the `model.` prefix, a zero `generator` beside it), at `path`."""
+    import torch
+
+    from scd.models import build_model
+    from scd.wan_reference import wan_config
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    model = build_model(wan_config(path.with_name("none.pt"), base))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, std)
+    ema = {"model." + k: v for k, v in model.state_dict().items()}
+    torch.save({"generator": {k: torch.zeros_like(v) for k, v in ema.items()}, "generator_ema": ema}, path)
+    return path
