@@ -56,7 +56,7 @@ from scd.bench_report import (
 from scd.compiler import BACKENDS, compile_counts, compiler
 from scd.devices import dtype_name, resolve_device, resolve_dtype, use_threads
 from scd.errors import ConfigError
-from scd.flops import chunk_flops, frame_flops, matched_config, parameter_count, stream_flops
+from scd.flops import chunk_flops, matched_config, parameter_count, stream_flops
 from scd.models import ModelConfig, WanConfig, build_model, preset
 from scd.models import config as config_module
 from scd.sampling import kv_cache_bytes, stream
@@ -763,9 +763,7 @@ def _set_chunk(side: _Side, frames: int) -> None:
     """Stream `side`'s Wan model in chunks of `frames` frames (the stream reads `model.config`)."""
     config = dataclasses.replace(side.config, chunk_frames=frames)  # validates: a window must hold the chunk
     side.config = config
-    for module in side.model.modules():
-        if getattr(module, "config", None) is not None and isinstance(module.config, WanConfig):
-            module.config = config
+    side.model.use_config(config)
 
 
 def run_chunks_interleaved(models: dict[str, nn.Module], contexts: dict[str, torch.Tensor], text: torch.Tensor,

@@ -53,7 +53,7 @@ def dataset_source(dataset: LatentDataset, settings, config: ModelConfig, worker
         identity = text.encoder_identity(init.base(), init.base_revision)
         if dataset.text_encoder is not None and dataset.text_encoder != identity:
             raise DataError(f"the captions of {dataset.folder} were embedded by another text encoder than the one of "
-                            f"{init.source}'s base: encode the videos through this model (scd encode --model)")
+                            f"{init.source}'s base: encode the videos through this model (encoding_for with model)")
         codec = init.codec
     check_fits(dataset, config, codec)
     return Source(dataset_batches(dataset, settings, config, workers), f"latent dataset {dataset.folder} "
@@ -100,7 +100,7 @@ def check_fits(dataset: LatentDataset, config: ModelConfig, codec=None) -> None:
     if config.condition == "text":
         if dataset.text_encoder is None:
             raise DataError(f"the dataset {where} has no captions, but the model is conditioned on text: encode "
-                            "captioned videos through the model (scd encode --model, NAME.txt or --captions)")
+                            "captioned videos through the model (encoding_for with model; NAME.txt files or captions)")
         if dataset.text_len != config.text_len:
             raise DataError(f"the dataset {where} holds captions of {dataset.text_len} tokens, the model reads "
                             f"{config.text_len}")

@@ -44,7 +44,8 @@ class OwnRollouts:
 
     def __init__(self, config, streams: int, clip_frames: int, horizon: int, steps: int, seed: int):
         if tuple(config.frame_size) != (world.FRAME_SIZE,) * 2 or not config.codec.is_pixel:
-            raise ConfigError("rollout training renders the synthetic world: train a 32x32 pixel model on --data world")
+            raise ConfigError("rollout training renders the synthetic world: train a 32x32 pixel model on the world (data 'world')",
+                              "rollout_clips")
         window = config.window or config.context_frames or clip_frames - 1
         if horizon < clip_frames + 1:
             raise ConfigError(f"the rollout horizon must be > clip_frames ({clip_frames}), got {horizon}", "rollout_horizon")

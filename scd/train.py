@@ -410,8 +410,8 @@ def new_wan_config(arch: str = "baseline", heads: int = 4, head_dim: int = 16, l
     from scd.sampling import even_steps
 
     if data_fields is not None:
-        raise ConfigError("a new Wan model trains on the synthetic world (--data world); post-train a converted Wan "
-                          "model on a dataset with --init", parameter="family")
+        raise ConfigError("a new Wan model trains on the synthetic world (data 'world'); post-train a converted Wan "
+                          "model on a dataset from its folder (init)", parameter="family")
     if arch not in ARCHS:
         raise ConfigError(f"arch must be one of {', '.join(ARCHS)}, not {arch!r}", parameter="arch")
     dim = heads * head_dim

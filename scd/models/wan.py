@@ -318,7 +318,13 @@ class WanStream:
 
 
 class WanStreaming(StreamingModel):
-    """What both Wan streaming models share: the size of their cache."""
+    """What both Wan streaming models share: the size of their cache, and a config swapped whole."""
+
+    def use_config(self, config: WanConfig) -> None:
+        """Stream with `config` from now on (another chunk size, say): every part reads it."""
+        for module in self.modules():
+            if isinstance(getattr(module, "config", None), WanConfig):
+                module.config = config
 
     def cache_bytes(self, batch: int, frames: int, dtype: torch.dtype, latent_size=None) -> int:
         """Bytes of the KV cache of a stream of `frames` frames (the window caps it)."""
@@ -393,7 +399,7 @@ class WanCausal(WanModel, WanStreaming):
         timesteps = torch.cat([torch.full((b, n), float(self.config.context_noise), device=video.device), sigma * 1000], 1)
         positions = torch.arange(n, device=video.device).repeat(2)
         mask = teacher_forcing_mask(n, chunk, _tokens(self.config, video.shape[-2:]), video.device)
-        text_kv, actions = _condition(self.config, self, text, 2)
+        text_kv, actions = _condition(self, text, 2)
         flow = self.run(torch.cat([video, noisy], 1), timesteps, text_kv, positions, mask=mask, actions=actions)[:, n:]
         return F.mse_loss(flow.float(), (noise - video).float())
 
@@ -414,10 +420,10 @@ def _tokens(c: WanConfig, size) -> int:
     return (size[0] // c.patch_size[1]) * (size[1] // c.patch_size[2])
 
 
-def _condition(c: WanConfig, model: WanModel, conditions: torch.Tensor | None, copies: int):
+def _condition(model: WanModel, conditions: torch.Tensor | None, copies: int):
     """A teacher-forcing pass's conditioning: text keys and values (text models), or each frame's
     action repeated for the `copies` copies of the clip the pass runs (action models)."""
-    if c.condition == "text":
+    if model.config.condition == "text":
         return model.text_kv(conditions), None
     return model.text_kv(None), None if conditions is None else conditions.repeat(1, copies)
 
@@ -595,14 +601,14 @@ class WanSCD(nn.Module, WanStreaming):
             enc_sigma = (low + (1 - low) * torch.rand(b, -(-n // chunk))).repeat_interleave(chunk, 1)[:, :n].to(device)
             enc_noisy = add_noise(video.flatten(0, 1), torch.randn_like(video).flatten(0, 1), enc_sigma.flatten())
             mask = teacher_forcing_mask(n, chunk, t, device)
-            text_kv, actions = _condition(c, self.encoder, text, 2)
+            text_kv, actions = _condition(self.encoder, text, 2)
             hidden = self.encoder.run(torch.cat([video, enc_noisy.view_as(video)], 1),
                                       torch.cat([clean_t, enc_sigma * 1000], 1), text_kv,
                                       positions.repeat(2), mask=mask, actions=actions)
             features, target, own = hidden[:, n:], video, text
         else:
             mask = block_causal_mask(n, chunk, t, device)
-            text_kv, actions = _condition(c, self.encoder, text, 1)
+            text_kv, actions = _condition(self.encoder, text, 1)
             hidden = self.encoder.run(video, clean_t, text_kv, positions, mask=mask, actions=actions)
             if n <= chunk:
                 raise ConfigError(f"training with encoder input none needs clips longer than a chunk ({chunk} frames)")
