@@ -83,6 +83,8 @@ def training_card(command: str, config: ModelConfig, settings, data: str):
     if settings.rollout_clips:
         recipe.append(f"{settings.rollout_clips} clips per step from the model's own rollouts (up to "
                       f"{settings.rollout_horizon} frames) beside the true ones")
+    if settings.occlusion_share:
+        recipe.append(f"{settings.occlusion_share:.0%} of each batch's clips ending at an occlusion")
     if settings.object_weight:
         recipe.append(f"loss weight x{1 + settings.object_weight:g} on the moving objects")
     depth = f"{config.depth} layers" + (f" (decoder input: {config.decoder_input})" if config.decoder_input else "")

@@ -53,6 +53,7 @@ class TrainSettings:
     rollout_clips: int = 0  # world: clips per step from the model's own rollouts (scd.own_rollouts), beside batch_size true ones
     rollout_horizon: int = 128  # world: the longest of those rollouts, in frames
     object_weight: float = 0.0  # world: extra loss weight where the moving objects are (scd.world.object_weights)
+    occlusion_share: float = 0.0  # world: share of each batch's clips that end at an occlusion (scd.world.occlusion_clip)
 
     def __post_init__(self):
         """Every number in range and finite (ConfigError naming the setting otherwise)."""
@@ -75,6 +76,7 @@ class TrainSettings:
         n("rollout_clips", self.rollout_clips, 0, None, integer=True)
         n("rollout_horizon", self.rollout_horizon, self.clip_frames + 1, None, integer=True)
         n("object_weight", self.object_weight, 0, None)
+        n("occlusion_share", self.occlusion_share, 0, 1)
         if self.batch_size % self.grad_accum:
             raise ConfigError(f"grad_accum must divide the batch size ({self.batch_size}), got {self.grad_accum}",
                               parameter="grad_accum")

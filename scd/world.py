@@ -10,6 +10,8 @@ frame j (`actions[0]` has no effect), the convention of the reference models.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -21,6 +23,7 @@ NULL_ACTION = len(ACTIONS)
 HELDOUT_SEED_START = 1_000_000_000  # evaluation seeds; training draws seeds below this
 BALL, AGENT, STEP = 4, 4, 2
 MOVES = {0: (-STEP, 0), 1: (STEP, 0), 2: (0, -STEP), 3: (0, STEP), NULL_ACTION: (0, 0)}
+OCCLUSION_SPAN = 48  # frames an occlusion clip is cut from
 PILLAR_COLOR = np.array([90, 90, 100], np.uint8)
 AGENT_COLOR = np.array([250, 250, 250], np.uint8)
 
@@ -43,6 +46,33 @@ def render_clip(seed: int, num_frames: int, actions: np.ndarray | None = None,
     """Frames (N, 32, 32, 3) uint8 and actions (N,) int64 of the clip `seed`, driven by `actions`
     (random from the seed if None). The same seed and actions always give the same frames.
     objects=False leaves out every moving object (balls and agent): the static scene alone."""
+    clip = simulate(seed, num_frames, actions, objects)
+    return clip.frames, clip.actions
+
+
+@dataclass
+class Clip:
+    """A simulated clip: its frames (N, 32, 32, 3) uint8 and actions (N,), and where everything
+    was: the balls' top-left corners (N, 2, 2) as (row, col), the agent's (N, 2), the pillar's
+    first column."""
+    frames: np.ndarray
+    actions: np.ndarray
+    balls: np.ndarray
+    agent: np.ndarray
+    pillar: int
+
+    def occluded(self, margin: int = 1) -> np.ndarray:
+        """(N,) bool: a ball overlaps, or comes within `margin` px of, the other ball or the agent in
+        that frame, where one hides the other. (The pillar hides part of a ball in about 40% of
+        frames already; these meetings are rarer, and where balls get lost most.)"""
+        reach = BALL + margin
+        between = (np.abs(self.balls[:, 0] - self.balls[:, 1]) < reach).all(-1)  # (N,)
+        agent = (np.abs(self.balls - self.agent[:, None]) < reach).all(-1)  # (N, 2)
+        return between | agent.any(1)
+
+
+def simulate(seed: int, num_frames: int, actions: np.ndarray | None = None, objects: bool = True) -> Clip:
+    """The clip `seed` (see `render_clip`) with the state of every frame."""
     if num_frames < 1:
         raise ConfigError(f"num_frames must be >= 1, got {num_frames}")
     rng = np.random.default_rng(seed)
@@ -62,6 +92,7 @@ def render_clip(seed: int, num_frames: int, actions: np.ndarray | None = None,
     vel = rng.choice([-2, -1, 1, 2], (2, 2))
     agent = rng.integers(0, s - AGENT, 2)
     frames = np.empty((num_frames, s, s, 3), np.uint8)
+    balls, agents = np.empty((num_frames, 2, 2), np.int64), np.empty((num_frames, 2), np.int64)
     for j in range(num_frames):
         if j > 0:
             pos = pos + vel
@@ -77,8 +108,20 @@ def render_clip(seed: int, num_frames: int, actions: np.ndarray | None = None,
                 frame[y:y + BALL, x:x + BALL] = color
             frame[agent[0]:agent[0] + AGENT, agent[1]:agent[1] + AGENT] = AGENT_COLOR
         frame[:, pillar:pillar + 3] = PILLAR_COLOR
-        frames[j] = frame
-    return frames, actions.copy()
+        frames[j], balls[j], agents[j] = frame, pos, agent
+    # balls in colour order (red, green), as OBJECT_COLORS names them
+    order = np.argsort(colors[:, 1])
+    return Clip(frames, actions.copy(), balls[:, order], agents, pillar)
+
+
+def occlusion_clip(seed: int, num_frames: int, span: int = OCCLUSION_SPAN) -> tuple[np.ndarray, np.ndarray]:
+    """`num_frames` consecutive frames (and their actions) of the clip `seed` whose last frame has
+    a ball at an occlusion (`Clip.occluded`), one such window drawn from the seed among the first
+    `span` frames (the last window when none is); what training samples more of where balls get lost."""
+    clip = simulate(seed, max(span, num_frames))
+    ends = np.nonzero(clip.occluded()[num_frames - 1:])[0] + num_frames
+    end = int(np.random.default_rng([seed, 2]).choice(ends)) if len(ends) else len(clip.frames)
+    return clip.frames[end - num_frames:end], clip.actions[end - num_frames:end]
 
 
 # Each moving object by its colour: a pixel belongs to it when every channel lies within TOLERANCE
@@ -119,12 +162,15 @@ def track_objects(pred: np.ndarray, truth: np.ndarray, radius: float = 2.0) -> d
     return result
 
 
-def stream_batches(seed: int, batch_size: int, num_frames: int, start_step: int = 0):
-    """Training batches forever: (video (B, N, 3, 32, 32) float in [-1, 1], actions (B, N) int64).
+def stream_batches(seed: int, batch_size: int, num_frames: int, start_step: int = 0, occlusion_share: float = 0.0):
+    """Training batches forever: (video (B, N, 3, 32, 32) float in [-1, 1], actions (B, N) int64);
+    the first round(occlusion_share * B) clips of each end at an occlusion (`occlusion_clip`).
     Batch k depends only on (seed, k), so a run resumed at step k sees what it would have seen."""
+    hard = round(occlusion_share * batch_size)
     step = start_step
     while True:
-        clips = [render_clip(int(s), num_frames) for s in training_seeds(seed, step, batch_size)]
+        clips = [occlusion_clip(int(s), num_frames) if i < hard else render_clip(int(s), num_frames)
+                 for i, s in enumerate(training_seeds(seed, step, batch_size))]
         video = torch.from_numpy(np.stack([c[0] for c in clips])).permute(0, 1, 4, 2, 3).float() / 127.5 - 1
         yield video, torch.from_numpy(np.stack([c[1] for c in clips]))
         step += 1

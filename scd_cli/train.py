@@ -78,6 +78,7 @@ def train(
     rollout_clips: int = typer.Option(0, "--rollout-clips", help="World: clips per step from the model's own rollouts (its generated frames as context, the simulator's as targets), beside --batch-size true clips."),
     rollout_horizon: int = typer.Option(128, "--rollout-horizon", help="World: the longest of those rollouts, in frames."),
     object_weight: float = typer.Option(0.0, "--object-weight", help="World: extra loss weight on the moving objects' pixels (0: none)."),
+    occlusion_share: float = typer.Option(0.0, "--occlusion-share", help="World: share of each batch's clips cut to end where a ball is at the pillar, the other ball or the agent (0: none)."),
     checkpoint_every: int = typer.Option(200, "--checkpoint-every"),
     seed: int = typer.Option(0, "--seed"),
     heads: int = typer.Option(4, "--heads"),
@@ -97,9 +98,11 @@ def train(
                                       ema_decay=ema_decay, decoder_lr_ratio=decoder_lr_ratio, sigma_shift=sigma_shift,
                                       clean_context_ratio=clean_context_ratio, context_sigma_max=context_sigma_max, seed=seed, checkpoint_every=checkpoint_every,
                                       grad_accum=grad_accum, mixed_precision=mixed_precision, decoder_draws=decoder_draws,
-                                      rollout_clips=rollout_clips, rollout_horizon=rollout_horizon, object_weight=object_weight)
-    if data != "world" and (rollout_clips or object_weight):
-        raise ConfigError("--rollout-clips and --object-weight need the synthetic world's simulator: use --data world", "data")
+                                      rollout_clips=rollout_clips, rollout_horizon=rollout_horizon, object_weight=object_weight,
+                                      occlusion_share=occlusion_share)
+    if data != "world" and (rollout_clips or object_weight or occlusion_share):
+        raise ConfigError("--rollout-clips, --object-weight and --occlusion-share need the synthetic world's simulator: "
+                          "use --data world", "data")
     if (rollout_clips or object_weight) and (distill_from is not None or family == "wan"):
         raise ConfigError("--rollout-clips and --object-weight shape the flow loss of a FAR-style model: not with "
                           "--distill-from or a Wan model", "rollout_clips")

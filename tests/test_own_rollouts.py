@@ -86,13 +86,19 @@ def test_rollout_options_need_the_world(tmp_path):
     runner = CliRunner()
     r = runner.invoke(app, ["train", "--out", str(tmp_path / "m"), "--data", str(tmp_path), "--rollout-clips", "2"])
     assert r.exit_code == 2 and "--data world" in r.output, r.output
+    r = runner.invoke(app, ["train", "--out", str(tmp_path / "m"), "--data", str(tmp_path), "--occlusion-share", "0.5"])
+    assert r.exit_code == 2 and "--data world" in r.output, r.output
+    with pytest.raises(Exception, match="occlusion_share"):
+        training.TrainSettings(occlusion_share=1.5)
     with pytest.raises(Exception, match="rollout_horizon"):
         training.TrainSettings(clip_frames=4, rollout_clips=2, rollout_horizon=4)
-    settings = dataclasses.replace(training.TrainSettings(steps=10), rollout_clips=4, object_weight=3.0)
+    settings = dataclasses.replace(training.TrainSettings(steps=10), rollout_clips=4, object_weight=3.0,
+                                   occlusion_share=0.25)
     from scd.cards import training_card
 
     card = training_card("scd train", tiny_config(**WORLD), settings, "synthetic world")([0.5] * 10, 60.0)
     assert "4 clips per step from the model's own rollouts" in card and "x4 on the moving objects" in card
+    assert "25% of each batch's clips ending at an occlusion" in card
 
 
 def test_rope_scores_depend_only_on_frame_offsets():

@@ -149,3 +149,55 @@ def test_ssim_against_direct_computation():
     noisy = (u + 0.2 * torch.randn(u.shape, generator=g, dtype=torch.float64)).clamp(0, 1)
     slight = (u + 0.02 * torch.randn(u.shape, generator=g, dtype=torch.float64)).clamp(0, 1)
     assert (ssim(noisy, u) < ssim(slight, u)).all()
+
+
+def test_simulated_state_matches_the_frames():
+    clip = world.simulate(3, 40)
+    frames, actions = world.render_clip(3, 40)
+    assert np.array_equal(clip.frames, frames) and np.array_equal(clip.actions, actions)
+    for j in range(40):  # each ball's colour fills the 4x4 cell the state says, except under the pillar, the agent
+        # and the other ball (which of the two is drawn on top is the seed's)
+        for b, name in enumerate(("red_ball", "green_ball")):
+            y, x = clip.balls[j, b]
+            cell = frames[j, y:y + world.BALL, x:x + world.BALL]
+            drawn = (cell == world.OBJECT_COLORS[name]).all(-1)
+            hidden = np.zeros_like(drawn)
+            hidden[:, max(0, clip.pillar - x):max(0, clip.pillar + 3 - x)] = True
+            ay, ax = clip.agent[j] - (y, x)
+            hidden[max(0, ay):max(0, ay + world.AGENT), max(0, ax):max(0, ax + world.AGENT)] = True
+            other = clip.balls[j, 1 - b] - (y, x)
+            hidden[max(0, other[0]):max(0, other[0] + world.BALL), max(0, other[1]):max(0, other[1] + world.BALL)] = True
+            assert (drawn | hidden).all()
+        assert (frames[j, clip.agent[j][0], clip.agent[j][1]] == world.AGENT_COLOR).all() or \
+            clip.pillar <= clip.agent[j][1] < clip.pillar + 3
+
+
+def test_occlusion_clips_end_where_a_ball_meets_another_object():
+    for seed in range(20):
+        frames, actions = world.occlusion_clip(seed, 4)
+        assert frames.shape == (4, 32, 32, 3) and actions.shape == (4,)
+        clip = world.simulate(seed, world.OCCLUSION_SPAN)
+        ends = [j + 1 for j in range(3, world.OCCLUSION_SPAN)
+                if np.array_equal(clip.frames[j - 3:j + 1], frames) and np.array_equal(clip.actions[j - 3:j + 1], actions)]
+        assert ends, "an occlusion clip is a window of its seed's clip"
+        if clip.occluded()[3:].any():
+            assert any(clip.occluded()[end - 1] for end in ends)
+    # the meeting is real: the balls, or a ball and the agent, within a pixel of touching
+    clip = world.simulate(0, world.OCCLUSION_SPAN)
+    j = int(np.nonzero(clip.occluded())[0][0])
+    gaps = [np.abs(clip.balls[j, 0] - clip.balls[j, 1]).max()] + [np.abs(b - clip.agent[j]).max() for b in clip.balls[j]]
+    assert min(gaps) <= world.BALL
+    # a batch's first share of clips are occlusion clips, the rest the plain ones, and resuming sees the same
+    plain = next(world.stream_batches(7, 4, 4))
+    mixed = next(world.stream_batches(7, 4, 4, occlusion_share=0.5))
+    assert torch.equal(plain[0][2:], mixed[0][2:]) and not torch.equal(plain[0][:2], mixed[0][:2])
+    seeds = world.training_seeds(7, 0, 4)
+    for i in range(2):
+        frames, actions = world.occlusion_clip(int(seeds[i]), 4)
+        assert torch.equal(mixed[0][i], torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 127.5 - 1)
+        assert torch.equal(mixed[1][i], torch.from_numpy(actions))
+    later = world.stream_batches(7, 4, 4, occlusion_share=0.5)
+    next(later)
+    second = next(later)
+    again = next(world.stream_batches(7, 4, 4, start_step=1, occlusion_share=0.5))
+    assert torch.equal(second[0], again[0])
