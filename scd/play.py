@@ -186,6 +186,8 @@ class Recorder:
         self.meta_path = self.video_path.with_suffix(".json")
         self.frames_dir = frames_dir
         self.frames = 0
+        context, context_actions = prompt_frames(loaded, prompt, seed)  # what the episode continues (for scoring)
+        self.prompt_frames, self.prompt_actions = len(context), context_actions
         self._meta_at = 0.0  # when the JSON was last brought up to date
         self.writer = mp4.VideoWriter(self.video_path, loaded.config.fps)
         # the actions are written beside their place and take it with the first frame (as the video
@@ -225,7 +227,9 @@ class Recorder:
         meta = {"video": str(r.video), "actions": str(r.actions), "frames": r.frames, "seed": self.seed,
                 "prompt": None if self.prompt is None else str(self.prompt), "model": self.loaded.source,
                 "revision": self.loaded.revision, "steps": self.steps, "context_window": self.window,
-                "fps": self.loaded.config.fps, "replay_parameters": r.parameters}
+                "fps": self.loaded.config.fps, "prompt_frames": self.prompt_frames,
+                "prompt_actions": self.prompt_actions, "frames_dir": None if self.frames_dir is None else str(self.frames_dir),
+                "demo": self.loaded.config.demo, "replay_parameters": r.parameters}
         if r.replay:
             meta["replay"] = shlex.join(r.replay)
         # replaced whole, so a killed play never leaves half a file

@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from scd.errors import SCDError
+from scd.errors import ConfigError, SCDError
 from scd_cli.common import (
     Device,
     console,
@@ -52,18 +52,21 @@ def play(
     prompt_frames: Optional[Path] = typer.Option(None, "--prompt-frames", "-p", help="Prompt video or image folder. Default: a clip of the synthetic world chosen by --seed."),
     seed: int = typer.Option(0, "--seed", help="Seed of the noise (and of the world clip that is the default prompt)."),
     record: Optional[Path] = typer.Option(None, "--record", help="Record the first panel to this MP4, with PATH.actions.txt and PATH.json; `scd generate` replays it."),
+    record_frames: Optional[Path] = typer.Option(None, "--record-frames", help="Also keep the recorded frames as PNGs in this folder (lossless: what `scd eval --recording` scores exactly)."),
     threads: int = typer.Option(1, "--threads", help="CPU threads per panel."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile each panel's frame loop (static shapes; the first frames wait for the compiler)."),
     device: Device = "auto",
 ):
     """Play a world model live in the browser: arrows or WASD choose each next frame's action."""
+    if record_frames is not None and record is None:
+        raise ConfigError("--record-frames keeps the frames of a recording: give --record too", "record_frames")
     from scd.play_server import (
         open_play,  # aiohttp and the page load only for this command
     )
 
     server, warnings = open_play(model, host=host, port=port, compare=compare, prompt=prompt_frames, seed=seed,
                                  record=record, threads=threads, device=device, compiled=compile,
-                                 format_replay=replay_command)
+                                 format_replay=replay_command, record_frames=record_frames)
     for warning in warnings + server.warnings:
         err_console.print(f"[yellow]warning:[/] {warning}")
     url = server.start()

@@ -138,3 +138,71 @@ def test_eval_scores_the_long_horizon_against_the_object_free_scene(tmp_path):
     worst = min((p[:16] - floor[:16]).mean(), (p[16:] - floor[16:]).mean())
     assert margin["worst_16_frames_db"] == pytest.approx(worst, abs=1e-3) and margin["worst_block_starts_at"] in (1, 17)
     assert set(result["scd"]["horizons"]["psnr_over"]) == {"1-16", "17-20"}
+
+
+def record_truth(tmp_path, seed: int = 3, frames: int = 40, erase_red_at: int | None = None, keep_pngs: bool = True):
+    """A recording of a perfect world model: the Recorder fed the simulator's own frames for a
+    scripted player's actions (optionally with the red ball erased from one frame)."""
+    from scd.checkpoints import load_model
+    from scd.play import Recorder, prompt_frames
+
+    loaded = load_model(None, arch="scd")
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    context, context_actions = prompt_frames(loaded, None, seed)
+    actions = world.random_actions(9, frames)
+    truth = world.render_clip(world.HELDOUT_SEED_START + seed, len(context) + frames,
+                              np.array(context_actions + actions.tolist()))[0][len(context):]
+    scene = world.render_clip(world.HELDOUT_SEED_START + seed, len(context) + frames,
+                              np.array(context_actions + actions.tolist()), objects=False)[0][len(context):]
+    recorder = Recorder(tmp_path / "play.mp4", loaded, None, seed, 4, 3, frames_dir=tmp_path / "frames" if keep_pngs else None)
+    for j, (frame, action) in enumerate(zip(truth, actions)):
+        if j + 1 == erase_red_at:
+            red = (np.abs(frame.astype(int) - world.OBJECT_COLORS["red_ball"]) <= world.TOLERANCE).all(-1)
+            frame = np.where(red[..., None], scene[j], frame)
+        recorder.add(frame, None if action == world.NULL_ACTION else int(action))
+    recorder.close()
+    return tmp_path / "play.mp4"
+
+
+def test_a_recorded_play_is_scored_against_the_world_it_played(tmp_path):
+    from scd.evaluate import score_recording
+
+    perfect = score_recording(record_truth(tmp_path / "a"))
+    assert perfect["frames"] == 40 and not perfect["lossy"] and perfect["first_lost_at"] == dict.fromkeys(world.OBJECT_COLORS)
+    assert list(perfect["spans"]) == ["1-16", "17-40"]
+    for span in perfect["spans"].values():
+        assert span["psnr"] == 100.0 and span["object_free_psnr"] < 30
+        assert all(v in (1.0, None) for v in span["kept"].values())
+    # a ball missing from one frame is lost there, and only that frame's share drops
+    broken = score_recording(record_truth(tmp_path / "b", erase_red_at=21))
+    assert broken["first_lost_at"]["red_ball"] == 21 and broken["first_lost_at"]["agent"] is None
+    assert broken["spans"]["1-16"]["kept"]["red_ball"] == 1.0 and broken["spans"]["17-40"]["kept"]["red_ball"] < 1.0
+    assert broken["psnr_per_frame"][20] < 100 and broken["psnr_per_frame"][19] == 100
+    # from the MP4 alone (lossy colour), through the command
+    mp4_only = record_truth(tmp_path / "c", keep_pngs=False)
+    r = runner.invoke(app, ["eval", "--recording", str(mp4_only.with_suffix(".json")), "--json", str(tmp_path / "s.json")])
+    assert r.exit_code == 0, r.output
+    assert "against the world it played" in r.output and "4:2:0" in r.output
+    scored = json.loads((tmp_path / "s.json").read_text())
+    assert scored["lossy"] and scored["spans"]["1-16"]["psnr"] > 25 and scored["spans"]["1-16"]["kept"]["agent"] == 1.0
+
+
+def test_a_recording_that_cannot_be_scored_is_a_one_line_error(tmp_path):
+    record = record_truth(tmp_path, frames=4)
+    meta = json.loads(record.with_suffix(".json").read_text())
+    cases = {"missing.mp4": "does not exist"}
+    for name, change, message in (("prompted", {"prompt": "clip.mp4"}, "only a play of a synthetic-world clip"),
+                                  ("old", {"prompt_frames": None}, "recorded by an earlier scd"),
+                                  ("other", {"seed": None, "actions": None}, "not a recording's JSON")):
+        edited = {k: v for k, v in {**meta, **change}.items() if v is not None or k == "prompt"}
+        (tmp_path / f"{name}.json").write_text(json.dumps(edited))
+        cases[f"{name}.mp4"] = message
+    (tmp_path / "garbage.json").write_text("{not json")
+    cases["garbage.json"] = "is not a recording's JSON"
+    for name, message in cases.items():
+        r = runner.invoke(app, ["eval", "--recording", str(tmp_path / name)])
+        assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output, (name, r.output)
+    r = runner.invoke(app, ["eval", "--recording", str(record), "--model", "x"])
+    assert r.exit_code == 2 and "drop --model" in r.output
+    r = runner.invoke(app, ["play", "--record-frames", str(tmp_path / "f")])
+    assert r.exit_code == 2 and "give --record too" in r.output
