@@ -146,6 +146,9 @@ def train(
         config = make(arch, heads, head_dim, layers, decoder_layers, decoder_combine, patch_size, frame_size,
                       default_steps, context_frames or clip_frames - 1, world_demo=data == "world",
                       data_fields=None if stored is None else sources.model_fields(stored))
+        note = training.wan_rotary_note(config) if family == "wan" else None
+        if note:
+            err_console.print(f"[yellow]warning:[/] {note}", soft_wrap=True)
     command = _command_line(ctx)
     if stored is None:
         source = sources.world_source(settings, config)

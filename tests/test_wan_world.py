@@ -119,6 +119,8 @@ def test_the_recipe_through_the_cli(tmp_path):
             "--patch-size", "8", "--default-steps", "2", "--batch-size", "2", "--clip-frames", "4", "--threads", "1"]
     r = runner.invoke(app, ["train", "--out", str(tmp_path / "straight"), "--steps", "4", "--checkpoint-every", "2", *size])
     assert r.exit_code == 0, r.output
+    # head dim 16: Wan's rotary split leaves each spatial axis 4 channels, and the user is told how to get more
+    assert "gives each spatial axis 4 channels" in r.output and "--heads 1 --head-dim 32" in r.output, r.output
     r = runner.invoke(app, ["train", "--out", str(tmp_path / "causal"), "--steps", "2", *size])
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["train", "--out", str(tmp_path / "causal"), "--steps", "4", "--resume", *size])
@@ -151,3 +153,11 @@ def test_the_recipe_through_the_cli(tmp_path):
     bench = json.loads(report.read_text())
     assert bench["models"]["scd"]["layers"] == "2 encoder + 2 decoder" and bench["models"]["baseline"]["layers"] == "3"
     assert bench["predicted_speedup"] > 0 and bench["speedup"] > 0 and bench["realised_fraction"] > 0
+
+
+def test_a_new_world_wan_is_told_when_its_rotary_split_starves_the_spatial_axes():
+    from scd import train as training
+
+    assert training.wan_rotary_note(training.new_wan_config(heads=2, head_dim=32)) is None
+    note = training.wan_rotary_note(training.new_wan_config(heads=4, head_dim=16))
+    assert "4 channels and time 8" in note and "--heads 2 --head-dim 32" in note
