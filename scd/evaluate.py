@@ -139,10 +139,17 @@ def score_recording(path) -> dict:
     if "prompt_frames" not in meta or meta.get("prompt_actions") is None:
         raise DataError(f"{meta_path} was recorded by an earlier scd without its prompt's length: record the play again")
     context, before = int(meta["prompt_frames"]), [int(a) for a in meta["prompt_actions"]]
+    def beside(recorded: str) -> Path:  # paths are as the play was given them: else look beside the JSON
+        given = Path(recorded)
+        if given.exists() or given.is_absolute():
+            return given
+        moved = meta_path.parent / given.name
+        return moved if moved.exists() else given
+
     try:
-        taken = parse_actions(Path(meta["actions"]), world.ACTIONS, len(world.ACTIONS)) or []
-        frames_dir = meta.get("frames_dir")
-        source = Path(frames_dir) if frames_dir and Path(frames_dir).is_dir() else Path(meta["video"])
+        taken = parse_actions(beside(meta["actions"]), world.ACTIONS, len(world.ACTIONS)) or []
+        frames_dir = meta.get("frames_dir") and beside(meta["frames_dir"])
+        source = frames_dir if frames_dir and frames_dir.is_dir() else beside(meta["video"])
         pred = read_video(source).frames
     except SCDError as err:
         raise DataError(f"{meta_path}: {err}") from None

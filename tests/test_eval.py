@@ -185,6 +185,15 @@ def test_a_recorded_play_is_scored_against_the_world_it_played(tmp_path):
     assert "against the world it played" in r.output and "4:2:0" in r.output
     scored = json.loads((tmp_path / "s.json").read_text())
     assert scored["lossy"] and scored["spans"]["1-16"]["psnr"] > 25 and scored["spans"]["1-16"]["kept"]["agent"] == 1.0
+    # a recording made with relative paths and moved elsewhere is read from beside its JSON
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    meta = json.loads(mp4_only.with_suffix(".json").read_text())
+    for key in ("video", "actions"):
+        (moved / Path(meta[key]).name).write_bytes(Path(meta[key]).read_bytes())
+        meta[key] = f"somewhere/{Path(meta[key]).name}"
+    (moved / "play.json").write_text(json.dumps(meta))
+    assert score_recording(moved / "play.json")["spans"] == scored["spans"]
 
 
 def test_a_recording_that_cannot_be_scored_is_a_one_line_error(tmp_path):
