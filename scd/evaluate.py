@@ -99,11 +99,15 @@ def evaluate(models: dict[str, LoadedModel], clips: int = 64, context: int = 8, 
     result["object_free"] = _summary(scene, truth)
     floor = np.array(result["object_free"]["psnr_per_frame"])
     for name in models:  # the worst stretch against the object-free scene: a model must never fall below it
-        p = np.array(result[name]["psnr_per_frame"])
-        blocks = [(p[i:i + 16] - floor[i:i + 16]).mean() for i in range(0, frames, 16)]
-        result[name]["margin_over_object_free"] = {"worst_16_frames_db": round(float(min(blocks)), 3),
-                                                   "worst_block_starts_at": 16 * int(np.argmin(blocks)) + 1}
+        result[name]["margin_over_object_free"] = worst_block(np.array(result[name]["psnr_per_frame"]), floor)
     return result
+
+
+def worst_block(psnr_per_frame: np.ndarray, floor: np.ndarray, size: int = 16) -> dict:
+    """The worst block of `size` frames against the object-free scene's PSNR `floor` (dB), and the
+    (1-based) frame it starts at."""
+    blocks = [(psnr_per_frame[i:i + size] - floor[i:i + size]).mean() for i in range(0, len(floor), size)]
+    return {"worst_16_frames_db": round(float(min(blocks)), 3), "worst_block_starts_at": size * int(np.argmin(blocks)) + 1}
 
 
 # ----------------------------------------------------------------------------- a recorded play
@@ -116,29 +120,58 @@ def score_recording(path) -> dict:
     episode's world clip run with the actions the player took (`path` is the recording's MP4 or its
     JSON; its PNG frames are read instead of the MP4 when the play kept them, `record_frames`).
     Per span of frames (PLAY_SPANS): PSNR, the object-free scene's, and the share of the frames
-    showing each object that have it within 2 px; per object, the first frame it was lost; the worst 16 frames against the
-    object-free scene. An MP4 is lossy (4:2:0 colour): a perfect play read from it loses a ball
-    behind the pillar now and then (`lossy` says which was read). Raises DataError for what is not a scoreable recording."""
+    showing each object that have it within 2 px; per object, the first frame it was lost; the
+    worst 16 frames against the object-free scene. An MP4 is lossy (4:2:0 colour): a perfect play
+    read from it loses a ball behind the pillar now and then (`lossy` says which was read). Raises
+    DataError for what is not a scoreable recording."""
+    meta, pred, actions, source = _read_recording(Path(path))
+    n, context = len(pred), int(meta["prompt_frames"])
+    seed = world.HELDOUT_SEED_START + int(meta["seed"])  # the play's clip: scd.generate's world prompt
+    truth = world.render_clip(seed, context + n, actions)[0][context:]
+    scene = world.render_clip(seed, context + n, actions, objects=False)[0][context:]
+    p, floor = _scores(pred[None], truth[None])[0], _scores(scene[None], truth[None])[0]
+    objects = world.track_objects(pred[None], truth[None])
+    spans = {}
+    for a, b in PLAY_SPANS:
+        if a > n:
+            break
+        cut = slice(a - 1, min(b, n))
+        spans[f"{a}-{min(b, n)}"] = {"psnr": round(float(p[cut].mean()), 3), "object_free_psnr": round(float(floor[cut].mean()), 3),
+                                     "kept": {name: _kept(o, cut) for name, o in objects.items()}}
+    lost = {}
+    for name, o in objects.items():
+        missed = [i for i, (hit, seen) in enumerate(zip(o["hit_rate"], o["visible_in_truth"])) if seen and not hit]
+        lost[name] = missed[0] + 1 if missed else None
+    worst = worst_block(p, floor)
+    return {"recording": str(meta["path"]), "model": meta.get("model"), "seed": int(meta["seed"]), "frames": n,
+            "frames_from": str(source), "spans": spans, "first_lost_at": lost,
+            "worst_16_frames_vs_object_free_db": worst["worst_16_frames_db"],
+            "worst_block_starts_at": worst["worst_block_starts_at"],
+            "psnr_per_frame": p.round(3).tolist(), "lossy": source.is_file()}
+
+
+def _read_recording(path: Path):
+    """A recording's JSON (with its own path under "path"), its frames (N, 32, 32, 3), the actions
+    of its prompt and its N frames, and where the frames were read from."""
     from scd.actions import parse_actions
     from scd.errors import DataError, SCDError
     from scd.video import read_video
 
-    path = Path(path)
     meta_path = path.with_suffix(".json")
     try:
         meta = json.loads(meta_path.read_text())
     except FileNotFoundError:
-        raise DataError(f"{meta_path} does not exist: give the MP4 or JSON that scd play --record wrote") from None
+        raise DataError(f"{meta_path} does not exist: give the MP4 or JSON a recorded play wrote") from None
     except (OSError, ValueError) as err:
         raise DataError(f"{meta_path} is not a recording's JSON ({err})") from None
     if not isinstance(meta, dict) or "seed" not in meta or "actions" not in meta:
-        raise DataError(f"{meta_path} is not a recording's JSON (scd play --record writes seed, actions, frames)")
+        raise DataError(f"{meta_path} is not a recording's JSON (a recorded play writes seed, actions, frames)")
     if meta.get("prompt") is not None or meta.get("demo", "world") != "world":
         raise DataError(f"{meta_path}: the play continued {meta.get('prompt') or 'a model without a world demo'}; "
                         "only a play of a synthetic-world clip has a known truth to score against")
     if "prompt_frames" not in meta or meta.get("prompt_actions") is None:
         raise DataError(f"{meta_path} was recorded by an earlier scd without its prompt's length: record the play again")
-    context, before = int(meta["prompt_frames"]), [int(a) for a in meta["prompt_actions"]]
+
     def beside(recorded: str) -> Path:  # paths are as the play was given them: else look beside the JSON
         given = Path(recorded)
         if given.exists() or given.is_absolute():
@@ -158,30 +191,8 @@ def score_recording(path) -> dict:
         raise DataError(f"{meta_path}: the recording holds no frame")
     if pred.shape[1:3] != (world.FRAME_SIZE, world.FRAME_SIZE):
         raise DataError(f"{source} is {pred.shape[2]}x{pred.shape[1]}: a world play is recorded at 32x32")
-    actions = np.asarray(before + list(taken[:n]), np.int64)
-    seed = world.HELDOUT_SEED_START + int(meta["seed"])  # the play's clip: scd.generate's world prompt
-    truth = world.render_clip(seed, context + n, actions)[0][context:]
-    scene = world.render_clip(seed, context + n, actions, objects=False)[0][context:]
-    pred = pred[:n]
-    p, floor = _scores(pred[None], truth[None])[0], _scores(scene[None], truth[None])[0]
-    objects = world.track_objects(pred[None], truth[None])
-    spans = {}
-    for a, b in PLAY_SPANS:
-        if a > n:
-            break
-        cut = slice(a - 1, min(b, n))
-        spans[f"{a}-{min(b, n)}"] = {"psnr": round(float(p[cut].mean()), 3), "object_free_psnr": round(float(floor[cut].mean()), 3),
-                                     "kept": {name: _kept(o, cut) for name, o in objects.items()}}
-    lost = {}
-    for name, o in objects.items():
-        missed = [i for i, (hit, seen) in enumerate(zip(o["hit_rate"], o["visible_in_truth"])) if seen and not hit]
-        lost[name] = missed[0] + 1 if missed else None
-    blocks = [(p[i:i + 16] - floor[i:i + 16]).mean() for i in range(0, n, 16)]
-    return {"recording": str(meta_path), "model": meta.get("model"), "seed": int(meta["seed"]), "frames": n,
-            "frames_from": str(source), "spans": spans, "first_lost_at": lost,
-            "worst_16_frames_vs_object_free_db": round(float(min(blocks)), 3),
-            "worst_block_starts_at": 16 * int(np.argmin(blocks)) + 1,
-            "psnr_per_frame": p.round(3).tolist(), "lossy": source.is_file()}
+    actions = np.asarray([int(a) for a in meta["prompt_actions"]] + list(taken[:n]), np.int64)
+    return {**meta, "path": meta_path}, pred[:n], actions, source
 
 
 def _kept(tracked: dict, cut: slice) -> float | None:

@@ -178,7 +178,8 @@ class Recorder:
 
     def __init__(self, path: Path, loaded: LoadedModel, prompt: Path | None, seed: int, steps: int,
                  window: int | None, frames_dir: Path | None = None,
-                 format_replay: Callable[[dict], list[str]] | None = None):
+                 format_replay: Callable[[dict], list[str]] | None = None,
+                 context: tuple[int, list[int] | None] | None = None):
         self.loaded, self.prompt, self.seed, self.steps, self.window = loaded, prompt, seed, steps, window
         self.format_replay = format_replay  # replay parameters -> a command line (the CLI's words)
         self.video_path = Path(path)
@@ -186,8 +187,10 @@ class Recorder:
         self.meta_path = self.video_path.with_suffix(".json")
         self.frames_dir = frames_dir
         self.frames = 0
-        context, context_actions = prompt_frames(loaded, prompt, seed)  # what the episode continues (for scoring)
-        self.prompt_frames, self.prompt_actions = len(context), context_actions
+        if context is None:  # what the episode continues (for scoring): the panel passes what it read
+            frames, actions = prompt_frames(loaded, prompt, seed)
+            context = (len(frames), actions)
+        self.prompt_frames, self.prompt_actions = context
         self._meta_at = 0.0  # when the JSON was last brought up to date
         self.writer = mp4.VideoWriter(self.video_path, loaded.config.fps)
         # the actions are written beside their place and take it with the first frame (as the video
@@ -275,6 +278,7 @@ class Panel:
 
     def _rollout(self, seed: int) -> Rollout:
         frames, actions = prompt_frames(self.loaded, self.session.prompt, seed)
+        self.context = (len(frames), actions)  # what a recording of this episode continues
         pixels = video.frames_to_tensor(video.fit_frames(frames, self.config.frame_size))
         with torch.inference_mode():
             context = self.codec.encode(pixels.to(self.device))[None]  # (1, F, C, H, W)
@@ -315,7 +319,7 @@ class Panel:
                     if self.index == 0 and session.record is not None:
                         recorder = Recorder(episode_path(session.record, episode), self.loaded, session.prompt, seed,
                                             self.steps, self.window, session.frames_dir(episode),
-                                            session.format_replay)
+                                            session.format_replay, self.context)
                     stats.clear()
                     due = None
                 if controls.paused:
@@ -396,6 +400,11 @@ class Session:
                                        parameter="record")
             mp4.check_path(record)
             files.check_output(record, "recording", inputs=[self.prompt])
+        held = record_frames is not None and Path(record_frames).exists()
+        if held and (not Path(record_frames).is_dir() or any(Path(record_frames).iterdir())):
+            # its episode folders would mix with (and overwrite) an earlier play's frames
+            raise video.VideoError(f"record_frames {record_frames} already exists and is not an empty folder: give a "
+                                   "new or empty folder", parameter="record_frames")
 
     # the player
     def press(self, action: int) -> None:

@@ -430,9 +430,18 @@ def new_wan_config(arch: str = "baseline", heads: int = 4, head_dim: int = 16, l
 MIN_SPATIAL_ROTARY = 6  # rotary channels per spatial axis below which a world Wan learns positions slowly
 
 
-def wan_rotary_note(config) -> str | None:
-    """Why a small Wan may learn where things are slowly, or None: Wan gives each spatial axis
-    2 * (head_dim // 6) rotary channels (docs/training.md measures 4 against 10)."""
+@dataclass
+class RotaryNote:
+    """Why a small Wan may learn where things are slowly, and a head split of the same width that
+    gives each spatial axis more rotary channels (heads and head_dim None: none divides it)."""
+    message: str
+    heads: int | None = None
+    head_dim: int | None = None
+
+
+def wan_rotary_note(config) -> RotaryNote | None:
+    """A RotaryNote when Wan's rotary split (2 * (head_dim // 6) channels per spatial axis) leaves
+    an axis under MIN_SPATIAL_ROTARY channels (docs/training.md measures 4 against 10), else None."""
     from scd.models.wan import wan_rope_axes
 
     frames, rows, _ = wan_rope_axes(config.head_dim)
@@ -441,10 +450,10 @@ def wan_rotary_note(config) -> str | None:
     found = f"at head dim {config.head_dim} Wan's rotary split gives each spatial axis {rows} channels and time {frames}"
     better = next((d for d in (24, 32, 48, 64) if config.dim % d == 0), None)
     if better is None:
-        return f"{found}: such a model learns where objects are slowly; use a head dim of 24 or more"
+        return RotaryNote(f"{found}: such a model learns where objects are slowly; use a head dim of 24 or more")
     heads = config.dim // better
-    return (f"{found}: such a model learns where objects are slowly; the same width as {heads} head{'s' * (heads > 1)} of "
-            f"{better} gives each axis {wan_rope_axes(better)[1]} (--heads {config.dim // better} --head-dim {better})")
+    return RotaryNote(f"{found}: such a model learns where objects are slowly; the same width as {heads} "
+                      f"head{'s' * (heads > 1)} of {better} gives each axis {wan_rope_axes(better)[1]}", heads, better)
 
 
 def new_config(arch: str = "scd", heads: int = 4, head_dim: int = 16, layers: int = 6, decoder_layers: int = 2,

@@ -78,7 +78,7 @@ def train(
     rollout_clips: int = typer.Option(0, "--rollout-clips", help="World: clips per step from the model's own rollouts (its generated frames as context, the simulator's as targets), beside --batch-size true clips."),
     rollout_horizon: int = typer.Option(128, "--rollout-horizon", help="World: the longest of those rollouts, in frames."),
     object_weight: float = typer.Option(0.0, "--object-weight", help="World: extra loss weight on the moving objects' pixels (0: none)."),
-    occlusion_share: float = typer.Option(0.0, "--occlusion-share", help="World: share of each batch's clips cut to end where a ball is at the pillar, the other ball or the agent (0: none)."),
+    occlusion_share: float = typer.Option(0.0, "--occlusion-share", help="World: share of each batch's clips cut to end where a ball meets the other ball or the agent (0: none)."),
     checkpoint_every: int = typer.Option(200, "--checkpoint-every"),
     seed: int = typer.Option(0, "--seed"),
     heads: int = typer.Option(4, "--heads"),
@@ -148,7 +148,8 @@ def train(
                       data_fields=None if stored is None else sources.model_fields(stored))
         note = training.wan_rotary_note(config) if family == "wan" else None
         if note:
-            err_console.print(f"[yellow]warning:[/] {note}", soft_wrap=True)
+            split = f" (--heads {note.heads} --head-dim {note.head_dim})" if note.heads else ""
+            err_console.print(f"[yellow]warning:[/] {note.message}{split}", soft_wrap=True)
     command = _command_line(ctx)
     if stored is None:
         source = sources.world_source(settings, config)

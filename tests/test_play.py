@@ -297,3 +297,20 @@ def test_a_recording_replaces_an_earlier_one_only_once_it_holds_a_frame(tmp_path
     recording = recorder.close()
     assert recording.frames == 1 and path.with_suffix(".actions.txt").read_text().splitlines()[-1] == "left"
     assert json.loads(path.with_suffix(".json").read_text())["frames"] == 1
+
+
+def test_frames_are_never_recorded_over_an_earlier_plays(tmp_path):
+    from scd.errors import VideoError
+    from scd.play import Session
+
+    loaded = load_model()
+    frames = tmp_path / "frames"
+    (frames / "episode-1").mkdir(parents=True)
+    earlier = frames / "episode-1" / "frame_000000.png"
+    earlier.write_bytes(b"an earlier play's frame")
+    (tmp_path / "a-file").write_text("not a folder")
+    for given in (frames, tmp_path / "a-file"):
+        with pytest.raises(VideoError, match="not an empty folder"):
+            Session([loaded], record=tmp_path / "run.mp4", record_frames=given)
+    assert earlier.read_bytes() == b"an earlier play's frame" and not (tmp_path / "run.mp4").exists()
+    Session([loaded], record=tmp_path / "run.mp4", record_frames=tmp_path / "new")  # a new folder is fine
