@@ -68,7 +68,8 @@ def world_batches(settings, config: ModelConfig):
         raise ConfigError(f"the synthetic world is {world.FRAME_SIZE}x{world.FRAME_SIZE} pixels: "
                           "train a pixel-space model of that frame size on it")
     return lambda start, rank=0, ranks=1: world.stream_batches(settings.seed + RANK_STRIDE * rank, settings.batch_size,
-                                                               settings.clip_frames, start, settings.occlusion_share)
+                                                               settings.clip_frames, start, settings.occlusion_share,
+                                                               settings.shift_share)
 
 
 # ----------------------------------------------------------------------------- latent datasets

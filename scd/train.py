@@ -54,6 +54,7 @@ class TrainSettings:
     rollout_horizon: int = 128  # world: the longest of those rollouts, in frames
     object_weight: float = 0.0  # world: extra loss weight where the moving objects are (scd.world.object_weights)
     occlusion_share: float = 0.0  # world: share of each batch's clips that end at an occlusion (scd.world.occlusion_clip)
+    shift_share: float = 0.0  # world: share whose context draws an object 1 px off (scd.world.shifted_clip)
 
     def __post_init__(self):
         """Every number in range and finite (ConfigError naming the setting otherwise)."""
@@ -77,6 +78,7 @@ class TrainSettings:
         n("rollout_horizon", self.rollout_horizon, self.clip_frames + 1, None, integer=True)
         n("object_weight", self.object_weight, 0, None)
         n("occlusion_share", self.occlusion_share, 0, 1)
+        n("shift_share", self.shift_share, 0, 1)
         if self.batch_size % self.grad_accum:
             raise ConfigError(f"grad_accum must divide the batch size ({self.batch_size}), got {self.grad_accum}",
                               parameter="grad_accum")
@@ -307,13 +309,14 @@ def train(config: ModelConfig, out: Path, settings: TrainSettings, batches, init
             _save_losses(out / "losses.csv", losses)
 
     def forward_backward(step: int) -> torch.Tensor:
-        video, actions = next(data)
-        context = None
+        batch = next(data)
+        video, actions = batch[0], batch[1]
+        context = batch[2] if len(batch) > 2 else None  # world clips drawn partly off (shift_share)
         if rollouts is not None:  # true clips (their own context) and rollout clips (the model's frames as context)
             own, truth, own_actions = rollouts.next_clips(raw, step)
-            context, video = torch.cat([video, own]), torch.cat([video, truth])
+            context, video = torch.cat([video if context is None else context, own]), torch.cat([video, truth])
             actions = None if actions is None else torch.cat([actions, own_actions])
-            context = context.to(accelerator.device)
+        context = None if context is None else context.to(accelerator.device)
         video = video.to(accelerator.device)
         weight = None
         if settings.object_weight:

@@ -71,8 +71,11 @@ class Clip:
         return between | agent.any(1)
 
 
-def simulate(seed: int, num_frames: int, actions: np.ndarray | None = None, objects: bool = True) -> Clip:
-    """The clip `seed` (see `render_clip`) with the state of every frame."""
+def simulate(seed: int, num_frames: int, actions: np.ndarray | None = None, objects: bool = True,
+             shifts: np.ndarray | None = None) -> Clip:
+    """The clip `seed` (see `render_clip`) with the state of every frame. `shifts` (N, 3, 2) int:
+    where each frame draws the red ball, the green ball and the agent displaced from where they
+    are, (rows, cols), kept inside the frame; the state, and so `Clip`'s positions, stay true."""
     if num_frames < 1:
         raise ConfigError(f"num_frames must be >= 1, got {num_frames}")
     rng = np.random.default_rng(seed)
@@ -91,6 +94,11 @@ def simulate(seed: int, num_frames: int, actions: np.ndarray | None = None, obje
     pos = rng.integers(0, s - BALL, (2, 2))
     vel = rng.choice([-2, -1, 1, 2], (2, 2))
     agent = rng.integers(0, s - AGENT, 2)
+    order = np.argsort(colors[:, 1])  # the balls in colour order (red, green), as OBJECT_COLORS names them
+    if shifts is not None:
+        shifts = np.asarray(shifts, np.int64)
+        if shifts.shape != (num_frames, 3, 2):
+            raise ConfigError(f"shifts must be ({num_frames}, 3, 2), got {shifts.shape}")
     frames = np.empty((num_frames, s, s, 3), np.uint8)
     balls, agents = np.empty((num_frames, 2, 2), np.int64), np.empty((num_frames, 2), np.int64)
     for j in range(num_frames):
@@ -104,13 +112,15 @@ def simulate(seed: int, num_frames: int, actions: np.ndarray | None = None, obje
             agent = np.clip(agent + MOVES[int(actions[j])], 0, s - AGENT)
         frame = background.copy()
         if objects:
-            for (y, x), color in zip(pos, colors):
+            drawn, at = pos, agent
+            if shifts is not None:
+                drawn = np.clip(pos + shifts[j, :2][np.argsort(order)], 0, s - BALL)
+                at = np.clip(agent + shifts[j, 2], 0, s - AGENT)
+            for (y, x), color in zip(drawn, colors):
                 frame[y:y + BALL, x:x + BALL] = color
-            frame[agent[0]:agent[0] + AGENT, agent[1]:agent[1] + AGENT] = AGENT_COLOR
+            frame[at[0]:at[0] + AGENT, at[1]:at[1] + AGENT] = AGENT_COLOR
         frame[:, pillar:pillar + 3] = PILLAR_COLOR
         frames[j], balls[j], agents[j] = frame, pos, agent
-    # balls in colour order (red, green), as OBJECT_COLORS names them
-    order = np.argsort(colors[:, 1])
     return Clip(frames, actions.copy(), balls[:, order], agents, pillar)
 
 
@@ -122,6 +132,25 @@ def occlusion_clip(seed: int, num_frames: int, span: int = OCCLUSION_SPAN) -> tu
     ends = np.nonzero(clip.occluded()[num_frames - 1:])[0] + num_frames
     end = int(np.random.default_rng([seed, 2]).choice(ends)) if len(ends) else len(clip.frames)
     return clip.frames[end - num_frames:end], clip.actions[end - num_frames:end]
+
+
+OFFSETS = np.array([(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx])  # one pixel, any direction
+
+
+def shifted_clip(seed: int, num_frames: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The clip `seed` twice, (true frames, shifted frames, actions): in the shifted one each
+    object (each at even odds, at least one) is drawn one pixel off in one frame before the last,
+    the kind of misplacement that starts a rollout's drift; training reads the shifted frames as
+    context and the true ones as targets, so a model learns to recover instead of extrapolating."""
+    rng = np.random.default_rng([seed, 3])
+    moved = rng.random(3) < 0.5
+    if not moved.any():
+        moved[rng.integers(3)] = True
+    shifts = np.zeros((num_frames, 3, 2), np.int64)
+    for k in np.nonzero(moved)[0]:
+        shifts[rng.integers(0, num_frames - 1), k] = OFFSETS[rng.integers(len(OFFSETS))]
+    true = simulate(seed, num_frames)
+    return true.frames, simulate(seed, num_frames, true.actions, shifts=shifts).frames, true.actions
 
 
 # Each moving object by its colour: a pixel belongs to it when every channel lies within TOLERANCE
@@ -162,18 +191,33 @@ def track_objects(pred: np.ndarray, truth: np.ndarray, radius: float = 2.0) -> d
     return result
 
 
-def stream_batches(seed: int, batch_size: int, num_frames: int, start_step: int = 0, occlusion_share: float = 0.0):
+def stream_batches(seed: int, batch_size: int, num_frames: int, start_step: int = 0, occlusion_share: float = 0.0,
+                   shift_share: float = 0.0):
     """Training batches forever: (video (B, N, 3, 32, 32) float in [-1, 1], actions (B, N) int64);
-    the first round(occlusion_share * B) clips of each end at an occlusion (`occlusion_clip`).
+    the first round(occlusion_share * B) clips of each end at an occlusion (`occlusion_clip`). With
+    shift_share, the last round(shift_share * B) clips are `shifted_clip`s and a third tensor, the
+    context (like video: the shifted frames there, the true ones elsewhere), comes with each batch.
     Batch k depends only on (seed, k), so a run resumed at step k sees what it would have seen."""
     hard = round(occlusion_share * batch_size)
+    shifted = batch_size - round(shift_share * batch_size) if shift_share else batch_size
     step = start_step
     while True:
-        clips = [occlusion_clip(int(s), num_frames) if i < hard else render_clip(int(s), num_frames)
-                 for i, s in enumerate(training_seeds(seed, step, batch_size))]
-        video = torch.from_numpy(np.stack([c[0] for c in clips])).permute(0, 1, 4, 2, 3).float() / 127.5 - 1
-        yield video, torch.from_numpy(np.stack([c[1] for c in clips]))
+        clips = []
+        for i, s in enumerate(training_seeds(seed, step, batch_size)):
+            if i >= shifted:
+                clips.append(shifted_clip(int(s), num_frames))
+            else:
+                frames, actions = occlusion_clip(int(s), num_frames) if i < hard else render_clip(int(s), num_frames)
+                clips.append((frames, frames, actions))
+        video, context = (_tensor(np.stack([c[k] for c in clips])) for k in (0, 1))
+        actions = torch.from_numpy(np.stack([c[2] for c in clips]))
+        yield (video, actions, context) if shift_share else (video, actions)
         step += 1
+
+
+def _tensor(frames: np.ndarray) -> torch.Tensor:
+    """uint8 frames (B, N, H, W, 3) -> float (B, N, 3, H, W) in [-1, 1]."""
+    return torch.from_numpy(frames).permute(0, 1, 4, 2, 3).float() / 127.5 - 1
 
 
 def training_seeds(seed: int, step: int, batch_size: int) -> np.ndarray:

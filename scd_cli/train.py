@@ -79,6 +79,7 @@ def train(
     rollout_horizon: int = typer.Option(128, "--rollout-horizon", help="World: the longest of those rollouts, in frames."),
     object_weight: float = typer.Option(0.0, "--object-weight", help="World: extra loss weight on the moving objects' pixels (0: none)."),
     occlusion_share: float = typer.Option(0.0, "--occlusion-share", help="World: share of each batch's clips cut to end where a ball meets the other ball or the agent (0: none)."),
+    shift_share: float = typer.Option(0.0, "--shift-share", help="World: share of each batch's clips whose context draws an object one pixel off in one frame, the targets staying true: training to recover from the misplacements that start a drift (0: none)."),
     checkpoint_every: int = typer.Option(200, "--checkpoint-every"),
     seed: int = typer.Option(0, "--seed"),
     heads: int = typer.Option(4, "--heads"),
@@ -99,17 +100,17 @@ def train(
                                       clean_context_ratio=clean_context_ratio, context_sigma_max=context_sigma_max, seed=seed, checkpoint_every=checkpoint_every,
                                       grad_accum=grad_accum, mixed_precision=mixed_precision, decoder_draws=decoder_draws,
                                       rollout_clips=rollout_clips, rollout_horizon=rollout_horizon, object_weight=object_weight,
-                                      occlusion_share=occlusion_share)
-    if data != "world" and (rollout_clips or object_weight or occlusion_share):
-        raise ConfigError("--rollout-clips, --object-weight and --occlusion-share need the synthetic world's simulator: "
-                          "use --data world", "data")
-    if (rollout_clips or object_weight) and (distill_from is not None or family == "wan"):
-        raise ConfigError("--rollout-clips and --object-weight shape the flow loss of a FAR-style model: not with "
-                          "--distill-from or a Wan model", "rollout_clips")
+                                      occlusion_share=occlusion_share, shift_share=shift_share)
+    if data != "world" and (rollout_clips or object_weight or occlusion_share or shift_share):
+        raise ConfigError("--rollout-clips, --object-weight, --occlusion-share and --shift-share need the synthetic "
+                          "world's simulator: use --data world", "data")
+    if (rollout_clips or object_weight or shift_share) and (distill_from is not None or family == "wan"):
+        raise ConfigError("--rollout-clips, --object-weight and --shift-share shape the flow loss of a FAR-style "
+                          "model: not with --distill-from or a Wan model", "rollout_clips")
     loaded = load_model(init) if init else None
-    if loaded is not None and (rollout_clips or object_weight) and loaded.config.family != "far":
-        raise ConfigError("--rollout-clips and --object-weight shape the flow loss of a FAR-style model, not of "
-                          f"{loaded.source}'s {loaded.config.architecture}", "rollout_clips")
+    if loaded is not None and (rollout_clips or object_weight or shift_share) and loaded.config.family != "far":
+        raise ConfigError("--rollout-clips, --object-weight and --shift-share shape the flow loss of a FAR-style "
+                          f"model, not of {loaded.source}'s {loaded.config.architecture}", "rollout_clips")
     distiller = None
     if distill_from is not None or distill_steps is not None or teacher_steps is not None:
         from scd.distill import distillation

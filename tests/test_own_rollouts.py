@@ -31,6 +31,29 @@ def test_rollout_training_resumes_bit_identically(tmp_path, arch):
     assert saved["generated"].shape == (2, 4, 3, 32, 32) and saved["position"].tolist() != [0, 0]
 
 
+@pytest.mark.parametrize("arch", ["scd", "baseline"])
+def test_shifted_context_training_reads_the_shifted_frames_and_resumes_bit_identically(tmp_path, arch):
+    config = tiny_config(arch=arch, **WORLD)
+    make = lambda steps, share=0.5: training.TrainSettings(steps=steps, batch_size=2, clip_frames=4, checkpoint_every=3,
+                                                           warmup=2, shift_share=share)
+    batches = data.world_batches(make(4), config)
+    straight = [p.loss for p in training.train(config, tmp_path / "a", make(4), batches)]
+    first = [p.loss for p in training.train(config, tmp_path / "b", make(2), batches)]
+    rest = [p.loss for p in training.train(config, tmp_path / "b", make(4), batches, resume=True)]
+    assert first + rest == straight and len(straight) == 4
+    # the loss reads the shifted frames as context and the true ones as targets
+    seen = []
+
+    def loss(model, video, conditions, objective, **extra):
+        seen.append((video, extra.get("context")))
+        return model.loss(video, conditions, objective, **extra)
+
+    list(training.train(config, tmp_path / "c", make(1), batches, loss=loss))
+    video, context = seen[0]
+    expected = next(world.stream_batches(0, 2, 4, shift_share=0.5))
+    assert torch.equal(video, expected[0]) and torch.equal(context, expected[2]) and not torch.equal(video, context)
+
+
 def test_a_stream_starts_from_truth_and_continues_from_its_own_frames():
     config = tiny_config(**WORLD)
     model = random_model(config).train()
@@ -88,17 +111,24 @@ def test_rollout_options_need_the_world(tmp_path):
     assert r.exit_code == 2 and "--data world" in r.output, r.output
     r = runner.invoke(app, ["train", "--out", str(tmp_path / "m"), "--data", str(tmp_path), "--occlusion-share", "0.5"])
     assert r.exit_code == 2 and "--data world" in r.output, r.output
+    r = runner.invoke(app, ["train", "--out", str(tmp_path / "m"), "--data", str(tmp_path), "--shift-share", "0.5"])
+    assert r.exit_code == 2 and "--data world" in r.output, r.output
+    r = runner.invoke(app, ["train", "--out", str(tmp_path / "w"), "--family", "wan", "--shift-share", "0.5"])
+    assert r.exit_code == 2 and "FAR-style" in r.output, r.output
     with pytest.raises(Exception, match="occlusion_share"):
         training.TrainSettings(occlusion_share=1.5)
+    with pytest.raises(Exception, match="shift_share"):
+        training.TrainSettings(shift_share=-0.1)
     with pytest.raises(Exception, match="rollout_horizon"):
         training.TrainSettings(clip_frames=4, rollout_clips=2, rollout_horizon=4)
     settings = dataclasses.replace(training.TrainSettings(steps=10), rollout_clips=4, object_weight=3.0,
-                                   occlusion_share=0.25)
+                                   occlusion_share=0.25, shift_share=0.5)
     from scd.cards import training_card
 
     card = training_card("scd train", tiny_config(**WORLD), settings, "synthetic world")([0.5] * 10, 60.0)
     assert "4 clips per step from the model's own rollouts" in card and "x4 on the moving objects" in card
     assert "25% of each batch's clips ending at an occlusion" in card
+    assert "50% of each batch's clips with an object drawn 1 px off in one context frame" in card
 
 
 def test_rope_scores_depend_only_on_frame_offsets():

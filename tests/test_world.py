@@ -201,3 +201,50 @@ def test_occlusion_clips_end_where_a_ball_meets_another_object():
     second = next(later)
     again = next(world.stream_batches(7, 4, 4, start_step=1, occlusion_share=0.5))
     assert torch.equal(second[0], again[0])
+
+
+def test_shifts_draw_an_object_off_without_moving_it():
+    clip = world.simulate(5, 6)
+    shifts = np.zeros((6, 3, 2), np.int64)
+    assert np.array_equal(world.simulate(5, 6, shifts=shifts).frames, clip.frames)
+    shifts[2, 0] = (1, -1)  # the red ball, one row down and one column left, in frame 2 only
+    moved = world.simulate(5, 6, shifts=shifts)
+    changed = (moved.frames != clip.frames).any(-1).any((1, 2))
+    assert changed.tolist() == [False, False, True, False, False, False]
+    assert np.array_equal(moved.balls, clip.balls) and np.array_equal(moved.agent, clip.agent)  # the state stays true
+    red = world.OBJECT_COLORS["red_ball"]
+    at, _ = world.locate(moved.frames[2:3], red)
+    true, _ = world.locate(clip.frames[2:3], red)
+    if clip.pillar + 3 <= clip.balls[2, 0, 1] - 1 or clip.balls[2, 0, 1] + 4 <= clip.pillar:  # not behind the pillar
+        assert np.allclose(at - true, [[1, -1]])
+    with pytest.raises(ConfigError, match="shifts"):
+        world.simulate(5, 6, shifts=np.zeros((5, 3, 2)))
+
+
+def test_shifted_clips_put_objects_one_pixel_off_before_the_last_frame():
+    offsets, differ = [], 0
+    for seed in range(30):
+        true, shifted, actions = world.shifted_clip(seed, 4)
+        assert np.array_equal(true, world.render_clip(seed, 4)[0]) and np.array_equal(actions, world.render_clip(seed, 4)[1])
+        assert np.array_equal(true[-1], shifted[-1]), "the last frame is a target only: it stays true"
+        differ += (true != shifted).any()
+        for name, color in world.OBJECT_COLORS.items():
+            a, seen_a = world.locate(shifted, color)
+            b, seen_b = world.locate(true, color)
+            both = seen_a & seen_b
+            offsets.extend(np.abs(a - b)[both].max(-1).tolist())
+        again = world.shifted_clip(seed, 4)
+        assert all(np.array_equal(x, y) for x, y in zip(again, (true, shifted, actions)))
+    offsets = np.array(offsets)
+    assert differ >= 27  # at least one object drawn off in each clip (the pillar or another object may hide it)
+    moved = offsets[offsets > 0.25]  # one pixel (less where the pillar or another object hides part of it)
+    assert len(moved) >= 30 and np.median(moved) == 1 and (np.abs(moved - 1) < 0.2).mean() >= 0.7  # (what the pillar hides moves more)
+    # in a batch the last share is shifted: its context differs from its video, the other clips' does not
+    video, actions, context = next(world.stream_batches(7, 4, 4, shift_share=0.5))
+    plain_video, plain_actions = next(world.stream_batches(7, 4, 4))
+    assert torch.equal(video, plain_video) and torch.equal(actions, plain_actions)
+    assert torch.equal(context[:2], video[:2]) and not torch.equal(context[2:], video[2:])
+    assert torch.equal(context[:, -1], video[:, -1])
+    seeds = world.training_seeds(7, 0, 4)
+    _, shifted, _ = world.shifted_clip(int(seeds[3]), 4)
+    assert torch.equal(context[3], torch.from_numpy(shifted).permute(0, 3, 1, 2).float() / 127.5 - 1)
