@@ -3,8 +3,8 @@
 1. Rollouts: each held-out clip continued 16 frames from 8 true ones (as `scd eval`); for each ball
    lost (not within 2 px of the truth, or gone), how it was lost at the first frame it was: it
    vanished, jumped (more than 3.5 px off at once) or drifted (a small error that grew).
-2. One step from three context frames, the red ball drawn as it is (`none`), or one pixel off in the
-   last or the middle context frame (`scd.world.simulate(shifts=)`): how far the generated ball
+2. One step from the model's window of context frames, the red ball drawn as it is (`none`), or one
+   pixel off in the last or the middle context frame (`scd.world.simulate(shifts=)`): how far the generated ball
    lands from the truth. A model that recovers from its own slips lands where the truth is; one
    that extrapolates its context lands one to two pixels off, and the drift starts.
 
@@ -50,7 +50,8 @@ def how_lost(loaded, clips: int) -> dict[str, int]:
 
 def slip_response(loaded, clips: int) -> dict[str, dict[str, float]]:
     rng = np.random.default_rng(3)
-    lengths = [4 + int(rng.integers(0, 30)) for _ in range(clips)]
+    context = loaded.config.window
+    lengths = [context + 1 + int(rng.integers(0, 30)) for _ in range(clips)]
     out = {}
     for where in ("none", "last", "middle"):
         given, truth = [], []
@@ -58,10 +59,10 @@ def slip_response(loaded, clips: int) -> dict[str, dict[str, float]]:
             seed = world.HELDOUT_SEED_START + 20_000 + i
             shifts = np.zeros((n, 3, 2), np.int64)
             if where != "none":
-                shifts[n - 2 if where == "last" else n - 3, 0] = SLIPS[i % len(SLIPS)]
-            given.append(tuple(x[-4:] for x in (world.simulate(seed, n, shifts=shifts).frames, world.render_clip(seed, n)[1])))
+                shifts[n - 2 if where == "last" else n - 2 - context // 2, 0] = SLIPS[i % len(SLIPS)]
+            given.append(tuple(x[-context - 1:] for x in (world.simulate(seed, n, shifts=shifts).frames, world.render_clip(seed, n)[1])))
             truth.append(world.render_clip(seed, n)[0][-1])
-        pred = rollout(loaded, given, 3, 1, loaded.config.default_steps, 1.0, 0)[:, 0]
+        pred = rollout(loaded, given, context, 1, loaded.config.default_steps, 1.0, 0)[:, 0]
         color = world.OBJECT_COLORS["red_ball"]
         p_at, p_seen = world.locate(pred, color)
         t_at, t_seen = world.locate(np.stack(truth), color)
