@@ -516,6 +516,15 @@ def _load_pair(spec: BenchSpec, device, dtype, loaded=None, baseline=None) -> tu
     return scd_side, base_side, named, warnings
 
 
+def _run_meta(device: torch.device, dtype: torch.dtype, settings: dict, models: dict, warnings: list[str],
+              **machine) -> dict:
+    """What a bench JSON says of the run before its rows: the machine (and any `machine` fields), the
+    versions, the settings and the models compared."""
+    return {"device": str(device), "device_name": device_name(device), "dtype": dtype_name(dtype), **machine,
+            "torch": torch.__version__, "scd_version": scd.__version__, "settings": settings,
+            "models": models, "warnings": warnings}
+
+
 def _describe(config: ModelConfig) -> dict:
     return {"arch": config.arch, "width": config.width, "heads": config.num_heads, "layers": config.depth,
             "tokens_per_frame": config.tokens_per_frame, "latents": [config.channels, *config.latent_size],
@@ -620,11 +629,9 @@ def _run(spec: BenchSpec):
     peaks: list[float] = []
     rows: list[dict] = []
     compile_info: list[dict] = []
-    meta = {"device": str(device), "device_name": device_name(device), "dtype": dtype_name(dtype), "threads": spec.threads,
-            "torch": torch.__version__, "scd_version": scd.__version__, "settings": settings,
-            "models": {"scd": {"source": scd_side.source, **_describe(scd_side.config)},
-                       "baseline": {"source": base_side.source, **_describe(base_side.config)}},
-            "warnings": warnings}
+    meta = _run_meta(device, dtype, settings, {"scd": {"source": scd_side.source, **_describe(scd_side.config)},
+                                               "baseline": {"source": base_side.source, **_describe(base_side.config)}},
+                     warnings, threads=spec.threads)
     if backend:
         meta["compile"] = {"backend": backend, "mode": compiler(device.type, backend).mode, "runs": compile_info}
     try:
@@ -720,10 +727,7 @@ def _run_alone(spec: BenchSpec, side: _Side, device, dtype):
                 "text": f"random normal, {config.text_len} x {config.text_dim}", "weights": {"model": side.source}}
     rows_meta = [{"context": c, "steps": k, "batch": b} for c, k, b in combos]
     yield Started(str(device), device_name(device), dtype_name(dtype), side.source, "", rows_meta, [], alone=True)
-    meta = {"device": str(device), "device_name": device_name(device), "dtype": dtype_name(dtype),
-            "torch": torch.__version__, "scd_version": scd.__version__, "settings": settings,
-            "models": {"model": _chunked_model_info(config, side.source, n)},
-            "warnings": []}
+    meta = _run_meta(device, dtype, settings, {"model": _chunked_model_info(config, side.source, n)}, [])
     peaks, rows = [], []
     total_reps = spec.warmup + spec.reps
     generator = torch.Generator().manual_seed(spec.seed)
@@ -871,10 +875,8 @@ def _run_wan_pair(spec: BenchSpec, config: WanConfig, loaded, wan_preset: bool, 
     rows_meta = [{"context": c, "steps": k, "batch": b} for c, k, b in combos]
     yield Started(str(device), device_name(device), dtype_name(dtype), sides["scd"].source, sides["baseline"].source,
                   rows_meta, warnings)
-    meta = {"device": str(device), "device_name": device_name(device), "dtype": dtype_name(dtype),
-            "torch": torch.__version__, "scd_version": scd.__version__, "settings": settings,
-            "models": {name: _chunked_model_info(side.config, side.source, n) for name, side in sides.items()},
-            "warnings": warnings}
+    meta = _run_meta(device, dtype, settings,
+                     {name: _chunked_model_info(side.config, side.source, n) for name, side in sides.items()}, warnings)
     models = {name: side.model for name, side in sides.items()}
     peaks, rows = [], []
     total_reps = spec.warmup + spec.reps

@@ -8,6 +8,16 @@ from torch.utils.flop_counter import FlopCounterMode
 from scd.flops import block_flops, frame_flops
 
 
+def flop_logged(calls: list, name: str, call):
+    """`call`, appending (name, the FLOPs the counter saw) to `calls` each time it runs."""
+    def wrapped(*args, **kwargs):
+        with FlopCounterMode(display=False) as counter:
+            out = call(*args, **kwargs)
+        calls.append((name, counter.get_total_flops()))
+        return out
+    return wrapped
+
+
 def counted(fn) -> int:
     with FlopCounterMode(display=False) as counter:
         fn()
@@ -75,15 +85,8 @@ def test_wan_chunk_flops_equal_counted_stream_steps(window):
     context = torch.zeros(1, 0, config.channels, *config.latent_size)
     calls = []  # (what, flops) of every prepare and velocity call
 
-    def counting(name, call):
-        def wrapped(*args, **kwargs):
-            with FlopCounterMode(display=False) as counter:
-                out = call(*args, **kwargs)
-            calls.append((name, counter.get_total_flops()))
-            return out
-        return wrapped
-
-    model.prepare, model.velocity = counting("context", model.prepare), counting("denoise", model.velocity)
+    model.prepare = flop_logged(calls, "context", model.prepare)
+    model.velocity = flop_logged(calls, "denoise", model.velocity)
     with sdpa_kernel(SDPBackend.MATH):  # attention as bmm, which the counter sees
         start = counted(lambda: Rollout(model, context, steps, frames=n * chunks, text=text))
         rollout = Rollout(model, context, steps, frames=n * chunks, text=text)
@@ -155,16 +158,9 @@ def test_scd_wan_chunk_flops_equal_counted_stream_steps(combine, encoder_input, 
     given = context.shape[1]
     calls = []
 
-    def counting(name, call):
-        def wrapped(*args, **kwargs):
-            with FlopCounterMode(display=False) as counter:
-                out = call(*args, **kwargs)
-            calls.append((name, counter.get_total_flops()))
-            return out
-        return wrapped
-
-    model.prepare, model.features = counting("context", model.prepare), counting("context", model.features)
-    model.decode = counting("denoise", model.decode)
+    model.prepare = flop_logged(calls, "context", model.prepare)
+    model.features = flop_logged(calls, "context", model.features)
+    model.decode = flop_logged(calls, "denoise", model.decode)
     with sdpa_kernel(SDPBackend.MATH):
         start = counted(lambda: Rollout(model, context, steps, frames=n * chunks, text=text))
         rollout = Rollout(model, context, steps, frames=n * chunks, text=text)
