@@ -14,13 +14,12 @@ MODEL: a model folder, or scd / baseline for the embedded ones (default scd).
 """
 
 import argparse
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from scd import world
-from scd.checkpoints import load_model, load_model_folder
+from scd.checkpoints import load_model
 from scd.evaluate import rollout
 
 JUMP_PX = 3.5
@@ -80,8 +79,7 @@ def main() -> None:
     parser.add_argument("--one-step", type=int, default=256)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    folder = Path(args.model)
-    loaded = load_model_folder(folder) if (folder / "config.json").is_file() else load_model(None, arch=args.model)
+    loaded = load_model(args.model)
     kinds = how_lost(loaded, args.clips)
     print(f"{args.model}: {2 * args.clips} balls over 16 frames: " + ", ".join(f"{k} {v}" for k, v in kinds.items()))
     for where, scores in slip_response(loaded, args.one_step).items():

@@ -9,13 +9,12 @@ out (seeds from HELDOUT_SEED_START + 10,000), each cut at a random phase of its 
 """
 
 import argparse
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from scd import world
-from scd.checkpoints import load_model, load_model_folder
+from scd.checkpoints import load_model
 from scd.evaluate import rollout
 
 NEAR = 4.5  # px between centroids (columns for the pillar) that count as "near"
@@ -44,8 +43,7 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    folder = Path(args.model)
-    loaded = load_model_folder(folder) if (folder / "config.json").is_file() else load_model(None, arch=args.model)
+    loaded = load_model(args.model)
     rng = np.random.default_rng(5)
     clips = []
     for i in range(args.clips):
