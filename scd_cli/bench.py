@@ -44,6 +44,26 @@ def _gflops(x: float) -> str:
     return f"{x / 1e9:,.2f}"
 
 
+def _pair_rows(table: Table, s: dict, b: dict):
+    """add(label, key, fmt, ratio=True): a row of both models' `key`, and b / s when `ratio`."""
+    def add(label, key, fmt, ratio=True):
+        x, y = s[key], b[key]
+        table.add_row(label, fmt(x), fmt(y), f"{y / x:.2f}x" if ratio and x else "")
+    return add
+
+
+def _throughput_rows(table: Table, s: dict, b: dict) -> None:
+    for batch in s["throughput_fps_by_batch"]:
+        x, y = s["throughput_fps_by_batch"][batch], b["throughput_fps_by_batch"][batch]
+        table.add_row(f"throughput at batch {batch}, frames/s", f"{x:,.2f}", f"{y:,.2f}", f"{x / y:.2f}x" if y else "")
+
+
+def _achieved_rows(table: Table, s: dict, b: dict, peak: float) -> None:
+    table.add_row("achieved GFLOP/s", _gflops(s["achieved_flops_per_s"]), _gflops(b["achieved_flops_per_s"]), "")
+    table.add_row(f"  of matmul peak ({peak / 1e9:,.1f})", f"{100 * s['fraction_of_matmul_peak']:.0f}%",
+                  f"{100 * b['fraction_of_matmul_peak']:.0f}%", "")
+
+
 def _headline(report: dict) -> Table:
     """Metrics down, models across, for the headline setting."""
     s, b = report["scd"], report["baseline"]
@@ -54,26 +74,19 @@ def _headline(report: dict) -> Table:
     for col in ("", "SCD", "baseline", "baseline / SCD"):
         table.add_column(col, justify="left" if not col else "right")
 
-    def add(label, key, fmt, ratio=True):
-        x, y = s[key], b[key]
-        table.add_row(label, fmt(x), fmt(y), f"{y / x:.2f}x" if ratio and x else "")
-
+    add = _pair_rows(table, s, b)
     add("latency per frame, p50 ms", "latency_ms_p50", "{:,.1f}".format)
     add("latency per frame, p95 ms", "latency_ms_p95", "{:,.1f}".format)
     add("  context pass, p50 ms", "context_ms_p50", "{:,.1f}".format)
     add("  denoising steps, p50 ms", "denoise_ms_p50", "{:,.1f}".format)
-    for batch in s["throughput_fps_by_batch"]:
-        x, y = s["throughput_fps_by_batch"][batch], b["throughput_fps_by_batch"][batch]
-        table.add_row(f"throughput at batch {batch}, frames/s", f"{x:,.2f}", f"{y:,.2f}", f"{x / y:.2f}x" if y else "")
+    _throughput_rows(table, s, b)
     add("time to first frame, ms", "time_to_first_frame_ms", "{:,.0f}".format)
     add("peak memory, MiB", "peak_memory_bytes", lambda v: f"{v / 2 ** 20:,.1f}", ratio=False)
     add("GFLOP per frame", "flops_per_frame", _gflops)
     add("ops per frame (aten, top level)", "ops_per_frame", "{:,}".format)
     if s.get("kernel_launches_per_frame") is not None:
         add("kernel launches per frame", "kernel_launches_per_frame", "{:,}".format)
-    table.add_row("achieved GFLOP/s", _gflops(s["achieved_flops_per_s"]), _gflops(b["achieved_flops_per_s"]), "")
-    table.add_row(f"  of matmul peak ({peak / 1e9:,.1f})", f"{100 * s['fraction_of_matmul_peak']:.0f}%",
-                  f"{100 * b['fraction_of_matmul_peak']:.0f}%", "")
+    _achieved_rows(table, s, b, peak)
     return table
 
 
@@ -172,27 +185,20 @@ def _show_chunk_pair(report: dict) -> None:
     for col in ("", "SCD-Wan", "causal Wan", "causal / SCD"):
         table.add_column(col, justify="left" if not col else "right")
 
-    def add(label, key, fmt, ratio=True):
-        x, y = s[key], b[key]
-        table.add_row(label, fmt(x), fmt(y), f"{y / x:.2f}x" if ratio and x else "")
-
+    add = _pair_rows(table, s, b)
     add(f"latency per chunk of {n}, p50 ms", "latency_ms_per_chunk_p50", "{:,.1f}".format)
     add("latency per chunk, p95 ms", "latency_ms_per_chunk_p95", "{:,.1f}".format)
     add("  context pass, p50 ms", "context_ms_p50", "{:,.1f}".format)
     add("  denoising steps, p50 ms", "denoise_ms_p50", "{:,.1f}".format)
     add("latency per frame, p50 ms", "latency_ms_per_frame_p50", "{:,.1f}".format)
-    for batch in s["throughput_fps_by_batch"]:
-        x, y = s["throughput_fps_by_batch"][batch], b["throughput_fps_by_batch"][batch]
-        table.add_row(f"throughput at batch {batch}, frames/s", f"{x:,.2f}", f"{y:,.2f}", f"{x / y:.2f}x" if y else "")
+    _throughput_rows(table, s, b)
     add("time to first chunk, ms", "time_to_first_chunk_ms", "{:,.0f}".format)
     add("GFLOP per chunk", "flops_per_chunk", _gflops)
     add("ops per chunk (aten, top level)", "ops_per_chunk", "{:,}".format)
     if s.get("kernel_launches_per_chunk") is not None:
         add("kernel launches per chunk", "kernel_launches_per_chunk", "{:,}".format)
     add("parameters + cache, MiB", "peak_memory_bytes", lambda v: f"{v / 2 ** 20:,.1f}", ratio=False)
-    table.add_row("achieved GFLOP/s", _gflops(s["achieved_flops_per_s"]), _gflops(b["achieved_flops_per_s"]), "")
-    table.add_row(f"  of matmul peak ({peak / 1e9:,.1f})", f"{100 * s['fraction_of_matmul_peak']:.0f}%",
-                  f"{100 * b['fraction_of_matmul_peak']:.0f}%", "")
+    _achieved_rows(table, s, b, peak)
     console.print(table)
     if len(report["rows"]) > 1:
         sweep = Table(title=f"every setting (p50 ms per chunk of {n})", box=box.SIMPLE_HEAD)
