@@ -8,8 +8,12 @@ actions. A training clip is then the stream's last `clip_frames` generated frame
 the true frames as targets: the loss teaches the model to predict the truth from its own context.
 Streams start from true frames and run to a random horizon (up to `horizon` frames), or restart
 as soon as a generated frame has lost an object (`off_track`): the clips cover every stage of a
-rollout the model still holds, and grow longer as it holds longer. The state is kept in the training checkpoint: a resumed run
-continues the same streams.
+rollout the model still holds, and grow longer as it holds longer. With `past_lost_balls` a stream
+runs on past a lost ball and restarts only when it loses the agent or the scene (`scene_lost`); the
+lost ball's pixels, where it truly is and where the model drew it, are left out of the loss
+(`lost_ball_weights`), so the far horizon is learnt from the model's own drifted frames without the
+model learning to ignore where its context puts a ball. The state is kept in the training
+checkpoint: a resumed run continues the same streams.
 """
 
 from __future__ import annotations
@@ -22,27 +26,59 @@ from scd.errors import ConfigError
 from scd.sampling import generate
 
 TRACK_RADIUS = 1.0  # px: a stream whose frame has an object further than this from the truth starts afresh
+SCENE_PSNR = 25.0  # dB over the pixels no object covers: below it a stream has lost the scene
+BALLS = ("red_ball", "green_ball")
+LOST_MARGIN = 2  # px around a lost ball's pixels also left out of the loss (a frame's motion and then some)
+
+
+def lost_objects(frames: torch.Tensor, truth: torch.Tensor) -> dict[str, np.ndarray]:
+    """Each object's (S,) bool: generated frames (S, 3, H, W) in [-1, 1] where the object, visible in
+    the true frame, is missing or more than TRACK_RADIUS px from where it truly is (`scd.world.locate`)."""
+    to_uint8 = lambda v: ((v.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    pred, true = to_uint8(frames), to_uint8(truth)
+    lost = {}
+    for name, color in world.OBJECT_COLORS.items():
+        p_at, p_seen = world.locate(pred, color)
+        t_at, t_seen = world.locate(true, color)
+        lost[name] = t_seen & (~p_seen | (np.linalg.norm(p_at - t_at, axis=-1) > TRACK_RADIUS))
+    return lost
 
 
 def off_track(frames: torch.Tensor, truth: torch.Tensor) -> np.ndarray:
-    """(S,) bool: generated frames (S, 3, H, W) in [-1, 1] where an object visible in the true frame
-    is missing or more than TRACK_RADIUS px from where it truly is (`scd.world.locate`). Past that
-    point the context no longer holds where the object is, and the true frame is no target to
-    learn from it: the model would learn to ignore its context."""
-    to_uint8 = lambda v: ((v.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    pred, true = to_uint8(frames), to_uint8(truth)
-    lost = np.zeros(len(pred), bool)
-    for color in world.OBJECT_COLORS.values():
-        p_at, p_seen = world.locate(pred, color)
-        t_at, t_seen = world.locate(true, color)
-        lost |= t_seen & (~p_seen | (np.linalg.norm(p_at - t_at, axis=-1) > TRACK_RADIUS))
-    return lost
+    """(S,) bool: generated frames where any object is lost (`lost_objects`). Past that point the
+    context no longer holds where the object is, and the true frame is no target to learn from it:
+    the model would learn to ignore its context."""
+    return np.logical_or.reduce(list(lost_objects(frames, truth).values()))
+
+
+def scene_lost(frames: torch.Tensor, truth: torch.Tensor) -> np.ndarray:
+    """(S,) bool: generated frames (S, 3, H, W) whose scene (the pixels no object covers in either
+    frame) is below SCENE_PSNR against the truth's."""
+    background = ~(world.object_mask(frames) | world.object_mask(truth))  # (S, 1, H, W)
+    error = ((frames.clamp(-1, 1) - truth) ** 2 * background).sum((1, 2, 3)) / (3 * background.sum((1, 2, 3))).clamp(min=1)
+    return (10 * torch.log10(4 / error.clamp(min=1e-10)) < SCENE_PSNR).numpy()
+
+
+def lost_ball_weights(context: torch.Tensor, truth: torch.Tensor, lost: np.ndarray) -> torch.Tensor:
+    """Loss weights (S, N, 1, H, W) for rollout clips, context (generated) and truth (S, N, 3, H, W):
+    0 within LOST_MARGIN px of any pixel, in any frame of the clip, where a ball that stream has lost
+    (lost (S, 2) bool, in BALLS order) is drawn in the context or is in the truth; 1 elsewhere."""
+    s, n, _, h, w = truth.shape
+    keep = torch.ones(s, n, 1, h, w)
+    for k, name in enumerate(BALLS):
+        rows = np.flatnonzero(lost[:, k])
+        if len(rows):
+            seen = (world.object_mask(context[rows], [name]) | world.object_mask(truth[rows], [name])).any(1)
+            near = torch.nn.functional.max_pool2d(seen.float(), 2 * LOST_MARGIN + 1, 1, LOST_MARGIN) > 0
+            keep[rows] *= (~near).float()[:, None]
+    return keep
 
 
 class OwnRollouts:
     """`streams` world clips continued by the model being trained (see the module docstring)."""
 
-    def __init__(self, config, streams: int, clip_frames: int, horizon: int, steps: int, seed: int):
+    def __init__(self, config, streams: int, clip_frames: int, horizon: int, steps: int, seed: int,
+                 past_lost_balls: bool = False):
         if tuple(config.frame_size) != (world.FRAME_SIZE,) * 2 or not config.codec.is_pixel:
             raise ConfigError("rollout training renders the synthetic world: train a 32x32 pixel model on the world (data 'world')",
                               "rollout_clips")
@@ -57,6 +93,8 @@ class OwnRollouts:
         self.position = np.zeros(streams, np.int64)  # the next frame each stream generates
         self.length = np.zeros(streams, np.int64)
         self.clip_seeds = np.zeros(streams, np.int64)
+        self.past_lost_balls = past_lost_balls
+        self.lost_balls = np.zeros((streams, len(BALLS)), bool)  # with past_lost_balls: the balls each stream has lost
 
     def _restart(self, i: int, step: int) -> None:
         rng = np.random.default_rng([self.seed, step, i, 25])
@@ -64,6 +102,7 @@ class OwnRollouts:
         self._render(i, int(rng.integers(0, world.HELDOUT_SEED_START)))
         self.generated[i, 1:] = self.truth[i, :self.clip_frames - 1]  # true frames to start from; slot 0 is never read
         self.position[i], self.length[i] = self.clip_frames - 1, length
+        self.lost_balls[i] = False
 
     def _render(self, i: int, clip_seed: int) -> None:
         """Stream i's true clip (training seeds only), rendered whole: the truth of its actions."""
@@ -80,7 +119,8 @@ class OwnRollouts:
     def next_clips(self, model, step: int):
         """Advance every stream by one generated frame (the model in eval mode, its default steps,
         its window, frames clamped to [-1, 1]); returns (context, truth (S, clip_frames, 3, 32, 32),
-        actions (S, clip_frames)) for `model.loss(truth, actions, context=context)`."""
+        actions (S, clip_frames), weight) for `model.loss(truth, actions, context=context,
+        weight=weight)`: weight (S, clip_frames, 1, 32, 32) with past_lost_balls (`lost_ball_weights`), else None."""
         for i in range(self.streams):
             if self.length[i] == 0 or self.position[i] >= self.length[i]:
                 self._restart(i, step)
@@ -99,20 +139,30 @@ class OwnRollouts:
         truth = self.truth[torch.arange(self.streams)[:, None], frames]
         actions = self.actions.gather(1, frames)
         context = self.generated.clone()
-        lost = off_track(frame, truth[:, -1])
+        weight = None
+        if self.past_lost_balls:
+            lost = lost_objects(frame, truth[:, -1])
+            self.lost_balls |= np.stack([lost[name] for name in BALLS], 1)
+            weight = lost_ball_weights(context, truth, self.lost_balls)
+            lost = lost["agent"] | scene_lost(frame, truth[:, -1])
+        else:
+            lost = off_track(frame, truth[:, -1])
         self.position += 1
         self.length[lost] = 0  # restarted before the next step
-        return context, truth, actions
+        return context, truth, actions, weight
 
     def state_dict(self) -> dict:
         """What a checkpoint keeps: the generated frames and where each stream stands (the true
         clips are rendered again from their seeds)."""
         return {"generated": self.generated, "position": torch.from_numpy(self.position.copy()),
-                "length": torch.from_numpy(self.length.copy()), "clip_seeds": torch.from_numpy(self.clip_seeds.copy())}
+                "length": torch.from_numpy(self.length.copy()), "clip_seeds": torch.from_numpy(self.clip_seeds.copy()),
+                "lost_balls": torch.from_numpy(self.lost_balls.copy())}
 
     def load_state_dict(self, state: dict) -> None:
         self.position, self.length = state["position"].numpy().copy(), state["length"].numpy().copy()
         self.clip_seeds = state["clip_seeds"].numpy().copy()
+        if "lost_balls" in state:  # checkpoints before past_lost_balls have none (no stream ran past a ball)
+            self.lost_balls = state["lost_balls"].numpy().copy()
         for i in range(self.streams):
             if self.length[i]:
                 self._render(i, int(self.clip_seeds[i]))

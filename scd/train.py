@@ -55,6 +55,7 @@ class TrainSettings:
     object_weight: float = 0.0  # world: extra loss weight where the moving objects are (scd.world.object_weights)
     occlusion_share: float = 0.0  # world: share of each batch's clips that end at an occlusion (scd.world.occlusion_clip)
     shift_share: float = 0.0  # world: share whose context draws an object 1 px off (scd.world.shifted_clip)
+    rollout_past_lost_balls: bool = False  # world: rollouts run on past a lost ball, its pixels out of the loss
 
     def __post_init__(self):
         """Every number in range and finite (ConfigError naming the setting otherwise)."""
@@ -290,7 +291,7 @@ def train(config: ModelConfig, out: Path, settings: TrainSettings, batches, init
         from scd.own_rollouts import OwnRollouts
 
         rollouts = OwnRollouts(config, settings.rollout_clips, settings.clip_frames, settings.rollout_horizon,
-                               settings.steps, settings.seed + RANK_STRIDE * rank)
+                               settings.steps, settings.seed + RANK_STRIDE * rank, settings.rollout_past_lost_balls)
         if resume and state.get("rollouts") is not None:
             rollouts.load_state_dict(state["rollouts"])
     data = batches(start, rank, ranks)
@@ -313,7 +314,7 @@ def train(config: ModelConfig, out: Path, settings: TrainSettings, batches, init
         video, actions = batch[0], batch[1]
         context = batch[2] if len(batch) > 2 else None  # world clips drawn partly off (shift_share)
         if rollouts is not None:  # true clips (their own context) and rollout clips (the model's frames as context)
-            own, truth, own_actions = rollouts.next_clips(raw, step)
+            own, truth, own_actions, own_weight = rollouts.next_clips(raw, step)
             context, video = torch.cat([video if context is None else context, own]), torch.cat([video, truth])
             actions = None if actions is None else torch.cat([actions, own_actions])
         context = None if context is None else context.to(accelerator.device)
@@ -323,6 +324,9 @@ def train(config: ModelConfig, out: Path, settings: TrainSettings, batches, init
             from scd.world import object_weights
 
             weight = object_weights(video, settings.object_weight)
+        if rollouts is not None and own_weight is not None:  # a lost ball's pixels are out of the rollout clips' loss
+            weight = torch.ones_like(video[:, :, :1]) if weight is None else weight
+            weight[-len(own_weight):] *= own_weight.to(weight.device)
         actions = drop_actions(actions, config, settings.action_dropout)
         actions = None if actions is None or config.condition is None else actions.to(accelerator.device)
         optimizer.zero_grad(set_to_none=True)

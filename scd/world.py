@@ -230,12 +230,13 @@ def heldout_clips(num_clips: int, num_frames: int) -> list[tuple[np.ndarray, np.
     return [render_clip(HELDOUT_SEED_START + i, num_frames) for i in range(num_clips)]
 
 
-def object_mask(video: torch.Tensor) -> torch.Tensor:
-    """Where the moving objects are in `video` (..., 3, H, W) float in [-1, 1] (the training
-    batches' form): (..., 1, H, W) bool, a pixel within TOLERANCE of an object's colour."""
+def object_mask(video: torch.Tensor, names=None) -> torch.Tensor:
+    """Where the moving objects (those of `names`, default all of OBJECT_COLORS) are in `video`
+    (..., 3, H, W) float in [-1, 1] (the training batches' form): (..., 1, H, W) bool, a pixel
+    within TOLERANCE of an object's colour."""
     pixels = (video + 1) * 127.5
     mask = torch.zeros_like(pixels[..., :1, :, :], dtype=torch.bool)
-    for color in OBJECT_COLORS.values():
+    for color in (OBJECT_COLORS[name] for name in (OBJECT_COLORS if names is None else names)):
         target = torch.tensor(color, dtype=pixels.dtype, device=pixels.device).view(3, 1, 1)
         mask |= ((pixels - target).abs() <= TOLERANCE).all(-3, keepdim=True)
     return mask
