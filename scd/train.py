@@ -80,6 +80,9 @@ class TrainSettings:
         n("object_weight", self.object_weight, 0, None)
         n("occlusion_share", self.occlusion_share, 0, 1)
         n("shift_share", self.shift_share, 0, 1)
+        if self.rollout_past_lost_balls and not self.rollout_clips:
+            raise ConfigError("rollout_past_lost_balls shapes the model's own rollouts: give rollout_clips N",
+                              parameter="rollout_past_lost_balls", others=("rollout_clips",))
         if self.batch_size % self.grad_accum:
             raise ConfigError(f"grad_accum must divide the batch size ({self.batch_size}), got {self.grad_accum}",
                               parameter="grad_accum")

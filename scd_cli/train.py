@@ -103,8 +103,6 @@ def train(
                                       rollout_clips=rollout_clips, rollout_horizon=rollout_horizon, object_weight=object_weight,
                                       occlusion_share=occlusion_share, shift_share=shift_share,
                                       rollout_past_lost_balls=rollout_past_lost_balls)
-    if rollout_past_lost_balls and not rollout_clips:
-        raise ConfigError("--rollout-past-lost-balls shapes the model's own rollouts: give --rollout-clips N", "rollout_clips")
     if data != "world" and (rollout_clips or object_weight or occlusion_share or shift_share):
         raise ConfigError("--rollout-clips, --object-weight, --occlusion-share and --shift-share need the synthetic "
                           "world's simulator: use --data world", "data")

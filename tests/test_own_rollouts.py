@@ -179,6 +179,8 @@ def test_rollout_options_need_the_world(tmp_path):
         training.TrainSettings(occlusion_share=1.5)
     with pytest.raises(Exception, match="shift_share"):
         training.TrainSettings(shift_share=-0.1)
+    with pytest.raises(Exception, match="rollout_past_lost_balls"):
+        training.TrainSettings(rollout_past_lost_balls=True)
     with pytest.raises(Exception, match="rollout_horizon"):
         training.TrainSettings(clip_frames=4, rollout_clips=2, rollout_horizon=4)
     settings = dataclasses.replace(training.TrainSettings(steps=10), rollout_clips=4, object_weight=3.0,
