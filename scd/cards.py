@@ -83,7 +83,8 @@ def training_card(command: str, config: ModelConfig, settings, data: str):
     if settings.rollout_clips:
         recipe.append(f"{settings.rollout_clips} clips per step from the model's own rollouts (up to "
                       f"{settings.rollout_horizon} frames) beside the true ones"
-                      + (", run on past a lost ball (its pixels out of the loss)" if settings.rollout_past_lost_balls else ""))
+                      + (f", run on past a lost ball (its pixels out of the loss) until the scene is below "
+                         f"{settings.rollout_scene_psnr:g} dB" if settings.rollout_past_lost_balls else ""))
     if settings.occlusion_share:
         recipe.append(f"{settings.occlusion_share:.0%} of each batch's clips ending at an occlusion")
     if settings.shift_share:

@@ -9,7 +9,8 @@ the true frames as targets: the loss teaches the model to predict the truth from
 Streams start from true frames and run to a random horizon (up to `horizon` frames), or restart
 as soon as a generated frame has lost an object (`off_track`): the clips cover every stage of a
 rollout the model still holds, and grow longer as it holds longer. With `past_lost_balls` a stream
-runs on past a lost ball and restarts only when it loses the agent or the scene (`scene_lost`); the
+runs on past a lost ball and restarts only when it loses the agent or the scene (`scene_lost`,
+below `scene_psnr` dB); the
 lost ball's pixels, where it truly is and where the model drew it, are left out of the loss
 (`lost_ball_weights`), so the far horizon is learnt from the model's own drifted frames without the
 model learning to ignore where its context puts a ball. The state is kept in the training
@@ -26,7 +27,7 @@ from scd.errors import ConfigError
 from scd.sampling import generate
 
 TRACK_RADIUS = 1.0  # px: a stream whose frame has an object further than this from the truth starts afresh
-SCENE_PSNR = 25.0  # dB over the pixels no object covers: below it a stream has lost the scene
+SCENE_PSNR = 25.0  # dB over the pixels no object covers: below it a stream has lost the scene (the default)
 BALLS = ("red_ball", "green_ball")
 LOST_MARGIN = 2  # px around a lost ball's pixels also left out of the loss (a frame's motion and then some)
 
@@ -51,12 +52,12 @@ def off_track(frames: torch.Tensor, truth: torch.Tensor) -> np.ndarray:
     return np.logical_or.reduce(list(lost_objects(frames, truth).values()))
 
 
-def scene_lost(frames: torch.Tensor, truth: torch.Tensor) -> np.ndarray:
+def scene_lost(frames: torch.Tensor, truth: torch.Tensor, threshold: float = SCENE_PSNR) -> np.ndarray:
     """(S,) bool: generated frames (S, 3, H, W) whose scene (the pixels no object covers in either
-    frame) is below SCENE_PSNR against the truth's."""
+    frame) is below `threshold` dB PSNR against the truth's."""
     background = ~(world.object_mask(frames) | world.object_mask(truth))  # (S, 1, H, W)
     error = ((frames.clamp(-1, 1) - truth) ** 2 * background).sum((1, 2, 3)) / (3 * background.sum((1, 2, 3))).clamp(min=1)
-    return (10 * torch.log10(4 / error.clamp(min=1e-10)) < SCENE_PSNR).numpy()
+    return (10 * torch.log10(4 / error.clamp(min=1e-10)) < threshold).numpy()
 
 
 def lost_ball_weights(context: torch.Tensor, truth: torch.Tensor, lost: np.ndarray) -> torch.Tensor:
@@ -78,7 +79,7 @@ class OwnRollouts:
     """`streams` world clips continued by the model being trained (see the module docstring)."""
 
     def __init__(self, config, streams: int, clip_frames: int, horizon: int, steps: int, seed: int,
-                 past_lost_balls: bool = False):
+                 past_lost_balls: bool = False, scene_psnr: float = SCENE_PSNR):
         if tuple(config.frame_size) != (world.FRAME_SIZE,) * 2 or not config.codec.is_pixel:
             raise ConfigError("rollout training renders the synthetic world: train a 32x32 pixel model on the world (data 'world')",
                               "rollout_clips")
@@ -93,7 +94,7 @@ class OwnRollouts:
         self.position = np.zeros(streams, np.int64)  # the next frame each stream generates
         self.length = np.zeros(streams, np.int64)
         self.clip_seeds = np.zeros(streams, np.int64)
-        self.past_lost_balls = past_lost_balls
+        self.past_lost_balls, self.scene_psnr = past_lost_balls, scene_psnr
         self.lost_balls = np.zeros((streams, len(BALLS)), bool)  # with past_lost_balls: the balls each stream has lost
 
     def _restart(self, i: int, step: int) -> None:
@@ -144,7 +145,7 @@ class OwnRollouts:
             lost = lost_objects(frame, truth[:, -1])
             self.lost_balls |= np.stack([lost[name] for name in BALLS], 1)
             weight = lost_ball_weights(context, truth, self.lost_balls)
-            lost = lost["agent"] | scene_lost(frame, truth[:, -1])
+            lost = lost["agent"] | scene_lost(frame, truth[:, -1], self.scene_psnr)
         else:
             lost = off_track(frame, truth[:, -1])
         self.position += 1

@@ -77,6 +77,7 @@ def train(
     context_frames: Optional[int] = typer.Option(None, "--context-frames", help="Context window the new model folder defaults to (default: --clip-frames - 1, the most any training frame saw; with --init: the initial model's)."),
     rollout_clips: int = typer.Option(0, "--rollout-clips", help="World: clips per step from the model's own rollouts (its generated frames as context, the simulator's as targets), beside --batch-size true clips."),
     rollout_horizon: int = typer.Option(128, "--rollout-horizon", help="World: the longest of those rollouts, in frames."),
+    rollout_scene_psnr: float = typer.Option(25.0, "--rollout-scene-psnr", help="World, with --rollout-past-lost-balls: a rollout restarts when its scene (the pixels no object covers) falls below this PSNR, dB."),
     rollout_past_lost_balls: bool = typer.Option(False, "--rollout-past-lost-balls", help="World: a rollout runs on past a ball it lost, restarting only when it loses the agent or the scene; the lost ball's pixels are left out of its loss (with --rollout-clips)."),
     object_weight: float = typer.Option(0.0, "--object-weight", help="World: extra loss weight on the moving objects' pixels (0: none)."),
     occlusion_share: float = typer.Option(0.0, "--occlusion-share", help="World: share of each batch's clips cut to end where a ball meets the other ball or the agent (0: none)."),
@@ -102,7 +103,8 @@ def train(
                                       grad_accum=grad_accum, mixed_precision=mixed_precision, decoder_draws=decoder_draws,
                                       rollout_clips=rollout_clips, rollout_horizon=rollout_horizon, object_weight=object_weight,
                                       occlusion_share=occlusion_share, shift_share=shift_share,
-                                      rollout_past_lost_balls=rollout_past_lost_balls)
+                                      rollout_past_lost_balls=rollout_past_lost_balls,
+                                      rollout_scene_psnr=rollout_scene_psnr)
     if data != "world" and (rollout_clips or object_weight or occlusion_share or shift_share):
         raise ConfigError("--rollout-clips, --object-weight, --occlusion-share and --shift-share need the synthetic "
                           "world's simulator: use --data world", "data")

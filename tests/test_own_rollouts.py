@@ -1,6 +1,7 @@
 """Training on the model's own rollouts and with object-weighted loss (issue 25)."""
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -95,6 +96,11 @@ def test_lost_objects_and_the_scene_against_the_truth():
     assert not scene_lost(off, truth).any() and not scene_lost(truth, truth).any()
     tinted = (truth + 0.3 * (world.object_mask(truth).logical_not().float())).clamp(-1, 1)  # the scene's colours drift
     assert scene_lost(tinted, truth).all() and not lost_objects(tinted, truth)["agent"].any()
+    scene_db = lambda v: -10 * math.log10(float(((v - truth)[~world.object_mask(truth).expand_as(truth)] ** 2).mean()) / 4)
+    faint = (truth + 0.05 * (world.object_mask(truth).logical_not().float())).clamp(-1, 1)  # ~32 dB off: a slight drift
+    assert 27 < scene_db(faint) < 36, scene_db(faint)
+    assert not scene_lost(faint, truth).any() and scene_lost(faint, truth, threshold=scene_db(faint) + 1).all()
+    assert not scene_lost(faint, truth, threshold=scene_db(faint) - 1).any()
 
 
 def test_lost_ball_weights_leave_out_the_lost_ball_where_it_is_and_where_it_was_drawn():
@@ -132,6 +138,11 @@ def test_streams_run_on_past_a_lost_ball_and_leave_it_out_of_the_loss():
     again = OwnRollouts(model.config, streams=8, clip_frames=4, horizon=40, steps=10, seed=0, past_lost_balls=True)
     again.load_state_dict(saved)
     assert np.array_equal(again.lost_balls, pool.lost_balls)
+    strict = OwnRollouts(model.config, streams=8, clip_frames=4, horizon=40, steps=10, seed=0, past_lost_balls=True,
+                         scene_psnr=99.0)  # no generated scene is this close: every stream restarts after each frame
+    for step in range(3):
+        strict.next_clips(model, step)
+        assert (strict.length == 0).all()
 
 
 @pytest.mark.parametrize("arch", ["scd", "baseline"])
@@ -181,6 +192,12 @@ def test_rollout_options_need_the_world(tmp_path):
         training.TrainSettings(shift_share=-0.1)
     with pytest.raises(Exception, match="rollout_past_lost_balls"):
         training.TrainSettings(rollout_past_lost_balls=True)
+    with pytest.raises(Exception, match="rollout_past_lost_balls"):
+        training.TrainSettings(rollout_clips=2, rollout_scene_psnr=30.0)
+    with pytest.raises(Exception, match="rollout_scene_psnr"):
+        training.TrainSettings(rollout_clips=2, rollout_past_lost_balls=True, rollout_scene_psnr=0.0)
+    r = runner.invoke(app, ["train", "--out", str(tmp_path / "m"), "--rollout-clips", "2", "--rollout-scene-psnr", "30"])
+    assert r.exit_code == 2 and "--rollout-past-lost-balls" in r.output and not (tmp_path / "m").exists(), r.output
     with pytest.raises(Exception, match="rollout_horizon"):
         training.TrainSettings(clip_frames=4, rollout_clips=2, rollout_horizon=4)
     settings = dataclasses.replace(training.TrainSettings(steps=10), rollout_clips=4, object_weight=3.0,
@@ -194,7 +211,7 @@ def test_rollout_options_need_the_world(tmp_path):
     assert "run on past a lost ball" not in card
     card = training_card("scd train", tiny_config(**WORLD), dataclasses.replace(settings, rollout_past_lost_balls=True),
                          "synthetic world")([0.5] * 10, 60.0)
-    assert "beside the true ones, run on past a lost ball (its pixels out of the loss)" in card
+    assert "beside the true ones, run on past a lost ball (its pixels out of the loss) until the scene is below 25 dB" in card
 
 
 def test_rope_scores_depend_only_on_frame_offsets():
