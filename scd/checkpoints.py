@@ -21,6 +21,8 @@ from scd.weights import model_from_tensors, read_tensors
 
 ASSETS = Path(__file__).parent / "assets"
 EMBEDDED = {"scd": ASSETS / "world-scd", "baseline": ASSETS / "world-baseline"}
+# the embedded models also answer to the names their cards and docs/training.md give them
+EMBEDDED_ALIASES = {folder.name: name for name, folder in EMBEDDED.items()}
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 
@@ -69,13 +71,15 @@ def load_model(ref: str | Path | None = None, options: Path | None = None, arch:
     """Resolve a model reference: None (the embedded default of `arch`), a local model folder, a
     reference checkpoint file (with its options, or one of FAR's published files by name), or a Hub
     repo id with optional @revision (`owner/name:path/file.pth` for a checkpoint file in it). A local
-    model folder named `scd` or `baseline` is that folder; `embedded:scd` always names the embedded model.
+    model folder named `scd` or `baseline` is that folder; `embedded:scd` always names the embedded model
+    (`world-scd` and `world-baseline`, the names on their cards, name them too unless such a folder exists).
 
     A causal Wan2.1 checkpoint (a Self-Forcing `.pt`, Wan2.1 or diffusers safetensors) loads with
     `base`, the Wan base folder or Hub repo whose text encoder and VAE it runs with (and whose
     transformer config sizes it); a known generator repo (`gdhe17/Self-Forcing`) needs neither a
     path nor a base: its file and its base (Wan-AI/Wan2.1-T2V-1.3B-Diffusers) are known."""
     name = str(ref).removeprefix("embedded:") if ref is not None else arch
+    name = EMBEDDED_ALIASES.get(name, name)
     local = ref is not None and (Path(ref) / CONFIG).is_file()
     if ref is None or (name in EMBEDDED and (str(ref).startswith("embedded:") or not local)):
         loaded = load_model_folder(EMBEDDED[name])

@@ -122,6 +122,17 @@ def test_a_local_folder_named_like_an_embedded_model_is_that_folder(tmp_path, mo
     assert load_model("embedded:baseline").config.arch == "baseline"
 
 
+def test_the_embedded_models_answer_to_their_card_names_unless_a_folder_is_so_named(tmp_path, monkeypatch):
+    from scd.checkpoints import load_model
+
+    monkeypatch.chdir(tmp_path)
+    assert load_model("world-scd").source == "embedded:scd" and load_model("world-scd").config.arch == "scd"
+    assert load_model("world-baseline").config.arch == "baseline"
+    save_model_folder(random_model(tiny_config()), tmp_path / "world-baseline")
+    assert load_model("world-baseline").source == "world-baseline"
+    assert load_model("world-baseline").config.arch == "scd"
+
+
 class Exploit:
     """Unpickled, it makes the file `marker` (a pickle that runs a command)."""
 
