@@ -4,7 +4,7 @@ of the 24 frames that follow (for `scd generate --actions`).
 The clip (held-out seed 1e9 + 1101, outside the 64 clips `scd eval` scores) was picked among 120
 held-out clips as one where the embedded SCD model keeps the agent within 2 px for all 24 frames
 while it moves in all four directions: a demo of what the model does when it works. Over the 64
-evaluation clips the current model keeps the agent in 94% of clips at frame 16 (its model card has the
+evaluation clips the current model keeps the agent in 92% of clips at frame 16 (its model card has the
 numbers), and on this one in all 24 frames.
 
     python examples/make_prompt.py        # writes examples/world_prompt.mp4 and the action files

@@ -9,10 +9,13 @@ continues bit-identically because batch k depends only on (seed, k).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import os
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,6 +214,33 @@ def _save_losses(path: Path, losses: list[float]) -> None:
                      CheckpointError, "losses")
 
 
+@contextlib.contextmanager
+def signals_held():
+    """Ctrl-C and SIGTERM that arrive inside the block take effect when it ends (their handlers
+    then run as they would have), so what the block does is never left half done. Outside the
+    main thread (where handlers cannot be set), or under handlers not set from Python, the block
+    runs as is."""
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    if threading.current_thread() is not threading.main_thread() or None in previous.values():
+        yield
+        return
+    caught = []
+    for s in previous:
+        signal.signal(s, lambda signum, frame: caught.append((signum, frame)))
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if caught:
+            signum, frame = caught[0]
+            handler = previous[signum]
+            if callable(handler):
+                handler(signum, frame)  # Python's SIGINT handler raises KeyboardInterrupt here
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(signum)
+
+
 def train(config: ModelConfig, out: Path, settings: TrainSettings, batches, init: LoadedModel | None = None,
           resume: bool = False, card=None, overwrite: bool = False, codec_folder: Path | None = None, loss=None):
     """Train, yielding Progress after every step; writes `out/checkpoint.pt` and `out/losses.csv`
@@ -376,10 +406,11 @@ def train(config: ModelConfig, out: Path, settings: TrainSettings, batches, init
         for step in range(start, settings.steps):
             safe = (step, *rng_states())  # an interrupted step is redone from here on resume
             loss = forward_backward(step)
-            safe = None
-            update(step, loss)
-            done = step + 1
-            safe = (done, *rng_states())
+            with signals_held():  # a Ctrl-C mid-update lands after it, so the step is saved, not lost
+                safe = None
+                update(step, loss)
+                done = step + 1
+                safe = (done, *rng_states())
             rate = (done - start) / (time.perf_counter() - began)
             if done % settings.checkpoint_every == 0 or done == settings.steps:
                 checkpoint(*safe)

@@ -860,3 +860,26 @@ def test_prompt_actions_given_follow_the_same_rule(tmp_path):
     said = " ".join(r.output.split())
     assert r.exit_code == 0 and "--prompt-actions lists 4 actions but p.mp4 decodes to 5 frames" in said, r.output
     assert json.loads(report.read_text())["prompt_actions"] == ["left", "right", "none"]  # frames 2, 3, 4
+
+
+def test_a_signal_inside_a_held_block_lands_after_it_so_a_training_update_is_never_half_done():
+    """The update of a training step runs under scd.train.signals_held: a Ctrl-C in it must wait
+    for the update to finish (then the step is saved on the way out, as an interrupt between steps is)."""
+    from scd.train import signals_held
+
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with signals_held():
+            signal.raise_signal(signal.SIGINT)
+            done.append("after the signal")
+    assert done == ["after the signal"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    terms = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: terms.append(signum))
+    try:
+        with signals_held():
+            signal.raise_signal(signal.SIGTERM)
+            assert terms == []
+        assert terms == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
