@@ -81,10 +81,13 @@ def training_card(command: str, config: ModelConfig, settings, data: str):
         recipe.append(f"clean context {settings.clean_context_ratio:g} (else sigma <= {settings.context_sigma_max:g})")
     recipe.append(f"context window {config.window or config.context_frames} frames")
     if settings.rollout_clips:
+        from scd.own_rollouts import SCENE_PSNR  # deferred: only a rollout run's card needs it
+
+        scene_psnr = SCENE_PSNR if settings.rollout_scene_psnr is None else settings.rollout_scene_psnr
         recipe.append(f"{settings.rollout_clips} clips per step from the model's own rollouts (up to "
                       f"{settings.rollout_horizon} frames) beside the true ones"
                       + (f", run on past a lost ball (its pixels out of the loss) until the scene is below "
-                         f"{settings.rollout_scene_psnr:g} dB" if settings.rollout_past_lost_balls else ""))
+                         f"{scene_psnr:g} dB" if settings.rollout_past_lost_balls else ""))
     if settings.occlusion_share:
         recipe.append(f"{settings.occlusion_share:.0%} of each batch's clips ending at an occlusion")
     if settings.shift_share:

@@ -9,11 +9,10 @@ the true frames as targets: the loss teaches the model to predict the truth from
 Streams start from true frames and run to a random horizon (up to `horizon` frames), or restart
 as soon as a generated frame has lost an object (`off_track`): the clips cover every stage of a
 rollout the model still holds, and grow longer as it holds longer. With `past_lost_balls` a stream
-runs on past a lost ball and restarts only when it loses the agent or the scene (`scene_lost`,
-below `scene_psnr` dB); the
-lost ball's pixels, where it truly is and where the model drew it, are left out of the loss
-(`lost_ball_weights`), so the far horizon is learnt from the model's own drifted frames without the
-model learning to ignore where its context puts a ball. The state is kept in the training
+runs on past a lost ball and restarts only when it loses the agent or the scene (`scene_lost`:
+below `scene_psnr` dB); the lost ball's pixels, where it truly is and where the model drew it, are
+left out of the loss (`lost_ball_weights`), so the far horizon is learnt from the model's own
+drifted frames without the model learning to ignore where its context puts a ball. The state is kept in the training
 checkpoint: a resumed run continues the same streams.
 """
 
@@ -79,7 +78,7 @@ class OwnRollouts:
     """`streams` world clips continued by the model being trained (see the module docstring)."""
 
     def __init__(self, config, streams: int, clip_frames: int, horizon: int, steps: int, seed: int,
-                 past_lost_balls: bool = False, scene_psnr: float = SCENE_PSNR):
+                 past_lost_balls: bool = False, scene_psnr: float | None = None):
         if tuple(config.frame_size) != (world.FRAME_SIZE,) * 2 or not config.codec.is_pixel:
             raise ConfigError("rollout training renders the synthetic world: train a 32x32 pixel model on the world (data 'world')",
                               "rollout_clips")
@@ -94,7 +93,8 @@ class OwnRollouts:
         self.position = np.zeros(streams, np.int64)  # the next frame each stream generates
         self.length = np.zeros(streams, np.int64)
         self.clip_seeds = np.zeros(streams, np.int64)
-        self.past_lost_balls, self.scene_psnr = past_lost_balls, scene_psnr
+        self.past_lost_balls = past_lost_balls
+        self.scene_psnr = SCENE_PSNR if scene_psnr is None else scene_psnr
         self.lost_balls = np.zeros((streams, len(BALLS)), bool)  # with past_lost_balls: the balls each stream has lost
 
     def _restart(self, i: int, step: int) -> None:

@@ -28,7 +28,6 @@ from scd.codecs import CODEC_DIR
 from scd.errors import CheckpointError, ConfigError, DataError
 from scd.loaded import LoadedModel
 from scd.models import ARCHS, ModelConfig, Objective, build_model, config_from_dict, default_rope_axes
-from scd.own_rollouts import SCENE_PSNR
 
 RANK_STRIDE = 1_000_003  # process r of a multi-process run draws data and noise from seed + r * stride
 MIXED_PRECISION = ("auto", "no", "bf16")
@@ -60,7 +59,7 @@ class TrainSettings:
     occlusion_share: float = 0.0  # world: share of each batch's clips that end at an occlusion (scd.world.occlusion_clip)
     shift_share: float = 0.0  # world: share whose context draws an object 1 px off (scd.world.shifted_clip)
     rollout_past_lost_balls: bool = False  # world: rollouts run on past a lost ball, its pixels out of the loss
-    rollout_scene_psnr: float = SCENE_PSNR  # world, with rollout_past_lost_balls: a rollout restarts when its scene falls below this (dB)
+    rollout_scene_psnr: float | None = None  # world, with rollout_past_lost_balls: a rollout restarts when its scene falls below this (dB; None: scd.own_rollouts.SCENE_PSNR)
 
     def __post_init__(self):
         """Every number in range and finite (ConfigError naming the setting otherwise)."""
@@ -85,8 +84,9 @@ class TrainSettings:
         n("object_weight", self.object_weight, 0, None)
         n("occlusion_share", self.occlusion_share, 0, 1)
         n("shift_share", self.shift_share, 0, 1)
-        n("rollout_scene_psnr", self.rollout_scene_psnr, 0, 100, above=True)
-        if self.rollout_scene_psnr != SCENE_PSNR and not self.rollout_past_lost_balls:
+        if self.rollout_scene_psnr is not None:
+            n("rollout_scene_psnr", self.rollout_scene_psnr, 0, 100, above=True)
+        if self.rollout_scene_psnr is not None and not self.rollout_past_lost_balls:
             raise ConfigError("rollout_scene_psnr is when a rollout run on past a lost ball restarts: give rollout_past_lost_balls",
                               parameter="rollout_scene_psnr", others=("rollout_past_lost_balls",))
         if self.rollout_past_lost_balls and not self.rollout_clips:

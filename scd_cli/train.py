@@ -18,6 +18,7 @@ from scd.cards import training_card
 from scd.checkpoints import load_model
 from scd.devices import use_threads
 from scd.errors import ConfigError
+from scd.own_rollouts import SCENE_PSNR
 from scd.world import ACTIONS as WORLD_ACTIONS
 from scd_cli.common import (
     Threads,
@@ -77,7 +78,7 @@ def train(
     context_frames: Optional[int] = typer.Option(None, "--context-frames", help="Context window the new model folder defaults to (default: --clip-frames - 1, the most any training frame saw; with --init: the initial model's)."),
     rollout_clips: int = typer.Option(0, "--rollout-clips", help="World: clips per step from the model's own rollouts (its generated frames as context, the simulator's as targets), beside --batch-size true clips."),
     rollout_horizon: int = typer.Option(128, "--rollout-horizon", help="World: the longest of those rollouts, in frames."),
-    rollout_scene_psnr: float = typer.Option(25.0, "--rollout-scene-psnr", help="World, with --rollout-past-lost-balls: a rollout restarts when its scene (the pixels no object covers) falls below this PSNR, dB."),
+    rollout_scene_psnr: Optional[float] = typer.Option(None, "--rollout-scene-psnr", help=f"World, with --rollout-past-lost-balls: a rollout restarts when its scene (the pixels no object covers) falls below this PSNR, dB (default {SCENE_PSNR:g})."),
     rollout_past_lost_balls: bool = typer.Option(False, "--rollout-past-lost-balls", help="World: a rollout runs on past a ball it lost, restarting only when it loses the agent or the scene; the lost ball's pixels are left out of its loss (with --rollout-clips)."),
     object_weight: float = typer.Option(0.0, "--object-weight", help="World: extra loss weight on the moving objects' pixels (0: none)."),
     occlusion_share: float = typer.Option(0.0, "--occlusion-share", help="World: share of each batch's clips cut to end where a ball meets the other ball or the agent (0: none)."),
