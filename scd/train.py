@@ -9,13 +9,10 @@ continues bit-identically because batch k depends only on (seed, k).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import os
 import shutil
-import signal
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +23,7 @@ from scd import checks, files
 from scd.checkpoints import save_model_folder
 from scd.codecs import CODEC_DIR
 from scd.errors import CheckpointError, ConfigError, DataError
+from scd.interrupts import signals_held
 from scd.loaded import LoadedModel
 from scd.models import ARCHS, ModelConfig, Objective, build_model, config_from_dict, default_rope_axes
 
@@ -212,33 +210,6 @@ def _save_losses(path: Path, losses: list[float]) -> None:
     """The training loss of every step so far as CSV (step,loss), for curves; written atomically."""
     files.write_text(path, "step,loss\n" + "".join(f"{i + 1},{v:.6f}\n" for i, v in enumerate(losses)),
                      CheckpointError, "losses")
-
-
-@contextlib.contextmanager
-def signals_held():
-    """Ctrl-C and SIGTERM that arrive inside the block take effect when it ends (their handlers
-    then run as they would have), so what the block does is never left half done. Outside the
-    main thread (where handlers cannot be set), or under handlers not set from Python, the block
-    runs as is."""
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    if threading.current_thread() is not threading.main_thread() or None in previous.values():
-        yield
-        return
-    caught = []
-    for s in previous:
-        signal.signal(s, lambda signum, frame: caught.append((signum, frame)))
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        if caught:
-            signum, frame = caught[0]
-            handler = previous[signum]
-            if callable(handler):
-                handler(signum, frame)  # Python's SIGINT handler raises KeyboardInterrupt here
-            elif handler == signal.SIG_DFL:
-                signal.raise_signal(signum)
 
 
 def train(config: ModelConfig, out: Path, settings: TrainSettings, batches, init: LoadedModel | None = None,

@@ -863,9 +863,9 @@ def test_prompt_actions_given_follow_the_same_rule(tmp_path):
 
 
 def test_a_signal_inside_a_held_block_lands_after_it_so_a_training_update_is_never_half_done():
-    """The update of a training step runs under scd.train.signals_held: a Ctrl-C in it must wait
+    """The update of a training step runs under scd.interrupts.signals_held: a Ctrl-C in it must wait
     for the update to finish (then the step is saved on the way out, as an interrupt between steps is)."""
-    from scd.train import signals_held
+    from scd.interrupts import signals_held
 
     done = []
     with pytest.raises(KeyboardInterrupt):
