@@ -91,7 +91,8 @@ def training_card(command: str, config: ModelConfig, settings, data: str):
     if settings.occlusion_share:
         recipe.append(f"{settings.occlusion_share:.0%} of each batch's clips ending at an occlusion")
     if settings.shift_share:
-        recipe.append(f"{settings.shift_share:.0%} of each batch's clips with an object drawn 1 px off in one context frame")
+        where = "the frame before the last" if settings.shift_last else "one context frame"
+        recipe.append(f"{settings.shift_share:.0%} of each batch's clips with an object drawn 1 px off in {where}")
     if settings.object_weight:
         recipe.append(f"loss weight x{1 + settings.object_weight:g} on the moving objects")
     depth = f"{config.depth} layers" + (f" (decoder input: {config.decoder_input})" if config.decoder_input else "")

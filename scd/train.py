@@ -56,6 +56,7 @@ class TrainSettings:
     object_weight: float = 0.0  # world: extra loss weight where the moving objects are (scd.world.object_weights)
     occlusion_share: float = 0.0  # world: share of each batch's clips that end at an occlusion (scd.world.occlusion_clip)
     shift_share: float = 0.0  # world: share whose context draws an object 1 px off (scd.world.shifted_clip)
+    shift_last: bool = False  # world: that slip always in the frame before the clip's last (shifted_clip's `last`)
     rollout_past_lost_balls: bool = False  # world: rollouts run on past a lost ball, its pixels out of the loss
     rollout_scene_psnr: float | None = None  # world, with rollout_past_lost_balls: a rollout restarts when its scene falls below this (dB; None: scd.own_rollouts.SCENE_PSNR)
 
@@ -87,6 +88,9 @@ class TrainSettings:
         if self.rollout_scene_psnr is not None and not self.rollout_past_lost_balls:
             raise ConfigError("rollout_scene_psnr is when a rollout run on past a lost ball restarts: give rollout_past_lost_balls",
                               parameter="rollout_scene_psnr", others=("rollout_past_lost_balls",))
+        if self.shift_last and not self.shift_share:
+            raise ConfigError("shift_last says where the slips of shift_share go: give that a share above 0",
+                              parameter="shift_last", others=("shift_share",))
         if self.rollout_past_lost_balls and not self.rollout_clips:
             raise ConfigError("rollout_past_lost_balls shapes the model's own rollouts: give rollout_clips N",
                               parameter="rollout_past_lost_balls", others=("rollout_clips",))

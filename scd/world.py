@@ -137,18 +137,22 @@ def occlusion_clip(seed: int, num_frames: int, span: int = OCCLUSION_SPAN) -> tu
 OFFSETS = np.array([(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx])  # one pixel, any direction
 
 
-def shifted_clip(seed: int, num_frames: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def shifted_clip(seed: int, num_frames: int, last: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The clip `seed` twice, (true frames, shifted frames, actions): in the shifted one each
-    object (each at even odds, at least one) is drawn one pixel off in one frame before the last,
-    the kind of misplacement that starts a rollout's drift; training reads the shifted frames as
-    context and the true ones as targets, so a model learns to recover instead of extrapolating."""
+    object (each at even odds, at least one) is drawn one pixel off in one frame before the last
+    (`last`: in the frame just before it, for every moved object), the kind of misplacement that
+    starts a rollout's drift; training reads the shifted frames as context and the true ones as
+    targets, so a model learns to recover instead of extrapolating. With `last`, the clip's last
+    target always reads the slip in its newest context frame, where a model given only the frames
+    since cannot tell it from a change of velocity, and one given more can."""
     rng = np.random.default_rng([seed, 3])
     moved = rng.random(3) < 0.5
     if not moved.any():
         moved[rng.integers(3)] = True
     shifts = np.zeros((num_frames, 3, 2), np.int64)
     for k in np.nonzero(moved)[0]:
-        shifts[rng.integers(0, num_frames - 1), k] = OFFSETS[rng.integers(len(OFFSETS))]
+        frame = num_frames - 2 if last else rng.integers(0, num_frames - 1)
+        shifts[frame, k] = OFFSETS[rng.integers(len(OFFSETS))]
     true = simulate(seed, num_frames)
     return true.frames, simulate(seed, num_frames, true.actions, shifts=shifts).frames, true.actions
 
@@ -192,11 +196,12 @@ def track_objects(pred: np.ndarray, truth: np.ndarray, radius: float = 2.0) -> d
 
 
 def stream_batches(seed: int, batch_size: int, num_frames: int, start_step: int = 0, occlusion_share: float = 0.0,
-                   shift_share: float = 0.0):
+                   shift_share: float = 0.0, shift_last: bool = False):
     """Training batches forever: (video (B, N, 3, 32, 32) float in [-1, 1], actions (B, N) int64);
     the first round(occlusion_share * B) clips of each end at an occlusion (`occlusion_clip`). With
     shift_share, the last round(shift_share * B) clips are `shifted_clip`s and a third tensor, the
-    context (like video: the shifted frames there, the true ones elsewhere), comes with each batch.
+    context (like video: the shifted frames there, the true ones elsewhere), comes with each batch;
+    shift_last puts every slip in the frame before the last (`shifted_clip`'s `last`).
     Batch k depends only on (seed, k), so a run resumed at step k sees what it would have seen."""
     hard = round(occlusion_share * batch_size)
     shifted = batch_size - round(shift_share * batch_size) if shift_share else batch_size
@@ -205,7 +210,7 @@ def stream_batches(seed: int, batch_size: int, num_frames: int, start_step: int 
         clips = []
         for i, s in enumerate(training_seeds(seed, step, batch_size)):
             if i >= shifted:
-                clips.append(shifted_clip(int(s), num_frames))
+                clips.append(shifted_clip(int(s), num_frames, shift_last))
             else:
                 frames, actions = occlusion_clip(int(s), num_frames) if i < hard else render_clip(int(s), num_frames)
                 clips.append((frames, frames, actions))

@@ -5,6 +5,7 @@ import torch
 from scd import world
 from scd.errors import ConfigError
 from scd.metrics import psnr, ssim, uint8_to_unit
+from scd.train import TrainSettings
 
 
 def test_deterministic_and_actions_matter_only_forward():
@@ -248,3 +249,20 @@ def test_shifted_clips_put_objects_one_pixel_off_before_the_last_frame():
     seeds = world.training_seeds(7, 0, 4)
     _, shifted, _ = world.shifted_clip(int(seeds[3]), 4)
     assert torch.equal(context[3], torch.from_numpy(shifted).permute(0, 3, 1, 2).float() / 127.5 - 1)
+
+
+def test_shift_last_puts_every_slip_in_the_frame_before_the_last():
+    slipped = 0
+    for seed in range(20):
+        true, shifted, actions = world.shifted_clip(seed, 5, last=True)
+        assert np.array_equal(true, world.render_clip(seed, 5)[0])
+        off = (true != shifted).any((1, 2, 3))
+        assert not off[[0, 1, 2, 4]].any(), "only frame 3, the last target's newest context frame, is drawn off"
+        slipped += off[3]
+        assert all(np.array_equal(x, y) for x, y in zip(world.shifted_clip(seed, 5, last=True), (true, shifted, actions)))
+    assert slipped >= 18  # a slip hidden by the pillar or another object can leave a frame unchanged
+    video, _, context = next(world.stream_batches(7, 4, 5, shift_share=0.5, shift_last=True))
+    assert torch.equal(context[:2], video[:2]) and torch.equal(context[2:, [0, 1, 2, 4]], video[2:, [0, 1, 2, 4]])
+    assert not torch.equal(context[2:, 3], video[2:, 3])
+    with pytest.raises(ConfigError, match="shift_share"):
+        TrainSettings(shift_last=True)
