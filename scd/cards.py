@@ -92,7 +92,8 @@ def training_card(command: str, config: ModelConfig, settings, data: str):
         recipe.append(f"{settings.occlusion_share:.0%} of each batch's clips ending at an occlusion")
     if settings.shift_share:
         where = "the frame before the last" if settings.shift_last else "one context frame"
-        recipe.append(f"{settings.shift_share:.0%} of each batch's clips with an object drawn 1 px off in {where}")
+        recipe.append(f"{settings.shift_share:.0%} of each batch's clips with an object drawn 1 px off in {where}"
+                      + (f", the loss x{1 + settings.shift_weight:g} near it in the frame after" if settings.shift_weight else ""))
     if settings.object_weight:
         recipe.append(f"loss weight x{1 + settings.object_weight:g} on the moving objects")
     depth = f"{config.depth} layers" + (f" (decoder input: {config.decoder_input})" if config.decoder_input else "")

@@ -57,6 +57,7 @@ class TrainSettings:
     occlusion_share: float = 0.0  # world: share of each batch's clips that end at an occlusion (scd.world.occlusion_clip)
     shift_share: float = 0.0  # world: share whose context draws an object 1 px off (scd.world.shifted_clip)
     shift_last: bool = False  # world: that slip always in the frame before the clip's last (shifted_clip's `last`)
+    shift_weight: float = 0.0  # world: extra loss weight on the frame after a slip, near it (scd.world.slip_weights)
     rollout_past_lost_balls: bool = False  # world: rollouts run on past a lost ball, its pixels out of the loss
     rollout_scene_psnr: float | None = None  # world, with rollout_past_lost_balls: a rollout restarts when its scene falls below this (dB; None: scd.own_rollouts.SCENE_PSNR)
 
@@ -83,14 +84,16 @@ class TrainSettings:
         n("object_weight", self.object_weight, 0, None)
         n("occlusion_share", self.occlusion_share, 0, 1)
         n("shift_share", self.shift_share, 0, 1)
+        n("shift_weight", self.shift_weight, 0, None)
         if self.rollout_scene_psnr is not None:
             n("rollout_scene_psnr", self.rollout_scene_psnr, 0, 100, above=True)
         if self.rollout_scene_psnr is not None and not self.rollout_past_lost_balls:
             raise ConfigError("rollout_scene_psnr is when a rollout run on past a lost ball restarts: give rollout_past_lost_balls",
                               parameter="rollout_scene_psnr", others=("rollout_past_lost_balls",))
-        if self.shift_last and not self.shift_share:
-            raise ConfigError("shift_last says where the slips of shift_share go: give that a share above 0",
-                              parameter="shift_last", others=("shift_share",))
+        if (self.shift_last or self.shift_weight) and not self.shift_share:
+            name = "shift_last" if self.shift_last else "shift_weight"
+            raise ConfigError(f"{name} shapes the slips of shift_share: give that a share above 0",
+                              parameter=name, others=("shift_share",))
         if self.rollout_past_lost_balls and not self.rollout_clips:
             raise ConfigError("rollout_past_lost_balls shapes the model's own rollouts: give rollout_clips N",
                               parameter="rollout_past_lost_balls", others=("rollout_clips",))
@@ -328,6 +331,11 @@ def train(config: ModelConfig, out: Path, settings: TrainSettings, batches, init
         batch = next(data)
         video, actions = batch[0], batch[1]
         context = batch[2] if len(batch) > 2 else None  # world clips drawn partly off (shift_share)
+        slipped = None
+        if settings.shift_weight:  # the loss near each slip, in the frame after it
+            from scd.world import slip_weights
+
+            slipped = slip_weights(video, context, settings.shift_weight)
         if rollouts is not None:  # true clips (their own context) and rollout clips (the model's frames as context)
             own, truth, own_actions, own_weight = rollouts.next_clips(raw, step)
             context, video = torch.cat([video if context is None else context, own]), torch.cat([video, truth])
@@ -339,6 +347,9 @@ def train(config: ModelConfig, out: Path, settings: TrainSettings, batches, init
             from scd.world import object_weights
 
             weight = object_weights(video, settings.object_weight)
+        if slipped is not None:  # the true clips come first; the rollout clips' weights stay 1
+            weight = torch.ones_like(video[:, :, :1]) if weight is None else weight
+            weight[:len(slipped)] *= slipped.to(weight.device)
         if rollouts is not None and own_weight is not None:  # a lost ball's pixels are out of the rollout clips' loss
             weight = torch.ones_like(video[:, :, :1]) if weight is None else weight
             weight[-len(own_weight):] *= own_weight.to(weight.device)

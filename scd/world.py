@@ -254,3 +254,18 @@ def object_weights(video: torch.Tensor, weight: float) -> torch.Tensor:
     mask = object_mask(video)
     mask[:, 1:] |= mask[:, :-1].clone()
     return 1.0 + weight * mask.float()
+
+
+def slip_weights(video: torch.Tensor, context: torch.Tensor, weight: float, reach: int = 2) -> torch.Tensor:
+    """Per-pixel loss weights (B, N, 1, H, W) for clips whose context (B, N, 3, H, W) draws objects
+    off from their true frames `video` (`shifted_clip`): 1 + weight on frame j's pixels within
+    `reach` px of where context frame j - 1 differs from the truth, where a model that extrapolates
+    the slip goes wrong and one that recovers does not; 1 elsewhere. A slipped ball is 16 of 1,024
+    pixels of one target in a clip: without this its share of the loss is too thin to learn from."""
+    off = (video != context).any(-3, keepdim=True).float()  # (B, N, 1, H, W)
+    b, n = off.shape[:2]
+    near = torch.nn.functional.max_pool2d(off.flatten(0, 1), 2 * reach + 1, 1, reach).view_as(off)
+    out = torch.ones_like(off)
+    out[:, 1:] += weight * near[:, :-1]
+    return out
+

@@ -84,6 +84,7 @@ def train(
     occlusion_share: float = typer.Option(0.0, "--occlusion-share", help="World: share of each batch's clips cut to end where a ball meets the other ball or the agent (0: none)."),
     shift_share: float = typer.Option(0.0, "--shift-share", help="World: share of each batch's clips whose context draws an object one pixel off in one frame, the targets staying true: training to recover from the misplacements that start a drift (0: none)."),
     shift_last: bool = typer.Option(False, "--shift-last", help="World, with --shift-share: every slip in the frame before the clip's last, so the last frame is always made from a context whose newest frame is off (a window of 4 or more frames can tell that from a change of velocity)."),
+    shift_weight: float = typer.Option(0.0, "--shift-weight", help="World, with --shift-share: extra loss weight on the pixels of the frame after a slip that lie within 2 px of it, where extrapolating the slip goes wrong (0: none)."),
     checkpoint_every: int = typer.Option(200, "--checkpoint-every"),
     seed: int = typer.Option(0, "--seed"),
     heads: int = typer.Option(4, "--heads"),
@@ -104,7 +105,7 @@ def train(
                                       clean_context_ratio=clean_context_ratio, context_sigma_max=context_sigma_max, seed=seed, checkpoint_every=checkpoint_every,
                                       grad_accum=grad_accum, mixed_precision=mixed_precision, decoder_draws=decoder_draws,
                                       rollout_clips=rollout_clips, rollout_horizon=rollout_horizon, object_weight=object_weight,
-                                      occlusion_share=occlusion_share, shift_share=shift_share, shift_last=shift_last,
+                                      occlusion_share=occlusion_share, shift_share=shift_share, shift_last=shift_last, shift_weight=shift_weight,
                                       rollout_past_lost_balls=rollout_past_lost_balls,
                                       rollout_scene_psnr=rollout_scene_psnr)
     if data != "world" and (rollout_clips or object_weight or occlusion_share or shift_share):

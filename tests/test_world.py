@@ -266,3 +266,19 @@ def test_shift_last_puts_every_slip_in_the_frame_before_the_last():
     assert not torch.equal(context[2:, 3], video[2:, 3])
     with pytest.raises(ConfigError, match="shift_share"):
         TrainSettings(shift_last=True)
+    with pytest.raises(ConfigError, match="shift_weight shapes the slips of shift_share"):
+        TrainSettings(shift_weight=5)
+
+
+def test_slip_weights_weigh_the_frame_after_a_slip_near_it():
+    true, shifted, _ = world.shifted_clip(3, 5, last=True)
+    video, context = (torch.from_numpy(f[None]).permute(0, 1, 4, 2, 3).float() / 127.5 - 1 for f in (true, shifted))
+    w = world.slip_weights(video, context, 9.0)
+    assert w.shape == (1, 5, 1, 32, 32)
+    assert (w[0, :4] == 1).all(), "only the frame after the slipped one (frame 3) is weighed up"
+    off = (true[3] != shifted[3]).any(-1)
+    rows, cols = np.nonzero(off)
+    heavy = (w[0, 4, 0] == 10).numpy()
+    assert heavy[rows, cols].all() and heavy.sum() > off.sum()  # the slip and 2 px around it
+    assert not heavy[max(rows.max() + 3, 0):].any() if rows.max() + 3 < 32 else True
+    assert torch.equal(world.slip_weights(video, video, 9.0), torch.ones_like(w))
