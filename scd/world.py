@@ -263,7 +263,6 @@ def slip_weights(video: torch.Tensor, context: torch.Tensor, weight: float, reac
     the slip goes wrong and one that recovers does not; 1 elsewhere. A slipped ball is 16 of 1,024
     pixels of one target in a clip: without this its share of the loss is too thin to learn from."""
     off = (video != context).any(-3, keepdim=True).float()  # (B, N, 1, H, W)
-    b, n = off.shape[:2]
     near = torch.nn.functional.max_pool2d(off.flatten(0, 1), 2 * reach + 1, 1, reach).view_as(off)
     out = torch.ones_like(off)
     out[:, 1:] += weight * near[:, :-1]
