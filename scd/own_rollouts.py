@@ -69,8 +69,7 @@ def lost_ball_weights(context: torch.Tensor, truth: torch.Tensor, lost: np.ndarr
         rows = np.flatnonzero(lost[:, k])
         if len(rows):
             seen = (world.object_mask(context[rows], [name]) | world.object_mask(truth[rows], [name])).any(1)
-            near = torch.nn.functional.max_pool2d(seen.float(), 2 * LOST_MARGIN + 1, 1, LOST_MARGIN) > 0
-            keep[rows] *= (~near).float()[:, None]
+            keep[rows] *= (~world.dilate(seen, LOST_MARGIN)).float()[:, None]
     return keep
 
 

@@ -331,7 +331,7 @@ def train(config: ModelConfig, out: Path, settings: TrainSettings, batches, init
         batch = next(data)
         video, actions = batch[0], batch[1]
         context = batch[2] if len(batch) > 2 else None  # world clips drawn partly off (shift_share)
-        slipped = None
+        slipped = own_weight = None
         if settings.shift_weight:  # the loss near each slip, in the frame after it
             from scd.world import slip_weights
 
@@ -343,16 +343,11 @@ def train(config: ModelConfig, out: Path, settings: TrainSettings, batches, init
         context = None if context is None else context.to(accelerator.device)
         video = video.to(accelerator.device)
         weight = None
-        if settings.object_weight:
-            from scd.world import object_weights
+        if settings.object_weight or slipped is not None or own_weight is not None:
+            from scd.world import loss_weights
 
-            weight = object_weights(video, settings.object_weight)
-        if slipped is not None:  # the true clips come first; the rollout clips' weights stay 1
-            weight = torch.ones_like(video[:, :, :1]) if weight is None else weight
-            weight[:len(slipped)] *= slipped.to(weight.device)
-        if rollouts is not None and own_weight is not None:  # a lost ball's pixels are out of the rollout clips' loss
-            weight = torch.ones_like(video[:, :, :1]) if weight is None else weight
-            weight[-len(own_weight):] *= own_weight.to(weight.device)
+            # the true clips come first (their slips), the rollout clips last (their lost balls out of the loss)
+            weight = loss_weights(video, settings.object_weight, slipped, own_weight)
         actions = drop_actions(actions, config, settings.action_dropout)
         actions = None if actions is None or config.condition is None else actions.to(accelerator.device)
         optimizer.zero_grad(set_to_none=True)

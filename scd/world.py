@@ -262,9 +262,30 @@ def slip_weights(video: torch.Tensor, context: torch.Tensor, weight: float, reac
     `reach` px of where context frame j - 1 differs from the truth, where a model that extrapolates
     the slip goes wrong and one that recovers does not; 1 elsewhere. A slipped ball is 16 of 1,024
     pixels of one target in a clip: without this its share of the loss is too thin to learn from."""
-    off = (video != context).any(-3, keepdim=True).float()  # (B, N, 1, H, W)
-    near = torch.nn.functional.max_pool2d(off.flatten(0, 1), 2 * reach + 1, 1, reach).view_as(off)
-    out = torch.ones_like(off)
+    near = dilate((video != context).any(-3, keepdim=True), reach).float()  # (B, N, 1, H, W)
+    out = torch.ones_like(near)
     out[:, 1:] += weight * near[:, :-1]
     return out
+
+
+def dilate(mask: torch.Tensor, px: int) -> torch.Tensor:
+    """mask (..., H, W) bool grown by `px` pixels every way (a square neighbourhood), same shape."""
+    flat = mask.float().reshape(-1, 1, *mask.shape[-2:])
+    return (torch.nn.functional.max_pool2d(flat, 2 * px + 1, 1, px) > 0).view(mask.shape)
+
+
+def loss_weights(video: torch.Tensor, object_weight: float = 0.0, first: torch.Tensor | None = None,
+                 last: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Per-pixel loss weights (B, N, 1, H, W) of a world batch `video` (B, N, 3, H, W), None where
+    every one would be 1: `object_weights` (object_weight > 0), times `first`, the weights of the
+    batch's first len(first) clips (its true clips' `slip_weights`), times `last`, those of its last
+    len(last) clips (the rollout clips' lost-ball weights)."""
+    if not object_weight and first is None and last is None:
+        return None
+    weight = object_weights(video, object_weight) if object_weight else torch.ones_like(video[:, :, :1])
+    if first is not None:
+        weight[:len(first)] *= first.to(weight.device)
+    if last is not None:
+        weight[-len(last):] *= last.to(weight.device)
+    return weight
 
