@@ -12,7 +12,7 @@ import torch
 import typer
 
 from scd import data as sources
-from scd import dataset
+from scd import dataset, new_models
 from scd import train as training
 from scd.cards import training_card
 from scd.checkpoints import load_model
@@ -148,13 +148,13 @@ def train(
         if context_frames is not None:  # fine-tuning on longer clips: the folder generates with the longer window
             config = dataclasses.replace(config, context_frames=context_frames, window=context_frames)
     else:
-        make = training.new_wan_config if family == "wan" else training.new_config
+        make = new_models.new_wan_config if family == "wan" else new_models.new_config
         if family not in ("far", "wan"):
             raise ConfigError(f"family must be far or wan, not {family!r}", parameter="family")
         config = make(arch, heads, head_dim, layers, decoder_layers, decoder_combine, patch_size, frame_size,
                       default_steps, context_frames or clip_frames - 1, world_demo=data == "world",
                       data_fields=None if stored is None else sources.model_fields(stored))
-        note = training.wan_rotary_note(config) if family == "wan" else None
+        note = new_models.wan_rotary_note(config) if family == "wan" else None
         if note:
             split = f" (--heads {note.heads} --head-dim {note.head_dim})" if note.heads else ""
             err_console.print(f"[yellow]warning:[/] {note.message}{split}", soft_wrap=True)

@@ -12,15 +12,14 @@ from torch.utils.flop_counter import FlopCounterMode
 from typer.testing import CliRunner
 
 from conftest import random_model
-from scd import world
-from scd import train as training
+from scd import new_models, world
 from scd.models.wan import block_causal_mask, teacher_forcing_mask
 from scd.sampling import Rollout, generate
 from scd_cli.app import app
 
 
 def world_wan(arch="baseline", **overrides):
-    config = training.new_wan_config(arch, heads=2, head_dim=16, layers=3, decoder_layers=1, patch_size=8,
+    config = new_models.new_wan_config(arch, heads=2, head_dim=16, layers=3, decoder_layers=1, patch_size=8,
                                      default_steps=2, context_frames=3)
     return config if not overrides else type(config)(**{**config.to_dict(), **overrides})
 
@@ -158,6 +157,6 @@ def test_the_recipe_through_the_cli(tmp_path):
 def test_a_new_world_wan_is_told_when_its_rotary_split_starves_the_spatial_axes():
     from scd import train as training
 
-    assert training.wan_rotary_note(training.new_wan_config(heads=2, head_dim=32)) is None
-    note = training.wan_rotary_note(training.new_wan_config(heads=4, head_dim=16))
+    assert new_models.wan_rotary_note(new_models.new_wan_config(heads=2, head_dim=32)) is None
+    note = new_models.wan_rotary_note(new_models.new_wan_config(heads=4, head_dim=16))
     assert "4 channels and time 8" in note.message and (note.heads, note.head_dim) == (2, 32)
