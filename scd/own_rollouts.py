@@ -119,18 +119,24 @@ class OwnRollouts:
     def next_clips(self, model, step: int):
         """Advance every stream by one generated frame (the model in eval mode, its default steps,
         its window, frames clamped to [-1, 1]); returns (context, truth (S, clip_frames, 3, 32, 32),
-        actions (S, clip_frames), weight) for `model.loss(truth, actions, context=context,
-        weight=weight)`: weight (S, clip_frames, 1, 32, 32) with past_lost_balls (`lost_ball_weights`), else None."""
+        actions (S, clip_frames), weight, sinks) for `model.loss(truth, actions, context=context,
+        weight=weight, sinks=sinks)`: weight (S, clip_frames, 1, 32, 32) with past_lost_balls
+        (`lost_ball_weights`), else None; sinks (S, sink_frames, 3, 32, 32), the streams' first
+        true frames, for a model with attention sinks (they are its prompt's too), else None."""
         for i in range(self.streams):
             if self.length[i] == 0 or self.position[i] >= self.length[i]:
                 self._restart(i, step)
         n, w = self.clip_frames, self.window
         index = torch.from_numpy(self.position)[:, None]  # (S, 1)
         conditions = self.actions.gather(1, index - w + torch.arange(w + 1))  # the window's actions and the new one's
+        prompt, count = self.generated[:, -w:], getattr(model.config, "sink_frames", 0)
+        sinks = self.truth[:, :count] if count else None
+        if count:  # the stream's first frames stay its sinks, however far it ran
+            prompt, conditions = torch.cat([sinks, prompt], 1), torch.cat([self.actions[:, :count], conditions], 1)
         training = model.training
         model.eval()
         try:
-            frame = generate(model, self.generated[:, -w:], 1, model.config.default_steps, conditions=conditions,
+            frame = generate(model, prompt, 1, model.config.default_steps, conditions=conditions,
                              seed=self.seed * 1_000_003 + step, window=w, clamp=1.0)[:, 0].to("cpu", copy=True)
         finally:
             model.train(training)
@@ -149,7 +155,7 @@ class OwnRollouts:
             lost = off_track(frame, truth[:, -1])
         self.position += 1
         self.length[lost] = 0  # restarted before the next step
-        return context, truth, actions, weight
+        return context, truth, actions, weight, None if sinks is None else sinks.clone()
 
     def state_dict(self) -> dict:
         """What a checkpoint keeps: the generated frames and where each stream stands (the true

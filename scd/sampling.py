@@ -230,16 +230,21 @@ class Rollout:
                               parameter="guidance")
         if config.condition == "text" and (actions is not None or label is not None):
             raise ActionError("this model is conditioned on text: give text, not actions or labels")
-        keep = min(given, window) if window else given
-        own = self._context_conditions(actions, given)[:, -keep:] if config.condition in ("action", "label") else None
-        context = context[:, -keep:].to(device=self.device, dtype=self.dtype)
+        # a model with attention sinks keeps its first frames beside the window (the first generated, if fewer are given)
+        sinks = min(getattr(config, "sink_frames", 0), given)
+        kept = torch.arange(given)
+        if window:
+            kept = torch.cat([kept[:sinks], kept[sinks:][-window:]])
+        keep = len(kept)
+        own = self._context_conditions(actions, given)[:, kept] if config.condition in ("action", "label") else None
+        context = context[:, kept].to(device=self.device, dtype=self.dtype)
         self.compiler, self.cuda_graphs = None, False
         if compiled:
             self.compiler = compiler(self.device.type, "inductor" if compiled is True else compiled)
             self._denoise_steps = compiled_call(denoise_steps, self.compiler, model)
             self.deltas = (self.sigmas[1:] - self.sigmas[:-1]).to(self.device)
             self.cuda_graphs = self.compiler.mode == "reduce-overhead"
-        capacity = window or (keep + -(-frames // self.chunk) * self.chunk)
+        capacity = window + getattr(config, "sink_frames", 0) if window else keep + -(-frames // self.chunk) * self.chunk
         stream = {} if text is None else {"text": text, "latent_size": self.latent_size}
         with torch.inference_mode():
             self.state = model.start(batch * (2 if self.cfg else 1), capacity, compiler=self.compiler, **stream)

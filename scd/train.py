@@ -195,6 +195,8 @@ def _unfused_order(name: str) -> list[str]:
 
 
 GENERATION_DEFAULTS = ("context_frames", "window", "default_steps", "default_guidance")  # may change on resume
+# what a fine-tune (`init`) may change beside them: sinks add a frame to what the model reads, no weight
+INIT_CHANGES = (*GENERATION_DEFAULTS, "sink_frames", "sink_distance")
 
 
 def _check_resumed_config(saved: dict | None, config: ModelConfig, path: Path) -> None:
@@ -255,9 +257,11 @@ def train(config: ModelConfig, out: Path, settings: TrainSettings, batches, init
     model = init.model.train() if init is not None else build_model(config).train()  # the same on every process
     if init is not None:  # the caller may change what the folder generates with (a longer window), nothing else
         changed = [f.name for f in dataclasses.fields(config) if getattr(config, f.name) != getattr(model.config, f.name)]
-        if set(changed) - set(GENERATION_DEFAULTS):
+        if set(changed) - set(INIT_CHANGES):
             raise ConfigError(f"the initial model's {', '.join(changed)} cannot change in training", parameter="init")
         model.config = config
+        for part in model.parts().values():  # SCD's encoder reads its sinks from its own config
+            part.config = config
     config = model.config
     chunk = getattr(config, "chunk_frames", 1)
     if settings.clip_frames % chunk:
@@ -331,16 +335,22 @@ def train(config: ModelConfig, out: Path, settings: TrainSettings, batches, init
         batch = next(data)
         video, actions = batch[0], batch[1]
         context = batch[2] if len(batch) > 2 else None  # world clips drawn partly off (shift_share)
+        sinks = batch[3] if len(batch) > 3 else None  # a model with attention sinks: each clip's sink frames
+        if sinks is None and getattr(config, "sink_frames", 0):
+            raise ConfigError("a model with attention sinks trains on batches that bring sink frames: the world's "
+                              "(data 'world')", parameter="data")
         slipped = own_weight = None
         if settings.shift_weight:  # the loss near each slip, in the frame after it
             from scd.world import slip_weights
 
             slipped = slip_weights(video, context, settings.shift_weight)
         if rollouts is not None:  # true clips (their own context) and rollout clips (the model's frames as context)
-            own, truth, own_actions, own_weight = rollouts.next_clips(raw, step)
+            own, truth, own_actions, own_weight, own_sinks = rollouts.next_clips(raw, step)
             context, video = torch.cat([video if context is None else context, own]), torch.cat([video, truth])
+            sinks = None if sinks is None else torch.cat([sinks, own_sinks])
             actions = None if actions is None else torch.cat([actions, own_actions])
         context = None if context is None else context.to(accelerator.device)
+        sinks = None if sinks is None else sinks.to(accelerator.device)
         video = video.to(accelerator.device)
         weight = None
         if settings.object_weight or slipped is not None or own_weight is not None:
@@ -357,7 +367,8 @@ def train(config: ModelConfig, out: Path, settings: TrainSettings, batches, init
             with autocast():
                 pass_loss = compute(raw, video[piece], None if actions is None else actions[piece], objective,
                                     **({} if context is None else {"context": context[piece]}),
-                                    **({} if weight is None else {"weight": weight[piece]}))
+                                    **({} if weight is None else {"weight": weight[piece]}),
+                                    **({} if sinks is None else {"sinks": sinks[piece]}))
             if not torch.isfinite(pass_loss):
                 raise DataError(f"the loss became {pass_loss.item()} at step {step}: lower the learning rate or check the data")
             accelerator.backward(pass_loss / settings.grad_accum)

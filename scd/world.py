@@ -24,6 +24,7 @@ HELDOUT_SEED_START = 1_000_000_000  # evaluation seeds; training draws seeds bel
 BALL, AGENT, STEP = 4, 4, 2
 MOVES = {0: (-STEP, 0), 1: (STEP, 0), 2: (0, -STEP), 3: (0, STEP), NULL_ACTION: (0, 0)}
 OCCLUSION_SPAN = 48  # frames an occlusion clip is cut from
+SINK_SPAN = (8, 64)  # the first frame of a training clip's sink frames is drawn from these
 PILLAR_COLOR = np.array([90, 90, 100], np.uint8)
 AGENT_COLOR = np.array([250, 250, 250], np.uint8)
 
@@ -195,13 +196,23 @@ def track_objects(pred: np.ndarray, truth: np.ndarray, radius: float = 2.0) -> d
     return result
 
 
+def sink_frames(seed: int, count: int, rng: np.random.Generator) -> np.ndarray:
+    """`count` consecutive frames (count, 32, 32, 3) of the clip `seed` from a frame drawn in
+    SINK_SPAN: what a model with attention sinks keeps of a stream's start, its scene the clip's
+    and its objects anywhere (a sink is the stream's first frames, however far back)."""
+    first = int(rng.integers(*SINK_SPAN))
+    return render_clip(seed, first + count)[0][first:]
+
+
 def stream_batches(seed: int, batch_size: int, num_frames: int, start_step: int = 0, occlusion_share: float = 0.0,
-                   shift_share: float = 0.0, shift_last: bool = False):
+                   shift_share: float = 0.0, shift_last: bool = False, sinks: int = 0):
     """Training batches forever: (video (B, N, 3, 32, 32) float in [-1, 1], actions (B, N) int64);
     the first round(occlusion_share * B) clips of each end at an occlusion (`occlusion_clip`). With
     shift_share, the last round(shift_share * B) clips are `shifted_clip`s and a third tensor, the
     context (like video: the shifted frames there, the true ones elsewhere), comes with each batch;
-    shift_last puts every slip in the frame before the last (`shifted_clip`'s `last`).
+    shift_last puts every slip in the frame before the last (`shifted_clip`'s `last`). With
+    `sinks`, a fourth: each clip's sink frames (B, sinks, 3, 32, 32) (`sink_frames`), the third
+    then always there (the video itself where nothing slips).
     Batch k depends only on (seed, k), so a run resumed at step k sees what it would have seen."""
     hard = round(occlusion_share * batch_size)
     shifted = batch_size - round(shift_share * batch_size) if shift_share else batch_size
@@ -216,7 +227,12 @@ def stream_batches(seed: int, batch_size: int, num_frames: int, start_step: int 
                 clips.append((frames, frames, actions))
         video, context = (_tensor(np.stack([c[k] for c in clips])) for k in (0, 1))
         actions = torch.from_numpy(np.stack([c[2] for c in clips]))
-        yield (video, actions, context) if shift_share else (video, actions)
+        if sinks:
+            rng = np.random.default_rng([seed, step, 27])
+            held = _tensor(np.stack([sink_frames(int(s), sinks, rng) for s in training_seeds(seed, step, batch_size)]))
+            yield video, actions, context, held
+        else:
+            yield (video, actions, context) if shift_share else (video, actions)
         step += 1
 
 

@@ -43,7 +43,9 @@ def info(
             ("rope axes", str(c.rope_axes)), ("condition", f"{c.condition} ({c.num_classes} + null)" if c.condition else "none"),
             ("frame", f"{c.frame_size[0]} x {c.frame_size[1]} @ {c.fps:g} fps, codec {c.codec.type}"),
             ("context", f"{c.context_frames} prompt frames; "
-                        + (f"keeps the last {c.window} (its training window)" if c.window else "keeps every frame"))]
+                        + (f"keeps the last {c.window} (its training window)" if c.window else "keeps every frame")
+                        + (f" and the first {c.sink_frames} (attention sinks, seen {c.sink_distance} frames before "
+                           "the window)" if c.sink_frames else ""))]
     parts = loaded.model.parts()
     split = ", ".join(f"{name} {parameter_count(part):,}" for name, part in parts.items())
     rows += [("parameters", f"{parameter_count(loaded.model):,}" + (f" ({split})" if len(parts) > 1 else ""))]

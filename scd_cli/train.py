@@ -83,6 +83,7 @@ def train(
     object_weight: float = typer.Option(0.0, "--object-weight", help="World: extra loss weight on the moving objects' pixels (0: none)."),
     occlusion_share: float = typer.Option(0.0, "--occlusion-share", help="World: share of each batch's clips cut to end where a ball meets the other ball or the agent (0: none)."),
     shift_share: float = typer.Option(0.0, "--shift-share", help="World: share of each batch's clips whose context draws an object one pixel off in one frame, the targets staying true: training to recover from the misplacements that start a drift (0: none)."),
+    sink_frames: Optional[int] = typer.Option(None, "--sink-frames", help="Attention sinks (world, FAR family): the model keeps a stream's first N frames beside its rolling window, seen a fixed distance before it however long the stream runs, and trains with N frames of each clip's world there (its scene, its objects elsewhere). With --init: added to the initial model (default: its own)."),
     shift_last: bool = typer.Option(False, "--shift-last", help="World, with --shift-share: every slip in the frame before the clip's last, so the last frame is always made from a context whose newest frame is off (a window of 4 or more frames can tell that from a change of velocity)."),
     shift_weight: float = typer.Option(0.0, "--shift-weight", help="World, with --shift-share: extra loss weight on the pixels of the frame after a slip that lie within 2 px of it, where extrapolating the slip goes wrong (0: none)."),
     checkpoint_every: int = typer.Option(200, "--checkpoint-every"),
@@ -108,9 +109,9 @@ def train(
                                       occlusion_share=occlusion_share, shift_share=shift_share, shift_last=shift_last, shift_weight=shift_weight,
                                       rollout_past_lost_balls=rollout_past_lost_balls,
                                       rollout_scene_psnr=rollout_scene_psnr)
-    if data != "world" and (rollout_clips or object_weight or occlusion_share or shift_share):
-        raise ConfigError("--rollout-clips, --object-weight, --occlusion-share and --shift-share need the synthetic "
-                          "world's simulator: use --data world", "data")
+    if data != "world" and (rollout_clips or object_weight or occlusion_share or shift_share or sink_frames):
+        raise ConfigError("--rollout-clips, --object-weight, --occlusion-share, --shift-share and --sink-frames need the "
+                          "synthetic world's simulator: use --data world", "data")
     if (rollout_clips or object_weight or shift_share) and (distill_from is not None or family == "wan"):
         raise ConfigError("--rollout-clips, --object-weight and --shift-share shape the flow loss of a FAR-style "
                           "model: not with --distill-from or a Wan model", "rollout_clips")
@@ -147,6 +148,11 @@ def train(
         config = loaded.config
         if context_frames is not None:  # fine-tuning on longer clips: the folder generates with the longer window
             config = dataclasses.replace(config, context_frames=context_frames, window=context_frames)
+        if sink_frames is not None:
+            if config.family != "far":
+                raise ConfigError("--sink-frames adds attention sinks to a FAR-style model; a Wan model has its own "
+                                  "(sink_size)", parameter="sink_frames")
+            config = dataclasses.replace(config, sink_frames=sink_frames)
     else:
         make = new_models.new_wan_config if family == "wan" else new_models.new_config
         if family not in ("far", "wan"):
@@ -154,6 +160,10 @@ def train(
         config = make(arch, heads, head_dim, layers, decoder_layers, decoder_combine, patch_size, frame_size,
                       default_steps, context_frames or clip_frames - 1, world_demo=data == "world",
                       data_fields=None if stored is None else sources.model_fields(stored))
+        if sink_frames:
+            if family != "far":
+                raise ConfigError("--sink-frames adds attention sinks to a FAR-style model", parameter="sink_frames")
+            config = dataclasses.replace(config, sink_frames=sink_frames)
         note = new_models.wan_rotary_note(config) if family == "wan" else None
         if note:
             split = f" (--heads {note.heads} --head-dim {note.head_dim})" if note.heads else ""

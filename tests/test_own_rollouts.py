@@ -61,8 +61,8 @@ def test_a_stream_starts_from_truth_and_continues_from_its_own_frames():
     config = tiny_config(**WORLD)
     model = random_model(config).train()
     pool = OwnRollouts(config, streams=2, clip_frames=4, horizon=8, steps=10, seed=0)
-    context, truth, actions, weight = pool.next_clips(model, 0)
-    assert weight is None  # every pixel counts unless the streams run past lost balls
+    context, truth, actions, weight, sinks = pool.next_clips(model, 0)
+    assert weight is None and sinks is None  # every pixel counts unless the streams run past lost balls
     assert model.training  # put back in training mode after generating
     assert context.shape == truth.shape == (2, 4, 3, 32, 32) and actions.shape == (2, 4)
     seed = int(pool.clip_seeds[0])
@@ -72,7 +72,7 @@ def test_a_stream_starts_from_truth_and_continues_from_its_own_frames():
     assert torch.equal(context[:, :3], truth[:, :3])  # the true start
     assert not torch.equal(context[:, 3], truth[:, 3]) and context.abs().max() <= 1  # the model's frame, clamped
     before = context.clone()
-    context, truth, _, _ = pool.next_clips(model, 1)
+    context, truth, _, _, _ = pool.next_clips(model, 1)
     restarted = pool.position == 4  # a stream that lost the scene starts afresh
     for i in np.flatnonzero(~restarted):
         assert torch.equal(context[i, :3], before[i, 1:])  # the window slides over its own frames
@@ -125,7 +125,7 @@ def test_streams_run_on_past_a_lost_ball_and_leave_it_out_of_the_loss():
     ran_on = 0
     for step in range(14):
         before = pool.position.copy()
-        _, _, _, weight = pool.next_clips(model, step)
+        _, _, _, weight, _ = pool.next_clips(model, step)
         continued = pool.length > 0
         for i in range(8):
             if pool.lost_balls[i].any():

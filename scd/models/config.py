@@ -134,6 +134,11 @@ class ModelConfig(ConfigFile):
     # the most frames of context it attends to (its training clips less one): a stream keeps that many
     # in its KV cache; None: everything it is given, as the references generate
     window: int | None = None
+    # attention sinks: a stream's first `sink_frames` frames stay in its KV cache beside the rolling
+    # window, always seen `sink_distance` frames before the window's oldest frame (as in training),
+    # however far back they really are. They hold what does not move (a world's scene); 0: none
+    sink_frames: int = 0
+    sink_distance: int = 32
     demo: str | None = None  # "world": the model's demo prompt is a clip of scd.world
     format_version: int = FORMAT_VERSION
 
@@ -224,6 +229,12 @@ class ModelConfig(ConfigFile):
             problems.append(f"window must be an integer >= 1 or null, not {self.window!r}")
         if self.context_frames is not None and (not isinstance(self.context_frames, int) or self.context_frames < 0):
             problems.append(f"context_frames must be an integer >= 0 or null, not {self.context_frames!r}")
+        for name, low in (("sink_frames", 0), ("sink_distance", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                problems.append(f"{name} must be an integer >= {low}, not {value!r}")
+        if self.sink_frames and self.window is None:
+            problems.append("sink_frames needs a window (sinks stay beside a rolling window of context)")
         if self.guidance_mode not in GUIDANCE_MODES:
             problems.append(f"guidance_mode must be one of {GUIDANCE_MODES}, not {self.guidance_mode!r}")
         elif self.guidance_mode == "decoder" and self.arch != "scd":

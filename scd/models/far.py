@@ -23,6 +23,7 @@ from scd.models.layers import (
     Modulation,
     OutputNorm,
     TimestepEmbedding,
+    apply_rope,
     block_causal_mask,
     patchify,
     rope_tables,
@@ -174,36 +175,79 @@ class Transformer(nn.Module):
         weight = self.x_embedder.weight
         c = self.config
         return KVCache(len(self.transformer_blocks), batch, c.num_heads, c.head_dim, c.tokens_per_frame,
-                       capacity, device or weight.device, dtype or weight.dtype)
+                       capacity, device or weight.device, dtype or weight.dtype, min(c.sink_frames, capacity - 1))
+
+    def sink_positions(self, oldest: int, device=None) -> torch.Tensor:
+        """(sinks,) the temporal positions the sink frames are seen at by a query whose oldest
+        window frame is at `oldest`: `sink_distance` frames before it, in order."""
+        c = self.config
+        return torch.arange(c.sink_frames, device=device) + (oldest - c.sink_distance - c.sink_frames + 1)
+
+    def place_sinks(self, cache: KVCache, oldest: int) -> None:
+        """Rotate the cached sink frames' keys in place to where a query whose oldest window frame
+        is `oldest` sees them (`sink_positions`): they were written at positions 0..sinks-1, and
+        rotary angles add up, so one rotation by the difference moves them there."""
+        if cache.sink_keys is None:  # no sinks, or not all written yet
+            return
+        shift = int(self.sink_positions(oldest)[0])
+        if getattr(cache, "sink_shift", None) == shift:
+            return
+        cos, sin = rope_tables(torch.tensor([shift], device=cache.keys[0].device), 1, 1, self.config.rope_axes)
+        cos, sin = cos.to(cache.keys[0].dtype), sin.to(cache.keys[0].dtype)
+        span = cache.sinks * cache.tokens_per_frame
+        for keys, written in zip(cache.keys, cache.sink_keys):
+            keys[:, :, :span] = apply_rope(written, cos, sin)
+        cache.sink_shift = shift
+
+    def _written(self, cache: KVCache, frames: int) -> None:
+        """Count `frames` frames written to `cache`; keep the sinks' keys once the last is in."""
+        before = cache.frames
+        cache.frames += frames
+        if before < cache.sinks <= cache.frames:
+            cache.keep_sinks()
+            cache.sink_shift = 0
 
     def encode_frames(self, latents: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor | None,
                       cache: KVCache | None = None, feature_noise: torch.Tensor | None = None,
-                      modulation: Modulation | None = None) -> torch.Tensor:
+                      modulation: Modulation | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
         """Run frames causally. latents (B, F, C, H, W); timesteps, labels (B, F). Returns the
         normed hidden states (B, F, T, D). With a cache the frames are appended to it (F = 1 may
-        wrap the ring; F > 1 must fit in the free slots) and attend to everything cached before.
-        `modulation`: that of (timesteps, labels), where the caller has it already."""
+        wrap the ring; F > 1 must fit in the free slots, and be all sinks or none) and attend to
+        everything cached before, the sinks placed for them (`place_sinks`). `modulation`: that of
+        (timesteps, labels), where the caller has it already. `positions` (F,): the frames'
+        temporal positions without a cache (default 0..F-1; training places sinks before a clip)."""
         b, f = latents.shape[:2]
         t = self.config.tokens_per_frame
         x = self.x_embedder(patchify(latents, self.config.patch_size))  # (B, F, T, D)
         if modulation is None:
             modulation = self.modulate(self.conditioning(timesteps, labels))
         past = 0 if cache is None else cache.frames
-        rope = self.rope(past, f, latents.device)
+        if positions is not None:
+            dtype = self.x_embedder.weight.dtype
+            rope = tuple(r.to(dtype) for r in rope_tables(positions, *self._grid(), self.config.rope_axes))
+        else:
+            rope = self.rope(past, f, latents.device)
         if cache is None:
             mask = block_causal_mask(f, 0, t, latents.device) if f > 1 else None
             x = self.run_blocks(x, modulation, rope, mask)
-        elif f == 1:
-            slot = cache.frames % cache.capacity
+            return self.norm_out(x, modulation, feature_noise)
+        if past < cache.sinks < past + f:
+            raise ConfigError(f"a chunk of {f} frames from frame {past} mixes sink and window frames")
+        self.place_sinks(cache, cache.oldest(writing=True))
+        if f == 1:
+            slot = cache.slot(cache.frames)
             x = self.run_blocks(x, modulation, rope, None, cache.buffers, slot * t, min(cache.frames + 1, cache.capacity) * t)
-            cache.frames += 1
         else:
             if cache.frames + f > cache.capacity:
                 raise ConfigError(f"{f} frames do not fit a KV cache of {cache.capacity} holding {cache.frames}")
             mask = block_causal_mask(f, past, t, latents.device)
             x = self.run_blocks(x, modulation, rope, mask, cache.buffers, past * t, (past + f) * t)
-            cache.frames += f
+        self._written(cache, f)
         return self.norm_out(x, modulation, feature_noise)
+
+    def _grid(self) -> tuple[int, int]:
+        c = self.config
+        return c.latent_size[0] // c.patch_size, c.latent_size[1] // c.patch_size
 
     def append_frame(self, latents, timesteps, labels, rope, keys, values, index, mask, noise=None) -> torch.Tensor:
         """Static shapes (what a compiled stream runs): one frame (B, 1, C, H, W) with its timesteps
@@ -219,7 +263,8 @@ class Transformer(nn.Module):
                       labels: torch.Tensor | None, feature_noise: torch.Tensor | None = None) -> torch.Tensor:
         """`encode_frames` of one frame into `state`'s cache through `append_frame`."""
         cache, t = state.cache, self.config.tokens_per_frame
-        slot = cache.frames % cache.capacity
+        slot = cache.slot(cache.frames)
+        self.place_sinks(cache, cache.oldest(writing=True))
         index = torch.arange(slot * t, (slot + 1) * t, device=latents.device)
         # prompt frames and their labels are strided views, not inference tensors: copies of one layout, one graph
         latents = latents.clone(memory_format=torch.contiguous_format)
@@ -228,7 +273,7 @@ class Transformer(nn.Module):
         state.slots[slot] = True
         out = state.run("append_frame", latents, timesteps, labels, rope, *cache.buffers, index,
                         state.mask(t, spare=False), feature_noise)
-        cache.frames += 1
+        self._written(cache, 1)
         return out
 
 
@@ -240,13 +285,14 @@ class Encoder(Transformer):
         super().__init__(config, config.encoder_layers, head=False, norm_noise=config.encoder_noise,
                          norm_unconditional=config.encoder_norm_unconditional)
 
-    def forward(self, latents, labels=None, cache=None, timesteps=None, feature_noise=None) -> torch.Tensor:
+    def forward(self, latents, labels=None, cache=None, timesteps=None, feature_noise=None, positions=None) -> torch.Tensor:
         """latents (B, F, C, H, W), labels (B, F) -> features (B, F, T, D). timesteps (B, F): -1
         (clean, the default and what generation uses) or sigma * 1000 of noised context in training.
-        feature_noise (B, F, T, D) is added to the normed features before their modulation."""
+        feature_noise (B, F, T, D) is added to the normed features before their modulation;
+        positions (F,) as `encode_frames`."""
         if timesteps is None:
             timesteps = torch.full(latents.shape[:2], -1.0, device=latents.device)
-        return self.encode_frames(latents, timesteps, labels, cache, feature_noise)
+        return self.encode_frames(latents, timesteps, labels, cache, feature_noise, positions=positions)
 
 
 class Decoder(Transformer):
@@ -311,13 +357,20 @@ def _append(model: Transformer, state: StreamState, frames: torch.Tensor, condit
     `feature_noise` (B, T, D) added to them as `OutputNorm` does (decoder guidance)."""
     out = None
     chunk_size = 1 if state.static else PREFILL_CHUNK
-    for start in range(0, frames.shape[1], chunk_size):
-        chunk = slice(start, start + chunk_size)
+    cache = state.cache
+    sinks_left = max(0, cache.sinks - cache.frames)  # the first frames still to come are sinks: a chunk of their own
+    count = frames.shape[1]
+    bounds = [*range(0, min(sinks_left, count), chunk_size), *range(min(sinks_left, count), count, chunk_size)]
+    for start, end in zip(bounds, [*bounds[1:], count]):
+        chunk = slice(start, end)
         latents = frames[:, chunk]
         labels = None if conditions is None else conditions[:, chunk]
+        if labels is not None and start < sinks_left:  # a sink holds the scene, read without an action
+            labels = labels.clone()
+            labels[:, :sinks_left - start] = model.config.null_class
         timesteps = torch.full(latents.shape[:2], -1.0, device=latents.device)
         noise = None
-        if feature_noise is not None and start + chunk_size >= frames.shape[1]:
+        if feature_noise is not None and end >= count:
             # the decoder reads the newest frame's features only: that frame gets the noise
             noise = feature_noise.new_zeros((frames.shape[0], latents.shape[1], *feature_noise.shape[1:]))
             noise[:, -1] = feature_noise
@@ -425,16 +478,23 @@ class SCDModel(nn.Module, StreamingModel):
         return self.encoder.append_frame(*args)
 
     def loss(self, video: torch.Tensor, conditions: torch.Tensor | None, objective: Objective = Objective(),
-             context: torch.Tensor | None = None, weight: torch.Tensor | None = None) -> torch.Tensor:
+             context: torch.Tensor | None = None, weight: torch.Tensor | None = None,
+             sinks: torch.Tensor | None = None) -> torch.Tensor:
         """Flow-matching loss of every frame j >= 1 of `video` (B, N, C, H, W) clean latents: the
         encoder runs once over the (optionally noised) clip, block-causally; the decoder denoises
         frame j from the features of frame j - 1, `decoder_draws` noise draws each. `context` (like
         video): the frames the encoder reads instead of `video` (the model's own rollout, the
-        targets staying the true frames); `weight` (B, N, 1 or C, H, W): per-pixel loss weights."""
+        targets staying the true frames); `weight` (B, N, 1 or C, H, W): per-pixel loss weights;
+        `sinks` (B, S, C, H, W): the model's sink frames, clean, unconditioned, seen by every
+        frame `sink_distance` before the clip (where a stream shows them)."""
         enc_conditions = None if conditions is None else torch.cat([conditions[:, 1:], conditions[:, -1:]], dim=1)
         context, timesteps = noised_context(video if context is None else context, objective.clean_context_ratio,
                                             objective.context_sigma_max)
-        features = self.encoder(context, enc_conditions, timesteps=timesteps)[:, :-1]  # (B, N-1, T, D)
+        s, positions = 0, None
+        if sinks is not None:
+            s = sinks.shape[1]
+            context, timesteps, enc_conditions, positions = _with_sinks(self.encoder, sinks, context, timesteps, enc_conditions)
+        features = self.encoder(context, enc_conditions, timesteps=timesteps, positions=positions)[:, s:-1]  # (B, N-1, T, D)
         draws = objective.decoder_draws
         x0 = video[:, 1:].flatten(0, 1).repeat(draws, 1, 1, 1)
         features = features.flatten(0, 1).repeat(draws, 1, 1)
@@ -493,6 +553,34 @@ def teacher_forcing_mask(frames: int, tokens_per_frame: int, device) -> torch.Te
     return mask | ((same[None] == same[:, None]) & ~qc[:, None])
 
 
+def _with_sinks(model: Transformer, sinks: torch.Tensor, context: torch.Tensor, timesteps: torch.Tensor | None,
+                conditions: torch.Tensor | None, positions: torch.Tensor | None = None) -> tuple:
+    """A training pass's inputs with the sink frames (B, S, C, H, W) before the clip's context
+    (B, N, ...): clean (timestep -1), unconditioned (the null index), at `sink_positions` before
+    the clip's first frame (position 0; `positions`, default 0..N-1, those of the frames after them)."""
+    b, s, n = sinks.shape[0], sinks.shape[1], context.shape[1]
+    device = context.device
+    if timesteps is not None:
+        timesteps = torch.cat([torch.full((b, s), -1.0, device=device), timesteps], 1)
+    if conditions is not None:
+        conditions = torch.cat([torch.full((b, s), model.config.null_class, dtype=conditions.dtype, device=device),
+                                conditions], 1)
+    positions = torch.arange(n, device=device) if positions is None else positions
+    positions = torch.cat([model.sink_positions(0, device), positions])
+    return torch.cat([sinks.to(context), context], 1), timesteps, conditions, positions
+
+
+def sink_mask(mask: torch.Tensor, sinks: int, tokens_per_frame: int) -> torch.Tensor:
+    """`mask` (M, M) over a training pass's frames with `sinks` sink frames put before them: every
+    token sees the sinks, a sink sees only itself and the sinks before it."""
+    span = sinks * tokens_per_frame
+    out = torch.ones(span + mask.shape[0], span + mask.shape[1], dtype=torch.bool, device=mask.device)
+    out[span:, span:] = mask
+    out[:span, :span] = block_causal_mask(sinks, 0, tokens_per_frame, mask.device)
+    out[:span, span:] = False
+    return out
+
+
 class Baseline(Transformer, StreamingModel):
     """FAR-style causal diffusion transformer: every denoising step runs all layers on the noisy
     frame against the cached clean context. Frame j is conditioned on action j."""
@@ -518,6 +606,7 @@ class Baseline(Transformer, StreamingModel):
         frames, conditions = self._take_pending(state)
         if frames is not None:
             _append(self, state, frames, conditions)
+        self.place_sinks(state.cache, state.cache.oldest(writing=False))  # for the noisy frame's steps
         state.rope = self.rope(state.cache.frames, 1, state.cache.keys[0].device)
         state.condition = condition
         batch = state.cache.keys[0].shape[0]
@@ -567,12 +656,13 @@ class Baseline(Transformer, StreamingModel):
         return unpatchify(self.proj_out(x), c.patch_size, h, w)[:, 0]
 
     def loss(self, video: torch.Tensor, conditions: torch.Tensor | None, objective: Objective = Objective(),
-             context: torch.Tensor | None = None, weight: torch.Tensor | None = None) -> torch.Tensor:
+             context: torch.Tensor | None = None, weight: torch.Tensor | None = None,
+             sinks: torch.Tensor | None = None) -> torch.Tensor:
         """Flow-matching loss of every frame j >= 1 of `video` (B, N, C, H, W), denoised against the
         context frames before it, all in one masked pass over [context; noisy] frames. The context
         frames are clean or, as SCD's encoder sees them, noised by `clean_context_ratio` (each with
         its timestep), so the model learns to read imperfect context such as its own frames.
-        `context` and `weight`: as `SCDModel.loss`."""
+        `context`, `weight` and `sinks`: as `SCDModel.loss`."""
         c = self.config
         b, n, _, h, w = video.shape
         x0 = video[:, 1:]
@@ -583,14 +673,20 @@ class Baseline(Transformer, StreamingModel):
                                                     objective.context_sigma_max)
         if context_timesteps is None:
             context_timesteps = torch.full((b, n), -1.0, device=video.device)
+        labels = None if conditions is None else torch.cat([conditions, conditions[:, 1:]], 1)
+        positions = torch.cat([torch.arange(n), torch.arange(1, n)]).to(video.device)
+        mask = teacher_forcing_mask(n, c.tokens_per_frame, video.device)
+        s = 0
+        if sinks is not None:
+            s = sinks.shape[1]
+            context, context_timesteps, labels, positions = _with_sinks(self, sinks, context, context_timesteps, labels,
+                                                                        positions)
+            mask = sink_mask(mask, s, c.tokens_per_frame)
         tokens = self.x_embedder(patchify(torch.cat([context, add_noise(x0, noise, sigma)], 1), c.patch_size))
         timesteps = torch.cat([context_timesteps, sigma * 1000.0], 1)
-        labels = None if conditions is None else torch.cat([conditions, conditions[:, 1:]], 1)
         modulation = self.modulate(self.conditioning(timesteps, labels))
-        positions = torch.cat([torch.arange(n), torch.arange(1, n)]).to(video.device)
         rope = rope_tables(positions, h // c.patch_size, w // c.patch_size, c.rope_axes)
-        mask = teacher_forcing_mask(n, c.tokens_per_frame, video.device)
-        hidden = self.norm_out(self.run_blocks(tokens, modulation, rope, mask), modulation)[:, n:]
+        hidden = self.norm_out(self.run_blocks(tokens, modulation, rope, mask), modulation)[:, s + n:]
         velocity = unpatchify(self.proj_out(hidden), c.patch_size, h, w)
         return weighted_mse(velocity, noise - x0, None if weight is None else weight[:, 1:])
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from scd.compiler import compiled_call
+from scd.errors import ConfigError
 
 if TYPE_CHECKING:
     from scd.models.config import ModelConfig
@@ -28,10 +29,18 @@ class KVCache:
     oldest: attention over cached frames is order-free (no mask between past frames, RoPE applied
     before caching), so a full ring needs no reordering. One spare frame slot past the ring holds
     the baseline's noisy frame, so its attention reads one contiguous span without a concat.
+
+    With `sinks`, the first `sinks` frames written keep slots 0..sinks-1 for good and the ring is
+    the slots after them. A sink attends to nothing before it, so its keys differ between
+    positions only by their temporal rotation: `sink_keys` keeps them as written (at positions
+    0..sinks-1), and the model re-rotates them in place (`Transformer.place_sinks`) so that every
+    query sees them where training put them, a fixed distance before the window.
     """
 
     def __init__(self, layers: int, batch: int, heads: int, head_dim: int, tokens_per_frame: int,
-                 capacity: int, device, dtype):
+                 capacity: int, device, dtype, sinks: int = 0):
+        if not 0 <= sinks < capacity:
+            raise ConfigError(f"a KV cache of {capacity} frames cannot keep {sinks} sink frames beside a window")
         # one buffer per layer, not views of one: compiled code writes a layer's buffer in place
         # only when no other input aliases it. Zeros, not empty: a masked attention weighs the
         # slots not yet written by 0, and 0 * NaN (old memory) would still be NaN.
@@ -40,6 +49,8 @@ class KVCache:
         self.values = tuple(torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers))
         self.tokens_per_frame = tokens_per_frame
         self.capacity = capacity
+        self.sinks = sinks
+        self.sink_keys: tuple[torch.Tensor, ...] | None = None  # per layer (B, H, sinks T, hd), once written
         self.frames = 0  # frames written so far, including overwritten ones
 
     @property
@@ -50,6 +61,24 @@ class KVCache:
     def buffers(self) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
         """(keys, values): per layer, (B, H, (capacity + 1) T, hd)."""
         return self.keys, self.values
+
+    def slot(self, frame: int) -> int:
+        """The slot frame `frame` is written to: its own for a sink, else its place in the ring."""
+        if frame < self.sinks:
+            return frame
+        return self.sinks + (frame - self.sinks) % (self.capacity - self.sinks)
+
+    def oldest(self, writing: bool) -> int:
+        """The oldest window frame (not a sink) the next query sees: one that writes the next
+        frame (its write evicts the oldest of a full ring) or one that does not (the baseline's
+        noisy frame, in the spare slot)."""
+        ring = self.capacity - self.sinks
+        return max(self.sinks, self.frames - ring + (1 if writing else 0))
+
+    def keep_sinks(self) -> None:
+        """Copy the sink frames' keys as written, once all are (`Transformer.place_sinks` rotates them)."""
+        span = self.sinks * self.tokens_per_frame
+        self.sink_keys = tuple(k[:, :, :span].clone() for k in self.keys)
 
 
 # ----------------------------------------------------------------------------- the protocol
