@@ -63,8 +63,9 @@ def frame_flops(config: ModelConfig, context_frames: int, steps: int, guidance: 
     per_frame = 0.0
     # Streaming, `context_frames` are cached when the previous frame's clean pass starts: that pass
     # appends the previous frame and attends to N + 1 frames; the baseline's noisy frame then sits
-    # after them and attends to N + 2 (SCD's decoder attends only inside its 2T tokens).
-    keys = (context_frames + 1) * t
+    # after them and attends to N + 2 (SCD's decoder attends only inside its 2T tokens). Attention
+    # sinks are cached beside them: each pass attends to those too.
+    keys = (context_frames + c.sink_frames + 1) * t
     if c.arch == "scd":
         context = c.encoder_layers * block_flops(d, t, keys, per_clean) + _embed_flops(c, t, False, per_clean)
         tokens = 2 * t if c.decoder_combine.startswith("token_concat") else t

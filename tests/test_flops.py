@@ -52,6 +52,15 @@ def test_frame_flops_match_counted_matmuls(combine):
     assert abs(base_step - (step + attention["baseline"])) / base_step < 0.05
 
 
+@pytest.mark.parametrize("arch", ["scd", "baseline"])
+def test_attention_sinks_are_one_more_cached_frame_per_sink(arch):
+    plain = tiny_config(arch=arch, num_heads=4, head_dim=16, rope_axes=(4, 6, 6), latent_size=(8, 8), window=4)
+    sinks = tiny_config(arch=arch, num_heads=4, head_dim=16, rope_axes=(4, 6, 6), latent_size=(8, 8), window=4,
+                        sink_frames=2)
+    assert frame_flops(sinks, 4, steps=3) == frame_flops(plain, 6, steps=3)
+    assert frame_flops(sinks, 4, steps=3).total > frame_flops(plain, 4, steps=3).total
+
+
 def test_block_flops_formula():
     assert block_flops(8, 2, 6, conditionings=0) == 24 * 2 * 64 + 4 * 2 * 6 * 8
 
