@@ -190,7 +190,7 @@ class Transformer(nn.Module):
         if cache.sink_keys is None:  # no sinks, or not all written yet
             return
         shift = int(self.sink_positions(oldest)[0])
-        if getattr(cache, "sink_shift", None) == shift:
+        if cache.sink_shift == shift:
             return
         cos, sin = rope_tables(torch.tensor([shift], device=cache.keys[0].device), 1, 1, self.config.rope_axes)
         cos, sin = cos.to(cache.keys[0].dtype), sin.to(cache.keys[0].dtype)

@@ -51,6 +51,7 @@ class KVCache:
         self.capacity = capacity
         self.sinks = sinks
         self.sink_keys: tuple[torch.Tensor, ...] | None = None  # per layer (B, H, sinks T, hd), once written
+        self.sink_shift: int | None = None  # the rotation the cached sink keys have now (0: as written)
         self.frames = 0  # frames written so far, including overwritten ones
 
     @property
