@@ -30,6 +30,18 @@ def random_model(config: ModelConfig, seed: int = 0):
     return model.eval()
 
 
+def assert_resumes_bit_identically(config, folder, make, steps: int, half: int) -> None:
+    """A world run of `steps` steps equals one stopped at `half` and resumed (`make(steps)`: its settings)."""
+    from scd import data
+    from scd import train as training
+
+    batches = data.world_batches(make(steps), config)
+    straight = [p.loss for p in training.train(config, folder / "a", make(steps), batches)]
+    first = [p.loss for p in training.train(config, folder / "b", make(half), batches)]
+    rest = [p.loss for p in training.train(config, folder / "b", make(steps), batches, resume=True)]
+    assert first + rest == straight and len(straight) == steps
+
+
 @pytest.fixture
 def hub_env(tmp_path, monkeypatch):
     """A clean Hub environment in tmp_path: the cache, HF_HOME, no token, online, no telemetry."""

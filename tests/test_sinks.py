@@ -3,7 +3,7 @@ where training puts them (`sink_distance` before the window's oldest frame) howe
 
 import pytest
 import torch
-from conftest import random_model, stream_inputs, tiny_config
+from conftest import assert_resumes_bit_identically, random_model, stream_inputs, tiny_config
 
 from scd.errors import ConfigError
 from scd.models import patchify, unpatchify
@@ -145,11 +145,8 @@ def test_sink_training_reads_the_sinks_resumes_bit_identically_and_refuses_data_
     config = tiny_config(arch=arch, window=3, sink_frames=1, **WORLD)
     make = lambda steps: training.TrainSettings(steps=steps, batch_size=2, clip_frames=4, checkpoint_every=2, warmup=1,
                                                 rollout_clips=2, rollout_horizon=8)
+    assert_resumes_bit_identically(config, tmp_path, make, 4, 2)
     batches = data.world_batches(make(4), config)
-    straight = [p.loss for p in training.train(config, tmp_path / "a", make(4), batches)]
-    first = [p.loss for p in training.train(config, tmp_path / "b", make(2), batches)]
-    rest = [p.loss for p in training.train(config, tmp_path / "b", make(4), batches, resume=True)]
-    assert first + rest == straight and len(straight) == 4
     seen = []
 
     def loss(model, video, conditions, objective, **extra):
