@@ -1,4 +1,4 @@
-"""Configs of models trained from scratch (`scd train` without `--init`): a FAR-style SCD or
+"""Configs of models trained from scratch (training without an initial model): a FAR-style SCD or
 baseline (`new_config`) or a Wan-architecture one (`new_wan_config`) for the synthetic world or a
 dataset's latents, and the note on a small Wan's rotary split (`wan_rotary_note`)."""
 

@@ -218,8 +218,8 @@ def stream_batches(seed: int, batch_size: int, num_frames: int, start_step: int 
     shifted = batch_size - round(shift_share * batch_size) if shift_share else batch_size
     step = start_step
     while True:
-        clips = []
-        for i, s in enumerate(training_seeds(seed, step, batch_size)):
+        clips, seeds = [], training_seeds(seed, step, batch_size)
+        for i, s in enumerate(seeds):
             if i >= shifted:
                 clips.append(shifted_clip(int(s), num_frames, shift_last))
             else:
@@ -229,7 +229,7 @@ def stream_batches(seed: int, batch_size: int, num_frames: int, start_step: int 
         actions = torch.from_numpy(np.stack([c[2] for c in clips]))
         if sinks:
             rng = np.random.default_rng([seed, step, 27])
-            held = _tensor(np.stack([sink_frames(int(s), sinks, rng) for s in training_seeds(seed, step, batch_size)]))
+            held = _tensor(np.stack([sink_frames(int(s), sinks, rng) for s in seeds]))
             yield video, actions, context, held
         else:
             yield (video, actions, context) if shift_share else (video, actions)

@@ -148,7 +148,7 @@ class Transformer(nn.Module):
         at once, ROPE_BLOCK_BYTES at most: a frame makes none."""
         c = self.config
         dtype = self.x_embedder.weight.dtype
-        rows, cols = c.latent_size[0] // c.patch_size, c.latent_size[1] // c.patch_size
+        rows, cols = self._grid()
         per_frame = 2 * c.tokens_per_frame * c.head_dim * dtype.itemsize
         span = max(1, ROPE_BLOCK_BYTES // per_frame)
         start = first_frame - first_frame % span
@@ -180,8 +180,12 @@ class Transformer(nn.Module):
     def sink_positions(self, oldest: int, device=None) -> torch.Tensor:
         """(sinks,) the temporal positions the sink frames are seen at by a query whose oldest
         window frame is at `oldest`: `sink_distance` frames before it, in order."""
+        return torch.arange(self.config.sink_frames, device=device) + self._sink_shift(oldest)
+
+    def _sink_shift(self, oldest: int) -> int:
+        """The first sink's position for a query whose oldest window frame is `oldest`."""
         c = self.config
-        return torch.arange(c.sink_frames, device=device) + (oldest - c.sink_distance - c.sink_frames + 1)
+        return oldest - c.sink_distance - c.sink_frames + 1
 
     def place_sinks(self, cache: KVCache, oldest: int) -> None:
         """Rotate the cached sink frames' keys in place to where a query whose oldest window frame
@@ -189,7 +193,7 @@ class Transformer(nn.Module):
         rotary angles add up, so one rotation by the difference moves them there."""
         if cache.sink_keys is None:  # no sinks, or not all written yet
             return
-        shift = int(self.sink_positions(oldest)[0])
+        shift = self._sink_shift(oldest)
         if cache.sink_shift == shift:
             return
         cos, sin = rope_tables(torch.tensor([shift], device=cache.keys[0].device), 1, 1, self.config.rope_axes)
