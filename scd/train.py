@@ -59,6 +59,7 @@ class TrainSettings:
     shift_last: bool = False  # world: that slip always in the frame before the clip's last (shifted_clip's `last`)
     shift_weight: float = 0.0  # world: extra loss weight on the frame after a slip, near it (scd.world.slip_weights)
     rollout_past_lost_balls: bool = False  # world: rollouts run on past a lost ball, its pixels out of the loss
+    sink_scatter: bool = False  # world, a model with sinks: the sink frames draw their objects anywhere (scd.world.sink_frames)
     rollout_scene_psnr: float | None = None  # world, with rollout_past_lost_balls: a rollout restarts when its scene falls below this (dB; None: scd.own_rollouts.SCENE_PSNR)
 
     def __post_init__(self):
@@ -263,6 +264,9 @@ def train(config: ModelConfig, out: Path, settings: TrainSettings, batches, init
         for part in model.parts().values():  # SCD's encoder reads its sinks from its own config
             part.config = config
     config = model.config
+    if settings.sink_scatter and not getattr(config, "sink_frames", 0):
+        raise ConfigError("sink_scatter shapes the sink frames of a model with attention sinks: give it sink_frames",
+                          parameter="sink_scatter", others=("sink_frames",))
     chunk = getattr(config, "chunk_frames", 1)
     if settings.clip_frames % chunk:
         raise ConfigError(f"clip_frames ({settings.clip_frames}) must be a whole number of the model's chunks of {chunk} "

@@ -196,23 +196,33 @@ def track_objects(pred: np.ndarray, truth: np.ndarray, radius: float = 2.0) -> d
     return result
 
 
-def sink_frames(seed: int, count: int, rng: np.random.Generator) -> np.ndarray:
+def sink_frames(seed: int, count: int, rng: np.random.Generator, scatter: bool = False) -> np.ndarray:
     """`count` consecutive frames (count, 32, 32, 3) of the clip `seed` from a frame drawn in
     SINK_SPAN: what a model with attention sinks keeps of a stream's start, its scene the clip's
-    and its objects anywhere (a sink is the stream's first frames, however far back)."""
+    and its objects anywhere (a sink is the stream's first frames, however far back). `scatter`:
+    each frame draws every object at a place of its own drawn from `rng` (the state stays the
+    clip's), so nothing of where the objects are now can be read from a sink, only the scene: at
+    frame 1,000 of a stream its sink's objects are as unrelated to the present."""
     first = int(rng.integers(*SINK_SPAN))
-    return render_clip(seed, first + count)[0][first:]
+    if not scatter:
+        return render_clip(seed, first + count)[0][first:]
+    true = simulate(seed, first + count)
+    places = np.concatenate([rng.integers(0, FRAME_SIZE - BALL + 1, (first + count, 2, 2)),
+                             rng.integers(0, FRAME_SIZE - AGENT + 1, (first + count, 1, 2))], 1)
+    shifts = places - np.concatenate([true.balls, true.agent[:, None]], 1)  # shifts= takes (red, green, agent)
+    return simulate(seed, first + count, true.actions, shifts=shifts).frames[first:]
 
 
 def stream_batches(seed: int, batch_size: int, num_frames: int, start_step: int = 0, occlusion_share: float = 0.0,
-                   shift_share: float = 0.0, shift_last: bool = False, sinks: int = 0):
+                   shift_share: float = 0.0, shift_last: bool = False, sinks: int = 0, sink_scatter: bool = False):
     """Training batches forever: (video (B, N, 3, 32, 32) float in [-1, 1], actions (B, N) int64);
     the first round(occlusion_share * B) clips of each end at an occlusion (`occlusion_clip`). With
     shift_share, the last round(shift_share * B) clips are `shifted_clip`s and a third tensor, the
     context (like video: the shifted frames there, the true ones elsewhere), comes with each batch;
     shift_last puts every slip in the frame before the last (`shifted_clip`'s `last`). With
     `sinks`, a fourth: each clip's sink frames (B, sinks, 3, 32, 32) (`sink_frames`), the third
-    then always there (the video itself where nothing slips).
+    then always there (the video itself where nothing slips); sink_scatter draws their objects
+    anywhere (`sink_frames`' `scatter`).
     Batch k depends only on (seed, k), so a run resumed at step k sees what it would have seen."""
     hard = round(occlusion_share * batch_size)
     shifted = batch_size - round(shift_share * batch_size) if shift_share else batch_size
@@ -229,7 +239,7 @@ def stream_batches(seed: int, batch_size: int, num_frames: int, start_step: int 
         actions = torch.from_numpy(np.stack([c[2] for c in clips]))
         if sinks:
             rng = np.random.default_rng([seed, step, 27])
-            held = _tensor(np.stack([sink_frames(int(s), sinks, rng) for s in seeds]))
+            held = _tensor(np.stack([sink_frames(int(s), sinks, rng, sink_scatter) for s in seeds]))
             yield video, actions, context, held
         else:
             yield (video, actions, context) if shift_share else (video, actions)

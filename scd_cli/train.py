@@ -84,6 +84,7 @@ def train(
     occlusion_share: float = typer.Option(0.0, "--occlusion-share", help="World: share of each batch's clips cut to end where a ball meets the other ball or the agent (0: none)."),
     shift_share: float = typer.Option(0.0, "--shift-share", help="World: share of each batch's clips whose context draws an object one pixel off in one frame, the targets staying true: training to recover from the misplacements that start a drift (0: none)."),
     sink_frames: Optional[int] = typer.Option(None, "--sink-frames", help="Attention sinks (world, FAR family): the model keeps a stream's first N frames beside its rolling window, seen a fixed distance before it however long the stream runs, and trains with N frames of each clip's world there (its scene, its objects elsewhere). With --init: added to the initial model (default: its own)."),
+    sink_scatter: bool = typer.Option(False, "--sink-scatter", help="World, a model with attention sinks: its training sink frames draw every object at a random place, so it learns to read only the scene from them (a stream's first frames are as unrelated to its present by frame 1,000)."),
     shift_last: bool = typer.Option(False, "--shift-last", help="World, with --shift-share: every slip in the frame before the clip's last, so the last frame is always made from a context whose newest frame is off (a window of 4 or more frames can tell that from a change of velocity)."),
     shift_weight: float = typer.Option(0.0, "--shift-weight", help="World, with --shift-share: extra loss weight on the pixels of the frame after a slip that lie within 2 px of it, where extrapolating the slip goes wrong (0: none)."),
     checkpoint_every: int = typer.Option(200, "--checkpoint-every"),
@@ -108,7 +109,7 @@ def train(
                                       rollout_clips=rollout_clips, rollout_horizon=rollout_horizon, object_weight=object_weight,
                                       occlusion_share=occlusion_share, shift_share=shift_share, shift_last=shift_last, shift_weight=shift_weight,
                                       rollout_past_lost_balls=rollout_past_lost_balls,
-                                      rollout_scene_psnr=rollout_scene_psnr)
+                                      rollout_scene_psnr=rollout_scene_psnr, sink_scatter=sink_scatter)
     if data != "world" and (rollout_clips or object_weight or occlusion_share or shift_share or sink_frames):
         raise ConfigError("--rollout-clips, --object-weight, --occlusion-share, --shift-share and --sink-frames need the "
                           "synthetic world's simulator: use --data world", "data")

@@ -1,6 +1,8 @@
 """Attention sinks of the FAR family: a stream's first frames kept beside the rolling window, seen
 where training puts them (`sink_distance` before the window's oldest frame) however long it runs."""
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import assert_resumes_bit_identically, random_model, stream_inputs, tiny_config
@@ -136,6 +138,31 @@ def test_world_batches_bring_each_clips_sink_frames_from_its_own_scene():
     assert torch.equal(again[3], sinks)  # batch k depends on (seed, k) only
 
 
+def test_scattered_sinks_keep_the_scene_and_draw_every_object_anywhere():
+    import numpy as np
+
+    from scd import world
+
+    plain = next(world.stream_batches(0, 16, 4, sinks=1))[3]
+    scattered = next(world.stream_batches(0, 16, 4, sinks=1, sink_scatter=True))[3]
+    assert torch.equal(next(world.stream_batches(0, 16, 4, sinks=1, sink_scatter=True))[3], scattered)
+    to_uint8 = lambda t: ((t[:, 0].permute(0, 2, 3, 1) + 1) * 127.5).round().numpy().astype(np.uint8)
+    plain, scattered = to_uint8(plain), to_uint8(scattered)
+    moved = 0
+    for i, seed in enumerate(world.training_seeds(0, 0, 16)):
+        scene = world.render_clip(int(seed), 1, objects=False)[0][0]
+        objects = np.zeros((32, 32), bool)
+        for color in world.OBJECT_COLORS.values():  # every object drawn once, whole unless the pillar hides it
+            near = (np.abs(scattered[i].astype(int) - color) <= world.TOLERANCE).all(-1)
+            assert near.sum() in range(4, 17), (i, color)
+            objects |= near
+        assert (scattered[i][~objects] == scene[~objects]).all(), i  # the rest is the clip's own scene
+        for color in world.OBJECT_COLORS.values():
+            at = [world.locate(f[None], color)[0][0] for f in (plain[i], scattered[i])]
+            moved += np.abs(at[0] - at[1]).max() > 2
+    assert moved > 30  # of 48 objects: drawn at places of their own, not where the clip has them
+
+
 @pytest.mark.parametrize("arch", ["scd", "baseline"])
 def test_sink_training_reads_the_sinks_resumes_bit_identically_and_refuses_data_without_them(tmp_path, arch):
     from scd import data
@@ -169,6 +196,10 @@ def test_sink_training_reads_the_sinks_resumes_bit_identically_and_refuses_data_
     plain = lambda start, rank=0, ranks=1: world_batches_without_sinks(start)
     with pytest.raises(ConfigError, match="sink frames"):
         list(training.train(config, tmp_path / "d", make(1), plain))
+    scatter = dataclasses.replace(make(1), sink_scatter=True)
+    with pytest.raises(ConfigError, match="sink_frames") as refused:
+        list(training.train(tiny_config(arch=arch, window=3, **WORLD), tmp_path / "e", scatter, plain))
+    assert refused.value.parameter == "sink_scatter"
 
 
 def world_batches_without_sinks(start=0):
@@ -185,7 +216,7 @@ def test_scd_train_adds_sinks_and_the_folder_generates_with_them(tmp_path):
     runner = CliRunner()
     tiny = ["--heads", "2", "--head-dim", "8", "--layers", "2", "--decoder-layers", "1", "--patch-size", "8",
             "--batch-size", "2", "--clip-frames", "4", "--steps", "2", "--threads", "1", "-q"]
-    r = runner.invoke(app, ["train", "--out", str(tmp_path / "m"), *tiny, "--sink-frames", "1"])
+    r = runner.invoke(app, ["train", "--out", str(tmp_path / "m"), *tiny, "--sink-frames", "1", "--sink-scatter"])
     assert r.exit_code == 0, r.output
     from scd.checkpoints import load_model
 
@@ -200,3 +231,5 @@ def test_scd_train_adds_sinks_and_the_folder_generates_with_them(tmp_path):
     r = runner.invoke(app, ["train", "--init", str(tmp_path / "m"), "--out", str(tmp_path / "n"), *tiny[8:], "--sink-frames", "0"])
     assert r.exit_code == 0, r.output
     assert load_model(str(tmp_path / "n")).config.sink_frames == 0  # a fine-tune may take them away again
+    r = runner.invoke(app, ["train", "--init", str(tmp_path / "n"), "--out", str(tmp_path / "o"), *tiny[8:], "--sink-scatter"])
+    assert r.exit_code == 2 and "--sink-frames" in r.output and "Traceback" not in r.output, r.output
