@@ -21,7 +21,7 @@ from scd import checks, world
 from scd.errors import ConfigError
 from scd.loaded import LoadedModel
 from scd.metrics import PSNR_CAP, psnr, ssim, uint8_to_unit
-from scd.sampling import generate
+from scd.sampling import MAX_SAMPLES, generate
 from scd.video import frames_to_tensor, tensor_to_frames
 
 
@@ -53,8 +53,10 @@ def _summary(pred, truth, **extra) -> dict:
             "objects": objects, "horizons": horizons(p.tolist(), objects), **extra}
 
 
-def rollout(loaded: LoadedModel, clips, context: int, frames: int, steps: int, guidance: float, seed: int) -> np.ndarray:
-    """Continue each clip; returns uint8 (C, U, H, W, 3)."""
+def rollout(loaded: LoadedModel, clips, context: int, frames: int, steps: int, guidance: float, seed: int,
+            samples: int = 1) -> np.ndarray:
+    """Continue each clip (the median of `samples` samples per frame: `scd.sampling.Rollout`);
+    returns uint8 (C, U, H, W, 3)."""
     config = loaded.config
     if tuple(config.frame_size) != (world.FRAME_SIZE,) * 2:
         raise ConfigError(f"{loaded.source} makes {config.frame_size} frames; the world is {world.FRAME_SIZE}x{world.FRAME_SIZE}")
@@ -63,14 +65,14 @@ def rollout(loaded: LoadedModel, clips, context: int, frames: int, steps: int, g
     latents = torch.stack([loaded.encode(v) for v in video])
     out = generate(loaded.model, latents, frames, steps, guidance=guidance,
                    conditions=actions if config.condition == "action" else None, seed=seed,
-                   window=config.window or config.context_frames, clamp=loaded.codec.clamp)  # relative frame offsets stay within what training saw
+                   window=config.window or config.context_frames, clamp=loaded.codec.clamp, samples=samples)  # relative frame offsets stay within what training saw
     pixels = loaded.decode(out.flatten(0, 1))
     return tensor_to_frames(pixels).reshape(len(clips), frames, *pixels.shape[-2:], 3)
 
 
 def evaluate(models: dict[str, LoadedModel], clips: int = 64, context: int = 8, frames: int = 16,
-             steps: int | None = None, guidance: float | None = None, seed: int = 0) -> dict:
-    """Scores of each named model, of copy-last-frame and of the object-free scene on `clips`
+             steps: int | None = None, guidance: float | None = None, seed: int = 0, samples: int = 1) -> dict:
+    """Scores of each named model (each frame the median of `samples` samples when > 1), of copy-last-frame and of the object-free scene on `clips`
     held-out clips (PSNR, SSIM and object tracking per generated frame, and by horizon: `horizons`);
     each model's `margin_over_object_free` is its worst 16-frame block against the object-free scene."""
     for name, value in (("clips", clips), ("context", context), ("frames", frames)):
@@ -81,15 +83,16 @@ def evaluate(models: dict[str, LoadedModel], clips: int = 64, context: int = 8, 
     if guidance is not None:
         checks.number("guidance", guidance, -1, 100)  # -1: unconditional (scd.sampling.UNCONDITIONAL)
     checks.seed(seed)
+    checks.number("samples", samples, 1, MAX_SAMPLES, integer=True)
     data = world.heldout_clips(clips, context + frames)
     truth = np.stack([f[context:] for f, _ in data])
-    result = {"clips": clips, "frames": frames, "context": context, "seed": seed}
+    result = {"clips": clips, "frames": frames, "context": context, "seed": seed, "samples": samples}
     for name, loaded in models.items():
         k = steps or loaded.config.default_steps
         result.setdefault("steps", k)  # the first model's (SCD's); each model's own is under its name
         g = loaded.config.default_guidance if guidance is None else guidance
         start = time.perf_counter()
-        pred = rollout(loaded, data, context, frames, k, g, seed)
+        pred = rollout(loaded, data, context, frames, k, g, seed, samples)
         per_frame_ms = (time.perf_counter() - start) * 1000.0 / frames
         result[name] = _summary(pred, truth, model=loaded.source, steps=k, guidance=g, ms_per_frame_batch=per_frame_ms)
     last = np.stack([np.repeat(f[context - 1:context], frames, 0) for f, _ in data])

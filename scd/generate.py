@@ -17,13 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scd import text_to_video, video
+from scd import checks, text_to_video, video
 from scd.actions import format_actions, parse_label, read_sidecar, sidecar_path
 from scd.devices import dtype_name
 from scd.errors import ActionError, ConfigError, Notice, VideoError
 from scd.job import Delivery, Finished, FrameWritten, Job, Started, settle, summarise  # noqa: F401 (the job's API, here as before)
 from scd.loaded import LoadedModel
-from scd.sampling import kv_cache_bytes, stream
+from scd.sampling import MAX_SAMPLES, kv_cache_bytes, stream
 
 
 @dataclass
@@ -101,12 +101,15 @@ def run(job: Job):
     text-conditioned model runs `scd.text_to_video.run` (a prompt, the Wan VAE)."""
     config = job.model.config
     if config.condition == "text":
+        if job.samples != 1:
+            raise ConfigError("a text-to-video model draws one sample per frame: use samples 1", parameter="samples")
         yield from text_to_video.run(job)
         return
     if job.text is not None or job.size is not None:
         what = "text" if job.text is not None else "size"
         raise ConfigError(f"drop {what}: this model continues video, only text-to-video models take a prompt or a size",
                           parameter=what)
+    checks.number("samples", job.samples, 1, MAX_SAMPLES, integer=True)
     began, steps, guidance, outputs, device, dtype, threads, times = settle(job)
 
     t0 = time.perf_counter()
@@ -117,7 +120,8 @@ def run(job: Job):
         raise ActionError(f"{len(job.actions)} actions given for {job.frames} frames: give one per generated frame")
     conditions = None
     warnings = list(read.warnings)
-    used = {"prompt": prompt_source, "prompt_frames": len(prompt), "prompt_actions": None, "actions": None}
+    used = {"prompt": prompt_source, "prompt_frames": len(prompt), "prompt_actions": None, "actions": None,
+            "samples": job.samples}
     if config.condition == "action":
         null = config.null_class
         before = list(prompt_actions) if prompt_actions is not None else [null] * len(prompt)
@@ -154,7 +158,7 @@ def run(job: Job):
     # no window given: the model's own (it never saw more frames than that); the report says which
     job = dataclasses.replace(job, window=job.window or config.window)
     cached = min(job.window or (len(prompt) + job.frames), len(prompt) + job.frames)
-    need = kv_cache_bytes(model, job.batch, cached, guidance, dtype)
+    need = kv_cache_bytes(model, job.batch * job.samples, cached, guidance, dtype)
     if device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0]
         if need > 0.8 * free:
@@ -171,7 +175,7 @@ def run(job: Job):
         if job.include_prompt and len(prompt):
             run.write_all(video.fit_frames(prompt, config.frame_size, job.fit)[None].repeat(job.batch, 0))
         for frame in stream(model, context, job.frames, steps, guidance, conditions, seed=job.seed, window=job.window,
-                            clamp=codec.clamp, compiled=job.compiled):
+                            clamp=codec.clamp, compiled=job.compiled, samples=job.samples):
             t0 = time.perf_counter()
             images = video.tensor_to_frames(loaded.decode(frame.latents))  # (B, H, W, 3)
             codec_ms = (time.perf_counter() - t0) * 1000.0

@@ -14,11 +14,13 @@ from typing import Callable, Iterator
 
 import torch
 
+from scd import checks
 from scd.compiler import compiled_call, compiler
 from scd.errors import ActionError, ConfigError
 from scd.flow import add_noise
 from scd.models import KVCache, StreamingModel
 
+MAX_SAMPLES = 64  # samples drawn per frame for their median (Rollout samples)
 UNCONDITIONAL = -1.0  # the references' guidance scale for unconditional generation
 MIN_FEATURE_NOISE = 0.05  # decoder guidance noises features at least this much (the official pipeline)
 
@@ -179,12 +181,19 @@ class Rollout:
     embeddings, for the whole stream; its frames come in chunks of `config.chunk_frames`, made
     by the step that starts a chunk (the others hand out the rest of it), and the latent size is
     the context's (B, 0, C, H, W) for a stream from text alone.
+
+    samples K > 1 draws K samples of every frame (K initial noises, denoised in one batch) and keeps
+    their per-element median, the lower of the middle two for even K: it is returned and fed back as
+    the context of every sample. A sampling slip (a ball a pixel off, a texture that drifts) is
+    rarely in most samples at once, so the median does not feed it back. An SCD model runs its
+    encoder once per frame and only its decoder K times (`StreamingModel.shares_context`); any
+    other model runs the whole stream K times over (K times the batch, the cache included).
     """
 
     def __init__(self, model: StreamingModel, context: torch.Tensor, steps: int, guidance: float = 1.0,
                  actions: torch.Tensor | None = None, label: int | torch.Tensor | None = None, seed: int = 0,
                  window: int | None = None, frames: int | None = None, clamp: float | None = None, timed: bool = True,
-                 compiled: bool | str = False, text: torch.Tensor | None = None):
+                 compiled: bool | str = False, text: torch.Tensor | None = None, samples: int = 1):
         config = model.config
         if (context.dim() != 5 or context.shape[2] != config.channels
                 or not config.accepts_latent_size(tuple(context.shape[3:]))):
@@ -197,10 +206,15 @@ class Rollout:
             raise ConfigError("give window (frames kept as context) or frames (the most this rollout generates)")
         if frames is not None and frames < 0:
             raise ConfigError(f"frames must be >= 0, got {frames}")
+        checks.number("samples", samples, 1, MAX_SAMPLES, integer=True)
+        if samples > 1 and config.sampler == "renoise":
+            raise ConfigError("a chunked, re-noising model draws one sample per frame: use samples 1", parameter="samples")
         weight = next(model.parameters())
         self.model, self.config = model, config
         self.device, self.dtype = weight.device, weight.dtype
         self.batch, self.given, self.index = batch, given, 0
+        self.samples = samples
+        self.shared = samples > 1 and model.shares_context  # the context pass run once for the K samples
         self.latent_size = tuple(context.shape[3:])
         self.chunk = config.chunk_frames
         self.pending: list[Frame] = []  # the rest of the chunk the last step made
@@ -237,7 +251,8 @@ class Rollout:
             kept = torch.cat([kept[:sinks], kept[sinks:][-window:]])
         keep = len(kept)
         own = self._context_conditions(actions, given)[:, kept] if config.condition in ("action", "label") else None
-        context = context[:, kept].to(device=self.device, dtype=self.dtype)
+        context = self._spread(context[:, kept].to(device=self.device, dtype=self.dtype))
+        own = None if own is None else self._spread(own)
         self.compiler, self.cuda_graphs = None, False
         if compiled:
             self.compiler = compiler(self.device.type, "inductor" if compiled is True else compiled)
@@ -247,7 +262,7 @@ class Rollout:
         capacity = window + getattr(config, "sink_frames", 0) if window else keep + -(-frames // self.chunk) * self.chunk
         stream = {} if text is None else {"text": text, "latent_size": self.latent_size}
         with torch.inference_mode():
-            self.state = model.start(batch * (2 if self.cfg else 1), capacity, compiler=self.compiler, **stream)
+            self.state = model.start(batch * (1 if self.shared else samples) * (2 if self.cfg else 1), capacity, compiler=self.compiler, **stream)
             if keep:
                 model.observe(self.state, self._doubled(context), self._guided(own))
 
@@ -319,6 +334,17 @@ class Rollout:
     def _doubled(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([x, x]) if self.cfg else x
 
+    def _spread(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, ...) -> (K B, ...), the same for each of the K samples, sample-major, as a stream that
+        runs K times over takes its context; unchanged where the model shares its context pass."""
+        return x.repeat(self.samples, *(1,) * (x.dim() - 1)) if self.samples > 1 and not self.shared else x
+
+    def _consensus(self, x: torch.Tensor) -> torch.Tensor:
+        """(K B, ...) samples -> (B, ...), their per-element median (the lower middle one for even K)."""
+        if self.samples == 1:
+            return x
+        return x.view(self.samples, self.batch, *x.shape[1:]).median(dim=0).values
+
     # ----------------------------------------------------------------------------- frames
 
     def _lap(self) -> float:
@@ -333,7 +359,7 @@ class Rollout:
 
     def _feature_noise(self, given: torch.Tensor | None) -> torch.Tensor:
         """Decoder guidance: (2B, T, D) noise for the newest encoder features, the unconditional half's."""
-        shape = (self.batch, self.config.tokens_per_frame, self.config.width)
+        shape = (self.batch * (1 if self.shared else self.samples), self.config.tokens_per_frame, self.config.width)
         if given is None:
             given = torch.randn(shape, generator=self.generator)
         elif tuple(given.shape) != shape:
@@ -360,9 +386,11 @@ class Rollout:
         if self.config.sampler == "renoise":
             return self._chunk_step(action, noise, draws)
         condition = self._frame_condition(action)
-        shape = (self.batch, self.config.channels, *self.config.latent_size)
+        condition = None if condition is None else self._spread(condition)
+        shape = (self.batch * self.samples, self.config.channels, *self.config.latent_size)
         if noise is not None and tuple(noise.shape) != shape:
-            raise ConfigError(f"noise must be {shape}, got {tuple(noise.shape)}")
+            raise ConfigError(f"noise must be {shape}, got {tuple(noise.shape)}"
+                              + (f" ({self.samples} samples of each of {self.batch})" if self.samples > 1 else ""))
         self._last = time.perf_counter()
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()  # a new frame: the graphs may reuse their memory
@@ -374,7 +402,10 @@ class Rollout:
                 self.state.feature_noise = self._feature_noise(feature_noise)
             # a contiguous inference tensor, whatever the caller's noise is: one compiled graph for every frame
             x = torch.empty(shape, device=self.device).copy_(noise, non_blocking=True)
-            self.model.prepare(self.state, self._guided(condition), self.timesteps)
+            if self.shared:
+                self.model.prepare(self.state, self._guided(condition), self.timesteps, self.samples, 2 if self.cfg else 1)
+            else:
+                self.model.prepare(self.state, self._guided(condition), self.timesteps)
             context_ms = self._lap()
             if self.compiler is not None:
                 step, inputs = self.model.step_function(self.state)
@@ -386,8 +417,9 @@ class Rollout:
                             self.guidance, self.dtype)
             if self.clamp is not None:
                 x = x.clamp_(-self.clamp, self.clamp)
+            x = self._consensus(x)
             denoise_ms = self._lap()
-            self.model.observe(self.state, self._doubled(x.to(self.dtype))[:, None],
+            self.model.observe(self.state, self._doubled(self._spread(x.to(self.dtype)))[:, None],
                                None if condition is None else self._guided(condition)[:, None])
         frame = Frame(self.index, x, context_ms, denoise_ms)
         self.index += 1
@@ -440,22 +472,23 @@ def stream(model: StreamingModel, context: torch.Tensor, frames: int, steps: int
            guidance: float = 1.0, conditions: torch.Tensor | None = None, noise: torch.Tensor | None = None,
            seed: int = 0, window: int | None = None, clamp: float | None = None, timed: bool = True,
            feature_noise: torch.Tensor | None = None, compiled: bool | str = False, text: torch.Tensor | None = None,
-           draws: torch.Tensor | None = None) -> Iterator[Frame]:
+           draws: torch.Tensor | None = None, samples: int = 1) -> Iterator[Frame]:
     """Continue `context` (B, F, C, H, W), in model space, by `frames` frames: a `Rollout` with every
     action known up front.
 
     conditions: actions (B, F + frames) or (F + frames,), `conditions[:, j]` belonging to frame j, or
     labels (B,) (or one int) for a class-conditioned model; None means the null action. noise
     (B, frames, C, H, W) fixes each frame's initial noise, feature_noise (B, frames, T, D) the draws
-    of decoder guidance; otherwise they are drawn from `seed`. text (B, L, text_dim): a
+    of decoder guidance (K B of each with `samples` K); otherwise they are drawn from `seed`. text (B, L, text_dim): a
     text-conditioned model's embeddings; draws (chunks, K - 1, B, n, C, H, W) its re-noising
     draws, chunk by chunk. The rest as `Rollout`.
     """
     config = model.config
     if frames < 0:
         raise ConfigError(f"frames must be >= 0, got {frames}")
-    if context.dim() == 5 and noise is not None and noise.shape != (context.shape[0], frames, *context.shape[2:]):
-        raise ConfigError(f"noise must be {(context.shape[0], frames, *context.shape[2:])}, got {tuple(noise.shape)}")
+    shape = (context.shape[0] * samples, frames, *context.shape[2:]) if context.dim() == 5 else None
+    if shape and noise is not None and noise.shape != shape:
+        raise ConfigError(f"noise must be {shape}, got {tuple(noise.shape)}")
     given = context.shape[1] if context.dim() == 5 else 0
     actions = label = None
     if conditions is not None and config.condition == "label":
@@ -467,7 +500,7 @@ def stream(model: StreamingModel, context: torch.Tensor, frames: int, steps: int
     elif conditions is not None:
         raise ActionError("this model takes no actions or labels; drop them")
     rollout = Rollout(model, context, steps, guidance, None if actions is None else actions[..., :given], label,
-                      seed, window, frames, clamp, timed, compiled, text)
+                      seed, window, frames, clamp, timed, compiled, text, samples)
     n = config.chunk_frames
     for u in range(frames):
         action = None if actions is None else actions[..., given + u]

@@ -30,6 +30,7 @@ def eval_command(
     steps: Optional[int] = typer.Option(None, "--steps", help="Denoising steps (default: each model's)."),
     guidance: Optional[float] = typer.Option(None, "--guidance"),
     seed: int = typer.Option(0, "--seed"),
+    samples: int = typer.Option(1, "--samples", help="Samples drawn per frame; their per-pixel median is kept and fed back (K times the work; docs/training.md, 'Median of samples')."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the scores as JSON."),
     recording: Optional[Path] = typer.Option(None, "--recording", help="Score a recorded play instead (scd play --record's MP4 or JSON; its PNG frames when --record-frames kept them) against the world it played."),
     threads: Threads = None,
@@ -47,7 +48,7 @@ def eval_command(
         return
     use_threads(threads)
     models = {"scd": load_model(model, arch="scd"), "baseline": load_model(baseline if baseline else None, arch="baseline")}
-    result = evaluate(models, clips, context, frames, steps, guidance, seed)
+    result = evaluate(models, clips, context, frames, steps, guidance, seed, samples)
     table = Table(title=f"{clips} held-out clips, {context} context frames, {frames} generated")
     per_frame = frames <= PER_FRAME_SHOWN  # longer rollouts: per frame in the JSON, by horizon below
     for col in ("predictor", "PSNR dB", "SSIM", "steps", f"agent within 2 px at frame {frames}") + (("PSNR per frame",) if per_frame else ()):

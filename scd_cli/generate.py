@@ -116,6 +116,7 @@ def generate(
     frames_dir: Optional[Path] = typer.Option(None, "--frames-dir", help="Also write each frame as a PNG here."),
     seed: int = typer.Option(0, "--seed", help="Noise seed: the same seed gives the same video."),
     batch: int = typer.Option(1, "--batch", help="Continuations generated at once, written as separate files."),
+    samples: int = typer.Option(1, "--samples", help="Samples drawn per frame; their per-pixel median is written and fed back, which keeps a world model's objects longer (K times the work; docs/training.md, 'Median of samples')."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     threads: Threads = None,
     dtype: str = typer.Option("auto", "--dtype", help="auto (bfloat16 on CUDA, float32 elsewhere), float32, bfloat16, float16."),
@@ -140,7 +141,7 @@ def generate(
         seed=seed, batch=batch, window=context_window, context=context, fit=fit, fps=fps,
         include_prompt=include_prompt, upscale=upscale, upscale_mode=upscale_mode, frames_dir=frames_dir,
         report=report, device=device, dtype=dtype, threads=threads, started=state["started"], startup_s=startup_s,
-        model_load_s=model_load_s, compiled=compile, text=texts, size=frame_size)
+        model_load_s=model_load_s, compiled=compile, text=texts, size=frame_size, samples=samples)
     live = None
     first_ms = 0.0
     events = job_lib.run(job)

@@ -84,6 +84,22 @@ def test_same_seed_same_video_other_seed_differs(model_dir, prompt, tmp_path):
     assert np.abs(videos[0] - videos[2]).max() > 10
 
 
+def test_samples_write_their_median_and_say_so(model_dir, prompt, tmp_path):
+    """--samples K writes the per-pixel median of K samples (the same for the same seed, not the
+    one-sample video) and the report says how many were drawn."""
+    shown = {}
+    for name, samples in (("one", 1), ("five", 5), ("again", 5)):
+        report = tmp_path / f"{name}.json"
+        r = run("generate", "--model", model_dir, "--prompt-frames", prompt, "--frames", 3, "--out", tmp_path / f"{name}.mp4",
+                "--samples", samples, "--frames-dir", tmp_path / name, "--report", report, "--upscale", 1)
+        assert r.exit_code == 0, r.output
+        assert json.loads(report.read_text())["samples"] == samples
+        shown[name] = read_video(tmp_path / name).frames.astype(int)  # the PNGs: lossless
+    assert shown["five"].shape == (3, 8, 8, 3)
+    assert np.array_equal(shown["five"], shown["again"])
+    assert np.abs(shown["five"] - shown["one"]).max() > 10
+
+
 def test_include_prompt_batch_and_pngs(model_dir, prompt, tmp_path):
     out = tmp_path / "many.mp4"
     r = run("generate", "--model", model_dir, "--prompt-frames", prompt, "--frames", 2, "--out", out,
@@ -128,6 +144,7 @@ def test_image_folder_prompt_and_fit_modes(model_dir, tmp_path):
     (["--frames", "0"], "frames must be >= 1"),
     (["--fit", "squash"], "squash"),
     (["--steps", "0"], "steps must be >= 1"),
+    (["--samples", "0"], "--samples must be >= 1 and <= 64, got 0"),
     (["--device", "cuda:7"], "CUDA"),
     (["--out", "/nonexistent-dir/x.mp4"], "nonexistent-dir"),
 ])

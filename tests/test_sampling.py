@@ -231,3 +231,56 @@ def test_bad_inputs_are_typed_errors():
     unconditioned = random_model(tiny_config(condition=None, num_classes=0))
     with pytest.raises(ConfigError, match="guidance needs an action- or class-conditioned model"):
         generate(unconditioned, context, U, K, guidance=2.0)
+
+
+@pytest.mark.parametrize("arch", ["scd", "baseline"])
+@pytest.mark.parametrize("guidance,samples", [(1.0, 4), (2.5, 3)])
+def test_samples_keep_the_median_of_one_frame_from_the_kept_history(arch, guidance, samples):
+    """Each frame of a K-sample stream is the per-element median of K plain one-frame continuations
+    of everything kept so far (the K noises of the frame drawn sample-major), and that median is
+    what the next frame sees."""
+    model = random_model(tiny_config(arch=arch))
+    context, actions, _ = inputs(model.config)
+    got = generate(model, context, U, K, guidance=guidance, conditions=actions, seed=5, samples=samples)
+    g = torch.Generator().manual_seed(5)
+    frames = context
+    for u in range(U):
+        n = frames.shape[1]
+        noise = torch.randn(samples * B, 1, *context.shape[2:], generator=g)
+        drawn = generate(model, frames.repeat(samples, 1, 1, 1, 1), 1, K, guidance=guidance,
+                         conditions=actions[:, :n + 1].repeat(samples, 1), noise=noise)[:, 0]
+        median = drawn.view(samples, B, *drawn.shape[1:]).sort(dim=0).values[(samples - 1) // 2]
+        frames = torch.cat([frames, median[:, None]], dim=1)
+    assert (got - frames[:, F:]).abs().max() < 1e-5
+    one = generate(model, context, U, K, guidance=guidance, conditions=actions, seed=5)
+    assert (got - one).abs().max() > 1e-3  # the median is not the first sample
+
+
+def test_samples_are_checked():
+    model = random_model(tiny_config())
+    context, actions, noise = inputs(model.config)
+    for bad, says in ((0, ">= 1 and <= 64, got 0"), (65, ">= 1 and <= 64, got 65"), (2.0, "a whole number"), (True, "a whole number")):
+        with pytest.raises(ConfigError, match=f"samples must be {says}"):
+            Rollout(model, context, K, window=3, samples=bad)
+    with pytest.raises(ConfigError, match=r"noise must be \(4, 4, 3, 4, 4\)"):
+        generate(model, context, U, K, conditions=actions, noise=noise, samples=2)
+
+
+@pytest.mark.parametrize("guidance", [1.0, 2.5])
+def test_scd_encodes_each_frame_once_for_all_its_samples(guidance):
+    """The encoder of an SCD model sees each stream's frames once (B rows, 2 B with guidance); the
+    decoder K samples of each; a compiled stream gives the same frames."""
+    model = random_model(tiny_config())
+    context, actions, _ = inputs(model.config)
+    rows = {"encoder": [], "decoder": []}
+    hooks = [getattr(model, part).x_embedder.register_forward_hook(lambda m, args, out, part=part: rows[part].append(args[0].shape[0]))
+             for part in rows]
+    eager = generate(model, context, U, K, guidance=guidance, conditions=actions, seed=2, window=3, samples=5)
+    for hook in hooks:
+        hook.remove()
+    doubled = 2 if guidance != 1.0 else 1
+    assert set(rows["encoder"]) == {B * doubled} and len(rows["encoder"]) >= U
+    assert set(rows["decoder"]) == {5 * B * doubled} and len(rows["decoder"]) == U * K
+    compiled = generate(model, context, U, K, guidance=guidance, conditions=actions, seed=2, window=3, samples=5,
+                        compiled="aot_eager")
+    assert (compiled - eager).abs().max() < 1e-4

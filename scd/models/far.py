@@ -427,6 +427,8 @@ def _table(state: StreamState, model: Transformer, timesteps: torch.Tensor | Non
 class SCDModel(nn.Module, StreamingModel):
     """Encoder + decoder; state dict keys `encoder.*` and `decoder.*` as the official trainer's."""
 
+    shares_context = True  # the encoder runs once per frame, whatever number of samples the decoder draws
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
@@ -446,10 +448,13 @@ class SCDModel(nn.Module, StreamingModel):
         return self._state(self.encoder.new_cache(batch, capacity), self, compiler,
                            rope=self.decoder.rope_tables(weight.device))
 
-    def prepare(self, state: StreamState, condition: torch.Tensor | None, timesteps: torch.Tensor | None = None) -> None:
+    def prepare(self, state: StreamState, condition: torch.Tensor | None, timesteps: torch.Tensor | None = None,
+                samples: int = 1, halves: int = 1) -> None:
         """Encode the pending frames, each with the action that follows it (the last one with
         `condition`, the next frame's): the features of the last are what the decoder reads. With
-        the frame's denoising timesteps (K,), the decoder's conditioning for each step is made now."""
+        the frame's denoising timesteps (K,), the decoder's conditioning for each step is made now.
+        samples K > 1: the decoder then denoises K samples of each stream at once (`spread`; halves
+        2: the batch is guidance's [unconditional; conditional]), the encoder having run once."""
         frames, conditions = self._take_pending(state)
         if frames is not None:
             if conditions is not None:
@@ -459,21 +464,26 @@ class SCDModel(nn.Module, StreamingModel):
             state.decoder_input = self.decoder.read(state.features)
         if state.features is None:
             raise ConfigError("an SCD model needs at least one context frame before it can denoise")
+        features, decoder_input = state.features, state.decoder_input
+        if samples > 1:
+            features, decoder_input = self.spread(features, samples, halves), self.spread(decoder_input, samples, halves)
+            condition = None if condition is None else self.spread(condition, samples, halves)
+        state.frame_features, state.frame_input = features, decoder_input
         state.condition = condition
-        _tabulate(state, self.decoder, timesteps, condition, state.features.shape[0])
+        _tabulate(state, self.decoder, timesteps, condition, features.shape[0])
 
     def velocity(self, state: StreamState, x: torch.Tensor, timesteps: torch.Tensor, step: int | None = None) -> torch.Tensor:
         """The velocity (B, C, H, W) of x at `timesteps` (B,); `step` k reads the conditioning that
         `prepare` made for its k-th timestep (then `timesteps` is not read)."""
         if step is None or state.tabulation is None:
-            return self.decoder(x, timesteps, state.features, state.condition, state.rope)
-        return self.decoder.step(x, state.decoder_input, _step(state, step), state.rope)
+            return self.decoder(x, timesteps, state.frame_features, state.condition, state.rope)
+        return self.decoder.step(x, state.frame_input, _step(state, step), state.rope)
 
     def step_function(self, state: StreamState) -> tuple[Callable, tuple]:
         """The velocity of a step as a function of tensors only, `fn(x, modulation, *inputs)`, for
         compiling a frame's whole denoising loop (`scd.sampling.denoise_steps`, which makes the
         modulations from `state.tabulation`); after `prepare` with timesteps."""
-        return self.step_velocity, (state.decoder_input, state.rope)
+        return self.step_velocity, (state.frame_input, state.rope)
 
     def step_velocity(self, x, modulation, features, rope) -> torch.Tensor:
         return self.decoder.step(x, features, modulation, rope)

@@ -115,6 +115,9 @@ class StreamState:
     # SCD, decoder guidance: noise (B, T, D) the next `prepare` adds to the newest frame's normed features
     feature_noise: torch.Tensor | None = None
     decoder_input: torch.Tensor | None = None  # SCD: those features as every decoder step reads them
+    # SCD: what the frame being denoised reads, per sample (`prepare(samples=K)`: K B rows, else those above)
+    frame_features: torch.Tensor | None = None
+    frame_input: torch.Tensor | None = None
     modulations: list | None = None  # per denoising step of this frame, when `prepare` was given its timesteps
     modulation_table: "Modulation | None" = None  # the same stacked (K, ...), as compiled code reads them
     tabulation: tuple | None = None  # (function, args) that make `modulation_table`, for compiled code
@@ -156,9 +159,14 @@ class StreamingModel:
     K denoising timesteps computes their conditioning once, and `velocity(..., step=k)` then reads
     step k's; `start(..., compiler=torch.compile)` gives a stream of static shapes whose per-frame
     and per-step calls run compiled.
+
+    A model whose context pass is separate from its denoiser (SCD) sets `shares_context` and takes
+    `prepare(..., samples=K)`: the context is run once and the frame's velocity then takes K samples
+    of it at once (x of K B, sample-major), which is what makes a median of K samples cheap for it.
     """
 
     config: "ModelConfig"
+    shares_context = False
 
     def parts(self) -> dict[str, nn.Module]:
         """The separately initialised and counted parts of the model, by name."""
@@ -186,6 +194,15 @@ class StreamingModel:
         """Take in finished frames (B, F, C, H, W) with their own conditions (B, F); they are run by
         the next `prepare`."""
         state.pending.append((frames, conditions))
+
+    @staticmethod
+    def spread(x: torch.Tensor, samples: int, halves: int = 1) -> torch.Tensor:
+        """(H B, ...) -> (H K B, ...): each of the `halves` (guidance's [unconditional; conditional])
+        repeated for K samples, sample-major within it, as the sampler lays out K samples of x."""
+        if samples == 1:
+            return x
+        x = x.unflatten(0, (halves, 1, -1))
+        return x.expand(-1, samples, *x.shape[2:]).flatten(0, 2)
 
     def _take_pending(self, state: StreamState) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         pending, state.pending = state.pending, []
