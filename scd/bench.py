@@ -59,7 +59,7 @@ from scd.errors import ConfigError
 from scd.flops import chunk_flops, matched_config, parameter_count, stream_flops
 from scd.models import ModelConfig, WanConfig, build_model, preset
 from scd.models import config as config_module
-from scd.sampling import kv_cache_bytes, stream
+from scd.sampling import MAX_SAMPLES, kv_cache_bytes, stream
 
 # The default bench: the paper's structure (8 encoder + 4 decoder blocks against a 12-block
 # baseline, 64 tokens per frame) at a width and step count that a 2-core CPU runs in a few minutes.
@@ -151,6 +151,7 @@ class BenchSpec:
     matmul_size: int | None = None  # side of the square matmul timing the device's peak (None: by device)
     compiled: bool | str = False  # also stream each model compiled (True: inductor; or a torch.compile backend)
     chunk_frames: int | None = None  # a chunked (Wan) model: stream chunks of this many frames (1: frame-wise)
+    samples: int = 1  # samples drawn per frame, their median kept (scd.sampling.Rollout's `samples`)
 
     def validate(self) -> None:
         problems = []
@@ -170,6 +171,8 @@ class BenchSpec:
             problems.append(f"seed must be >= 0 and <= {checks.MAX_SEED}, got {self.seed}")
         if self.compiled not in (False, True) and self.compiled not in BACKENDS:
             problems.append(f"compiled must be a bool or one of {', '.join(BACKENDS)}, not {self.compiled!r}")
+        if not 1 <= self.samples <= MAX_SAMPLES:
+            problems.append(f"samples must be >= 1 and <= {MAX_SAMPLES}, got {self.samples}")
         if self.chunk_frames is not None and self.chunk_frames < 1:
             problems.append(f"chunk_frames must be >= 1, got {self.chunk_frames}")
         names = PRESETS + tuple(WAN_PRESETS) + tuple(SCD_WAN_PRESETS)
@@ -281,12 +284,13 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, size: int | None = Non
 
 
 def run_interleaved(models: dict[str, nn.Module], contexts: dict[str, torch.Tensor], frames: int, steps: int,
-                    first: int = 0, compiled: dict[str, bool | str] | None = None) -> dict[str, RunTimes]:
+                    first: int = 0, compiled: dict[str, bool | str] | None = None, samples: int = 1) -> dict[str, RunTimes]:
     """Stream `frames` frames from every model in lockstep: each model's context prefill and first
     frame (timed on the wall clock), then frame 1 of each, frame 2 of each, ..., the order flipping
     every frame and starting with `models`' entry `first`. Neighbouring frames of the models are
     measured seconds apart, so a load that comes and goes on the machine hits them alike.
-    `compiled[name]`: stream that entry compiled (see `scd.sampling.Rollout`)."""
+    `compiled[name]`: stream that entry compiled; `samples`, the median of that many per frame (see
+    `scd.sampling.Rollout`)."""
     names = list(models)
     names = names[first:] + names[:first]
     compiled = compiled or {}
@@ -296,7 +300,7 @@ def run_interleaved(models: dict[str, nn.Module], contexts: dict[str, torch.Tens
         _sync(device)
         start = time.perf_counter()
         options = {"compiled": compiled[name]} if compiled.get(name) else {}
-        generators[name] = stream(models[name], contexts[name], frames, steps, **options)
+        generators[name] = stream(models[name], contexts[name], frames, steps, samples=samples, **options)
         next(generators[name])  # stream synchronises before it yields
         first_ms[name] = (time.perf_counter() - start) * 1000.0
     steady = {name: [] for name in names}
@@ -314,7 +318,7 @@ def run_interleaved(models: dict[str, nn.Module], contexts: dict[str, torch.Tens
 
 
 def count_ops(model: nn.Module, context: torch.Tensor, steps: int, compiled: bool | str = False, frames: int = 2,
-              text: torch.Tensor | None = None) -> dict:
+              text: torch.Tensor | None = None, samples: int = 1) -> dict:
     """Operators per steady frame (the last of a `frames`-frame stream, untimed; compiled, the same
     shapes as the measured runs, so nothing compiles in it), by torch.profiler:
     `ops_per_frame` counts the top-level aten operators the frame dispatches (in eager PyTorch,
@@ -330,7 +334,7 @@ def count_ops(model: nn.Module, context: torch.Tensor, steps: int, compiled: boo
     os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if context.device.type == "cuda" else [])
     options = {} if text is None else {"text": text}
-    generator = stream(model, context, frames, steps, compiled=compiled, **options)
+    generator = stream(model, context, frames, steps, compiled=compiled, samples=samples, **options)
     for _ in range(frames - 1):
         next(generator)
     with profile(activities=activities) as prof:
@@ -407,13 +411,14 @@ def chunk_ops(config: WanConfig, steps: int, context: int = 0) -> int:
     return count_ops(model, latents, steps, frames=small.chunk_frames + 1, text=text)["ops_per_frame"]
 
 
-def _cuda_peak_memory(model: nn.Module, context: torch.Tensor, steps: int, compiled: bool | str = False) -> int:
+def _cuda_peak_memory(model: nn.Module, context: torch.Tensor, steps: int, compiled: bool | str = False,
+                      samples: int = 1) -> int:
     """Bytes allocated at the peak of a 2-frame run (prefill included) beyond what was allocated before."""
     device = context.device
     torch.cuda.synchronize(device)
     before = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
-    for _ in stream(model, context, 2, steps, compiled=compiled):
+    for _ in stream(model, context, 2, steps, compiled=compiled, samples=samples):
         pass
     torch.cuda.synchronize(device)
     return torch.cuda.max_memory_allocated(device) - before
@@ -429,13 +434,15 @@ def parameter_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def steady_flops(config: ModelConfig, context: int, frames: int, steps: int) -> dict:
+def steady_flops(config: ModelConfig, context: int, frames: int, steps: int, samples: int = 1) -> dict:
     """Analytic FLOPs per steady-state frame at batch 1, averaged over frames 1..frames-1 of a run
-    (frame u starts with context + u - 1 frames cached)."""
+    (frame u starts with context + u - 1 frames cached). With `samples` K the denoising is done K
+    times, and the context pass too unless the model shares it (SCD: `StreamingModel.shares_context`)."""
     counts = [chunk_flops(config, context + u - 1, steps) for u in range(1, frames)]  # one frame a chunk
-    return {"flops_per_frame": statistics.fmean(c.total for c in counts),
-            "flops_context_pass": statistics.fmean(c.context for c in counts),
-            "flops_denoising": statistics.fmean(c.denoise for c in counts)}
+    passes = 1 if config.arch == "scd" else samples
+    context_pass = passes * statistics.fmean(c.context for c in counts)
+    denoising = samples * statistics.fmean(c.denoise for c in counts)
+    return {"flops_per_frame": context_pass + denoising, "flops_context_pass": context_pass, "flops_denoising": denoising}
 
 
 def steady_chunk_flops(config, context: int, chunks: int, steps: int) -> dict:
@@ -580,6 +587,8 @@ def _run(spec: BenchSpec):
         if _streams_text(baseline.config):
             raise ConfigError("a causal Wan is compared with an SCD-Wan made from it: give that as model "
                               "(converted from the causal Wan to scd)", parameter="model")
+    if spec.samples > 1 and alone is not None and (_streams_text(alone) or matched_config(alone) is None):
+        raise ConfigError("a chunked (Wan) model draws one sample per frame: use samples 1", parameter="samples")
     if alone is not None and _streams_text(alone) and matched_config(alone) is not None:  # SCD-Wan against causal Wan
         yield from _run_wan_pair(spec, alone, loaded, wan_preset, device, dtype)
         return
@@ -614,7 +623,7 @@ def _run(spec: BenchSpec):
     backend = ("inductor" if spec.compiled is True else spec.compiled) or None
     settings = {"contexts": list(contexts), "steps": list(steps_list), "batches": list(batches),
                 "frames": spec.frames, "reps": spec.reps, "warmup": spec.warmup, "seed": spec.seed,
-                "guidance": 1.0, "dtype": dtype_name(dtype), "preset": spec.preset and spec.preset.upper(),
+                "guidance": 1.0, "samples": spec.samples, "dtype": dtype_name(dtype), "preset": spec.preset and spec.preset.upper(),
                 "matmul_size": matmul_size, "compiled": backend,
                 "context_latents": "random normal", "weights": {"scd": scd_side.source, "baseline": base_side.source}}
     rows_meta = [{"context": n, "steps": k, "batch": b} for n, k, b in combos]
@@ -660,7 +669,8 @@ def _measure(spec, combos, rows_meta, sides, streams, device, dtype, matmul_size
             for name in (x for x in streams if compiled[x]):
                 graphs = compile_counts()["unique_graphs"]
                 start = time.perf_counter()
-                run_interleaved({name: models[name]}, {name: contexts_by_stream[name]}, spec.frames, k, compiled=compiled)
+                run_interleaved({name: models[name]}, {name: contexts_by_stream[name]}, spec.frames, k, compiled=compiled,
+                                samples=spec.samples)
                 seconds = time.perf_counter() - start
                 compile_info.append({**setting, "model": name, "first_run_s": seconds,
                                      "graphs": compile_counts()["unique_graphs"] - graphs})
@@ -675,7 +685,8 @@ def _measure(spec, combos, rows_meta, sides, streams, device, dtype, matmul_size
             # warm-up needs the prefill and one steady frame, not the full run (compiled: the same
             # shapes as the measured runs, a cache of the same size)
             frames = min(spec.frames, 2) if warm and not backend else spec.frames
-            times = run_interleaved(models, contexts_by_stream, frames, k, first=rep % len(streams), compiled=compiled)
+            times = run_interleaved(models, contexts_by_stream, frames, k, first=rep % len(streams), compiled=compiled,
+                                    samples=spec.samples)
             for name in streams:
                 if not warm:
                     runs[name].append(times[name])
@@ -687,19 +698,19 @@ def _measure(spec, combos, rows_meta, sides, streams, device, dtype, matmul_size
                     info["recompiles_while_measuring"] = compile_counts()["unique_graphs"] - graphs_after_compiling
         if device.type == "cuda":  # one model at a time, so that each peak is its own
             for name, (side, how) in streams.items():
-                runs[name][0].peak_memory_bytes = _cuda_peak_memory(models[name], contexts_by_stream[name], k, how)
+                runs[name][0].peak_memory_bytes = _cuda_peak_memory(models[name], contexts_by_stream[name], k, how, spec.samples)
         peak = statistics.median(peaks)
         summaries = {}
         for name, (side, how) in streams.items():
             config, model = sides[side].config, sides[side].model
-            ops = count_ops(model, contexts_by_stream[name], k, how, spec.frames)
+            ops = count_ops(model, contexts_by_stream[name], k, how, spec.frames, samples=spec.samples)
             if device.type == "cuda":
                 memory = (parameter_bytes(model) + max(r.peak_memory_bytes for r in runs[name] if r.peak_memory_bytes is not None),
                           "parameters + torch.cuda.max_memory_allocated during the run")
             else:
-                memory = (parameter_bytes(model) + kv_cache_bytes(model, b, n + spec.frames, dtype=dtype),
+                memory = (parameter_bytes(model) + kv_cache_bytes(model, b, n + spec.frames, dtype=dtype, samples=spec.samples),
                           "analytic: parameters + preallocated KV cache (activations not counted)")
-            summaries[name] = summarise_model(runs[name], b, steady_flops(config, n, spec.frames, k),
+            summaries[name] = summarise_model(runs[name], b, steady_flops(config, n, spec.frames, k, spec.samples),
                                               parameter_count(model), memory, ops, peak)
         del contexts_by_side, contexts_by_stream
         result = row_result(setting, summaries, runs, {"frames": spec.frames, "reps": spec.reps, "warmup": spec.warmup})

@@ -158,7 +158,7 @@ def run(job: Job):
     # no window given: the model's own (it never saw more frames than that); the report says which
     job = dataclasses.replace(job, window=job.window or config.window)
     cached = min(job.window or (len(prompt) + job.frames), len(prompt) + job.frames)
-    need = kv_cache_bytes(model, job.batch * job.samples, cached, guidance, dtype)
+    need = kv_cache_bytes(model, job.batch, cached, guidance, dtype, job.samples)
     if device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0]
         if need > 0.8 * free:

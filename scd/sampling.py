@@ -521,9 +521,11 @@ def generate(model, context, frames, steps, **kwargs) -> torch.Tensor:
     return torch.stack(out, dim=1)
 
 
-def kv_cache_bytes(model: StreamingModel, batch: int, frames: int, guidance: float = 1.0, dtype=None) -> int:
-    """Bytes the KV cache will take for `frames` cached frames (for memory warnings)."""
-    b = batch * (2 if guidance not in (1.0, UNCONDITIONAL) else 1)
+def kv_cache_bytes(model: StreamingModel, batch: int, frames: int, guidance: float = 1.0, dtype=None,
+                   samples: int = 1) -> int:
+    """Bytes the KV cache will take for `frames` cached frames (for memory warnings); with `samples`
+    K, a model that does not share its context pass caches K streams per sample."""
+    b = batch * (2 if guidance not in (1.0, UNCONDITIONAL) else 1) * (1 if model.shares_context else samples)
     return model.cache_bytes(b, frames, dtype or next(model.parameters()).dtype)
 
 

@@ -23,11 +23,11 @@ from scd_cli.app import app
 runner = CliRunner()
 
 
-def counted_frames(model, context, frames, steps, guidance=1.0):
+def counted_frames(model, context, frames, steps, guidance=1.0, samples=1):
     """Matmul FLOPs torch counts while `stream` produces each frame. The math attention backend
     decomposes SDPA into bmm, which the counter sees (it has no formula for the CPU flash kernel)."""
     counts = []
-    generated = stream(model, context, frames, steps, guidance=guidance)
+    generated = stream(model, context, frames, steps, guidance=guidance, samples=samples)
     with sdpa_kernel(SDPBackend.MATH):
         for u in range(frames):
             with FlopCounterMode(display=False) as counter:
@@ -55,6 +55,22 @@ def test_frame_flops_match_counted_streaming_frames(arch, combine):
     # the steady-state average the bench reports is the mean of those frames
     average = bench_lib.steady_flops(config, given, 3, steps)["flops_per_frame"]
     assert average == pytest.approx(statistics.fmean(frame_flops(config, given + u - 1, steps).total for u in (1, 2)))
+
+
+@pytest.mark.parametrize("arch", ["scd", "baseline"])
+def test_steady_flops_of_a_median_of_samples_are_what_the_stream_counts(arch):
+    """With K samples per frame SCD runs its context pass once and its denoising K times; the
+    baseline runs all of it K times. What the bench predicts is what torch counts."""
+    config = tiny_config(num_heads=2, head_dim=16, rope_axes=(4, 6, 6), channels=4, latent_size=(8, 8), layers=3)
+    config = config if arch == "scd" else config.matched()
+    model = random_model(config)
+    counts = counted_frames(model, torch.randn(1, 3, 4, 8, 8), 3, 2, samples=4)
+    predicted = bench_lib.steady_flops(config, 3, 3, 2, samples=4)["flops_per_frame"]
+    assert abs(predicted - statistics.fmean(counts[1:])) / predicted < 0.01
+    one = bench_lib.steady_flops(config, 3, 3, 2)
+    four = bench_lib.steady_flops(config, 3, 3, 2, samples=4)
+    assert four["flops_denoising"] == pytest.approx(4 * one["flops_denoising"])
+    assert four["flops_context_pass"] == pytest.approx((1 if arch == "scd" else 4) * one["flops_context_pass"])
 
 
 def test_frame_flops_split_guidance_and_unconditional_norm():
@@ -171,6 +187,7 @@ def test_bad_spec_is_a_config_error():
     for bad, message in ((dict(frames=1), "frames must be >= 2"), (dict(reps=0), "reps must be >= 1, got 0"),
                          (dict(contexts=(0,)), r"contexts must be positive integers, got \[0\]"),
                          (dict(preset="Q"), "unknown preset 'Q': choose B, M, L, XL"),
+                         (dict(samples=0), "samples must be >= 1 and <= 64, got 0"),
                          (dict(preset="B"), "preset picks random-weight models: drop model/baseline")):
         with pytest.raises(ConfigError, match=message):
             list(bench_lib.run(tiny_spec(**bad)))
