@@ -48,7 +48,7 @@ OBJECTIVE = "trajectory"
 # training settings that belong to the flow-matching loss: distillation has no use for them
 UNUSED_SETTINGS = ("sigma_shift", "decoder_draws", "clean_context_ratio", "context_sigma_max")
 # config fields that only say how a model folder generates by default: student and teacher may differ in them
-GENERATION_FIELDS = ("context_frames", "window", "default_steps", "default_guidance", "denoising_steps")
+GENERATION_FIELDS = ("context_frames", "window", "default_steps", "default_guidance", "default_samples", "denoising_steps")
 
 
 # ----------------------------------------------------------------------------- samplers, with gradients

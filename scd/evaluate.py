@@ -71,8 +71,9 @@ def rollout(loaded: LoadedModel, clips, context: int, frames: int, steps: int, g
 
 
 def evaluate(models: dict[str, LoadedModel], clips: int = 64, context: int = 8, frames: int = 16,
-             steps: int | None = None, guidance: float | None = None, seed: int = 0, samples: int = 1) -> dict:
-    """Scores of each named model (each frame the median of `samples` samples when > 1), of copy-last-frame and of the object-free scene on `clips`
+             steps: int | None = None, guidance: float | None = None, seed: int = 0, samples: int | None = None) -> dict:
+    """Scores of each named model (each frame the median of `samples` samples, None: each model's
+    default_samples), of copy-last-frame and of the object-free scene on `clips`
     held-out clips (PSNR, SSIM and object tracking per generated frame, and by horizon: `horizons`);
     each model's `margin_over_object_free` is its worst 16-frame block against the object-free scene."""
     for name, value in (("clips", clips), ("context", context), ("frames", frames)):
@@ -83,18 +84,21 @@ def evaluate(models: dict[str, LoadedModel], clips: int = 64, context: int = 8, 
     if guidance is not None:
         checks.number("guidance", guidance, -1, 100)  # -1: unconditional (scd.sampling.UNCONDITIONAL)
     checks.seed(seed)
-    checks.number("samples", samples, 1, MAX_SAMPLES, integer=True)
+    if samples is not None:
+        checks.number("samples", samples, 1, MAX_SAMPLES, integer=True)
     data = world.heldout_clips(clips, context + frames)
     truth = np.stack([f[context:] for f, _ in data])
-    result = {"clips": clips, "frames": frames, "context": context, "seed": seed, "samples": samples}
+    result = {"clips": clips, "frames": frames, "context": context, "seed": seed}
     for name, loaded in models.items():
         k = steps or loaded.config.default_steps
         result.setdefault("steps", k)  # the first model's (SCD's); each model's own is under its name
         g = loaded.config.default_guidance if guidance is None else guidance
+        n = loaded.config.default_samples if samples is None else samples
+        result.setdefault("samples", n)
         start = time.perf_counter()
-        pred = rollout(loaded, data, context, frames, k, g, seed, samples)
+        pred = rollout(loaded, data, context, frames, k, g, seed, n)
         per_frame_ms = (time.perf_counter() - start) * 1000.0 / frames
-        result[name] = _summary(pred, truth, model=loaded.source, steps=k, guidance=g, ms_per_frame_batch=per_frame_ms)
+        result[name] = _summary(pred, truth, model=loaded.source, steps=k, guidance=g, samples=n, ms_per_frame_batch=per_frame_ms)
     last = np.stack([np.repeat(f[context - 1:context], frames, 0) for f, _ in data])
     result["copy_last_frame"] = _summary(last, truth)
     scene = np.stack([world.render_clip(world.HELDOUT_SEED_START + i, context + frames, a, objects=False)[0][context:]

@@ -100,8 +100,10 @@ def run(job: Job):
     """Generate and write; yields Started, then FrameWritten per frame, then Finished. A
     text-conditioned model runs `scd.text_to_video.run` (a prompt, the Wan VAE)."""
     config = job.model.config
+    samples = config.default_samples if job.samples is None else job.samples
+    checks.number("samples", samples, 1, MAX_SAMPLES, integer=True)
     if config.condition == "text":
-        if job.samples != 1:
+        if samples != 1:
             raise ConfigError("a text-to-video model draws one sample per frame: use samples 1", parameter="samples")
         yield from text_to_video.run(job)
         return
@@ -109,7 +111,6 @@ def run(job: Job):
         what = "text" if job.text is not None else "size"
         raise ConfigError(f"drop {what}: this model continues video, only text-to-video models take a prompt or a size",
                           parameter=what)
-    checks.number("samples", job.samples, 1, MAX_SAMPLES, integer=True)
     began, steps, guidance, outputs, device, dtype, threads, times = settle(job)
 
     t0 = time.perf_counter()
@@ -121,7 +122,7 @@ def run(job: Job):
     conditions = None
     warnings = list(read.warnings)
     used = {"prompt": prompt_source, "prompt_frames": len(prompt), "prompt_actions": None, "actions": None,
-            "samples": job.samples}
+            "samples": samples}
     if config.condition == "action":
         null = config.null_class
         before = list(prompt_actions) if prompt_actions is not None else [null] * len(prompt)
@@ -158,7 +159,7 @@ def run(job: Job):
     # no window given: the model's own (it never saw more frames than that); the report says which
     job = dataclasses.replace(job, window=job.window or config.window)
     cached = min(job.window or (len(prompt) + job.frames), len(prompt) + job.frames)
-    need = kv_cache_bytes(model, job.batch, cached, guidance, dtype, job.samples)
+    need = kv_cache_bytes(model, job.batch, cached, guidance, dtype, samples)
     if device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0]
         if need > 0.8 * free:
@@ -175,7 +176,7 @@ def run(job: Job):
         if job.include_prompt and len(prompt):
             run.write_all(video.fit_frames(prompt, config.frame_size, job.fit)[None].repeat(job.batch, 0))
         for frame in stream(model, context, job.frames, steps, guidance, conditions, seed=job.seed, window=job.window,
-                            clamp=codec.clamp, compiled=job.compiled, samples=job.samples):
+                            clamp=codec.clamp, compiled=job.compiled, samples=samples):
             t0 = time.perf_counter()
             images = video.tensor_to_frames(loaded.decode(frame.latents))  # (B, H, W, 3)
             codec_ms = (time.perf_counter() - t0) * 1000.0

@@ -58,7 +58,7 @@ class Job:
     compiled: bool = False  # torch.compile the frame loop (scd.sampling.Rollout's `compiled`)
     text: list[str] | None = None  # a text-conditioned model's prompts (one, or one per sample)
     size: tuple[int, int] | None = None  # a text-to-video model's frame size (H, W) (default: its own)
-    samples: int = 1  # samples drawn per frame, their median kept (scd.sampling.Rollout's `samples`)
+    samples: int | None = None  # samples drawn per frame, their median kept (Rollout's `samples`; None: the model's)
 
 
 @dataclass

@@ -25,11 +25,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from scd import files, mp4, video
+from scd import checks, files, mp4, video
 from scd.actions import format_actions
 from scd.devices import resolve_device
 from scd.errors import ConfigError, SCDError
 from scd.loaded import LoadedModel
+from scd.models.config import MAX_SAMPLES
 from scd.sampling import Rollout
 
 STATS_WINDOW = 64  # frames in the p50 latency
@@ -162,12 +163,12 @@ def prompt_frames(loaded: LoadedModel, prompt: Path | None, seed: int) -> tuple[
 
 
 def replay_parameters(loaded: LoadedModel, prompt: Path | None, seed: int, steps: int, window: int | None,
-                      actions: Path, frames: int, out: str) -> dict:
+                      actions: Path, frames: int, out: str, samples: int = 1) -> dict:
     """The generate parameters that regenerate a recording (`scd.generate.Job`'s names; None: unset)."""
     model = loaded.source.removeprefix("embedded:") + (f"@{loaded.revision}" if loaded.revision else "")
     # upscale 1: the recording is at the model's size, and so must its replay be to compare frame for frame
     return {"model": model, "prompt": None if prompt is None else str(prompt), "seed": seed, "steps": steps,
-            "window": window, "actions": str(actions), "frames": frames, "upscale": 1, "out": out}
+            "samples": samples, "window": window, "actions": str(actions), "frames": frames, "upscale": 1, "out": out}
 
 
 class Recorder:
@@ -179,8 +180,9 @@ class Recorder:
     def __init__(self, path: Path, loaded: LoadedModel, prompt: Path | None, seed: int, steps: int,
                  window: int | None, frames_dir: Path | None = None,
                  format_replay: Callable[[dict], list[str]] | None = None,
-                 context: tuple[int, list[int] | None] | None = None):
+                 context: tuple[int, list[int] | None] | None = None, samples: int = 1):
         self.loaded, self.prompt, self.seed, self.steps, self.window = loaded, prompt, seed, steps, window
+        self.samples = samples
         self.format_replay = format_replay  # replay parameters -> a command line (the CLI's words)
         self.video_path = Path(path)
         self.actions_path = self.video_path.with_suffix(".actions.txt")
@@ -220,7 +222,8 @@ class Recorder:
 
     def recording(self) -> Recording:
         parameters = replay_parameters(self.loaded, self.prompt, self.seed, self.steps, self.window, self.actions_path,
-                                       self.frames, str(self.video_path.with_name(self.video_path.stem + "-replay.mp4")))
+                                       self.frames, str(self.video_path.with_name(self.video_path.stem + "-replay.mp4")),
+                                       self.samples)
         replay = self.format_replay(parameters) if self.format_replay is not None else []
         return Recording(self.video_path, self.actions_path, self.meta_path, self.frames, replay, parameters)
 
@@ -229,7 +232,7 @@ class Recorder:
         r = self.recording()
         meta = {"video": str(r.video), "actions": str(r.actions), "frames": r.frames, "seed": self.seed,
                 "prompt": None if self.prompt is None else str(self.prompt), "model": self.loaded.source,
-                "revision": self.loaded.revision, "steps": self.steps, "context_window": self.window,
+                "revision": self.loaded.revision, "steps": self.steps, "samples": self.samples, "context_window": self.window,
                 "fps": self.loaded.config.fps, "prompt_frames": self.prompt_frames,
                 "prompt_actions": self.prompt_actions, "frames_dir": None if self.frames_dir is None else str(self.frames_dir),
                 "demo": self.loaded.config.demo, "replay_parameters": r.parameters}
@@ -271,6 +274,7 @@ class Panel:
         self.codec = loaded.codec.to(self.device)
         self.model = loaded.model.to(self.device).eval()
         self.steps = session.steps or self.config.default_steps
+        self.samples = session.samples or self.config.default_samples
         self.window = self.config.window or self.config.context_frames or DEFAULT_WINDOW
         self.frames = 0  # generated in this session, all episodes
         self.error: BaseException | None = None
@@ -285,7 +289,8 @@ class Panel:
         if self.config.condition != "action":
             actions = None
         return Rollout(self.model, context, self.steps, guidance=self.config.default_guidance, actions=actions,
-                       seed=seed, window=self.window, clamp=self.codec.clamp, compiled=self.session.compiled)
+                       seed=seed, window=self.window, clamp=self.codec.clamp, compiled=self.session.compiled,
+                       samples=self.samples)
 
     def _wait(self, controls: Controls, until: float | None, episode: int) -> None:
         """Sleep while paused, or until `until` (pacing), waking at once for a stop or a new episode."""
@@ -319,7 +324,7 @@ class Panel:
                     if self.index == 0 and session.record is not None:
                         recorder = Recorder(episode_path(session.record, episode), self.loaded, session.prompt, seed,
                                             self.steps, self.window, session.frames_dir(episode),
-                                            session.format_replay, self.context)
+                                            session.format_replay, self.context, self.samples)
                     stats.clear()
                     due = None
                 if controls.paused:
@@ -359,8 +364,9 @@ class Session:
     the player's controls, and callbacks for each frame (`on_frame(PanelFrame)`) and for a failure
     (`on_error(Exception)`); callbacks run on the panels' threads and must not block. `record`
     records the first panel (MP4, actions, JSON; `record_frames` also keeps its frames as PNGs);
-    `paused` starts with the panels waiting for `pause(False)`. `steps` denoising steps per frame for
-    every panel (None: each model's default).
+    `paused` starts with the panels waiting for `pause(False)`. `steps` denoising steps per frame and
+    `samples` samples per frame (their median kept, `scd.sampling.Rollout`) for every panel (None:
+    each model's default).
 
     Raises ConfigError for a bad seed or thread count, CheckpointError/VideoError while building the
     panels (a prompt that cannot be read, a recording that cannot be written)."""
@@ -371,7 +377,7 @@ class Session:
                  on_frame: Callable[[PanelFrame], None] | None = None,
                  on_error: Callable[[BaseException], None] | None = None, record_frames: Path | None = None,
                  paused: bool = False, compiled: bool | str = False,
-                 format_replay: Callable[[dict], list[str]] | None = None):
+                 format_replay: Callable[[dict], list[str]] | None = None, samples: int | None = None):
         if not models:
             raise ConfigError("play needs at least one model")
         if not 0 <= seed <= MAX_SEED:
@@ -381,7 +387,10 @@ class Session:
         if threads < 1 or threads > 256:
             raise ConfigError(f"threads must be between 1 and 256, got {threads}", parameter="threads")
         self.prompt = None if prompt is None else Path(prompt)
+        if samples is not None:
+            checks.number("samples", samples, 1, MAX_SAMPLES, integer=True)
         self.steps, self.threads, self.record, self.record_frames = steps, threads, record, record_frames
+        self.samples = samples
         self.compiled = compiled  # torch.compile each panel's stream (scd.sampling.Rollout's `compiled`)
         self.format_replay = format_replay  # a recording's replay parameters -> its command line
         self.device = resolve_device(device)
@@ -437,7 +446,8 @@ class Session:
     def state(self) -> dict:
         """What the page shows besides frames: panels, actions, fps, seed, pause, pacing, recordings."""
         c = self.controls
-        return {"panels": [{"name": p.loaded.source, "arch": p.config.arch, "steps": p.steps} for p in self.panels],
+        return {"panels": [{"name": p.loaded.source, "arch": p.config.arch, "steps": p.steps, "samples": p.samples}
+                           for p in self.panels],
                 "actions": list(self.config.action_names) if self.config.condition == "action" else [],
                 "num_actions": self.config.num_classes if self.config.condition == "action" else 0,
                 "fps": self.config.fps, "seed": c.seed, "episode": c.episode, "paused": c.paused, "paced": c.paced,

@@ -358,7 +358,8 @@ class PlayServer:
 def open_play(model: str | None = None, host: str = "127.0.0.1", port: int = 8765, compare: bool | None = None,
               prompt: Path | None = None, seed: int = 0, record: Path | None = None, threads: int = 1,
               compiled: bool = False, format_replay=None,
-              device: str = "auto", record_frames: Path | None = None) -> tuple[PlayServer, list[str]]:
+              device: str = "auto", record_frames: Path | None = None,
+              samples: int | None = None) -> tuple[PlayServer, list[str]]:
     """Load `model` (and its matched baseline when `compare` is True, or None and it has one), build
     the session and its server, not yet started; returns it with warnings for the user.
     Raises ConfigError when `compare` is True for a model without a matched baseline."""
@@ -371,10 +372,11 @@ def open_play(model: str | None = None, host: str = "127.0.0.1", port: int = 876
     if loaded.config.condition != "action":
         warnings.append(f"{loaded.source} takes no actions: the keys do nothing, frames roll forward with the "
                         "null action")
-    # the baseline runs the model's own step count: side by side at equal quality, as `scd bench` compares
+    # the baseline runs the model's own step and sample counts: side by side at equal quality, as `scd bench` compares
     session = Session([loaded] + ([baseline] if baseline is not None else []), prompt=prompt, seed=seed,
                       steps=loaded.config.default_steps, threads=threads, device=device, record=record,
-                      compiled=compiled, format_replay=format_replay, record_frames=record_frames)
+                      compiled=compiled, format_replay=format_replay, record_frames=record_frames,
+                      samples=loaded.config.default_samples if samples is None else samples)
     return PlayServer(session, host, port), warnings
 
 

@@ -19,8 +19,8 @@ from scd.compiler import compiled_call, compiler
 from scd.errors import ActionError, ConfigError
 from scd.flow import add_noise
 from scd.models import KVCache, StreamingModel
+from scd.models.config import MAX_SAMPLES
 
-MAX_SAMPLES = 64  # samples drawn per frame for their median (Rollout samples)
 UNCONDITIONAL = -1.0  # the references' guidance scale for unconditional generation
 MIN_FEATURE_NOISE = 0.05  # decoder guidance noises features at least this much (the official pipeline)
 

@@ -195,7 +195,7 @@ def _unfused_order(name: str) -> list[str]:
     return [f"{head}to_{part}.{kind}" for part in "qkv" for kind in ("weight", "bias")] if leaf == "weight" else []
 
 
-GENERATION_DEFAULTS = ("context_frames", "window", "default_steps", "default_guidance")  # may change on resume
+GENERATION_DEFAULTS = ("context_frames", "window", "default_steps", "default_guidance", "default_samples")  # may change on resume
 # what a fine-tune (`init`) may change beside them: sinks add a frame to what the model reads, no weight
 INIT_CHANGES = (*GENERATION_DEFAULTS, "sink_frames", "sink_distance")
 

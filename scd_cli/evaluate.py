@@ -30,7 +30,7 @@ def eval_command(
     steps: Optional[int] = typer.Option(None, "--steps", help="Denoising steps (default: each model's)."),
     guidance: Optional[float] = typer.Option(None, "--guidance"),
     seed: int = typer.Option(0, "--seed"),
-    samples: int = typer.Option(1, "--samples", help="Samples drawn per frame; their per-pixel median is kept and fed back (K times the work; docs/training.md, 'Median of samples')."),
+    samples: Optional[int] = typer.Option(None, "--samples", help="Samples drawn per frame; their per-pixel median is kept and fed back (default: each model's; docs/training.md, 'The median of samples')."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the scores as JSON."),
     recording: Optional[Path] = typer.Option(None, "--recording", help="Score a recorded play instead (scd play --record's MP4 or JSON; its PNG frames when --record-frames kept them) against the world it played."),
     threads: Threads = None,
@@ -51,11 +51,11 @@ def eval_command(
     result = evaluate(models, clips, context, frames, steps, guidance, seed, samples)
     table = Table(title=f"{clips} held-out clips, {context} context frames, {frames} generated")
     per_frame = frames <= PER_FRAME_SHOWN  # longer rollouts: per frame in the JSON, by horizon below
-    for col in ("predictor", "PSNR dB", "SSIM", "steps", f"agent within 2 px at frame {frames}") + (("PSNR per frame",) if per_frame else ()):
+    for col in ("predictor", "PSNR dB", "SSIM", "steps", "samples", f"agent within 2 px at frame {frames}") + (("PSNR per frame",) if per_frame else ()):
         table.add_column(col)
     for name in ("scd", "baseline", "copy_last_frame", "object_free"):
         r = result[name]
-        table.add_row(name, f"{r['psnr']:.2f}", f"{r['ssim']:.4f}", str(r.get("steps", "-")),
+        table.add_row(name, f"{r['psnr']:.2f}", f"{r['ssim']:.4f}", str(r.get("steps", "-")), str(r.get("samples", "-")),
                       f"{100 * r['agent_hit_rate_last']:.0f}%",
                       *((" ".join(f"{v:.1f}" for v in r["psnr_per_frame"]),) if per_frame else ()))
     console.print(table)

@@ -116,7 +116,7 @@ def generate(
     frames_dir: Optional[Path] = typer.Option(None, "--frames-dir", help="Also write each frame as a PNG here."),
     seed: int = typer.Option(0, "--seed", help="Noise seed: the same seed gives the same video."),
     batch: int = typer.Option(1, "--batch", help="Continuations generated at once, written as separate files."),
-    samples: int = typer.Option(1, "--samples", help="Samples drawn per frame; their per-pixel median is written and fed back, which keeps a world model's objects longer (K times the work; docs/training.md, 'Median of samples')."),
+    samples: Optional[int] = typer.Option(None, "--samples", help="Samples drawn per frame; their per-pixel median is written and fed back, which keeps a world model's agent and scene longer (default: the model's, 1 unless its card says otherwise; docs/training.md, 'The median of samples')."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     threads: Threads = None,
     dtype: str = typer.Option("auto", "--dtype", help="auto (bfloat16 on CUDA, float32 elsewhere), float32, bfloat16, float16."),

@@ -45,7 +45,9 @@ def info(
             ("context", f"{c.context_frames} prompt frames; "
                         + (f"keeps the last {c.window} (its training window)" if c.window else "keeps every frame")
                         + (f" and the first {c.sink_frames} (attention sinks, seen {c.sink_distance} frames before "
-                           "the window)" if c.sink_frames else ""))]
+                           "the window)" if c.sink_frames else "")),
+            ("sampling", f"{c.default_steps} steps" + (f", the median of {c.default_samples} samples per frame"
+                                                       if c.default_samples > 1 else ", one sample per frame"))]
     parts = loaded.model.parts()
     split = ", ".join(f"{name} {parameter_count(part):,}" for name, part in parts.items())
     rows += [("parameters", f"{parameter_count(loaded.model):,}" + (f" ({split})" if len(parts) > 1 else ""))]

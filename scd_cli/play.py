@@ -32,7 +32,7 @@ def _can_open_browser() -> bool:
 
 def replay_command(parameters: dict) -> list[str]:
     """The `scd generate` command line of a recording's replay parameters."""
-    flags = (("model", "--model"), ("prompt", "--prompt-frames"), ("seed", "--seed"), ("steps", "--steps"),
+    flags = (("model", "--model"), ("prompt", "--prompt-frames"), ("seed", "--seed"), ("steps", "--steps"), ("samples", "--samples"),
              ("window", "--context-window"), ("actions", "--actions"), ("frames", "--frames"), ("upscale", "--upscale"),
              ("out", "--out"))
     args = ["scd", "generate"]
@@ -55,6 +55,7 @@ def play(
     record_frames: Optional[Path] = typer.Option(None, "--record-frames", help="Also keep the recorded frames as PNGs in this folder (lossless: what `scd eval --recording` scores exactly)."),
     threads: int = typer.Option(1, "--threads", help="CPU threads per panel."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile each panel's frame loop (static shapes; the first frames wait for the compiler)."),
+    samples: Optional[int] = typer.Option(None, "--samples", help="Samples drawn per frame, their per-pixel median shown and fed back, for both panels (default: the model's; as scd generate --samples)."),
     device: Device = "auto",
 ):
     """Play a world model live in the browser: arrows or WASD choose each next frame's action."""
@@ -66,7 +67,7 @@ def play(
 
     server, warnings = open_play(model, host=host, port=port, compare=compare, prompt=prompt_frames, seed=seed,
                                  record=record, threads=threads, device=device, compiled=compile,
-                                 format_replay=replay_command, record_frames=record_frames)
+                                 format_replay=replay_command, record_frames=record_frames, samples=samples)
     for warning in warnings + server.warnings:
         err_console.print(f"[yellow]warning:[/] {warning}")
     url = server.start()

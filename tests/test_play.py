@@ -236,7 +236,7 @@ def test_scd_play_serves_records_and_stops_cleanly_on_ctrl_c(tmp_path):
     window = load_model().config.context_frames
     assert frames >= 2 and meta["seed"] == 5 and meta["context_window"] == window
     assert f"recorded {frames} frames to {record}" in out
-    assert meta["replay"] == (f"scd generate --model scd --seed 5 --steps 4 --context-window {window} --actions "
+    assert meta["replay"] == (f"scd generate --model scd --seed 5 --steps 4 --samples 1 --context-window {window} --actions "
                               f"{record.with_suffix('.actions.txt')} --frames {frames} --upscale 1 --out {tmp_path / 'run-replay.mp4'}")
     lines = [l for l in record.with_suffix(".actions.txt").read_text().splitlines() if not l.startswith("#")]
     assert lines == ["none"] * frames  # nobody pressed a key
@@ -314,3 +314,39 @@ def test_frames_are_never_recorded_over_an_earlier_plays(tmp_path):
             Session([loaded], record=tmp_path / "run.mp4", record_frames=given)
     assert earlier.read_bytes() == b"an earlier play's frame" and not (tmp_path / "run.mp4").exists()
     Session([loaded], record=tmp_path / "run.mp4", record_frames=tmp_path / "new")  # a new folder is fine
+
+
+def test_a_play_of_a_median_of_samples_replays_frame_for_frame(tmp_path):
+    """A session drawing 3 samples per frame shows and records their median; the recording's replay
+    command (`scd generate --samples 3 ...`) makes the same frames, bit for bit."""
+    import threading
+
+    from scd.play import Session
+    from scd_cli.play import replay_command
+
+    done = threading.Event()
+    shown = []
+
+    def on_frame(frame):
+        shown.append(frame)
+        if len(shown) >= 4:
+            done.set()
+
+    record = tmp_path / "run.mp4"
+    session = Session([load_model()], seed=2, paced=False, on_frame=on_frame, samples=3, record=record,
+                      record_frames=tmp_path / "shown", format_replay=replay_command)
+    assert session.state()["panels"][0]["samples"] == 3
+    session.start()
+    assert done.wait(120)
+    session.stop()
+    (recording,) = session.recordings
+    assert "--samples 3" in " ".join(recording.replay)
+    result = CliRunner().invoke(app, recording.replay[1:] + ["--frames-dir", str(tmp_path / "replay"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    played = sorted((tmp_path / "shown").rglob("*.png"))
+    replayed = sorted((tmp_path / "replay").glob("*.png"))
+    assert len(played) == len(replayed) == recording.frames >= 4
+    for a, b in zip(played, replayed):
+        assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+    with pytest.raises(ConfigError, match="samples must be >= 1"):
+        Session([load_model()], samples=0)

@@ -22,6 +22,7 @@ CONDITIONS = (None, "action", "label")
 # evaluation's `cfg_type: decoder`) keeps the condition and noises the encoder features instead.
 GUIDANCE_MODES = ("null", "decoder")
 FORMAT_VERSION = 1
+MAX_SAMPLES = 64  # samples a stream may draw per frame for their median (scd.sampling.Rollout's `samples`)
 # Sizes a config may declare (far above any published model): a config beyond them is refused
 # before anything is built, so a corrupt or hostile config.json cannot exhaust memory or time.
 LIMITS = {"num_heads": 256, "head_dim": 1024, "layers": 1024, "channels": 4096, "patch_size": 64,
@@ -129,6 +130,8 @@ class ModelConfig(ConfigFile):
     codec: CodecConfig = field(default_factory=CodecConfig)
     default_steps: int = 50
     default_guidance: float = 1.0
+    # samples drawn per frame, their per-element median kept and fed back (scd.sampling.Rollout's `samples`)
+    default_samples: int = 1
     guidance_mode: str = "null"
     context_frames: int = 16  # prompt frames the model is given by default; 0: it generates from pure noise
     # the most frames of context it attends to (its training clips less one): a stream keeps that many
@@ -191,7 +194,7 @@ class ModelConfig(ConfigFile):
 
     def validate(self) -> None:
         integers = ("num_heads", "head_dim", "channels", "patch_size", "layers", "decoder_layers", "num_classes",
-                    "default_steps", "format_version")
+                    "default_steps", "default_samples", "format_version")
         wrong = [n for n in integers if not isinstance(getattr(self, n), int) or isinstance(getattr(self, n), bool)]
         wrong += [n for n in ("rope_axes", "latent_size", "frame_size")
                   if not all(isinstance(v, int) and not isinstance(v, bool) for v in getattr(self, n))]
@@ -223,6 +226,8 @@ class ModelConfig(ConfigFile):
             problems.append(f"latent size {self.latent_size} is not divisible by patch size {self.patch_size}")
         if self.default_steps < 1:
             problems.append("default_steps must be >= 1")
+        if not 1 <= self.default_samples <= MAX_SAMPLES:
+            problems.append(f"default_samples must be >= 1 and <= {MAX_SAMPLES}")
         if not isinstance(self.fps, (int, float)) or isinstance(self.fps, bool) or not 0 < self.fps <= 1000:
             problems.append(f"fps must be a number in (0, 1000], not {self.fps!r}")
         if self.window is not None and (not isinstance(self.window, int) or isinstance(self.window, bool) or self.window < 1):
@@ -371,6 +376,7 @@ class WanConfig(ConfigFile):
 
     guidance_mode = "null"
     default_guidance = 1.0
+    default_samples = 1  # a chunked, re-noising stream draws one sample per frame
     encoder_noise = 0.0
 
     def __post_init__(self):
