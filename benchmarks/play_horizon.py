@@ -3,7 +3,7 @@ the folders given) plays alone, unpaced, for `--frames` frames, driven by a scri
 (`scd.world.random_actions`: each action held 2-8 frames, some pauses), recorded with its PNG frames,
 then scored by `scd eval --recording` (`scd.evaluate.score_recording`).
 
-    PYTHONPATH=. python benchmarks/play_horizon.py --frames 10000 --out play-horizon [MODEL ...]
+    PYTHONPATH=. python benchmarks/play_horizon.py --frames 10000 --out play-horizon [--samples K] [MODEL ...]
 """
 
 from __future__ import annotations
@@ -19,11 +19,12 @@ from scd.evaluate import score_recording
 from scd.play import Session
 
 
-def play(loaded, frames: int, out: Path, seed: int) -> Path:
+def play(loaded, frames: int, out: Path, seed: int, samples: int | None = None) -> Path:
     """Play `loaded` for `frames` frames; returns the recording's MP4."""
     record = out / f"{Path(loaded.source.removeprefix('embedded:')).name}-seed{seed}.mp4"
     plan = world.random_actions(seed + 1, frames + 64)
-    session = Session([loaded], seed=seed, paced=False, threads=1, record=record, record_frames=out / f"{record.stem}-frames")
+    session = Session([loaded], seed=seed, paced=False, threads=1, record=record, record_frames=out / f"{record.stem}-frames",
+                      samples=samples)
     panel, held = session.panels[0], None
     session.start()
     try:
@@ -49,13 +50,14 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=10_000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("play-horizon"))
+    parser.add_argument("--samples", type=int, help="samples per frame, their median kept (default: each model's)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     results = {}
     for name in args.models:
         loaded = load_model(None, arch=name) if name in ("scd", "baseline") else load_model(name)
         t0 = time.perf_counter()
-        record = play(loaded, args.frames, args.out, args.seed)
+        record = play(loaded, args.frames, args.out, args.seed, args.samples)
         score = score_recording(record)
         score.pop("psnr_per_frame")
         score["wall_s"] = round(time.perf_counter() - t0, 1)
