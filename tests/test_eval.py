@@ -96,6 +96,21 @@ def test_eval_runs_models_and_copy_last_frame(tmp_path):
     assert len(written["scd"]["psnr_per_frame"]) == 1 and set(written["scd"]) >= {"psnr", "ssim", "psnr_per_frame"}
 
 
+
+def test_eval_scores_each_model_at_its_own_samples_unless_told(tmp_path):
+    """A folder that defaults to 3 samples per frame is scored at 3, as --samples 3 scores a plain one."""
+    from scd.checkpoints import load_model_folder
+
+    world = dict(latent_size=(32, 32), frame_size=(32, 32), patch_size=8)
+    plain = load_model_folder(save_model_folder(random_model(tiny_config(**world)), tmp_path / "plain"))
+    three = load_model_folder(save_model_folder(random_model(tiny_config(default_samples=3, **world)), tmp_path / "three"))
+    told = evaluate({"scd": plain}, clips=2, context=3, frames=3, steps=2, samples=3)
+    own = evaluate({"scd": three}, clips=2, context=3, frames=3, steps=2)
+    one = evaluate({"scd": three}, clips=2, context=3, frames=3, steps=2, samples=1)
+    assert told["scd"]["samples"] == own["scd"]["samples"] == 3 and one["scd"]["samples"] == 1
+    assert told["scd"]["psnr_per_frame"] == own["scd"]["psnr_per_frame"] != one["scd"]["psnr_per_frame"]
+
+
 RECORDED = Path(__file__).parent / "fixtures" / "eval_embedded.json"
 
 

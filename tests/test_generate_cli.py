@@ -98,6 +98,14 @@ def test_samples_write_their_median_and_say_so(model_dir, prompt, tmp_path):
     assert shown["five"].shape == (3, 8, 8, 3)
     assert np.array_equal(shown["five"], shown["again"])
     assert np.abs(shown["five"] - shown["one"]).max() > 10
+    # a folder that defaults to 5 samples generates what --samples 5 does; --samples 1 overrides it
+    config = tiny_config(latent_size=(8, 8), frame_size=(8, 8), fps=5.0, default_samples=5)
+    folder = save_model_folder(random_model(config), tmp_path / "five-by-default")
+    for name, extra, expected in (("default", (), "five"), ("overridden", ("--samples", 1), "one")):
+        r = run("generate", "--model", folder, "--prompt-frames", prompt, "--frames", 3, "--out", tmp_path / f"{name}.mp4",
+                "--frames-dir", tmp_path / name, "--upscale", 1, *extra)
+        assert r.exit_code == 0, r.output
+        assert np.array_equal(read_video(tmp_path / name).frames.astype(int), shown[expected])
 
 
 def test_include_prompt_batch_and_pngs(model_dir, prompt, tmp_path):
