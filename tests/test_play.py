@@ -233,10 +233,10 @@ def test_scd_play_serves_records_and_stops_cleanly_on_ctrl_c(tmp_path):
     assert "stopping" in out and "Traceback" not in out
     meta = json.loads(record.with_suffix(".json").read_text())
     frames = meta["frames"]
-    window = load_model().config.context_frames
+    window, samples = load_model().config.context_frames, load_model().config.default_samples
     assert frames >= 2 and meta["seed"] == 5 and meta["context_window"] == window
     assert f"recorded {frames} frames to {record}" in out
-    assert meta["replay"] == (f"scd generate --model scd --seed 5 --steps 4 --samples 1 --context-window {window} --actions "
+    assert meta["replay"] == (f"scd generate --model scd --seed 5 --steps 4 --samples {samples} --context-window {window} --actions "
                               f"{record.with_suffix('.actions.txt')} --frames {frames} --upscale 1 --out {tmp_path / 'run-replay.mp4'}")
     lines = [l for l in record.with_suffix(".actions.txt").read_text().splitlines() if not l.startswith("#")]
     assert lines == ["none"] * frames  # nobody pressed a key
