@@ -80,6 +80,11 @@ def training_card(command: str, config: ModelConfig, settings, data: str):
     if settings.clean_context_ratio < 1:  # both models read noised context when asked
         recipe.append(f"clean context {settings.clean_context_ratio:g} (else sigma <= {settings.context_sigma_max:g})")
     recipe.append(f"context window {config.window or config.context_frames} frames")
+    sinks = getattr(config, "sink_frames", 0)
+    if sinks:
+        recipe.append(f"{sinks} attention-sink frame{'s' if sinks > 1 else ''} beside it (seen {config.sink_distance} "
+                      "frames before its oldest)" + (", every object of a training sink drawn at a random place"
+                                                     if settings.sink_scatter else ""))
     if settings.rollout_clips:
         from scd.own_rollouts import SCENE_PSNR  # deferred: only a rollout run's card needs it
 

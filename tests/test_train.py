@@ -264,3 +264,17 @@ def test_the_card_records_noised_context_for_either_model():
         assert "clean context 0.5 (else sigma <= 0.3)" in card, arch
         clean = training_card("scd train", config, training.TrainSettings(steps=10), "synthetic world")([0.5] * 10, 60.0)
         assert "clean context" not in clean, arch
+
+
+def test_the_card_records_attention_sinks_and_their_scattered_objects():
+    from scd.cards import training_card
+
+    config = tiny_config(**WORLD, window=3, sink_frames=1)
+    plain = training_card("scd train", config, training.TrainSettings(steps=10), "synthetic world")([0.5] * 10, 60.0)
+    assert "1 attention-sink frame beside it (seen 32 frames before its oldest)" in plain
+    assert "random place" not in plain
+    scattered = training_card("scd train", config, training.TrainSettings(steps=10, sink_scatter=True),
+                              "synthetic world")([0.5] * 10, 60.0)
+    assert "every object of a training sink drawn at a random place" in scattered
+    unsunk = training_card("scd train", tiny_config(**WORLD), training.TrainSettings(steps=10), "synthetic world")([0.5] * 10, 60.0)
+    assert "attention-sink" not in unsunk
