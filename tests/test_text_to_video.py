@@ -115,6 +115,7 @@ def test_prompt_file_batch_and_prompt_frames(tiny, tmp_path):
     (["--prompt", "x", "--size", "big"], "HxW"),
     (["--frames", 3], "give --prompt"),
     (["--prompt", "x", "--actions", "up"], "knows none"),
+    (["--prompt", "x", "--samples", 2], "draws one sample per frame: use --samples 1"),
 ])
 def test_bad_input_is_one_line(tiny, tmp_path, args, words):
     root, base = tiny
