@@ -58,7 +58,8 @@ def _summary_table(summary: dict, steps: int) -> Table:
     first_from_start = summary.get("time_to_first_frame_from_start_ms")
     rows = [("model", summary["model"] + (f" @ {summary['revision']}" if summary.get("revision") else "")),
             ("device / dtype / threads", f"{summary['device']} / {summary['dtype']} / {summary.get('threads')}"),
-            ("steps", str(steps)),
+            ("steps", str(steps) + (f", each frame the median of {summary['samples']} samples"
+                                    if summary.get("samples", 1) > 1 else "")),
             ("frames", f"{summary['frames_generated']} x {summary['batch']}"),
             ("time to first frame", f"{summary['time_to_first_frame_ms'] or 0:.1f} ms from the loop's start, "
                                     f"{first_from_start or 0:.0f} ms from the process's start"),
