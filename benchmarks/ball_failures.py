@@ -2,7 +2,7 @@
 the frame generated from `--context` true frames, split by what the ball is near in the true frame
 (the pillar, a wall, the other ball, the agent, or nothing).
 
-    python benchmarks/ball_failures.py [MODEL] [--clips 512] [--context 3]
+    python benchmarks/ball_failures.py [MODEL] [--clips 512] [--context 3] [--samples K]
 
 MODEL: a model folder, or scd / baseline for the embedded ones (default scd). The clips are held
 out (seeds from HELDOUT_SEED_START + 10,000), each cut at a random phase of its motion.
@@ -41,6 +41,7 @@ def main() -> None:
     parser.add_argument("model", nargs="?", default="scd")
     parser.add_argument("--clips", type=int, default=512)
     parser.add_argument("--context", type=int, default=3)
+    parser.add_argument("--samples", type=int, help="samples per frame, their median kept (default: the model's)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     loaded = load_model(args.model)
@@ -49,7 +50,8 @@ def main() -> None:
     for i in range(args.clips):
         frames, actions = world.render_clip(world.HELDOUT_SEED_START + 10_000 + i, args.context + 1 + int(rng.integers(0, 40)))
         clips.append((frames[-args.context - 1:], actions[-args.context - 1:]))
-    pred = rollout(loaded, clips, args.context, 1, loaded.config.default_steps, 1.0, 0)[:, 0]
+    samples = args.samples or loaded.config.default_samples
+    pred = rollout(loaded, clips, args.context, 1, loaded.config.default_steps, 1.0, 0, samples)[:, 0]
     truth = np.stack([f[args.context] for f, _ in clips])
     counts: dict[str, list[int]] = {}
     for name in ("red_ball", "green_ball"):
@@ -61,7 +63,7 @@ def main() -> None:
             entry[0] += 1
             entry[1] += int(hit[c])
     total, hits = sum(n for n, _ in counts.values()), sum(h for _, h in counts.values())
-    print(f"{args.model}: one-step ball hit rate {hits / total:.3f} ({total - hits} misses of {total})")
+    print(f"{args.model}, {samples} samples: one-step ball hit rate {hits / total:.3f} ({total - hits} misses of {total})")
     for key, (n, h) in sorted(counts.items(), key=lambda kv: -kv[1][0]):
         print(f"  {key:22s} {n:5d} balls  {n - h:4d} missed  hit rate {h / n:.2f}")
 
