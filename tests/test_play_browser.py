@@ -109,6 +109,9 @@ def test_keys_drive_the_world_both_panels_advance_and_the_recording_replays(serv
     page.wait_for_selector("#panel-1")
     assert page.inner_text("#panel-0 .name").startswith("SCD")
     assert page.inner_text("#panel-1 .name").startswith("causal baseline")
+    c = load_model().config
+    caption = f"{c.default_steps} steps" + (f", median of {c.default_samples}" if c.default_samples > 1 else "")
+    assert page.inner_text("#panel-0 .steps") == page.inner_text("#panel-1 .steps") == caption
     assert "up" in page.inner_text("#actions") and "right" in page.inner_text("#actions")
 
     context = load_model().config.context_frames  # the prompt play starts from: the model's context length

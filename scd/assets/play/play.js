@@ -40,7 +40,7 @@ function buildPanels(list) {
       <div class="stats"><span class="fps">– fps</span><span class="p50">p50 – ms</span>
       <span class="index muted">frame –</span><span class="dropped muted"></span><span class="behind" hidden></span></div>`;
     root.querySelector(".name").textContent = panelTitle(p);
-    root.querySelector(".steps").textContent = `${p.steps} steps`;
+    root.querySelector(".steps").textContent = `${p.steps} steps` + (p.samples > 1 ? `, median of ${p.samples}` : "");
     main.append(root);
     const fields = {};
     for (const k of ["fps", "p50", "index", "dropped", "behind"]) fields[k] = root.querySelector(`.${k}`);
