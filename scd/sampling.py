@@ -262,7 +262,8 @@ class Rollout:
         capacity = window + getattr(config, "sink_frames", 0) if window else keep + -(-frames // self.chunk) * self.chunk
         stream = {} if text is None else {"text": text, "latent_size": self.latent_size}
         with torch.inference_mode():
-            self.state = model.start(batch * (1 if self.shared else samples) * (2 if self.cfg else 1), capacity, compiler=self.compiler, **stream)
+            streams = batch * (1 if self.shared else samples) * (2 if self.cfg else 1)
+            self.state = model.start(streams, capacity, compiler=self.compiler, **stream)
             if keep:
                 model.observe(self.state, self._doubled(context), self._guided(own))
 
