@@ -59,7 +59,7 @@ from scd.errors import ConfigError
 from scd.flops import chunk_flops, matched_config, parameter_count, stream_flops
 from scd.models import ModelConfig, WanConfig, build_model, preset
 from scd.models import config as config_module
-from scd.sampling import MAX_SAMPLES, kv_cache_bytes, stream
+from scd.sampling import kv_cache_bytes, stream
 
 # The default bench: the paper's structure (8 encoder + 4 decoder blocks against a 12-block
 # baseline, 64 tokens per frame) at a width and step count that a 2-core CPU runs in a few minutes.
@@ -171,8 +171,8 @@ class BenchSpec:
             problems.append(f"seed must be >= 0 and <= {checks.MAX_SEED}, got {self.seed}")
         if self.compiled not in (False, True) and self.compiled not in BACKENDS:
             problems.append(f"compiled must be a bool or one of {', '.join(BACKENDS)}, not {self.compiled!r}")
-        if not 1 <= self.samples <= MAX_SAMPLES:
-            problems.append(f"samples must be >= 1 and <= {MAX_SAMPLES}, got {self.samples}")
+        if not 1 <= self.samples <= checks.MAX_SAMPLES:
+            problems.append(f"samples must be >= 1 and <= {checks.MAX_SAMPLES}, got {self.samples}")
         if self.chunk_frames is not None and self.chunk_frames < 1:
             problems.append(f"chunk_frames must be >= 1, got {self.chunk_frames}")
         names = PRESETS + tuple(WAN_PRESETS) + tuple(SCD_WAN_PRESETS)

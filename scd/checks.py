@@ -9,6 +9,7 @@ import numbers
 from scd.errors import ConfigError
 
 MAX_SEED = 2**63 - 1  # torch and numpy generators take any int64 >= 0
+MAX_SAMPLES = 64  # samples a stream may draw per frame for their median (scd.sampling.Rollout's `samples`)
 
 
 def number(name: str, value, low=None, high=None, *, integer: bool = False, above: bool = False):
@@ -29,3 +30,7 @@ def number(name: str, value, low=None, high=None, *, integer: bool = False, abov
 
 def seed(value, name: str = "seed") -> int:
     return number(name, value, 0, MAX_SEED, integer=True)
+
+
+def samples(value, name: str = "samples") -> int:
+    return number(name, value, 1, MAX_SAMPLES, integer=True)

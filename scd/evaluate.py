@@ -21,7 +21,7 @@ from scd import checks, world
 from scd.errors import ConfigError
 from scd.loaded import LoadedModel
 from scd.metrics import PSNR_CAP, psnr, ssim, uint8_to_unit
-from scd.sampling import MAX_SAMPLES, generate
+from scd.sampling import generate
 from scd.video import frames_to_tensor, tensor_to_frames
 
 
@@ -85,7 +85,7 @@ def evaluate(models: dict[str, LoadedModel], clips: int = 64, context: int = 8, 
         checks.number("guidance", guidance, -1, 100)  # -1: unconditional (scd.sampling.UNCONDITIONAL)
     checks.seed(seed)
     if samples is not None:
-        checks.number("samples", samples, 1, MAX_SAMPLES, integer=True)
+        checks.samples(samples)
     data = world.heldout_clips(clips, context + frames)
     truth = np.stack([f[context:] for f, _ in data])
     result = {"clips": clips, "frames": frames, "context": context, "seed": seed}

@@ -23,7 +23,7 @@ from scd.devices import dtype_name
 from scd.errors import ActionError, ConfigError, Notice, VideoError
 from scd.job import Delivery, Finished, FrameWritten, Job, Started, settle, summarise  # noqa: F401 (the job's API, here as before)
 from scd.loaded import LoadedModel
-from scd.sampling import MAX_SAMPLES, kv_cache_bytes, stream
+from scd.sampling import kv_cache_bytes, stream
 
 
 @dataclass
@@ -101,7 +101,7 @@ def run(job: Job):
     text-conditioned model runs `scd.text_to_video.run` (a prompt, the Wan VAE)."""
     config = job.model.config
     samples = config.default_samples if job.samples is None else job.samples
-    checks.number("samples", samples, 1, MAX_SAMPLES, integer=True)
+    checks.samples(samples)
     if config.condition == "text":
         if samples != 1:
             raise ConfigError("a text-to-video model draws one sample per frame: use samples 1", parameter="samples")

@@ -30,7 +30,6 @@ from scd.actions import format_actions
 from scd.devices import resolve_device
 from scd.errors import ConfigError, SCDError
 from scd.loaded import LoadedModel
-from scd.models.config import MAX_SAMPLES
 from scd.sampling import Rollout
 
 STATS_WINDOW = 64  # frames in the p50 latency
@@ -388,7 +387,7 @@ class Session:
             raise ConfigError(f"threads must be between 1 and 256, got {threads}", parameter="threads")
         self.prompt = None if prompt is None else Path(prompt)
         if samples is not None:
-            checks.number("samples", samples, 1, MAX_SAMPLES, integer=True)
+            checks.samples(samples)
         self.steps, self.threads, self.record, self.record_frames = steps, threads, record, record_frames
         self.samples = samples
         self.compiled = compiled  # torch.compile each panel's stream (scd.sampling.Rollout's `compiled`)

@@ -19,7 +19,6 @@ from scd.compiler import compiled_call, compiler
 from scd.errors import ActionError, ConfigError
 from scd.flow import add_noise
 from scd.models import KVCache, StreamingModel
-from scd.models.config import MAX_SAMPLES
 
 UNCONDITIONAL = -1.0  # the references' guidance scale for unconditional generation
 MIN_FEATURE_NOISE = 0.05  # decoder guidance noises features at least this much (the official pipeline)
@@ -206,7 +205,7 @@ class Rollout:
             raise ConfigError("give window (frames kept as context) or frames (the most this rollout generates)")
         if frames is not None and frames < 0:
             raise ConfigError(f"frames must be >= 0, got {frames}")
-        checks.number("samples", samples, 1, MAX_SAMPLES, integer=True)
+        checks.samples(samples)
         if samples > 1 and config.sampler == "renoise":
             raise ConfigError("a chunked, re-noising model draws one sample per frame: use samples 1", parameter="samples")
         weight = next(model.parameters())

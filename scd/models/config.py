@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from scd.checks import MAX_SAMPLES
 from scd.errors import ConfigError
 
 ARCHS = ("scd", "baseline")
@@ -22,7 +23,6 @@ CONDITIONS = (None, "action", "label")
 # evaluation's `cfg_type: decoder`) keeps the condition and noises the encoder features instead.
 GUIDANCE_MODES = ("null", "decoder")
 FORMAT_VERSION = 1
-MAX_SAMPLES = 64  # samples a stream may draw per frame for their median (scd.sampling.Rollout's `samples`)
 # Sizes a config may declare (far above any published model): a config beyond them is refused
 # before anything is built, so a corrupt or hostile config.json cannot exhaust memory or time.
 LIMITS = {"num_heads": 256, "head_dim": 1024, "layers": 1024, "channels": 4096, "patch_size": 64,
