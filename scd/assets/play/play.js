@@ -39,7 +39,7 @@ function buildPanels(list) {
       <canvas width="32" height="32"></canvas>
       <div class="stats"><span class="fps">– fps</span><span class="p50">p50 – ms</span>
       <span class="index muted">frame –</span><span class="dropped muted"></span><span class="behind" hidden></span></div>`;
-    root.querySelector(".name").textContent = panelTitle(p);
+    root.querySelector(".name").textContent = root.querySelector(".name").title = panelTitle(p);  // cut to one line: the whole of it on hover
     root.querySelector(".steps").textContent = `${p.steps} steps` + (p.samples > 1 ? `, median of ${p.samples}` : "");
     main.append(root);
     const fields = {};
