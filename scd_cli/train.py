@@ -18,6 +18,7 @@ from scd.cards import training_card
 from scd.checkpoints import load_model
 from scd.devices import use_threads
 from scd.errors import ConfigError
+from scd.models.far import deepen
 from scd.own_rollouts import SCENE_PSNR
 from scd.world import ACTIONS as WORLD_ACTIONS
 from scd_cli.common import (
@@ -87,6 +88,7 @@ def train(
     sink_scatter: bool = typer.Option(False, "--sink-scatter", help="World, a model with attention sinks: its training sink frames draw every object at a random place, so it learns to read only the scene from them (a stream's first frames are as unrelated to its present by frame 1,000)."),
     shift_last: bool = typer.Option(False, "--shift-last", help="World, with --shift-share: every slip in the frame before the clip's last, so the last frame is always made from a context whose newest frame is off (a window of 4 or more frames can tell that from a change of velocity)."),
     shift_weight: float = typer.Option(0.0, "--shift-weight", help="World, with --shift-share: extra loss weight on the pixels of the frame after a slip that lie within 2 px of it, where extrapolating the slip goes wrong (0: none)."),
+    grow_encoder: Optional[int] = typer.Option(None, "--grow-encoder", min=1, help="With --init (FAR family): N more blocks after the initial model's in the part that reasons over time (SCD's encoder, which runs once per frame; the baseline's stack), each starting as the identity, so training begins from what the initial model generates. Give it again with --resume."),
     checkpoint_every: int = typer.Option(200, "--checkpoint-every"),
     seed: int = typer.Option(0, "--seed"),
     heads: int = typer.Option(4, "--heads"),
@@ -145,6 +147,12 @@ def train(
         stored = dataset.LatentDataset(stored, skip_bad_shards=skip_bad_shards)
         for file, problem in stored.skipped_shards:
             err_console.print(f"[yellow]warning:[/] skipped the dataset shard {file}: {problem}", soft_wrap=True)
+    if grow_encoder is not None:
+        if loaded is None or loaded.config.family != "far":
+            raise ConfigError("--grow-encoder deepens the FAR-style model of --init (a new model takes --layers)",
+                              parameter="grow_encoder")
+        loaded = dataclasses.replace(loaded, model=deepen(loaded.model, grow_encoder))
+        loaded.config = loaded.model.config
     if loaded is not None:
         config = loaded.config
         if context_frames is not None:  # fine-tuning on longer clips: the folder generates with the longer window

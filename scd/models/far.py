@@ -8,6 +8,7 @@ load without renaming.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import torch
@@ -730,6 +731,27 @@ def init_weights(model: Transformer) -> None:
         with torch.no_grad():
             model.decoder_input_proj.weight.copy_(torch.cat([torch.eye(d), torch.eye(d)], dim=1))
             model.decoder_input_proj.bias.zero_()
+
+
+def deepen(model: SCDModel | Baseline, blocks: int) -> SCDModel | Baseline:
+    """`model` with `blocks` more blocks after its own in the part that reasons over time (SCD's
+    encoder, the baseline's one stack), each new one initialised as `build` does (its adaLN gates
+    zeroed, so it starts as the identity): the deeper model generates exactly what `model` did
+    until training moves it. The capacity of SCD's encoder is cheap (it runs once per frame, not
+    at every denoising step), so that is where an SCD model grows."""
+    if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
+        raise ConfigError(f"blocks must be a whole number >= 1, got {blocks!r}", parameter="blocks")
+    config = dataclasses.replace(model.config, layers=model.config.layers + blocks)
+    deeper = build(config)
+    state = model.state_dict()
+    missing, unexpected = deeper.load_state_dict(state, strict=False)
+    grown = ("encoder." if config.arch == "scd" else "") + "transformer_blocks."
+    new = {f"{grown}{model.config.layers - model.config.decoder_layers + i}." for i in range(blocks)}
+    if unexpected or any(not any(k.startswith(n) for n in new) for k in missing):
+        raise ConfigError(f"cannot deepen this model: its weights do not match a {config.layers}-layer one "
+                          f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})", parameter="blocks")
+    weight = next(model.parameters())
+    return deeper.to(weight.device, weight.dtype).train(model.training)
 
 
 def build(config: ModelConfig, init: bool = True) -> SCDModel | Baseline:
