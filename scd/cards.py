@@ -95,6 +95,8 @@ def training_card(command: str, config: ModelConfig, settings, data: str):
                          f"{scene_psnr:g} dB" if settings.rollout_past_lost_balls else ""))
     if settings.occlusion_share:
         recipe.append(f"{settings.occlusion_share:.0%} of each batch's clips ending at an occlusion")
+    if settings.pillar_share:
+        recipe.append(f"{settings.pillar_share:.0%} ending with an object deep behind the pillar")
     if settings.shift_share:
         where = "the frame before the last" if settings.shift_last else "one context frame"
         recipe.append(f"{settings.shift_share:.0%} of each batch's clips with an object drawn 1 px off in {where}"

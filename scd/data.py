@@ -70,7 +70,8 @@ def world_batches(settings, config: ModelConfig):
     return lambda start, rank=0, ranks=1: world.stream_batches(settings.seed + RANK_STRIDE * rank, settings.batch_size,
                                                                settings.clip_frames, start, settings.occlusion_share,
                                                                settings.shift_share, settings.shift_last,
-                                                               getattr(config, "sink_frames", 0), settings.sink_scatter)
+                                                               getattr(config, "sink_frames", 0), settings.sink_scatter,
+                                                               settings.pillar_share)
 
 
 # ----------------------------------------------------------------------------- latent datasets

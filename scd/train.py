@@ -55,6 +55,7 @@ class TrainSettings:
     rollout_horizon: int = 128  # world: the longest of those rollouts, in frames
     object_weight: float = 0.0  # world: extra loss weight where the moving objects are (scd.world.object_weights)
     occlusion_share: float = 0.0  # world: share of each batch's clips that end at an occlusion (scd.world.occlusion_clip)
+    pillar_share: float = 0.0  # world: share that end with an object deep behind the pillar (occlusion_clip's `pillar`)
     shift_share: float = 0.0  # world: share whose context draws an object 1 px off (scd.world.shifted_clip)
     shift_last: bool = False  # world: that slip always in the frame before the clip's last (shifted_clip's `last`)
     shift_weight: float = 0.0  # world: extra loss weight on the frame after a slip, near it (scd.world.slip_weights)
@@ -84,6 +85,10 @@ class TrainSettings:
         n("rollout_horizon", self.rollout_horizon, self.clip_frames + 1, None, integer=True)
         n("object_weight", self.object_weight, 0, None)
         n("occlusion_share", self.occlusion_share, 0, 1)
+        n("pillar_share", self.pillar_share, 0, 1)
+        if self.occlusion_share + self.pillar_share > 1:
+            raise ConfigError("occlusion_share and pillar_share are shares of one batch: together at most 1",
+                              parameter="pillar_share", others=("occlusion_share",))
         n("shift_share", self.shift_share, 0, 1)
         n("shift_weight", self.shift_weight, 0, None)
         if self.rollout_scene_psnr is not None:

@@ -71,6 +71,13 @@ class Clip:
         agent = (np.abs(self.balls - self.agent[:, None]) < reach).all(-1)  # (N, 2)
         return between | agent.any(1)
 
+    def behind_pillar(self) -> np.ndarray:
+        """(N,) bool: a ball or the agent is deep behind the pillar, one of its columns showing (its
+        left column one before the pillar's, or the pillar's own). Held-out rollouts lose the agent
+        there and most of the balls they lose there or in the frames after it."""
+        columns = np.concatenate([self.balls[:, :, 1], self.agent[:, None, 1]], 1) - self.pillar  # (N, 3)
+        return ((columns == -1) | (columns == 0)).any(1)
+
 
 def simulate(seed: int, num_frames: int, actions: np.ndarray | None = None, objects: bool = True,
              shifts: np.ndarray | None = None) -> Clip:
@@ -125,12 +132,17 @@ def simulate(seed: int, num_frames: int, actions: np.ndarray | None = None, obje
     return Clip(frames, actions.copy(), balls[:, order], agents, pillar)
 
 
-def occlusion_clip(seed: int, num_frames: int, span: int = OCCLUSION_SPAN) -> tuple[np.ndarray, np.ndarray]:
+def occlusion_clip(seed: int, num_frames: int, span: int = OCCLUSION_SPAN,
+                   pillar: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """`num_frames` consecutive frames (and their actions) of the clip `seed` whose last frame has
-    a ball at an occlusion (`Clip.occluded`), one such window drawn from the seed among the first
-    `span` frames (the last window when none is); what training samples more of where balls get lost."""
+    a ball at an occlusion (`Clip.occluded`; `pillar`: an object deep behind the pillar or just
+    out from there, `Clip.behind_pillar`), one such window drawn from the seed among the first
+    `span` frames (the last window when none is); what training samples more of where objects get lost."""
     clip = simulate(seed, max(span, num_frames))
-    ends = np.nonzero(clip.occluded()[num_frames - 1:])[0] + num_frames
+    where = clip.behind_pillar() if pillar else clip.occluded()
+    if pillar:
+        where[1:] |= where[:-1].copy()  # and the frame after, where the object must come out whole
+    ends = np.nonzero(where[num_frames - 1:])[0] + num_frames
     end = int(np.random.default_rng([seed, 2]).choice(ends)) if len(ends) else len(clip.frames)
     return clip.frames[end - num_frames:end], clip.actions[end - num_frames:end]
 
@@ -214,9 +226,11 @@ def sink_frames(seed: int, count: int, rng: np.random.Generator, scatter: bool =
 
 
 def stream_batches(seed: int, batch_size: int, num_frames: int, start_step: int = 0, occlusion_share: float = 0.0,
-                   shift_share: float = 0.0, shift_last: bool = False, sinks: int = 0, sink_scatter: bool = False):
+                   shift_share: float = 0.0, shift_last: bool = False, sinks: int = 0, sink_scatter: bool = False,
+                   pillar_share: float = 0.0):
     """Training batches forever: (video (B, N, 3, 32, 32) float in [-1, 1], actions (B, N) int64);
-    the first round(occlusion_share * B) clips of each end at an occlusion (`occlusion_clip`). With
+    the first round(occlusion_share * B) clips of each end at an occlusion (`occlusion_clip`), the
+    next round(pillar_share * B) behind the pillar (`occlusion_clip`'s `pillar`). With
     shift_share, the last round(shift_share * B) clips are `shifted_clip`s and a third tensor, the
     context (like video: the shifted frames there, the true ones elsewhere), comes with each batch;
     shift_last puts every slip in the frame before the last (`shifted_clip`'s `last`). With
@@ -225,6 +239,7 @@ def stream_batches(seed: int, batch_size: int, num_frames: int, start_step: int 
     anywhere (`sink_frames`' `scatter`).
     Batch k depends only on (seed, k), so a run resumed at step k sees what it would have seen."""
     hard = round(occlusion_share * batch_size)
+    behind = hard + round(pillar_share * batch_size)
     shifted = batch_size - round(shift_share * batch_size) if shift_share else batch_size
     step = start_step
     while True:
@@ -233,7 +248,8 @@ def stream_batches(seed: int, batch_size: int, num_frames: int, start_step: int 
             if i >= shifted:
                 clips.append(shifted_clip(int(s), num_frames, shift_last))
             else:
-                frames, actions = occlusion_clip(int(s), num_frames) if i < hard else render_clip(int(s), num_frames)
+                frames, actions = (occlusion_clip(int(s), num_frames, pillar=i >= hard) if i < behind
+                                   else render_clip(int(s), num_frames))
                 clips.append((frames, frames, actions))
         video, context = (_tensor(np.stack([c[k] for c in clips])) for k in (0, 1))
         actions = torch.from_numpy(np.stack([c[2] for c in clips]))

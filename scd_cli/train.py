@@ -83,6 +83,7 @@ def train(
     rollout_past_lost_balls: bool = typer.Option(False, "--rollout-past-lost-balls", help="World: a rollout runs on past a ball it lost, restarting only when it loses the agent or the scene; the lost ball's pixels are left out of its loss (with --rollout-clips)."),
     object_weight: float = typer.Option(0.0, "--object-weight", help="World: extra loss weight on the moving objects' pixels (0: none)."),
     occlusion_share: float = typer.Option(0.0, "--occlusion-share", help="World: share of each batch's clips cut to end where a ball meets the other ball or the agent (0: none)."),
+    pillar_share: float = typer.Option(0.0, "--pillar-share", help="World: share of each batch's clips cut to end with a ball or the agent deep behind the pillar (one column showing) or just out from there, where rollouts lose them most (0: none; with --occlusion-share at most 1 in all)."),
     shift_share: float = typer.Option(0.0, "--shift-share", help="World: share of each batch's clips whose context draws an object one pixel off in one frame, the targets staying true: training to recover from the misplacements that start a drift (0: none)."),
     sink_frames: Optional[int] = typer.Option(None, "--sink-frames", help="Attention sinks (world, FAR family): the model keeps a stream's first N frames beside its rolling window, seen a fixed distance before it however long the stream runs, and trains with N frames of each clip's world there (its scene, its objects elsewhere). With --init: added to the initial model (default: its own)."),
     sink_scatter: bool = typer.Option(False, "--sink-scatter", help="World, a model with attention sinks: its training sink frames draw every object at a random place, so it learns to read only the scene from them (a stream's first frames are as unrelated to its present by frame 1,000)."),
@@ -109,11 +110,11 @@ def train(
                                       clean_context_ratio=clean_context_ratio, context_sigma_max=context_sigma_max, seed=seed, checkpoint_every=checkpoint_every,
                                       grad_accum=grad_accum, mixed_precision=mixed_precision, decoder_draws=decoder_draws,
                                       rollout_clips=rollout_clips, rollout_horizon=rollout_horizon, object_weight=object_weight,
-                                      occlusion_share=occlusion_share, shift_share=shift_share, shift_last=shift_last, shift_weight=shift_weight,
+                                      occlusion_share=occlusion_share, pillar_share=pillar_share, shift_share=shift_share, shift_last=shift_last, shift_weight=shift_weight,
                                       rollout_past_lost_balls=rollout_past_lost_balls,
                                       rollout_scene_psnr=rollout_scene_psnr, sink_scatter=sink_scatter)
-    if data != "world" and (rollout_clips or object_weight or occlusion_share or shift_share or sink_frames):
-        raise ConfigError("--rollout-clips, --object-weight, --occlusion-share, --shift-share and --sink-frames need the "
+    if data != "world" and (rollout_clips or object_weight or occlusion_share or pillar_share or shift_share or sink_frames):
+        raise ConfigError("--rollout-clips, --object-weight, --occlusion-share, --pillar-share, --shift-share and --sink-frames need the "
                           "synthetic world's simulator: use --data world", "data")
     if (rollout_clips or object_weight or shift_share) and (distill_from is not None or family == "wan"):
         raise ConfigError("--rollout-clips, --object-weight and --shift-share shape the flow loss of a FAR-style "

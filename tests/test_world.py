@@ -284,3 +284,35 @@ def test_slip_weights_weigh_the_frame_after_a_slip_near_it():
     far[max(rows.min() - 2, 0):rows.max() + 3, max(cols.min() - 2, 0):cols.max() + 3] = False
     assert not heavy[far].any()
     assert torch.equal(world.slip_weights(video, video, 9.0), torch.ones_like(w))
+
+
+def test_pillar_clips_end_with_an_object_deep_behind_the_pillar_or_just_out():
+    deep_seen = 0
+    for seed in range(20):
+        clip = world.simulate(seed, world.OCCLUSION_SPAN)
+        behind = clip.behind_pillar()
+        for j in np.nonzero(behind)[0]:  # one column of some object shows beside the pillar, counted in pixels
+            columns = [b[1] for b in clip.balls[j]] + [clip.agent[j][1]]
+            assert any(c - clip.pillar in (-1, 0) for c in columns)
+        frames, actions = world.occlusion_clip(seed, 4, pillar=True)
+        ends = [j + 1 for j in range(3, world.OCCLUSION_SPAN)
+                if np.array_equal(clip.frames[j - 3:j + 1], frames) and np.array_equal(clip.actions[j - 3:j + 1], actions)]
+        assert ends
+        if behind[2:].any():
+            assert any(behind[end - 1] or behind[end - 2] for end in ends)
+            deep_seen += 1
+    assert deep_seen >= 15  # most clips pass the pillar within 48 frames
+    # a deep object shows one column: the agent's pixels in such a frame
+    clip = world.simulate(3, 200)
+    j = next(j for j in range(200) if clip.agent[j][1] - clip.pillar in (-1, 0))
+    shown = (clip.frames[j] == world.AGENT_COLOR).all(-1)
+    assert set(np.nonzero(shown.any(0))[0]) <= {clip.pillar - 1, clip.pillar + 3}
+    # shares of a batch: occlusion clips first, then the pillar's, the rest plain; bad shares refused
+    plain = next(world.stream_batches(7, 4, 4))
+    mixed = next(world.stream_batches(7, 4, 4, occlusion_share=0.25, pillar_share=0.5))
+    seeds = world.training_seeds(7, 0, 4)
+    frames, _ = world.occlusion_clip(int(seeds[1]), 4, pillar=True)
+    assert torch.equal(mixed[0][1], torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 127.5 - 1)
+    assert torch.equal(plain[0][3], mixed[0][3]) and not torch.equal(plain[0][1], mixed[0][1])
+    with pytest.raises(ConfigError, match="together at most 1"):
+        TrainSettings(occlusion_share=0.5, pillar_share=0.75)
